@@ -1,0 +1,178 @@
+"""The numpy backend: every op in plain float32 numpy. The reference that other backends are tested against.
+
+Weights stay memory-mapped in their .dgf types and are dequantized on use, so loading a file copies nothing.
+Readability wins over speed here; the fast CPU path is a separate backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from dgrun import quants, sampler
+from dgrun.format import GGUFFile
+from dgrun.rng import Rng
+
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+
+
+@dataclass
+class Weight:
+    """A tensor as stored: raw bytes (memory-mapped), its ggml type and numpy-order shape."""
+
+    raw: np.ndarray
+    ggml_type: int
+    shape: tuple[int, ...]
+    tensor_scale: float | None = None
+
+    def dense(self) -> np.ndarray:
+        """The whole tensor as float32."""
+        return quants.dequantize_tensor(self.raw, self.ggml_type, self.tensor_scale).reshape(self.shape)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows (first-axis entries) of the tensor as float32, dequantizing only those."""
+        out = quants.dequantize_tensor(self.raw[index], self.ggml_type, self.tensor_scale)
+        return out.reshape((len(index), *self.shape[1:]))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`)."""
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x**3)))
+
+
+class NumpyBackend:
+    """Reference implementation of the backend op interface (see `dgrun.backends.Backend`)."""
+
+    name = "numpy"
+    supported_types = frozenset(quants.QUANT_TYPES)
+
+    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
+        weights = {}
+        for name in names:
+            info = gguf.tensors[name]
+            scale_name = f"{name}.scale"
+            scale = None
+            if scale_name in gguf.tensors and scale_name not in names:
+                scale = float(gguf.array(scale_name).reshape(-1)[0])
+            raw = gguf.raw(name)
+            row_bytes = quants.row_bytes(info.ggml_type, info.shape[-1])
+            weights[name] = Weight(raw.reshape((*info.shape[:-1], row_bytes)), info.ggml_type, info.shape, scale)
+        return weights
+
+    # -- elementwise and normalisation ------------------------------------------------------------
+
+    def asarray(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def vector(self, w: Weight) -> np.ndarray:
+        """A small 1-D tensor (norm weight, scale) as float32."""
+        return w.dense().reshape(-1)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+        # x * (mean(x^2) + eps)^-0.5, with pow rather than rsqrt as transformers does.
+        out = x * np.power((x * x).mean(axis=-1, keepdims=True) + np.float32(eps), np.float32(-0.5))
+        return out if weight is None else out * weight
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
+
+    def concat(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, b], axis=0)
+
+    # -- embeddings and matmuls ---------------------------------------------------------------------
+
+    def embed(self, table: Weight, ids: np.ndarray, scale: float) -> np.ndarray:
+        return table.rows(np.asarray(ids)) * np.float32(scale)
+
+    def soft_embed(self, logits: np.ndarray, table: Weight, scale: float) -> np.ndarray:
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding."""
+        return (sampler.softmax(logits) @ table.dense()) * np.float32(scale)
+
+    def linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
+        """x @ W^T for a [out, in] weight."""
+        return x @ w.dense().T
+
+    def gated_mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
+        return self.linear(gelu_tanh(self.linear(x, gate)) * self.linear(x, up), down)
+
+    # -- positions and attention --------------------------------------------------------------------
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+        """Rotate-half RoPE on [n, heads, head_dim]; zero frequencies (proportional RoPE) pass through."""
+        freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        causal: bool,
+        window: int | None,
+    ) -> np.ndarray:
+        """Softmax(q k^T) v with scaling 1.0 (q/k norms replace it), grouped KV heads, position masks.
+
+        q [n, Hq, d], k/v [m, Hkv, d]. A key is visible when (not causal or k_pos <= q_pos) and
+        (window is None or k_pos > q_pos - window). Query rows go in chunks so long prompts never
+        materialise an n x m score matrix per head.
+        """
+        n, n_heads, d = q.shape
+        groups = n_heads // k.shape[1]
+        out = np.empty((n, n_heads, v.shape[-1]), dtype=np.float32)
+        kh = np.repeat(k, groups, axis=1).transpose(1, 2, 0)  # [H, d, m]
+        vh = np.repeat(v, groups, axis=1).transpose(1, 0, 2)  # [H, m, d]
+        for start in range(0, n, 256):
+            stop = min(start + 256, n)
+            scores = q[start:stop].transpose(1, 0, 2) @ kh  # [H, c, m]
+            visible = np.ones((stop - start, k.shape[0]), dtype=bool)
+            qp = q_pos[start:stop, None]
+            if causal:
+                visible &= k_pos[None, :] <= qp
+            if window is not None:
+                visible &= k_pos[None, :] > qp - window
+            scores = np.where(visible[None], scores, -np.inf)
+            out[start:stop] = (sampler.softmax(scores) @ vh).transpose(1, 0, 2)
+        return out
+
+    # -- mixture of experts ---------------------------------------------------------------------------
+
+    def route(
+        self, x: np.ndarray, proj: Weight, scale: np.ndarray, per_expert_scale: np.ndarray, top_k: int, eps: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Router: unscaled RMSNorm * scale * hidden^-0.5, softmax, top-k renormalised, times per-expert scale."""
+        h = self.rms_norm(x, None, eps) * scale * np.float32(x.shape[-1] ** -0.5)
+        probs = sampler.softmax(self.linear(h, proj))
+        index = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+        weights = np.take_along_axis(probs, index, axis=-1)
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights * per_expert_scale[index], index
+
+    def experts(
+        self, x: np.ndarray, weights: np.ndarray, index: np.ndarray, gate_up: Weight, down: Weight
+    ) -> np.ndarray:
+        """Sum over each token's experts of weight * down(gelu(gate(x)) * up(x)), one expert at a time."""
+        out = np.zeros_like(x)
+        for expert in np.unique(index):
+            token, slot = np.nonzero(index == expert)
+            gu = x[token] @ gate_up.rows(np.array([expert]))[0].T
+            gate, up = np.split(gu, 2, axis=-1)
+            y = (gelu_tanh(gate) * up) @ down.rows(np.array([expert]))[0].T
+            np.add.at(out, token, y * weights[token, slot][:, None])
+        return out
+
+    # -- sampler ---------------------------------------------------------------------------------------
+
+    def denoise_step(
+        self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
+        clamp: np.ndarray | None = None,
+    ) -> sampler.StepResult:
+        return sampler.denoise_step(logits, canvas, temp, entropy_bound, rng, clamp)

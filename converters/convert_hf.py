@@ -1,0 +1,246 @@
+"""convert-hf-to-dgf: pack a DiffusionGemma checkpoint into one quantized .dgf (GGUF v3) file.
+
+Streams one tensor chunk at a time through gguf-py's GGUFWriter (`add_tensor_info`, then
+`write_tensor_data`), writes to a temporary file and renames it only on success: a failure or Ctrl-C never
+leaves a partial .dgf behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
+from dgrun.converters.names import VISION_PREFIXES, dgf_name
+from dgrun.converters.presets import PRESETS, PresetError, tensor_type
+from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, open_checkpoint
+from dgrun.converters.tokenizer_pack import TokenizerError, pack_tokenizer
+from dgrun.model import tensor_shapes
+from dgrun.quants import NVFP4, get_quant_type, row_bytes
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+from tqdm import tqdm
+
+ALIGNMENT = 64  # lets every backend load tensor data with aligned vector loads straight from the mapping
+
+
+class ConversionError(ValueError):
+    """Anything that makes a checkpoint unconvertible; the CLI prints it as one line."""
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    source: SafeTensor
+    shape: tuple[int, ...]
+    ggml_type: T
+    tensor_scale: float | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.ggml_type, self.shape[-1])
+
+
+class _StreamedTensor:
+    """Quacks like the ndarray `GGUFWriter.write_tensor_data` expects, but writes chunk by chunk."""
+
+    def __init__(self, nbytes: int, chunks: Callable[[], Iterator[np.ndarray]]):
+        self.nbytes = nbytes
+        self._chunks = chunks
+
+    def tofile(self, fout: BinaryIO) -> None:
+        written = 0
+        for chunk in self._chunks():
+            chunk.tofile(fout)
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise ConversionError(f"internal error: wrote {written} bytes for a {self.nbytes}-byte tensor")
+
+
+def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor]]:
+    """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data."""
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} is not a directory")
+    if not config_path.is_file():
+        raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"config.json is not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise ConversionError("config.json is not a JSON object")
+    cfg = ModelConfig.from_hf(hf_config)
+    tensors = open_checkpoint(model_dir)
+    tied = hf_config.get("tie_word_embeddings", True) and hf_config.get("text_config", {}).get(
+        "tie_word_embeddings", True)
+    expected = tensor_shapes(cfg, tied_output=tied)
+    sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+    planned: dict[str, PlannedTensor] = {}
+    skipped_vision = 0
+    for hf_name, source in tensors.items():
+        if hf_name.startswith(VISION_PREFIXES):
+            skipped_vision += 1
+            continue
+        try:
+            name = dgf_name(hf_name)
+        except KeyError:
+            raise ConversionError(f"unexpected tensor {hf_name} (not part of DiffusionGemma)") from None
+        if name == "output.weight" and tied:
+            continue  # lm_head is the tied embedding
+        if name in planned:
+            continue  # a shared weight stored under both encoder and decoder prefixes
+        if name not in expected:
+            raise ConversionError(f"tensor {hf_name} is not expected by this config")
+        if tuple(source.shape) != expected[name]:
+            raise ConversionError(
+                f"tensor {hf_name} has shape {tuple(source.shape)}, but config.json implies {expected[name]}")
+        planned[name] = PlannedTensor(name, source, expected[name],
+                                      tensor_type(name, expected[name], outtype, cfg.num_hidden_layers, sliding))
+    missing = [n for n in expected if n not in planned]
+    if missing:
+        raise ConversionError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")
+    if skipped_vision:
+        print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)", file=sys.stderr)
+    return cfg, hf_config, [planned[n] for n in expected]
+
+
+def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
+    quant = get_quant_type(t.ggml_type)
+    for chunk in t.source.chunks():
+        if not np.isfinite(chunk).all():
+            raise ConversionError(f"tensor {t.source.name} contains NaN or Inf")
+        if t.tensor_scale is not None:
+            chunk = chunk / np.float32(t.tensor_scale)
+        yield quant.quantize(chunk)
+        progress.update(chunk.size * (4 if t.source.dtype == "F32" else 2))
+
+
+def _nvfp4_scale(t: PlannedTensor) -> float:
+    """The per-tensor NVFP4 scale needs the whole tensor's max |x|: one extra streaming pass."""
+    amax = np.float32(0)
+    for chunk in t.source.chunks():
+        amax = max(amax, np.float32(np.abs(chunk).max(initial=0)))
+    return NVFP4.tensor_scale(np.array([amax], dtype=np.float32))
+
+
+def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+    """Typed GGUF values. Generation floats go in as float64: the sampler's schedule is double arithmetic."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int32(key, value) if value < 0 else writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        if key.startswith(f"{ARCH}.generation."):
+            writer.add_key_value(key, value, GGUFValueType.FLOAT64)
+        else:
+            writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        raise TypeError(f"cannot store metadata {key}={value!r}")
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenizer: bool = True,
+            quiet: bool = False) -> dict[str, Any]:
+    """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix)."""
+    try:
+        cfg, hf_config, planned = plan(model_dir, outtype)
+        tokenizer_meta, spm_bytes = pack_tokenizer(model_dir, cfg, hf_config) if with_tokenizer else ({}, None)
+        gen_path = model_dir / "generation_config.json"
+        gen_json = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    except (ConfigError, CheckpointError, PresetError, TokenizerError) as e:
+        raise ConversionError(str(e)) from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"generation_config.json is not valid JSON ({e})") from None
+    generation = GenerationConfig.from_hf(gen_json, hf_config.get("text_config", {}))
+
+    for t in planned:
+        if t.ggml_type == T.NVFP4:
+            t.tensor_scale = _nvfp4_scale(t)
+    outfile = outfile.resolve()
+    tmp = outfile.with_name(f".{outfile.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, ARCH)
+    try:
+        writer.add_custom_alignment(ALIGNMENT)
+        writer.add_name(hf_config.get("_name_or_path") or model_dir.name)
+        writer.add_string("general.source.format", "huggingface-safetensors")
+        writer.add_string("dgrun.outtype", outtype)
+        for key, value in {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta}.items():
+            _add_metadata(writer, key, value)
+        streamed: list[tuple[int, Callable[[], Iterator[np.ndarray]]]] = []
+        total_source = sum(t.source.nbytes for t in planned)
+        progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype}", disable=quiet,
+                        file=sys.stderr)
+        for t in planned:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
+            streamed.append((t.nbytes, lambda t=t: _quantized_chunks(t, progress)))
+            if t.tensor_scale is not None:
+                scale = np.array([t.tensor_scale], dtype=np.float32)
+                writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
+                streamed.append((4, lambda scale=scale: iter([scale])))
+        if spm_bytes is not None:
+            blob = np.frombuffer(spm_bytes, dtype=np.int8)
+            writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
+            streamed.append((blob.size, lambda blob=blob: iter([blob])))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for nbytes, chunks in streamed:
+            writer.write_tensor_data(_StreamedTensor(nbytes, chunks), tensor_endianess=GGUFEndian.LITTLE)
+        writer.close()
+        progress.close()
+        os.replace(tmp, outfile)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    mix: dict[str, int] = {}
+    for t in planned:
+        mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+    n_weights = sum(math.prod(t.shape) for t in planned)
+    size = outfile.stat().st_size
+    return {"outfile": str(outfile), "bytes": size, "bits_per_weight": 8 * sum(mix.values()) / n_weights,
+            "parameters": n_weights, "type_bytes": mix}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="convert-hf-to-dgf", description="Convert a DiffusionGemma Hugging Face checkpoint to one .dgf file.")
+    parser.add_argument("model_dir", type=Path, help="folder with config.json and *.safetensors")
+    parser.add_argument("--outfile", "-o", type=Path, help="output .dgf path (default: <model_dir>-<outtype>.dgf)")
+    parser.add_argument("--outtype", default="q8_0", choices=list(PRESETS), help="quantization preset")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="allow a checkpoint without tokenizer files (the model then takes token ids only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    outfile = args.outfile or Path(f"{str(args.model_dir).rstrip('/')}-{args.outtype}.dgf")
+    try:
+        summary = convert(args.model_dir, outfile, args.outtype, not args.no_tokenizer, args.quiet)
+    except ConversionError as e:
+        print(f"convert-hf-to-dgf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convert-hf-to-dgf: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"convert-hf-to-dgf: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        return 1
+    mix = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(summary["type_bytes"].items()))
+    print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, "
+          f"{summary['bits_per_weight']:.2f} bits/weight ({mix})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

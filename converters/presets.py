@@ -1,0 +1,53 @@
+"""Quantization presets (`--outtype`): which ggml type each tensor gets.
+
+Norms, the router, scales and every 1-D tensor stay F32 in all presets. `q4_k_m` adapts llama.cpp's recipe:
+Q4_K by default, Q6_K for the tied embedding and for attn_v / ffn_down on the "more-bits" layers. Two
+DiffusionGemma-specific choices: on full-attention layers K is also V, so attn_k gets attn_v's bits; and
+the expert down projections count as ffn_down. K-quants need rows divisible by 256 — the released model's
+ffn_down (2112) and expert down (704) are not — so those fall back to a block-32 type of similar or more bits,
+as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0).
+"""
+
+from __future__ import annotations
+
+from dgrun.quants import can_quantize
+from gguf import GGMLQuantizationType as T
+
+PRESETS: dict[str, T] = {
+    "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0,
+    "q4_k_m": T.Q4_K, "mxfp4_moe": T.Q8_0, "nvfp4_moe": T.Q8_0,
+}
+EXPERT_TYPES = {"mxfp4_moe": T.MXFP4, "nvfp4_moe": T.NVFP4}
+K_QUANT_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
+_KEEP_F32_SUFFIXES = ("_norm.weight", ".scale", "ffn_gate_inp.weight", "layer_output_scale.weight")
+
+
+class PresetError(ValueError):
+    """The chosen outtype cannot represent a tensor (its row width is not a multiple of the block size)."""
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third in between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, sliding: list[bool]) -> T:
+    """The ggml type `name` gets under `preset`; PresetError when the row width does not fit it."""
+    if preset not in PRESETS:
+        raise PresetError(f"unknown outtype {preset!r} (choose from {', '.join(PRESETS)})")
+    if len(shape) == 1 or name.endswith(_KEEP_F32_SUFFIXES):
+        return T.F32
+    is_expert = name.endswith(("ffn_gate_up_exps.weight", "ffn_down_exps.weight"))
+    chosen = EXPERT_TYPES[preset] if is_expert and preset in EXPERT_TYPES else PRESETS[preset]
+    if preset == "q4_k_m":
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        k_is_v = name.endswith("attn_k.weight") and layer >= 0 and not sliding[layer]
+        down = name.endswith(("ffn_down.weight", "ffn_down_exps.weight", "attn_v.weight")) or k_is_v
+        if name in ("token_embd.weight", "output.weight") or (down and use_more_bits(layer, n_layers)):
+            chosen = T.Q6_K
+        if not can_quantize(chosen, shape[-1]) and chosen in K_QUANT_FALLBACK:
+            chosen = K_QUANT_FALLBACK[chosen]
+    if not can_quantize(chosen, shape[-1]):
+        raise PresetError(f"outtype {preset} cannot store {name}: its rows of {shape[-1]} values are not a "
+                          f"multiple of {chosen.name}'s block size")
+    return chosen

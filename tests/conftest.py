@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny checkpoints made with transformers' class, converted with our converter.
+
+Each checkpoint is built once per session. Helpers here print ‖out−ref‖/‖ref‖, max-abs and the first
+mismatch on failure, so a broken tolerance says where it broke.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import fixtures  # noqa: E402
+from dgrun.converters.convert_hf import convert  # noqa: E402
+
+
+@dataclass
+class Checkpoint:
+    """An HF model in memory, its saved folder, and converted .dgf files by outtype."""
+
+    model: Any
+    folder: Path
+    files: dict[str, Path]
+
+    def dgf(self, outtype: str = "f32") -> Path:
+        if outtype not in self.files:
+            out = self.folder.parent / f"{self.folder.name}-{outtype}.dgf"
+            convert(self.folder, out, outtype, quiet=True)
+            self.files[outtype] = out
+        return self.files[outtype]
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # 2 sliding + 2 full layers, window 8 (prompts both shorter and longer), grouped KV, top-2 of 4 experts.
+    "base": dict(text=fixtures.text_config(), seed=0),
+    # The same architecture with a damped self-conditioning loop, for token-exact generation (see fixtures).
+    "gen": dict(text=fixtures.text_config(), seed=0, self_cond_std=0.01),
+    # 5:1 sliding pattern, window 4, top-1 routing over 3 experts, one KV head everywhere.
+    "top1": dict(text=fixtures.text_config(
+        num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=4,
+        num_experts=3, top_k_experts=1, num_key_value_heads=1), seed=1),
+    # Saved as bf16 (compared against transformers run in float32 on the same bf16 weights).
+    "bf16": dict(text=fixtures.text_config(), seed=2, dtype="bfloat16"),
+    # Row widths of 256 so K-quants and NVFP4 apply (quantized-file tests).
+    "quant": dict(text=fixtures.text_config(vocab_size=256, hidden_size=256, intermediate_size=256,
+                                            moe_intermediate_size=64), seed=3),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
+    """Lazily built checkpoints by name."""
+    class Lazy(dict):
+        def __missing__(self, name: str) -> Checkpoint:
+            import torch
+            from transformers import DiffusionGemmaForBlockDiffusion
+
+            spec = CONFIGS[name]
+            model = fixtures.make_model(spec["text"], seed=spec["seed"], self_cond_std=spec.get("self_cond_std", 0.1))
+            folder = fixtures.save_checkpoint(model, tmp_path_factory.mktemp(name) / "hf",
+                                              dtype=spec.get("dtype", "float32"))
+            if spec.get("dtype") == "bfloat16":
+                # The reference: transformers running the saved bf16 weights in float32, as loaded by users.
+                model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32).eval()
+            self[name] = Checkpoint(model, folder, {})
+            return self[name]
+
+    return Lazy()
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float, what: str) -> None:
+    """Relative L2 error below `rtol`; on failure report rel error, max-abs error and the first mismatch."""
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
+    rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
+    if rel > rtol:
+        diff = np.abs(out - ref)
+        first = np.unravel_index(int(np.argmax(diff > rtol * np.abs(ref).max())), diff.shape)
+        pytest.fail(f"{what}: rel L2 {rel:.3e} > {rtol:.1e}; max-abs {diff.max():.3e}; "
+                    f"first mismatch at {first}: {out[first]!r} vs {ref[first]!r}")
