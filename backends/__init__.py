@@ -16,6 +16,8 @@ from typing import Any
 # name → (module, class, how to get it when it is missing)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "numpy": ("dgrun.backends.numpy_backend", "NumpyBackend", "always available"),
+    "cpu": ("dgrun.backends.cpu_backend", "CpuBackend",
+            "needs the native CPU kernels: reinstall with a C compiler available (pip install .)"),
     "cuda": ("dgrun.backends.cuda_backend", "CudaBackend",
              "needs an NVIDIA GPU and the native extension: reinstall with nvcc on PATH (pip install .)"),
     "mlx": ("dgrun.backends.mlx_backend", "MlxBackend", "needs the mlx package: pip install 'dgrun[mlx]'"),
@@ -30,7 +32,7 @@ def _auto_order() -> list[str]:
     order = ["cuda"]
     if sys.platform == "darwin" and platform.machine() == "arm64":
         order.append("mlx")
-    return [*order, "numpy"]
+    return [*order, "cpu", "numpy"]
 
 
 def get_backend(name: str = "auto") -> Any:
