@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from dgrun import quants, sampler
 from dgrun.format import GGUFFile
 from dgrun.rng import Rng

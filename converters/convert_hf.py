@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+from tqdm import tqdm
+
 from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
 from dgrun.converters.names import VISION_PREFIXES, dgf_name
 from dgrun.converters.presets import PRESETS, PresetError, tensor_type
@@ -25,9 +29,6 @@ from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, ope
 from dgrun.converters.tokenizer_pack import TokenizerError, pack_tokenizer
 from dgrun.model import tensor_shapes
 from dgrun.quants import NVFP4, get_quant_type, row_bytes
-from gguf import GGMLQuantizationType as T
-from gguf import GGUFEndian, GGUFValueType, GGUFWriter
-from tqdm import tqdm
 
 ALIGNMENT = 64  # lets every backend load tensor data with aligned vector loads straight from the mapping
 
@@ -65,8 +66,11 @@ class _StreamedTensor:
             raise ConversionError(f"internal error: wrote {written} bytes for a {self.nbytes}-byte tensor")
 
 
-def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor]]:
-    """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data."""
+def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], int]:
+    """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data.
+
+    Returns the config, the raw config.json, the tensors to write, and how many vision tensors are skipped.
+    """
     config_path = model_dir / "config.json"
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} is not a directory")
@@ -108,9 +112,7 @@ def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], li
     missing = [n for n in expected if n not in planned]
     if missing:
         raise ConversionError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")
-    if skipped_vision:
-        print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)", file=sys.stderr)
-    return cfg, hf_config, [planned[n] for n in expected]
+    return cfg, hf_config, [planned[n] for n in expected], skipped_vision
 
 
 def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
@@ -155,7 +157,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
             quiet: bool = False) -> dict[str, Any]:
     """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix)."""
     try:
-        cfg, hf_config, planned = plan(model_dir, outtype)
+        cfg, hf_config, planned, skipped_vision = plan(model_dir, outtype)
         tokenizer_meta, spm_bytes = pack_tokenizer(model_dir, cfg, hf_config) if with_tokenizer else ({}, None)
         gen_path = model_dir / "generation_config.json"
         gen_json = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -164,6 +166,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
     except json.JSONDecodeError as e:
         raise ConversionError(f"generation_config.json is not valid JSON ({e})") from None
     generation = GenerationConfig.from_hf(gen_json, hf_config.get("text_config", {}))
+    if skipped_vision and not quiet:
+        print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)", file=sys.stderr)
 
     for t in planned:
         if t.ggml_type == T.NVFP4:

@@ -10,8 +10,9 @@ as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0).
 
 from __future__ import annotations
 
-from dgrun.quants import can_quantize
 from gguf import GGMLQuantizationType as T
+
+from dgrun.quants import can_quantize
 
 PRESETS: dict[str, T] = {
     "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0,

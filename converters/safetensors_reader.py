@@ -58,7 +58,7 @@ class SafeTensor:
             values = raw.astype(np.float32)
         return values.reshape(stop - start, self.row_width)
 
-    def chunks(self, max_elements: int = 1 << 24) -> Iterator[np.ndarray]:
+    def chunks(self, max_elements: int = 1 << 20) -> Iterator[np.ndarray]:
         """The tensor in [rows, row_width] float32 chunks of at most ~max_elements values."""
         step = max(1, max_elements // max(self.row_width, 1))
         for start in range(0, self.n_rows, step):

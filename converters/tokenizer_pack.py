@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gguf import TokenType
+
 from dgrun.config import ModelConfig
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, HF_JSON_KEY
-from gguf import TokenType
 
 
 class TokenizerError(ValueError):

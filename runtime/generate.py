@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from dgrun.model import DiffusionGemma, KVCache
 from dgrun.rng import Rng
 from dgrun.sampler import StableAndConfident, temperature

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import fixtures  # noqa: E402
+
 from dgrun.converters.convert_hf import convert  # noqa: E402
 
 

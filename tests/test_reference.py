@@ -7,14 +7,15 @@ grown over a few layers and the soft-capped vocabulary projection) — measured 
 
 from __future__ import annotations
 
-import dgrun
 import numpy as np
 import pytest
 import torch
 from conftest import assert_close
-from dgrun.rng import ReplayRng
 from fixtures import hf_generate
 from transformers import DynamicCache
+
+import dgrun
+from dgrun.rng import ReplayRng
 
 F32_RTOL = 1e-5
 

@@ -1,0 +1,263 @@
+"""convert-hf-to-dgf: round trips per outtype, metadata, gguf-py compatibility, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import assert_close
+from safetensors.numpy import load_file, save_file
+
+import dgrun
+from dgrun.config import GenerationConfig, ModelConfig
+from dgrun.converters import convert_hf
+from dgrun.converters.names import dgf_name
+from dgrun.converters.presets import PRESETS
+from dgrun.format import GGUFFile
+from dgrun.quants import dequantize_tensor
+
+# Round-trip bound on ‖dequant(quant(w)) − w‖/‖w‖ per stored type, for these Gaussian weights: the measured
+# error (tools/quant_error_table.py) with ~40% headroom. It follows from bits per weight: each bit halves it.
+ROUND_TRIP_RTOL = {
+    "F32": 0.0, "F16": 5e-4, "BF16": 4e-3, "Q8_0": 1e-2, "Q6_K": 3e-2, "Q5_0": 6e-2, "Q4_0": 0.12,
+    "Q4_K": 0.1, "NVFP4": 0.14, "MXFP4": 0.16,
+}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dgrun.converters.convert_hf", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("outtype", list(PRESETS))
+def test_round_trip_every_tensor(checkpoints, outtype):
+    ckpt = checkpoints["quant"]
+    path = ckpt.dgf(outtype)
+    hf = load_file(str(ckpt.folder / "model.safetensors"))
+    with GGUFFile(path) as f:
+        seen = set()
+        for hf_name, ref in hf.items():
+            name = dgf_name(hf_name)
+            if name is None or name == "output.weight":
+                continue
+            info = f.tensors[name]
+            scale = f.array(f"{name}.scale")[0] if f"{name}.scale" in f.tensors else None
+            out = dequantize_tensor(f.raw(name).reshape(*info.shape[:-1], -1), info.ggml_type, scale)
+            out = out.reshape(info.shape)
+            assert_close(out, ref, max(ROUND_TRIP_RTOL[info.ggml_type.name], 1e-7), f"{outtype} {name}")
+            seen.add(name)
+        if len(ref.shape) == 1:
+            assert info.ggml_type == gguf.GGMLQuantizationType.F32
+    assert {n for n in seen} == set(dgrun.model.tensor_shapes(ModelConfig.from_hf(
+        json.loads((ckpt.folder / "config.json").read_text()))))
+
+
+def test_metadata_reproduces_config_and_generation_defaults(checkpoints):
+    ckpt = checkpoints["top1"]
+    hf_config = json.loads((ckpt.folder / "config.json").read_text())
+    with GGUFFile(ckpt.dgf("q8_0")) as f:
+        assert f.get("general.architecture") == "diffusion-gemma"
+        ours, ref = vars(ModelConfig.from_metadata(f.metadata)), vars(ModelConfig.from_hf(hf_config))
+        # float32 metadata (as llama.cpp reads these keys): eps 1e-6 comes back as its float32 value
+        assert ours.pop("rms_norm_eps") == pytest.approx(ref.pop("rms_norm_eps"))
+        assert ours == ref
+        gen = GenerationConfig.from_metadata(f.metadata)
+        assert gen.eos_token_ids == [1] and gen.pad_token_id == 0
+        assert f.get("tokenizer.ggml.model") == "llama" and "tokenizer.sentencepiece_model" in f.tensors
+        # llama.cpp's standard keys, per-layer pattern and KV heads
+        assert f.get("diffusion-gemma.block_count") == 6
+        assert list(f.get("diffusion-gemma.attention.sliding_window_pattern")) == [True] * 5 + [False]
+
+
+def test_file_opens_in_gguf_py_reader(checkpoints):
+    path = checkpoints["quant"].dgf("q4_k_m")
+    reader = gguf.GGUFReader(path)
+    ours = GGUFFile(path)
+    assert [t.name for t in reader.tensors] == list(ours.tensors)
+    for t in reader.tensors:
+        assert t.tensor_type == ours.tensors[t.name].ggml_type
+        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), ours.raw(t.name).reshape(-1))
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert {"Q4_K", "Q6_K", "Q5_0", "F32"} <= types  # the recipe, with its block-32 fallback for 64-wide rows
+    ours.close()
+
+
+def test_generation_config_none_values_fall_back_to_transformers_defaults(checkpoints):
+    with dgrun.load(checkpoints["base"].dgf("f32"), backend="numpy") as model:
+        params = model.resolve_params()
+        assert (params.max_denoising_steps, params.t_min, params.t_max) == (48, 0.4, 0.8)
+        assert (params.entropy_bound, params.stability_threshold, params.confidence_threshold) == (0.1, 1, 0.005)
+
+
+# -- refusals -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    """A fresh copy of the small checkpoint to break in one way per test."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["base"].folder, folder)
+    return folder
+
+
+def _assert_refused(folder: Path, tmp_path: Path, message: str, *extra: str) -> None:
+    out = tmp_path / "out.dgf"
+    result = _cli(str(folder), "--outfile", str(out), "--quiet", *extra)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.dgf.tmp*"))
+
+
+def _rewrite_weights(folder: Path, edit) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_refuses_directory_without_config(broken, tmp_path):
+    (broken / "config.json").unlink()
+    _assert_refused(broken, tmp_path, "has no config.json")
+
+
+def test_refuses_other_architecture(broken, tmp_path):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    _assert_refused(broken, tmp_path, "not a DiffusionGemma checkpoint")
+
+
+def test_refuses_missing_tensor(broken, tmp_path):
+    _rewrite_weights(broken, lambda t: t.pop("model.decoder.layers.1.mlp.up_proj.weight"))
+    _assert_refused(broken, tmp_path, "missing tensor blk.1.ffn_up.weight")
+
+
+def test_refuses_mismatched_shape(broken, tmp_path):
+    def shrink(t):
+        t["model.decoder.layers.0.self_attn.q_proj.weight"] = t["model.decoder.layers.0.self_attn.q_proj.weight"][:8]
+    _rewrite_weights(broken, shrink)
+    _assert_refused(broken, tmp_path, "has shape (8, 64)")
+
+
+def test_refuses_config_that_disagrees_with_tensors(broken, tmp_path):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 128
+    (broken / "config.json").write_text(json.dumps(cfg))
+    _assert_refused(broken, tmp_path, "but config.json implies")
+
+
+def test_refuses_pickle_checkpoint(broken, tmp_path):
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    _assert_refused(broken, tmp_path, "refusing pickle checkpoint pytorch_model.bin")
+
+
+def test_refuses_nan_weights(broken, tmp_path):
+    def poison(t):
+        t["model.decoder.layers.2.experts.down_proj"][1, 2, 3] = np.nan
+    _rewrite_weights(broken, poison)
+    _assert_refused(broken, tmp_path, "contains NaN or Inf")
+
+
+def test_refuses_outtype_that_cannot_represent_a_tensor(broken, tmp_path):
+    # The base fixture's 64-wide rows fit Q8_0 (block 32) but not NVFP4's 64-value blocks in 32-wide expert rows.
+    _assert_refused(broken, tmp_path, "cannot store blk.0.ffn_down_exps.weight", "--outtype", "nvfp4_moe")
+
+
+def test_refuses_missing_shard_and_truncated_shard(broken, tmp_path):
+    index = {"metadata": {}, "weight_map": {k: "model-00001-of-00002.safetensors"
+                                            for k in load_file(str(broken / "model.safetensors"))}}
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    _assert_refused(broken, tmp_path, "names shard model-00002-of-00002.safetensors, which is missing")
+    del index["weight_map"]["lm_head.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard = broken / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    _assert_refused(broken, tmp_path, "runs past the end of the file")
+
+
+def test_tokenizer_is_required_unless_no_tokenizer(broken, tmp_path):
+    (broken / "tokenizer.model").unlink()
+    _assert_refused(broken, tmp_path, "has no tokenizer.json or tokenizer.model")
+    out = tmp_path / "ids-only.dgf"
+    assert _cli(str(broken), "--outfile", str(out), "--quiet", "--no-tokenizer").returncode == 0
+    with dgrun.load(out, backend="numpy") as model:
+        with pytest.raises(ValueError, match="has no tokenizer"):
+            model.generate("hello", max_new_tokens=4, max_denoising_steps=1)
+        assert len(model.generate([2, 5, 7], max_new_tokens=4, max_denoising_steps=1, seed=0).tokens) == 4
+
+
+def test_interrupted_conversion_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = convert_hf._quantized_chunks
+
+    def interrupt_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        yield from original(*args, **kwargs)
+
+    monkeypatch.setattr(convert_hf, "_quantized_chunks", interrupt_midway)
+    out = tmp_path / "model.dgf"
+    with pytest.raises(KeyboardInterrupt):
+        convert_hf.convert(checkpoints["base"].folder, out, "q8_0", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_conversion_memory_stays_bounded_on_a_1gb_checkpoint(tmp_path):
+    """A 1.07 GB float32 checkpoint (a 262,144 x 1024 embedding) converts with peak RSS far below its size."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    hidden, vocab = 1024, 262_144
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
+                num_global_key_value_heads=1, sliding_window=8, num_experts=2, top_k_experts=1,
+                moe_intermediate_size=32, layer_types=["full_attention"])
+    (folder / "config.json").write_text(json.dumps({"model_type": "diffusion_gemma", "text_config": text,
+                                                    "canvas_length": 16}))
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    shapes = dgrun.model.tensor_shapes(cfg)
+    hf_names = {dgf: hf for hf, dgf in _hf_names(cfg).items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 4
+        header[hf_names[name]] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        row = np.linspace(-1, 1, 1 << 20, dtype=np.float32)  # finite, cheap, written 4 MiB at a time
+        for _ in range(offset // row.nbytes):
+            f.write(row.tobytes())
+        f.write(row[: (offset % row.nbytes) // 4].tobytes())
+    assert (folder / "model.safetensors").stat().st_size > 1 << 30
+    # The child reports its own VmHWM: ru_maxrss would carry over the forking pytest process's peak across exec.
+    script = ("import re, sys; from dgrun.converters.convert_hf import main; rc = main(sys.argv[1:]); "
+              "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", script, str(folder), "--outfile", str(tmp_path / "big.dgf"),
+                             "--outtype", "bf16", "--quiet", "--no-tokenizer"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    peak_mib = int(result.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mib < 200, f"converter peak RSS {peak_mib:.0f} MiB for a 1 GiB checkpoint"
+
+
+def _hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """HF name → dgf name for every tensor of a config (decoder prefix; encoder only for its layer_scalar)."""
+    from dgrun.converters.names import GLOBAL_TENSORS, LAYER_TENSORS
+
+    out = {hf: dgf for hf, dgf in GLOBAL_TENSORS.items() if hf.startswith("model.decoder.")}
+    for i in range(cfg.num_hidden_layers):
+        for suffix, dgf in LAYER_TENSORS.items():
+            out[f"model.decoder.layers.{i}.{suffix}"] = f"blk.{i}.{dgf}"
+        out[f"model.decoder.layers.{i}.layer_scalar"] = f"blk.{i}.layer_output_scale.weight"
+        out[f"model.encoder.language_model.layers.{i}.layer_scalar"] = f"blk.{i}.enc_layer_output_scale.weight"
+    shapes = dgrun.model.tensor_shapes(cfg)
+    return {hf: dgf for hf, dgf in out.items() if dgf in shapes}
