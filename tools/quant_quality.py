@@ -1,0 +1,98 @@
+"""How much each quantization preset moves the decoder's output: relative L2 error of the logits, KL divergence
+and top-1 agreement against the float32 file of the same checkpoint, on the numpy reference backend.
+
+    python tools/quant_quality.py CHECKPOINT_DIR            # converts to every preset in a temp folder
+    python tools/quant_quality.py --f32 a.dgf b.dgf c.dgf   # compare given files against a float32 file
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import dgrun
+from dgrun.converters.convert_hf import convert
+from dgrun.converters.presets import PRESETS
+from dgrun.sampler import log_softmax
+
+
+@dataclass
+class Quality:
+    outtype: str
+    bits_per_weight: float
+    rel_l2: float
+    kl: float
+    top1: float
+
+
+def decoder_logits(path: Path, prompt: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+    """Logits of the second decoder step (self-conditioned on the first), so both decoder paths are covered."""
+    with dgrun.load(path, backend="numpy") as model:
+        cache = model.graph.new_cache()
+        model.graph.encode(prompt, cache)
+        first = model.graph.decode(canvas, cache, None)
+        return model.graph.decode(canvas, cache, first / np.float32(0.8))
+
+
+def compare(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, float]:
+    """(‖q−ref‖/‖ref‖, mean KL(ref‖q) in nats, fraction of positions with the same argmax)."""
+    rel = float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
+    log_p, log_q = log_softmax(reference.astype(np.float64)), log_softmax(logits.astype(np.float64))
+    kl = float((np.exp(log_p) * (log_p - log_q)).sum(axis=-1).mean())
+    top1 = float((reference.argmax(-1) == logits.argmax(-1)).mean())
+    return rel, kl, top1
+
+
+def measure(files: dict[str, Path], f32: Path, seed: int = 0) -> list[Quality]:
+    """Quality of each file against the float32 file, on a seeded prompt and canvas."""
+    with dgrun.load(f32, backend="numpy") as model:
+        vocab, canvas_length = model.config.vocab_size, model.config.canvas_length
+    rng = np.random.default_rng(seed)
+    prompt, canvas = rng.integers(0, vocab, 24), rng.integers(0, vocab, canvas_length)
+    reference = decoder_logits(f32, prompt, canvas)
+    out = []
+    for outtype, path in files.items():
+        with dgrun.format.GGUFFile(path) as f:
+            weights = [t for t in f.tensors.values() if not t.name.startswith("tokenizer.")]
+            bits = 8 * sum(t.nbytes for t in weights) / sum(t.n_elements for t in weights)
+        out.append(Quality(outtype, bits, *compare(reference, decoder_logits(path, prompt, canvas))))
+    return out
+
+
+def convert_all(checkpoint: Path, workdir: Path, outtypes: list[str]) -> dict[str, Path]:
+    files = {}
+    for outtype in outtypes:
+        files[outtype] = workdir / f"{outtype}.dgf"
+        convert(checkpoint, files[outtype], outtype, quiet=True)
+    return files
+
+
+def format_table(rows: list[Quality]) -> str:
+    lines = [f"{'outtype':<10} {'bits/w':>7} {'rel L2':>9} {'KL (nats)':>10} {'top-1':>7}"]
+    lines += [f"{r.outtype:<10} {r.bits_per_weight:>7.2f} {r.rel_l2:>9.2e} {r.kl:>10.2e} {r.top1:>7.1%}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, help="a checkpoint folder, or .dgf files with --f32")
+    parser.add_argument("--f32", type=Path, help="the float32 .dgf to compare the given files against")
+    parser.add_argument("--outtypes", default=",".join(PRESETS), help="presets to convert a checkpoint to")
+    args = parser.parse_args(argv)
+    if args.f32:
+        rows = measure({p.stem: p for p in args.inputs}, args.f32)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = convert_all(args.inputs[0], Path(tmp), args.outtypes.split(","))
+            rows = measure(files, convert_all(args.inputs[0], Path(tmp), ["f32"])["f32"])
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
