@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -188,20 +189,22 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
                         file=sys.stderr)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-            streamed.append((t.nbytes, lambda t=t: _quantized_chunks(t, progress)))
+            streamed.append((t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
-                streamed.append((4, lambda scale=scale: iter([scale])))
+                streamed.append((4, partial(iter, [scale])))
         if spm_bytes is not None:
             blob = np.frombuffer(spm_bytes, dtype=np.int8)
             writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
-            streamed.append((blob.size, lambda blob=blob: iter([blob])))
+            streamed.append((blob.size, partial(iter, [blob])))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for nbytes, chunks in streamed:
-            writer.write_tensor_data(_StreamedTensor(nbytes, chunks), tensor_endianess=GGUFEndian.LITTLE)
+            # Duck-typed: write_tensor_data only reads .nbytes and calls .tofile (little-endian data, no byteswap).
+            stream = _StreamedTensor(nbytes, chunks)
+            writer.write_tensor_data(stream, tensor_endianess=GGUFEndian.LITTLE)  # type: ignore[arg-type]
         writer.close()
         progress.close()
         os.replace(tmp, outfile)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
+# safetensors dtype → (how its bytes are read, bytes per value); BF16 is read as raw bits and widened by hand.
+_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2),
+}
 _MAX_HEADER = 100 << 20
 
 

@@ -152,9 +152,9 @@ class ModelConfig:
             num_global_key_value_heads=global_kv,
             layer_types=layer_types,
             sliding_window=text.get("sliding_window", 512),
-            num_experts=text.get("num_experts"),
-            top_k_experts=text.get("top_k_experts"),
-            moe_intermediate_size=text.get("moe_intermediate_size"),
+            num_experts=text.get("num_experts", 0),
+            top_k_experts=text.get("top_k_experts", 0),
+            moe_intermediate_size=text.get("moe_intermediate_size", 0),
             rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
             rope_local_base_freq=float(sliding_rope.get("rope_theta", 10_000.0)),
             partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 1.0)),
@@ -198,12 +198,11 @@ class ModelConfig:
         if pattern is None or len(pattern) != kwargs["num_hidden_layers"]:
             raise ConfigError(f"metadata key {ARCH}.attention.sliding_window_pattern is missing or mis-sized")
         kwargs["layer_types"] = ["sliding_attention" if bool(p) else "full_attention" for p in pattern]
-        kv = metadata.get(f"{ARCH}.attention.head_count_kv")
         try:
-            kv = [int(x) for x in kv]
+            kv = [int(x) for x in metadata[f"{ARCH}.attention.head_count_kv"]]
             kwargs["num_key_value_heads"] = next(k for k, p in zip(kv, pattern, strict=True) if p)
             kwargs["num_global_key_value_heads"] = next(k for k, p in zip(kv, pattern, strict=True) if not p)
-        except (TypeError, StopIteration) as e:
+        except (KeyError, TypeError, ValueError, StopIteration) as e:
             raise ConfigError(f"metadata key {ARCH}.attention.head_count_kv is missing or inconsistent") from e
         out = cls(**kwargs)
         out.validate()
