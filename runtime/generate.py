@@ -149,6 +149,9 @@ def generate_events(
             steps += 1
             temp = temperature(steps_remaining, params.max_denoising_steps, params.t_min, params.t_max)
             result = ops.denoise_step(logits, canvas, temp, params.entropy_bound, rng, canvas_clamp)
+            if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
+                raise FloatingPointError(f"the decoder produced NaN logits (canvas {canvas_index}, step {steps}); "
+                                         "the model file or the backend is broken, so no tokens are emitted")
             canvas, argmax, self_cond = result.canvas, result.argmax, result.processed_logits
             yield Draft(canvas_index, steps, argmax, result.accepted)
             if stopper is not None and stopper(argmax, result.mean_entropy):

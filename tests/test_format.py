@@ -17,14 +17,15 @@ from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
-import dgrun.format as fmt
 import gguf
 import numpy as np
 import pytest
-from dgrun.format import DgfFile, FormatError, GGUFFile, TensorInfo
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
 from gguf import GGUFValueType as V
+
+import dgrun.format as fmt
+from dgrun.format import DgfFile, FormatError, GGUFFile, TensorInfo
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 if str(TOOLS) not in sys.path:

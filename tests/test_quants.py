@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES
+
 from dgrun.quants import (
     NVFP4,
     Q4_K,
@@ -17,9 +21,6 @@ from dgrun.quants import (
     row_bytes,
 )
 from dgrun.quants import _fp32_to_ue4m3 as fp32_to_ue4m3
-from gguf import GGMLQuantizationType as T
-from gguf import quants as gguf_quants
-from gguf.constants import GGML_QUANT_SIZES
 
 ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
 GGUF_QUANTIZED = [T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.MXFP4]  # we delegate quantization to gguf-py

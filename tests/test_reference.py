@@ -118,3 +118,17 @@ def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints)
     hf_tokens, out = _replay_generate(ckpt, prompt, dict(eos_token_id=eos, **base))
     assert out.tokens == hf_tokens
     assert out.tokens[-1] == second[position] and len(out.tokens) == 16 + position + 1
+
+
+def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
+    with dgrun.load(checkpoints["gen"].dgf("f32"), backend="numpy") as model:
+        decode = model.graph.decode
+
+        def poisoned(canvas, cache, self_cond):
+            logits = decode(canvas, cache, self_cond)
+            logits[3, 5] = np.nan
+            return logits
+
+        monkeypatch.setattr(model.graph, "decode", poisoned)
+        with pytest.raises(FloatingPointError, match="NaN logits"):
+            model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)

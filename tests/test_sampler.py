@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dgrun import sampler
-from dgrun.rng import DefaultRng, ReplayRng
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
     LinearTemperatureScheduleLogitsProcessor,
     StableAndConfidentStoppingCriteria,
 )
+
+from dgrun import sampler
+from dgrun.rng import DefaultRng, ReplayRng
 
 
 @pytest.mark.parametrize("steps", [1, 7, 48])

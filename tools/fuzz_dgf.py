@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dgrun.format import FormatError, GGUFFile
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from dgrun.format import FormatError, GGUFFile
 
 SLOW_S = 1.0  # a single file taking longer than this is a failure
 HANG_S = 10.0  # a hard timer interrupts the reader after this (only possible on the main thread)

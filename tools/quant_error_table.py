@@ -14,6 +14,7 @@ import argparse
 import sys
 
 import numpy as np
+
 from dgrun.quants import QUANT_TYPES, dequantize_tensor, get_quant_type, quantize_tensor
 
 
