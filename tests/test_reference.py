@@ -1,8 +1,9 @@
 """The numpy reference against transformers 5.23.0: encoder KV, decoder logits and token-exact generation.
 
-Tolerance (float32 files): relative L2 error 1e-5 on K/V and logits. Both sides compute in float32 with the
-same operation order per layer; what remains is summation order inside matmuls/softmax (~1e-7 per op,
-grown over a few layers and the soft-capped vocabulary projection) — measured ~1e-6, bound set at 1e-5.
+Tolerances (float32 compute, f32 and bf16 files): both sides run the same operations in float32; what differs
+is summation order inside matmuls and softmaxes. Measured on these fixtures: K/V ≤ 3.4e-7 relative L2,
+logits ≤ 6.5e-6 — the same size as transformers' own float32 error against a float64 run of the same model
+(4.2e-6), so that is the floor. Bounds: K/V 2e-6, logits 2e-5 (3x the worst measurement).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from transformers import DynamicCache
 import dgrun
 from dgrun.rng import ReplayRng
 
-F32_RTOL = 1e-5
+KV_RTOL = 2e-6
+LOGITS_RTOL = 2e-5
 
 
 def _hf_cache(model):
@@ -46,13 +48,13 @@ def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, pro
             for i, layer in enumerate(hf_cache.layers):
                 ref_k = layer.keys[0].permute(1, 0, 2).numpy()
                 ref_v = layer.values[0].permute(1, 0, 2).numpy()
-                assert_close(cache.keys[i], ref_k, F32_RTOL, f"{name} layer {i} keys")
-                assert_close(cache.values[i], ref_v, F32_RTOL, f"{name} layer {i} values")
+                assert_close(cache.keys[i], ref_k, KV_RTOL, f"{name} layer {i} keys")
+                assert_close(cache.values[i], ref_v, KV_RTOL, f"{name} layer {i} values")
         for sc in (None, self_cond):
             ref = model(decoder_input_ids=torch.tensor([canvas]), past_key_values=hf_cache,
                         self_conditioning_logits=None if sc is None else torch.tensor(sc[None])).logits[0].numpy()
             out = ours.graph.decode(canvas, cache, sc)
-            assert_close(out, ref, F32_RTOL, f"{name} decoder logits (self-cond {'on' if sc is not None else 'off'})")
+            assert_close(out, ref, LOGITS_RTOL, f"{name} decoder logits (self-cond {'on' if sc is not None else 'off'})")
     ours.close()
 
 
