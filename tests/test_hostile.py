@@ -35,6 +35,12 @@ def test_bad_prompts_are_refused(model, prompt, message):
         model.generate(prompt, max_new_tokens=4, max_denoising_steps=1)
 
 
+def test_empty_text_prompt_generates_from_bos_alone(model):
+    """An empty string is a BOS-only prompt (unconditional generation), as llama.cpp treats it."""
+    assert model.tokenize("") == [2]
+    assert len(model.generate("", max_new_tokens=4, max_denoising_steps=1, seed=0).tokens) == 4
+
+
 @pytest.mark.parametrize("params, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
@@ -46,12 +52,6 @@ def test_bad_prompts_are_refused(model, prompt, message):
     (dict(stability_threshold=-2), "stability_threshold must be an integer"),
     (dict(confidence_threshold=0.0), "confidence_threshold must be a number > 0"),
 ])
-def test_empty_text_prompt_generates_from_bos_alone(model):
-    """An empty string is a BOS-only prompt (unconditional generation), as llama.cpp treats it."""
-    assert model.tokenize("") == [2]
-    assert len(model.generate("", max_new_tokens=4, max_denoising_steps=1, seed=0).tokens) == 4
-
-
 def test_bad_parameters_are_refused_before_any_work(model, params, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         model.generate([2, 3], **params)
