@@ -1,0 +1,125 @@
+/* dgrun CPU kernels: the exported API (dg_cpu.h), dispatching to the kernel set chosen at run time.
+ *
+ * build.py compiles dg_kernels.c once per instruction set this compiler can target and defines DG_HAVE_<ISA> for
+ * each one it built; "auto" picks the widest that this CPU supports (checked with __builtin_cpu_supports).
+ */
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "dg_cpu.h"
+#include "dg_internal.h"
+
+extern const dg_kernel_set dg_kernels_generic;
+#ifdef DG_HAVE_AVX2
+extern const dg_kernel_set dg_kernels_avx2;
+#endif
+#ifdef DG_HAVE_AVX512
+extern const dg_kernel_set dg_kernels_avx512;
+#endif
+
+int dg_nthreads = 1;
+static const dg_kernel_set *K = &dg_kernels_generic;
+
+static int cpu_has(const char *isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (!strcmp(isa, "avx512"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("fma");
+    if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return !strcmp(isa, "generic");
+}
+
+int dg_select_isa(const char *isa) {
+    const dg_kernel_set *sets[] = {
+#ifdef DG_HAVE_AVX512
+        &dg_kernels_avx512,
+#endif
+#ifdef DG_HAVE_AVX2
+        &dg_kernels_avx2,
+#endif
+        &dg_kernels_generic,
+    };
+    for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
+        if ((!strcmp(isa, "auto") || !strcmp(isa, sets[i]->name)) && cpu_has(sets[i]->name)) {
+            K = sets[i];
+            return 0;
+        }
+    }
+    return DG_E_ISA;
+}
+
+const char *dg_isa(void) { return K->name; }
+
+void dg_set_threads(int n) {
+#ifdef _OPENMP
+    dg_nthreads = n > 0 ? n : 1;
+#else
+    (void)n;
+    dg_nthreads = 1;
+#endif
+}
+
+int dg_threads(void) { return dg_nthreads; }
+
+int dg_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int dg_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float tensor_scale,
+                    const int64_t *idx, int64_t n, float out_scale, float *out) {
+    return K->dequant_rows(type, w, row_bytes, cols, tensor_scale, idx, n, out_scale, out);
+}
+
+int dg_linear(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes,
+              float tensor_scale, int64_t n, float *c) {
+    return K->linear(a, m, k, type, w, row_bytes, tensor_scale, n, c);
+}
+
+int dg_matmul_rows(const float *a, int64_t m, int64_t k, int type, const uint8_t *t, int64_t row_bytes,
+                   float tensor_scale, int64_t n, float alpha, float *c) {
+    return K->matmul_rows(a, m, k, type, t, row_bytes, tensor_scale, n, alpha, c);
+}
+
+int dg_ffn(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index, const float *weights,
+           int64_t top_k, int64_t n_experts, int gate_type, const uint8_t *gate, int64_t gate_row_bytes,
+           int64_t gate_stride, float gate_scale, int up_type, const uint8_t *up, int64_t up_row_bytes,
+           int64_t up_stride, float up_scale, int down_type, const uint8_t *down, int64_t down_row_bytes,
+           int64_t down_stride, float down_scale, float *out) {
+    return K->ffn(x, n, hidden, inter, index, weights, top_k, n_experts, gate_type, gate, gate_row_bytes, gate_stride,
+                  gate_scale, up_type, up, up_row_bytes, up_stride, up_scale, down_type, down, down_row_bytes,
+                  down_stride, down_scale, out);
+}
+
+int dg_attention(const float *q, int64_t n, int64_t hq, int64_t d, const float *k, const float *v, int64_t m,
+                 int64_t hkv, int64_t dv, const int64_t *qpos, const int64_t *kpos, int causal, int64_t window,
+                 float *out) {
+    return K->attention(q, n, hq, d, k, v, m, hkv, dv, qpos, kpos, causal, window, out);
+}
+
+int dg_rms_norm(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out) {
+    return K->rms_norm(x, rows, width, w, eps, out);
+}
+
+int dg_softcap(const float *x, int64_t n, float cap, float *out) { return K->softcap(x, n, cap, out); }
+
+int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out) { return K->gelu_mul(gate, up, n, out); }
+
+int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
+            float *out) {
+    return K->rope(x, n, heads, d, pos, inv_freq, out);
+}
+
+int dg_softmax(const float *x, int64_t rows, int64_t cols, float *out) { return K->softmax(x, rows, cols, out); }
+
+int dg_sampler(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed, float *probs,
+               int64_t *argmax, float *entropy, const double *u, int64_t *sampled) {
+    return K->sampler(logits, rows, vocab, temp, processed, probs, argmax, entropy, u, sampled);
+}

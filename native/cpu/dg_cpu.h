@@ -1,0 +1,73 @@
+/* dgrun CPU kernels: the C API that backends/cpu_backend.py loads with cffi (ABI mode).
+ *
+ * Conventions: row-major float32 arrays, int64 sizes and indices, ggml type ids (0 F32, 1 F16, 2 Q4_0,
+ * 6 Q5_0, 8 Q8_0, 12 Q4_K, 14 Q6_K, 30 BF16, 39 MXFP4, 40 NVFP4). A quantized matrix is `rows` rows of
+ * `row_bytes` raw ggml blocks; `tensor_scale` multiplies every decoded value (NVFP4's per-tensor scale, 1 for
+ * the others). Every function returns 0, or a negative DG_E* code and writes nothing useful.
+ * Weights are decoded to float32 a few rows at a time into per-thread scratch (bit-exact with ggml's
+ * dequantize_row_*), and multiplied in float32: no function keeps a decoded copy of a tensor.
+ *
+ * This header is also the cffi cdef: the loader drops the preprocessor lines, so keep declarations plain.
+ */
+#ifndef DG_CPU_H
+#define DG_CPU_H
+#include <stdint.h>
+
+/* Select the kernel set: "auto" (best this CPU runs), "avx512", "avx2" or "generic". 0 or DG_E_ISA. */
+int dg_select_isa(const char *isa);
+/* The selected kernel set's name. */
+const char *dg_isa(void);
+/* Threads for the following calls (1 when built without OpenMP). */
+void dg_set_threads(int n);
+int dg_threads(void);
+int dg_has_openmp(void);
+
+/* out[i, :] = decode(W[idx[i], :]) * tensor_scale * out_scale, i < n; idx NULL means rows 0..n-1. */
+int dg_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float tensor_scale,
+                    const int64_t *idx, int64_t n, float out_scale, float *out);
+
+/* C[M, N] = A[M, K] @ W[N, K]^T. */
+int dg_linear(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes,
+              float tensor_scale, int64_t n, float *c);
+
+/* C[M, N] = alpha * A[M, K] @ T[K, N] for a quantized T of K rows of N values (the soft embedding). */
+int dg_matmul_rows(const float *a, int64_t m, int64_t k, int type, const uint8_t *t, int64_t row_bytes,
+                   float tensor_scale, int64_t n, float alpha, float *c);
+
+/* Gated-GELU feed-forward over expert groups. x [n, hidden]; out [n, hidden] is overwritten with
+ * sum over (token t, slot s) of weights[t, s] * down_e(gelu_tanh(gate_e(x_t)) * up_e(x_t)), e = index[t, s].
+ * index/weights NULL: one expert, every token with weight 1 (the dense MLP). Each matrix is given as
+ * (type, base pointer, row bytes, bytes between experts, tensor scale); gate/up are [inter, hidden],
+ * down is [hidden, inter]. */
+int dg_ffn(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index, const float *weights,
+           int64_t top_k, int64_t n_experts,
+           int gate_type, const uint8_t *gate, int64_t gate_row_bytes, int64_t gate_stride, float gate_scale,
+           int up_type, const uint8_t *up, int64_t up_row_bytes, int64_t up_stride, float up_scale,
+           int down_type, const uint8_t *down, int64_t down_row_bytes, int64_t down_stride, float down_scale,
+           float *out);
+
+/* softmax(q k^T) v per head, scaling 1.0, grouped KV heads. q [n, hq, d], k [m, hkv, d], v [m, hkv, dv],
+ * out [n, hq, dv]. Key j is visible to query i when (!causal || kpos[j] <= qpos[i]) and
+ * (window <= 0 || kpos[j] > qpos[i] - window). */
+int dg_attention(const float *q, int64_t n, int64_t hq, int64_t d, const float *k, const float *v, int64_t m,
+                 int64_t hkv, int64_t dv, const int64_t *qpos, const int64_t *kpos, int causal, int64_t window,
+                 float *out);
+
+/* out = x * (mean(x^2) + eps)^-0.5 [* w] over rows of `width`. */
+int dg_rms_norm(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out);
+/* out = tanh(x / cap) * cap. */
+int dg_softcap(const float *x, int64_t n, float cap, float *out);
+/* out = gelu_tanh(gate) * up, elementwise. */
+int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out);
+/* Rotate-half RoPE on x [n, heads, d] with angle pos[i] * inv_freq[f] (float32 product, as numpy). */
+int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
+            float *out);
+/* Row softmax. */
+int dg_softmax(const float *x, int64_t rows, int64_t cols, float *out);
+/* The sampler's per-row work on [rows, vocab] logits: processed = logits / temp, probs = softmax(processed),
+ * argmax (first maximum), entropy of probs; if u is not NULL also the inverse-CDF draw
+ * sampled[i] = min(#{j : cdf[j] <= u[i] * cdf[vocab-1]}, vocab - 1) with cdf the float64 cumulative sum. */
+int dg_sampler(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed, float *probs,
+               int64_t *argmax, float *entropy, const double *u, int64_t *sampled);
+
+#endif

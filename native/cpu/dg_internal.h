@@ -1,0 +1,99 @@
+/* Shared between the dispatcher (dg_cpu.c) and the per-ISA kernel sets (dg_kernels.c, compiled once per ISA). */
+#ifndef DG_INTERNAL_H
+#define DG_INTERNAL_H
+#include <stdint.h>
+#include <string.h>
+
+#define DG_E_TYPE (-1)  /* unsupported ggml type */
+#define DG_E_ISA (-2)   /* kernel set not built or not supported by this CPU */
+#define DG_E_NOMEM (-3) /* allocation failed */
+#define DG_E_ARG (-4)   /* bad size or shape */
+
+enum {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30,
+    T_MXFP4 = 39, T_NVFP4 = 40,
+};
+
+extern int dg_nthreads; /* set by dg_set_threads */
+
+/* One kernel set: the same entry points as dg_cpu.h, compiled for one instruction set. */
+typedef struct {
+    const char *name;
+    int (*dequant_rows)(int, const uint8_t *, int64_t, int64_t, float, const int64_t *, int64_t, float, float *);
+    int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
+    int (*matmul_rows)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float,
+                       float *);
+    int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
+               const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
+               const uint8_t *, int64_t, int64_t, float, float *);
+    int (*attention)(const float *, int64_t, int64_t, int64_t, const float *, const float *, int64_t, int64_t,
+                     int64_t, const int64_t *, const int64_t *, int, int64_t, float *);
+    int (*rms_norm)(const float *, int64_t, int64_t, const float *, float, float *);
+    int (*softcap)(const float *, int64_t, float, float *);
+    int (*gelu_mul)(const float *, const float *, int64_t, float *);
+    int (*rope)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, float *);
+    int (*softmax)(const float *, int64_t, int64_t, float *);
+    int (*sampler)(const float *, int64_t, int64_t, float, float *, float *, int64_t *, float *, const double *,
+                   int64_t *);
+} dg_kernel_set;
+
+/* -- scalar decoding helpers, exact (shared by every ISA) ------------------------------------------------------ */
+
+static inline float dg_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE half → float, exact for every input (subnormals, inf, NaN), like ggml's GGML_FP16_TO_FP32. */
+static inline float dg_fp16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return dg_bits_f32(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0) return dg_bits_f32(sign);
+        float v = (float)man * (1.0f / 16777216.0f); /* man * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return dg_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+static inline float dg_rd_fp16(const uint8_t *p) { return dg_fp16((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* ggml_e8m0_to_fp32_half: 2^(e-127) / 2 (MXFP4's codes are doubled). */
+static inline float dg_e8m0_half(uint8_t e) {
+    return dg_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
+}
+
+/* UE4M3 byte → half its value (NVFP4's codes are doubled); 0 and 0x7F (NaN) decode to 0, as gguf-py. */
+static inline float dg_ue4m3_half(uint8_t x) {
+    int exp = (x >> 3) & 0xF, man = x & 7;
+    if (x == 0 || x == 0x7F) return 0.0f;
+    float raw = exp == 0 ? (float)man * (1.0f / 512.0f) : (1.0f + (float)man / 8.0f) * dg_bits_f32((uint32_t)(exp - 7 + 127) << 23);
+    return raw * 0.5f;
+}
+
+/* E2M1 values doubled (ggml's kvalues_mxfp4). */
+static const int8_t dg_kvalues_fp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+static inline int dg_block_size(int type) {
+    switch (type) {
+    case T_F32: case T_F16: case T_BF16: return 1;
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_MXFP4: return 32;
+    case T_NVFP4: return 64;
+    case T_Q4_K: case T_Q6_K: return 256;
+    default: return 0;
+    }
+}
+
+static inline int64_t dg_type_size(int type) {
+    switch (type) {
+    case T_F32: return 4;
+    case T_F16: case T_BF16: return 2;
+    case T_Q4_0: return 18;
+    case T_Q5_0: return 22;
+    case T_Q8_0: return 34;
+    case T_MXFP4: return 17;
+    case T_NVFP4: return 36;
+    case T_Q4_K: return 144;
+    case T_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+#endif

@@ -1,0 +1,809 @@
+/* dgrun CPU kernels, one instruction set per compilation: build.py compiles this file once per kernel set
+ * (-DDG_ISA_AVX512 with -mavx512f..., -DDG_ISA_AVX2 with -mavx2 -mfma, and plain for "generic"), and
+ * dg_cpu.c picks one at run time, so the library runs on any CPU of its architecture.
+ *
+ * The code is written with GCC/Clang vector extensions (`vf` is VL floats), so one source serves every width.
+ * Everything that multiplies matrices goes through one register-tiled microkernel:
+ *
+ *     tile[r][c] = sum_k s[r * ls + k] * v[k * lv + c]        r < R rows, c < TW = 2 * VL columns
+ *
+ * `s` is read one scalar at a time (broadcast), `v` one vector at a time, so both are plain strided arrays:
+ *   linear      s = weight rows (decoded to float32 in scratch, or the mmap itself for F32), v = activations
+ *               packed transposed ([K][TW] per 2-vector panel of tokens): no weight is ever transposed;
+ *   soft embed  s = probability rows, v = embedding rows (decoded) — the natural layout of both;
+ *   attention   s = query rows / probability rows, v = transposed keys / value rows.
+ * Drivers split the work over OpenMP threads by output panels, so no two threads write the same element.
+ *
+ * Each optimised kernel has its plain definition in the comment above it; the numpy backend is the oracle
+ * (tests/test_cpu_backend.py checks every entry point against it, for every kernel set this CPU runs).
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "dg_internal.h"
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#if defined(DG_ISA_AVX512)
+#define VL 16
+#define R 12 /* 12 x 2 zmm accumulators + 2 loads + 1 broadcast of 32 registers */
+#define SFX(x) x##_avx512
+#elif defined(DG_ISA_AVX2)
+#define VL 8
+#define R 6 /* 6 x 2 ymm accumulators of 16 registers */
+#define SFX(x) x##_avx2
+#else
+#define VL 4
+#if defined(__aarch64__)
+#define R 12 /* NEON has 32 vector registers */
+#else
+#define R 6
+#endif
+#define SFX(x) x##_generic
+#endif
+#define TW (2 * VL) /* microkernel tile width */
+#define KC 128      /* soft-embedding rows decoded at once */
+#define ALIGN 64
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+static inline void st(float *p, vf x) { *(vfu *)p = x; }
+static inline vf splat(float x) { return x - (vf){0}; } /* broadcast (x - 0 is x, even for -0) */
+static inline vf sel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
+static inline float hsum(vf x) { float s = 0; for (int i = 0; i < VL; i++) s += x[i]; return s; }
+static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m; return m; }
+
+#ifdef _OPENMP
+#define NT (dg_nthreads > 0 ? dg_nthreads : 1)
+#define TID omp_get_thread_num()
+#else
+#define NT 1
+#define TID 0
+#endif
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Scratch memory: per-thread buffers that grow and are kept (OpenMP reuses its threads), so the hot loops never
+ * allocate. Slot i of the calling thread holds at least `n` floats, 64-byte aligned.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+enum { S_W0, S_W1, S_W2, S_TILE, S_PAD, S_SCORES, S_PART, N_SLOTS };
+static __thread float *scratch_ptr[N_SLOTS];
+static __thread size_t scratch_cap[N_SLOTS];
+
+static float *scratch(int slot, size_t n) {
+    if (scratch_cap[slot] < n) {
+        free(scratch_ptr[slot]);
+        size_t bytes = (n * sizeof(float) + ALIGN - 1) / ALIGN * ALIGN;
+        scratch_ptr[slot] = aligned_alloc(ALIGN, bytes);
+        scratch_cap[slot] = scratch_ptr[slot] ? n : 0;
+    }
+    return scratch_ptr[slot];
+}
+
+static float *alloc_floats(size_t n) {
+    size_t bytes = (n * sizeof(float) + ALIGN - 1) / ALIGN * ALIGN;
+    return aligned_alloc(ALIGN, bytes ? bytes : ALIGN);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Math: exp and tanh on vectors (Cephes' single-precision algorithms, within 2 ulp of the correctly rounded
+ * value; numpy's own float32 exp/tanh are within 1-3 ulp, so both sit at float32 rounding level).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+/* exp(x); 0 below -87.33 (where float32 goes subnormal) and for -inf. */
+static inline vf vexp(vf x) {
+    vi under = x < splat(-87.33654475f);
+    x = sel(x > splat(88.3762626647949f), splat(88.3762626647949f), x);
+    x = sel(under, splat(0.0f), x);
+    vf t = x * 1.44269504088896341f + 0.5f; /* n = floor(x / ln 2 + 1/2) */
+    vf n = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+    n = n - (vf)((vi)splat(1.0f) & (n > t));
+    vf r = x - n * 0.693359375f - n * -2.12194440e-4f; /* x - n ln 2 in two pieces */
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return sel(under, splat(0.0f), p * (vf)e);
+}
+
+/* tanh(x): odd polynomial below |x| = 0.625, 1 - 2 / (exp(2|x|) + 1) above (no cancellation either side). */
+static inline vf vtanh(vf x) {
+    vi neg = x < splat(0.0f);
+    vf ax = sel(neg, -x, x);
+    vf z = x * x;
+    vf small = splat(-5.70498872745e-3f);
+    small = small * z + 2.06390887954e-2f;
+    small = small * z - 5.37397155531e-2f;
+    small = small * z + 1.33314422036e-1f;
+    small = small * z - 3.33332819422e-1f;
+    small = small * z * x + x;
+    vf big = 1.0f - 2.0f / (vexp(sel(ax > splat(44.0f), splat(88.0f), ax + ax)) + 1.0f);
+    big = sel(neg, -big, big);
+    return sel(ax < splat(0.625f), small, big);
+}
+
+/* gelu_tanh(g) * u with numpy_backend.gelu_tanh's operation order. */
+static inline vf vgelu_mul(vf g, vf u) {
+    vf inner = 0.7978845608028654f * (g + 0.044715f * (g * g * g));
+    return 0.5f * g * (1.0f + vtanh(inner)) * u;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Decoding one row of any supported type to float32. Bit-exact with gguf-py's dequantize (which mirrors ggml's
+ * dequantize_row_*): every value is the same product, rounded once. In Q4_K the products d*sc, dmin*m and
+ * d*sc*q are exact in float32, so even a fused multiply-add gives the same single rounding.
+ * The block loops use fixed 16- and 8-lane vectors, which the compiler maps onto this kernel set's registers.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
+typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
+typedef float f32x8u __attribute__((vector_size(32), aligned(4)));
+
+static inline i32x16 bytes16(const uint8_t *p) { return __builtin_convertvector(*(const u8x16 *)p, i32x16); }
+static inline i32x8 bytes8(const uint8_t *p) { return __builtin_convertvector(*(const u8x8 *)p, i32x8); }
+static inline void put16(float *y, i32x16 q, float d) { *(f32x16u *)y = __builtin_convertvector(q, f32x16) * d; }
+static inline void put8(float *y, i32x8 q, float d) { *(f32x8u *)y = __builtin_convertvector(q, f32x8) * d; }
+
+/* E2M1 code 0..15 → ggml's doubled value (kvalues_mxfp4: 0 1 2 3 4 6 8 12, codes 8-15 negative), arithmetically:
+ * magnitude m < 4 is m, else (4 + 2 (m & 1)) << ((m >> 1) - 2). */
+#define E2M1X2(T, q)                                                                                                \
+    ({                                                                                                              \
+        T m_ = (q) & 7, small_ = m_ < 4, sh_ = ((m_ >> 1) - 2) & ~small_;                                           \
+        T v_ = (m_ & small_) | (((4 + 2 * (m_ & 1)) << sh_) & ~small_), neg_ = -(((q) >> 3) & 1);                   \
+        (v_ ^ neg_) - neg_;                                                                                         \
+    })
+
+static void decode_row(int type, const uint8_t *restrict row, int64_t cols, float ts, float *restrict y) {
+    switch (type) {
+    case T_F32:
+        memcpy(y, row, (size_t)cols * 4);
+        break;
+    case T_F16: {
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= cols; i += 16) _mm512_storeu_ps(y + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * i))));
+#elif defined(__F16C__)
+        for (; i + 8 <= cols; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
+#endif
+        for (; i < cols; i++) y[i] = dg_fp16((uint16_t)(row[2 * i] | (row[2 * i + 1] << 8)));
+        break;
+    }
+    case T_BF16:
+        for (int64_t i = 0; i < cols; i++) y[i] = dg_bits_f32((uint32_t)(row[2 * i] | (row[2 * i + 1] << 8)) << 16);
+        break;
+    case T_Q8_0:
+        for (int64_t b = 0; b < cols / 32; b++, row += 34, y += 32) {
+            const float d = dg_rd_fp16(row);
+            const int8_t *q = (const int8_t *)(row + 2);
+            for (int j = 0; j < 32; j++) y[j] = (float)q[j] * d;
+        }
+        break;
+    case T_Q4_0:
+        for (int64_t b = 0; b < cols / 32; b++, row += 18, y += 32) {
+            const float d = dg_rd_fp16(row);
+            const i32x16 q = bytes16(row + 2);
+            put16(y, (q & 15) - 8, d);
+            put16(y + 16, (q >> 4) - 8, d);
+        }
+        break;
+    case T_Q5_0: {
+        const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        for (int64_t b = 0; b < cols / 32; b++, row += 22, y += 32) {
+            const float d = dg_rd_fp16(row);
+            uint32_t qh;
+            memcpy(&qh, row + 2, 4); /* little-endian hosts only, like ggml; bit j is the fifth bit of value j */
+            const i32x16 h = (i32x16){0} + (int32_t)qh, q = bytes16(row + 6);
+            put16(y, ((q & 15) | (((h >> lane) & 1) << 4)) - 16, d);
+            put16(y + 16, ((q >> 4) | (((h >> (lane + 16)) & 1) << 4)) - 16, d);
+        }
+        break;
+    }
+    case T_MXFP4:
+        for (int64_t b = 0; b < cols / 32; b++, row += 17, y += 32) {
+            const float d = dg_e8m0_half(row[0]);
+            const i32x16 q = bytes16(row + 1);
+            put16(y, E2M1X2(i32x16, q & 15), d);
+            put16(y + 16, E2M1X2(i32x16, q >> 4), d);
+        }
+        break;
+    case T_NVFP4: /* the tensor scale multiplies each decoded value, as quants.dequantize_tensor does */
+        for (int64_t b = 0; b < cols / 64; b++, row += 36, y += 64) {
+            for (int s = 0; s < 4; s++) {
+                const float d = dg_ue4m3_half(row[s]);
+                const i32x8 q = bytes8(row + 4 + 8 * s);
+                *(f32x8u *)(y + 16 * s) = __builtin_convertvector(E2M1X2(i32x8, q & 15), f32x8) * d * ts;
+                *(f32x8u *)(y + 16 * s + 8) = __builtin_convertvector(E2M1X2(i32x8, q >> 4), f32x8) * d * ts;
+            }
+        }
+        break;
+    case T_Q4_K:
+        for (int64_t b = 0; b < cols / 256; b++, row += 144) {
+            const float d = dg_rd_fp16(row), dmin = dg_rd_fp16(row + 2);
+            const uint8_t *sc = row + 4, *q = row + 16;
+            for (int is = 0; is < 8; is += 2, q += 32) {
+                float dl[2], ml[2];
+                for (int h = 0; h < 2; h++) { /* ggml's get_scale_min_k4 */
+                    int j = is + h, s, m;
+                    if (j < 4) {
+                        s = sc[j] & 63;
+                        m = sc[j + 4] & 63;
+                    } else {
+                        s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+                        m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                    }
+                    dl[h] = d * (float)s;
+                    ml[h] = dmin * (float)m;
+                }
+                for (int l = 0; l < 32; l++) y[l] = dl[0] * (float)(q[l] & 0xF) - ml[0];
+                for (int l = 0; l < 32; l++) y[l + 32] = dl[1] * (float)(q[l] >> 4) - ml[1];
+                y += 64;
+            }
+        }
+        break;
+    case T_Q6_K:
+        for (int64_t b = 0; b < cols / 256; b++, row += 210) {
+            const float d = dg_rd_fp16(row + 208);
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
+                for (int l = 0; l < 32; l += 16) { /* values l..l+15 of each quarter share one scale */
+                    const int is = l / 16;
+                    const i32x16 a = bytes16(ql + l), c = bytes16(ql + l + 32), h = bytes16(qh + l);
+                    put16(y + l, ((a & 15) | ((h & 3) << 4)) - 32, d * (float)sc[is]);
+                    put16(y + l + 32, ((c & 15) | (((h >> 2) & 3) << 4)) - 32, d * (float)sc[is + 2]);
+                    put16(y + l + 64, ((a >> 4) | (((h >> 4) & 3) << 4)) - 32, d * (float)sc[is + 4]);
+                    put16(y + l + 96, ((c >> 4) | (((h >> 6) & 3) << 4)) - 32, d * (float)sc[is + 6]);
+                }
+            }
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+static int type_ok(int type, int64_t cols, int64_t row_bytes) {
+    int bs = dg_block_size(type);
+    return bs > 0 && cols % bs == 0 && row_bytes == cols / bs * dg_type_size(type);
+}
+
+/* rows [r0, r0 + nrows) of W (any type) as float32 rows of `ld` floats, zero rows up to R. Returns the rows'
+ * base and stride, pointing straight into W when it is F32 and needs no padding. */
+static const float *weight_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float ts, int64_t r0,
+                                int64_t nrows, float *buf, int64_t *ls) {
+    if (type == T_F32 && nrows == R) {
+        *ls = cols;
+        return (const float *)(w + r0 * row_bytes);
+    }
+    for (int64_t r = 0; r < nrows; r++) decode_row(type, w + (r0 + r) * row_bytes, cols, ts, buf + r * cols);
+    memset(buf + nrows * cols, 0, (size_t)((R - nrows) * cols) * sizeof(float));
+    *ls = cols;
+    return buf;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The microkernel. Plain definition:
+ *     for r < R, c < TW:  tile[r * TW + c] = sum_{k < K} s[r * ls + k] * v[k * lv + c]
+ * R x 2 vector accumulators stay in registers; per k: two vector loads of v, R broadcasts of s.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static void micro(const float *restrict s, int64_t ls, const float *restrict v, int64_t lv, int64_t K,
+                  float *restrict tile) {
+    vf acc[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (vf){0};
+    for (int64_t k = 0; k < K; k++) {
+        const vf v0 = ld(v + k * lv), v1 = ld(v + k * lv + VL);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) {
+            const vf a = splat(s[r * ls + k]);
+            acc[r][0] += a * v0;
+            acc[r][1] += a * v1;
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+        st(tile + r * TW, acc[r][0]);
+        st(tile + r * TW + VL, acc[r][1]);
+    }
+}
+
+/* Activations a [m, k] packed for the microkernel: panel p holds rows p*TW.. as [k][TW], zero-padded. */
+static void pack_panel(const float *a, int64_t m, int64_t k, int64_t p, float *restrict dst) {
+    int64_t r0 = p * TW, rows = m - r0 < TW ? m - r0 : TW;
+    if (rows < TW) memset(dst, 0, (size_t)(k * TW) * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = a + (r0 + r) * k;
+        for (int64_t j = 0; j < k; j++) dst[j * TW + r] = src[j];
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * dequant_rows — plain definition: out[i, :] = decode(w[idx[i], :]) * out_scale
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int SFX(dequant_rows)(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float ts,
+                             const int64_t *idx, int64_t n, float out_scale, float *out) {
+    if (!type_ok(type, cols, row_bytes)) return DG_E_TYPE;
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * cols > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float *y = out + i * cols;
+        decode_row(type, w + (idx ? idx[i] : i) * row_bytes, cols, ts, y);
+        if (out_scale != 1.0f)
+            for (int64_t j = 0; j < cols; j++) y[j] *= out_scale;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * linear — plain definition: c[i, j] = sum_k a[i, k] * w[j, k]
+ * Threads take panels of R weight rows; each decodes its panel once and runs it against every token panel.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int SFX(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes,
+                       float ts, int64_t n, float *c) {
+    if (!type_ok(type, k, row_bytes)) return DG_E_TYPE;
+    if (m <= 0 || n <= 0) return 0;
+    const int64_t mp = (m + TW - 1) / TW, np_ = (n + R - 1) / R;
+    float *at = alloc_floats((size_t)(mp * TW * k));
+    if (!at) return DG_E_NOMEM;
+    int failed = 0;
+#pragma omp parallel num_threads(NT)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < mp; p++) pack_panel(a, m, k, p, at + p * TW * k);
+        float *buf = scratch(S_W0, (size_t)(R * k)), *tile = scratch(S_TILE, R * TW);
+        if (!buf || !tile) failed = 1;
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t jp = 0; jp < np_; jp++) {
+            if (failed) continue;
+            int64_t j0 = jp * R, rows = n - j0 < R ? n - j0 : R, ls;
+            const float *s = weight_rows(type, w, row_bytes, k, ts, j0, rows, buf, &ls);
+            for (int64_t p = 0; p < mp; p++) {
+                micro(s, ls, at + p * TW * k, TW, k, tile);
+                int64_t i0 = p * TW, cols = m - i0 < TW ? m - i0 : TW;
+                for (int64_t i = 0; i < cols; i++)
+                    for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TW + i];
+            }
+        }
+    }
+    free(at);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * matmul_rows (soft embedding) — plain definition: c[i, j] = alpha * sum_k a[i, k] * t[k, j]
+ * The contraction runs over t's rows (the vocabulary), so threads split it: each decodes KC rows of t at a time
+ * into scratch, accumulates a private [m, n] partial, and the partials are summed at the end.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int SFX(matmul_rows)(const float *a, int64_t m, int64_t k, int type, const uint8_t *t, int64_t row_bytes,
+                            float ts, int64_t n, float alpha, float *c) {
+    if (!type_ok(type, n, row_bytes)) return DG_E_TYPE;
+    if (m <= 0 || n <= 0) return 0;
+    const int nt = NT;
+    const int64_t nkc = (k + KC - 1) / KC;
+    float *parts = alloc_floats((size_t)(nt * m * n));
+    if (!parts) return DG_E_NOMEM;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        float *part = parts + (size_t)TID * m * n;
+        memset(part, 0, (size_t)(m * n) * sizeof(float));
+        float *tbuf = scratch(S_W0, (size_t)(KC * n)), *apad = scratch(S_PAD, R * KC), *tile = scratch(S_TILE, R * TW);
+        float *vpad = scratch(S_W1, KC * TW);
+        if (!tbuf || !apad || !tile || !vpad) failed = 1;
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t kc = 0; kc < nkc; kc++) {
+            if (failed) continue;
+            const int64_t k0 = kc * KC, kn = k - k0 < KC ? k - k0 : KC;
+            const float *tt = (const float *)(t + k0 * row_bytes);
+            if (type != T_F32) {
+                for (int64_t r = 0; r < kn; r++) decode_row(type, t + (k0 + r) * row_bytes, n, ts, tbuf + r * n);
+                tt = tbuf;
+            }
+            for (int64_t i0 = 0; i0 < m; i0 += R) {
+                const int64_t rows = m - i0 < R ? m - i0 : R;
+                const float *s = a + i0 * k + k0;
+                int64_t ls = k;
+                if (rows < R) { /* pad the last rows of a with zeros */
+                    memset(apad, 0, R * KC * sizeof(float));
+                    for (int64_t r = 0; r < rows; r++) memcpy(apad + r * KC, s + r * k, (size_t)kn * sizeof(float));
+                    s = apad, ls = KC;
+                }
+                for (int64_t j0 = 0; j0 < n; j0 += TW) {
+                    const int64_t cols = n - j0 < TW ? n - j0 : TW;
+                    if (cols == TW) {
+                        micro(s, ls, tt + j0, n, kn, tile);
+                    } else { /* last, partial column panel: through a zero-padded copy */
+                        memset(vpad, 0, KC * TW * sizeof(float));
+                        for (int64_t r = 0; r < kn; r++) memcpy(vpad + r * TW, tt + r * n + j0, (size_t)cols * sizeof(float));
+                        micro(s, ls, vpad, TW, kn, tile);
+                    }
+                    for (int64_t r = 0; r < rows; r++) {
+                        float *dst = part + (i0 + r) * n + j0;
+                        for (int64_t j = 0; j < cols; j++) dst[j] += tile[r * TW + j];
+                    }
+                }
+            }
+        }
+        /* sum the partials in thread order: with the static split above, results repeat bit for bit */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0;
+                for (int p = 0; p < nt; p++) sum += parts[(size_t)p * m * n + i * n + j];
+                c[i * n + j] = sum * alpha;
+            }
+        }
+    }
+    free(parts);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * ffn (dense gated MLP and mixture of experts) — plain definition, per (token t, slot s), e = index[t, s]:
+ *     h = gelu_tanh(gate_e @ x_t) * (up_e @ x_t);   out[t] += weights[t, s] * (down_e @ h)
+ * Tokens are grouped per expert, so each expert's weights are decoded once and multiplied as one GEMM; the
+ * hidden activations stay in the microkernel's transposed layout between the two GEMMs. Phase 1 splits
+ * (expert, panel of R gate/up rows) over threads; phase 2 splits panels of R output columns (each thread then
+ * owns those columns of `out` for every expert, which keeps the additions race-free and in expert order).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index,
+                    const float *weights, int64_t top_k, int64_t n_experts, int gt, const uint8_t *gw, int64_t grb,
+                    int64_t gstride, float gts, int ut, const uint8_t *uw, int64_t urb, int64_t ustride, float uts,
+                    int dt, const uint8_t *dw, int64_t drb, int64_t dstride, float dts, float *out) {
+    if (!type_ok(gt, hidden, grb) || !type_ok(ut, hidden, urb) || !type_ok(dt, inter, drb)) return DG_E_TYPE;
+    memset(out, 0, (size_t)(n * hidden) * sizeof(float));
+    if (n <= 0) return 0;
+    const int64_t ne = index ? n_experts : 1, slots = index ? top_k : 1;
+    /* Group (token, weight) pairs by expert, in token order; each group padded to whole panels of TW. */
+    int64_t *count = calloc((size_t)ne + 1, sizeof(int64_t)), *start = calloc((size_t)ne + 1, sizeof(int64_t));
+    int64_t *panel0 = calloc((size_t)ne + 1, sizeof(int64_t));
+    int64_t *tok = malloc((size_t)(n * slots) * sizeof(int64_t));
+    float *wt = malloc((size_t)(n * slots) * sizeof(float));
+    float *xt = NULL, *ht = NULL;
+    int rc = 0;
+    if (!count || !start || !panel0 || !tok || !wt) { rc = DG_E_NOMEM; goto done; }
+    for (int64_t i = 0; i < n * slots; i++) {
+        int64_t e = index ? index[i] : 0;
+        if (e < 0 || e >= ne) { rc = DG_E_ARG; goto done; }
+        count[e]++;
+    }
+    for (int64_t e = 0; e < ne; e++) {
+        start[e + 1] = start[e] + count[e];
+        panel0[e + 1] = panel0[e] + (count[e] + TW - 1) / TW;
+        count[e] = 0;
+    }
+    for (int64_t i = 0; i < n * slots; i++) {
+        int64_t e = index ? index[i] : 0, at = start[e] + count[e]++;
+        tok[at] = i / slots;
+        wt[at] = weights ? weights[i] : 1.0f;
+    }
+    const int64_t npanels = panel0[ne];
+    /* (expert, token panel) → [hidden][TW] gathered inputs and [inter][TW] hidden activations */
+    xt = alloc_floats((size_t)(npanels * TW * hidden));
+    ht = alloc_floats((size_t)(npanels * TW * inter));
+    if (!xt || !ht) { rc = DG_E_NOMEM; goto done; }
+    const int64_t ip = (inter + R - 1) / R, hp = (hidden + R - 1) / R;
+    int failed = 0;
+#pragma omp parallel num_threads(NT)
+    {
+        float *gbuf = scratch(S_W0, (size_t)(R * hidden)), *ubuf = scratch(S_W1, (size_t)(R * hidden));
+        float *dbuf = scratch(S_W2, (size_t)(R * inter)), *tile = scratch(S_TILE, 2 * R * TW);
+        if (!gbuf || !ubuf || !dbuf || !tile) failed = 1;
+        /* gather + transpose the inputs of every expert panel */
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < ne; e++) {
+            for (int64_t p = panel0[e]; p < panel0[e + 1]; p++) {
+                float *dst = xt + p * TW * hidden;
+                int64_t c0 = (p - panel0[e]) * TW, cols = count[e] - c0 < TW ? count[e] - c0 : TW;
+                if (cols < TW) memset(dst, 0, (size_t)(TW * hidden) * sizeof(float));
+                for (int64_t c = 0; c < cols; c++) {
+                    const float *src = x + tok[start[e] + c0 + c] * hidden;
+                    for (int64_t j = 0; j < hidden; j++) dst[j * TW + c] = src[j];
+                }
+            }
+        }
+#pragma omp barrier
+        /* phase 1: ht = gelu(gate @ x) * (up @ x) per expert and panel of R hidden units */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < ne * ip; item++) {
+            int64_t e = item / ip, j0 = (item % ip) * R, rows = inter - j0 < R ? inter - j0 : R, lg, lu;
+            if (failed || count[e] == 0) continue;
+            const float *g = weight_rows(gt, gw + e * gstride, grb, hidden, gts, j0, rows, gbuf, &lg);
+            const float *u = weight_rows(ut, uw + e * ustride, urb, hidden, uts, j0, rows, ubuf, &lu);
+            for (int64_t p = panel0[e]; p < panel0[e + 1]; p++) {
+                const float *xp = xt + p * TW * hidden;
+                micro(g, lg, xp, TW, hidden, tile);
+                micro(u, lu, xp, TW, hidden, tile + R * TW);
+                float *hrow = ht + p * TW * inter + j0 * TW;
+                for (int64_t r = 0; r < rows; r++)
+                    for (int h = 0; h < 2; h++)
+                        st(hrow + r * TW + h * VL, vgelu_mul(ld(tile + r * TW + h * VL), ld(tile + (R + r) * TW + h * VL)));
+            }
+        }
+        /* phase 2: out[t, j0:j0+R] += w * (down @ h), experts in ascending order */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t jp = 0; jp < hp; jp++) {
+            if (failed) continue;
+            int64_t j0 = jp * R, rows = hidden - j0 < R ? hidden - j0 : R, ld_;
+            for (int64_t e = 0; e < ne; e++) {
+                if (count[e] == 0) continue;
+                const float *dwr = weight_rows(dt, dw + e * dstride, drb, inter, dts, j0, rows, dbuf, &ld_);
+                for (int64_t p = panel0[e]; p < panel0[e + 1]; p++) {
+                    micro(dwr, ld_, ht + p * TW * inter, TW, inter, tile);
+                    int64_t c0 = (p - panel0[e]) * TW, cols = count[e] - c0 < TW ? count[e] - c0 : TW;
+                    for (int64_t c = 0; c < cols; c++) {
+                        float *dst = out + tok[start[e] + c0 + c] * hidden + j0;
+                        const float wc = wt[start[e] + c0 + c];
+                        for (int64_t r = 0; r < rows; r++) dst[r] += tile[r * TW + c] * wc;
+                    }
+                }
+            }
+        }
+    }
+    if (failed) rc = DG_E_NOMEM;
+done:
+    free(count), free(start), free(panel0), free(tok), free(wt), free(xt), free(ht);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * attention — plain definition, per head h (kv head h / (hq / hkv)) and query i:
+ *     p = softmax_j(visible(i, j) ? q[i, h] . k[j, kvh] : -inf);   out[i, h] = sum_j p[j] v[j, kvh]
+ * Threads take (head, block of R queries). Keys are packed transposed per kv head ([d][m] padded to TW), so
+ * scores are one microkernel call per TW keys and the value product one per TW output dims.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, const float *k, const float *v,
+                          int64_t m, int64_t hkv, int64_t dv, const int64_t *qpos, const int64_t *kpos, int causal,
+                          int64_t window, float *out) {
+    if (n <= 0) return 0;
+    if (hkv <= 0 || hq % hkv || m <= 0) return DG_E_ARG;
+    const int64_t mpad = (m + TW - 1) / TW * TW, dvp = (dv + TW - 1) / TW * TW, groups = hq / hkv;
+    const int64_t nb = (n + R - 1) / R;
+    float *kt = alloc_floats((size_t)(hkv * d * mpad)), *vp = alloc_floats((size_t)(hkv * m * dvp));
+    int failed = !kt || !vp;
+#pragma omp parallel num_threads(NT) if (!failed)
+    {
+        /* keys transposed per kv head ([d][mpad], zero-padded); values per kv head ([m][dvp], zero-padded) */
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < hkv; h++) {
+            float *dst = kt + h * d * mpad, *vd = vp + h * m * dvp;
+            for (int64_t j = 0; j < d; j++) {
+                for (int64_t i = 0; i < m; i++) dst[j * mpad + i] = k[(i * hkv + h) * d + j];
+                for (int64_t i = m; i < mpad; i++) dst[j * mpad + i] = 0.0f;
+            }
+            for (int64_t i = 0; i < m; i++) {
+                memcpy(vd + i * dvp, v + (i * hkv + h) * dv, (size_t)dv * sizeof(float));
+                memset(vd + i * dvp + dv, 0, (size_t)(dvp - dv) * sizeof(float));
+            }
+        }
+        float *scores = scratch(S_SCORES, (size_t)(R * mpad)), *qpad = scratch(S_PAD, (size_t)(R * d));
+        float *tile = scratch(S_TILE, R * TW);
+        if (!scores || !qpad || !tile) failed = 1;
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < hq * nb; item++) {
+            if (failed) continue;
+            const int64_t h = item / nb, i0 = (item % nb) * R, rows = n - i0 < R ? n - i0 : R, kvh = h / groups;
+            const float *s = q + (i0 * hq + h) * d;
+            int64_t ls = hq * d;
+            if (rows < R) {
+                memset(qpad, 0, (size_t)(R * d) * sizeof(float));
+                for (int64_t r = 0; r < rows; r++) memcpy(qpad + r * d, s + r * ls, (size_t)d * sizeof(float));
+                s = qpad, ls = d;
+            }
+            for (int64_t j0 = 0; j0 < mpad; j0 += TW) {
+                micro(s, ls, kt + kvh * d * mpad + j0, mpad, d, tile);
+                for (int64_t r = 0; r < R; r++) memcpy(scores + r * mpad + j0, tile + r * TW, TW * sizeof(float));
+            }
+            for (int64_t r = 0; r < rows; r++) { /* mask, softmax; padded keys get probability 0 */
+                float *sr = scores + r * mpad, mx = -INFINITY;
+                const int64_t qp = qpos[i0 + r];
+                for (int64_t j = 0; j < mpad; j++) {
+                    int visible = j < m && (!causal || kpos[j] <= qp) && (window <= 0 || kpos[j] > qp - window);
+                    sr[j] = visible ? sr[j] : -INFINITY;
+                    mx = sr[j] > mx ? sr[j] : mx;
+                }
+                vf vs = (vf){0};
+                for (int64_t j = 0; j < mpad; j += VL) {
+                    vf e = vexp(ld(sr + j) - mx);
+                    st(sr + j, e);
+                    vs += e;
+                }
+                const float inv = 1.0f / hsum(vs);
+                for (int64_t j = 0; j < mpad; j += VL) st(sr + j, ld(sr + j) * inv);
+            }
+            for (int64_t r = rows; r < R; r++) memset(scores + r * mpad, 0, (size_t)mpad * sizeof(float));
+            for (int64_t c0 = 0; c0 < dv; c0 += TW) {
+                const int64_t cols = dv - c0 < TW ? dv - c0 : TW;
+                micro(scores, mpad, vp + kvh * m * dvp + c0, dvp, m, tile);
+                for (int64_t r = 0; r < rows; r++)
+                    memcpy(out + ((i0 + r) * hq + h) * dv + c0, tile + r * TW, (size_t)cols * sizeof(float));
+            }
+        }
+    }
+    free(kt), free(vp);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Elementwise and row kernels.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+/* rms_norm — out = x * (mean(x^2) + eps)^-0.5 [* w] (the sum of squares in double, then one float32 rounding) */
+static int SFX(rms_norm)(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out) {
+#pragma omp parallel for num_threads(NT) schedule(static) if (rows * width > 32768)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * width;
+        float *o = out + i * width;
+        double ss = 0;
+        int64_t j = 0;
+        for (; j + VL <= width; j += VL) { vf a = ld(xr + j); ss += (double)hsum(a * a); }
+        for (; j < width; j++) ss += (double)xr[j] * xr[j];
+        const float scale = 1.0f / sqrtf((float)(ss / (double)width) + eps);
+        if (w)
+            for (j = 0; j < width; j++) o[j] = xr[j] * scale * w[j];
+        else
+            for (j = 0; j < width; j++) o[j] = xr[j] * scale;
+    }
+    return 0;
+}
+
+static int SFX(softcap)(const float *x, int64_t n, float cap, float *out) {
+    const int64_t nv = n / VL;
+#pragma omp parallel for num_threads(NT) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < nv; i++) st(out + i * VL, vtanh(ld(x + i * VL) / cap) * cap);
+    for (int64_t i = nv * VL; i < n; i++) {
+        vf t = vtanh(splat(x[i] / cap));
+        out[i] = t[0] * cap;
+    }
+    return 0;
+}
+
+static int SFX(gelu_mul)(const float *g, const float *u, int64_t n, float *out) {
+    const int64_t nv = n / VL;
+#pragma omp parallel for num_threads(NT) schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < nv; i++) st(out + i * VL, vgelu_mul(ld(g + i * VL), ld(u + i * VL)));
+    for (int64_t i = nv * VL; i < n; i++) out[i] = vgelu_mul(splat(g[i]), splat(u[i]))[0];
+    return 0;
+}
+
+/* rope — out[..., f] = x[f] cos - x[f + d/2] sin, out[..., f + d/2] = x[f + d/2] cos + x[f] sin */
+static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
+                     float *out) {
+    const int64_t half = d / 2;
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * heads * d > 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float cs[512], sn[512];
+        for (int64_t f0 = 0; f0 < half; f0 += 512) {
+            const int64_t nf = half - f0 < 512 ? half - f0 : 512;
+            for (int64_t f = 0; f < nf; f++) {
+                const float ang = (float)pos[i] * inv_freq[f0 + f];
+                cs[f] = cosf(ang);
+                sn[f] = sinf(ang);
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                const float *xr = x + (i * heads + h) * d;
+                float *o = out + (i * heads + h) * d;
+                for (int64_t f = 0; f < nf; f++) {
+                    const float a = xr[f0 + f], b = xr[f0 + f + half];
+                    o[f0 + f] = a * cs[f] - b * sn[f];
+                    o[f0 + f + half] = b * cs[f] + a * sn[f];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* One row: e = exp(x - max(x)) written to `e`; returns sum(e) and sets *dot = sum(e * (x - max)) (both in
+ * double, accumulated per 256 values in float vectors), *mx and *arg (first index of the maximum). */
+static double exp_row(const float *restrict x, int64_t cols, float *restrict e, double *dot, float *mx, int64_t *arg) {
+    vf vm = splat(-INFINITY);
+    int64_t j = 0;
+    for (; j + VL <= cols; j += VL) vm = vmax(vm, ld(x + j));
+    float m = hmax(vm);
+    for (; j < cols; j++) m = x[j] > m ? x[j] : m;
+    int64_t a = 0;
+    while (a < cols && x[a] != m) a++;
+    double sum = 0, sd = 0;
+    for (j = 0; j + 256 <= cols; j += 256) {
+        vf s = (vf){0}, sdot = (vf){0};
+        for (int64_t t = j; t < j + 256; t += VL) {
+            vf sh = ld(x + t) - m, ev = vexp(sh);
+            st(e + t, ev);
+            s += ev;
+            sdot += ev * sh;
+        }
+        sum += (double)hsum(s), sd += (double)hsum(sdot);
+    }
+    for (; j < cols; j++) {
+        float sh = x[j] - m, ev = vexp(splat(sh))[0];
+        e[j] = ev;
+        sum += ev, sd += (double)ev * sh;
+    }
+    *dot = sd, *mx = m, *arg = a;
+    return sum;
+}
+
+static int SFX(softmax)(const float *x, int64_t rows, int64_t cols, float *out) {
+#pragma omp parallel for num_threads(NT) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        double dot;
+        float mx;
+        int64_t arg;
+        float *o = out + i * cols;
+        const float total = (float)exp_row(x + i * cols, cols, o, &dot, &mx, &arg);
+        for (int64_t j = 0; j < cols; j++) o[j] = o[j] / total;
+    }
+    return 0;
+}
+
+/* sampler — per row: processed = logits / temp; probs = softmax(processed); argmax; entropy
+ * H = -sum p log p = log S - sum(e (x - max)) / S; and the inverse-CDF draw of DefaultRng.categorical. */
+static int SFX(sampler)(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed,
+                        float *probs, int64_t *argmax, float *entropy, const double *u, int64_t *sampled) {
+#pragma omp parallel for num_threads(NT) schedule(dynamic, 4)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *l = logits + i * vocab;
+        float *x = processed + i * vocab, *p = probs + i * vocab, mx;
+        for (int64_t j = 0; j < vocab; j++) x[j] = l[j] / temp;
+        double dot;
+        int64_t arg;
+        const double sum = exp_row(x, vocab, p, &dot, &mx, &arg);
+        const float total = (float)sum;
+        argmax[i] = arg;
+        entropy[i] = (float)(log(sum) - dot / sum);
+        for (int64_t j = 0; j < vocab; j++) p[j] = p[j] / total;
+        if (u) {
+            double cdf = 0, target;
+            for (int64_t j = 0; j < vocab; j++) cdf += (double)p[j];
+            target = u[i] * cdf;
+            cdf = 0;
+            int64_t idx = 0;
+            for (; idx < vocab; idx++) {
+                cdf += (double)p[idx];
+                if (cdf > target) break;
+            }
+            sampled[i] = idx < vocab ? idx : vocab - 1;
+        }
+    }
+    return 0;
+}
+
+const dg_kernel_set SFX(dg_kernels) = {
+#if defined(DG_ISA_AVX512)
+    "avx512",
+#elif defined(DG_ISA_AVX2)
+    "avx2",
+#else
+    "generic",
+#endif
+    SFX(dequant_rows), SFX(linear), SFX(matmul_rows), SFX(ffn), SFX(attention), SFX(rms_norm), SFX(softcap),
+    SFX(gelu_mul), SFX(rope), SFX(softmax), SFX(sampler),
+};
