@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import TokenType
+
 from dgrun.backends import get_backend
+from dgrun.chat import ChatTemplate, ChatTemplateError, Message
 from dgrun.config import ConfigError, GenerationConfig, ModelConfig
 from dgrun.format import FormatError, GGUFFile
 from dgrun.generate import Commit, Draft, GenerationParams, Stats, generate_events
@@ -47,6 +52,9 @@ def load(path: str | Path | None = None, backend: str = "auto") -> Model:
 class Model:
     """A loaded DiffusionGemma. One generation at a time: a second concurrent one raises ModelBusyError.
 
+    Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation), `chat` (chat template),
+    `infill`/`stream_infill` (text between a prefix and a suffix), `edit`/`stream_edit` (rewrite character
+    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`.
     Use as a context manager or call `close()` to release the file mapping.
     """
 
@@ -61,7 +69,11 @@ class Model:
         except ConfigError as e:
             self._file.close()
             raise FormatError(f"{self.path}: {e}") from None
-        self.backend = get_backend(backend)
+        try:
+            self.backend = get_backend(backend)
+        except BaseException:
+            self._file.close()
+            raise
         unsupported = {t.ggml_type.name for t in self._file.tensors.values()
                        if t.name in shapes and t.ggml_type not in self.backend.supported_types}
         if unsupported:
@@ -69,6 +81,7 @@ class Model:
             raise FormatError(f"backend {self.backend.name} cannot run tensor types {sorted(unsupported)}")
         self.tokenizer = Tokenizer.from_file(self._file)
         self.chat_template: str | None = self._file.get(CHAT_TEMPLATE_KEY)
+        self._compiled_template: ChatTemplate | None = None
         weights = self.backend.load_weights(self._file, list(shapes))
         self.graph = DiffusionGemma(self.config, weights, self.backend)
         self._lock = threading.Lock()
@@ -85,6 +98,79 @@ class Model:
     def detokenize(self, ids: list[int]) -> str | None:
         """Text of `ids`, or None for a model without tokenizer."""
         return None if self.tokenizer is None else self.tokenizer.decode(ids)
+
+    def token_piece(self, token_id: int) -> str:
+        """A token's vocabulary entry as stored in the file: for special tokens, the text templates write ("<eos>")."""
+        pieces = self._file.get("tokenizer.ggml.tokens")
+        if pieces is None or not 0 <= token_id < len(pieces):
+            raise NoTokenizerError(f"{self.path.name} has no vocabulary entry for token {token_id}")
+        return pieces[token_id]
+
+    def tokenize_chat(self, text: str, continuation: bool = False) -> list[int]:
+        """Token ids of text a chat template wrote: special-token texts ("<bos>", "<end_of_turn>") become their ids.
+
+        BOS is prepended as the file says unless the text already starts with it (the template wrote it) or
+        `continuation` is set (the text continues a conversation the encoder has already read).
+        """
+        if self.tokenizer is None:
+            return self.tokenize(text)  # raises NoTokenizerError
+        bos = None if self.tokenizer.bos_id is None else self.token_piece(self.tokenizer.bos_id)
+        add_bos = False if continuation or (bos and text.startswith(bos)) else None
+        if self.tokenizer.kind == "huggingface":
+            return self.tokenize(text, add_bos)  # tokenizers matches special tokens in text by itself
+        # SentencePiece reads "<s>" as three characters: split the control tokens out first, as transformers'
+        # tokenizers do, and encode the text between them without BOS.
+        ids = self.tokenize("", add_bos)
+        for part in self._control_tokens_pattern.split(text):
+            if part in self._control_token_ids:
+                ids.append(self._control_token_ids[part])
+            elif part:
+                ids.extend(self.tokenize(part, add_bos=False))
+        return ids
+
+    @cached_property
+    def _control_token_ids(self) -> dict[str, int]:
+        pieces = self._file.get("tokenizer.ggml.tokens") or []
+        types = self._file.get("tokenizer.ggml.token_type")
+        control = [] if types is None else np.flatnonzero(np.asarray(types) == int(TokenType.CONTROL))
+        return {pieces[i]: int(i) for i in control if pieces[i]}
+
+    @cached_property
+    def _control_tokens_pattern(self) -> re.Pattern[str]:
+        # Longest first, so "<start_of_turn>" is not read as a shorter control token it happens to contain.
+        names = sorted(self._control_token_ids, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)")
+
+    # -- chat ----------------------------------------------------------------------------------------
+
+    def _compiled_chat_template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise ChatTemplateError(f"{self.path.name} has no chat template (tokenizer.chat_template)")
+        if self._compiled_template is None or self._compiled_template.source != self.chat_template:
+            special = {}  # the strings transformers passes as its special_tokens_map
+            for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"),
+                              ("unk_token", "unknown")):
+                token_id = self._file.get(f"tokenizer.ggml.{key}_token_id")
+                if token_id is not None:
+                    special[name] = self.token_piece(int(token_id))
+            self._compiled_template = ChatTemplate(self.chat_template, special)
+        return self._compiled_template
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> str | list[int]:
+        """Render OpenAI-style messages ({"role", "content"} dicts) with the chat template.
+
+        The text is exactly what transformers' `apply_chat_template(messages, tokenize=False)` renders; with
+        `tokenize=True`, its token ids (see `tokenize_chat`). The template is the file's; assign another source
+        to `Model.chat_template` to use that instead. Raises `ChatTemplateError` (a ValueError) when there is
+        no template or the template refuses the conversation.
+        """
+        text = self._compiled_chat_template().render(messages, add_generation_prompt)
+        return self.tokenize_chat(text) if tokenize else text
+
+    def chat(self, messages: list[Message], **params: Any) -> GenerationOutput:
+        """The assistant's answer to `messages`; parameters as in `generate`. For multi-turn, see `ChatSession`."""
+        return self.generate(self.apply_chat_template(messages, tokenize=True), **params)
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -171,11 +257,136 @@ class Model:
         `seed` makes the default RNG reproducible; `rng` injects one (see `dgrun.rng`).
         """
         stats = Stats()
+        events = self.stream(prompt, seed=seed, rng=rng, stats=stats, max_new_tokens=max_new_tokens,
+                             max_denoising_steps=max_denoising_steps, t_min=t_min, t_max=t_max,
+                             entropy_bound=entropy_bound, stability_threshold=stability_threshold,
+                             confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping)
+        return self._collect(events, stats)
+
+    # -- infill and edit: one canvas, some positions clamped -----------------------------------------
+
+    def stream_infill(self, prefix: str, suffix: str, fill_length: int | None = None, *, seed: int | None = None,
+                      rng: Rng | None = None, stats: Stats | None = None, **params: Any) -> Iterator[Draft | Commit]:
+        """Events of `infill`; its one `Commit` holds the gap's tokens. Bad arguments raise ValueError at once."""
+        prompt = self.tokenize(prefix)
+        suffix_ids = self.tokenize(suffix, add_bos=False)
+        canvas_length = self.config.canvas_length
+        if len(suffix_ids) >= canvas_length:
+            raise ValueError(f"the suffix is {len(suffix_ids)} tokens; it must be shorter than the canvas "
+                             f"({canvas_length} tokens)")
+        room = canvas_length - len(suffix_ids)
+        fill_length = room if fill_length is None else fill_length
+        if not (isinstance(fill_length, (int, np.integer)) and 1 <= fill_length <= room):
+            raise ValueError(f"fill_length must be an integer in 1..{room} (the canvas of {canvas_length} tokens "
+                             f"minus the suffix's {len(suffix_ids)}), got {fill_length!r}")
+        canvas = np.concatenate([np.zeros(fill_length, dtype=np.int64), np.asarray(suffix_ids, dtype=np.int64),
+                                 self._end_padding(room - fill_length)])
+        free = np.arange(canvas_length) < fill_length
+        return self._stream_one_canvas(prompt, canvas, free, range(fill_length), seed, rng, stats, params)
+
+    def infill(self, prefix: str, suffix: str, fill_length: int | None = None, **params: Any) -> GenerationOutput:
+        """Write the text between `prefix` and `suffix`, in one canvas.
+
+        The prefix is encoded as a prompt. The canvas is laid out as [gap | suffix | padding]: `fill_length`
+        free positions (default: all the room the suffix leaves), then the suffix's tokens, then EOS and pad
+        tokens up to the canvas length; suffix and padding are clamped (never change). The result is the gap's
+        tokens, without the EOS/pad tokens the model may write to leave part of the gap empty.
+        Parameters as in `generate`, except `max_new_tokens` (the canvas is the limit).
+        """
+        stats = Stats()
+        return self._collect(self.stream_infill(prefix, suffix, fill_length, stats=stats, **params), stats)
+
+    def stream_edit(self, text: str, spans: Sequence[tuple[int, int]], context: str | list[int] | None = None, *,
+                    seed: int | None = None, rng: Rng | None = None, stats: Stats | None = None,
+                    **params: Any) -> Iterator[Draft | Commit]:
+        """Events of `edit`; its one `Commit` holds the edited text's tokens. Bad arguments raise ValueError at once."""
+        ids = self.tokenize(text, add_bos=False)
+        canvas_length = self.config.canvas_length
+        if not ids:
+            raise ValueError("the text to edit is empty")
+        if len(ids) > canvas_length:
+            raise ValueError(f"the text to edit is {len(ids)} tokens, longer than one canvas ({canvas_length} tokens)")
+        starts, ends = self._token_char_ranges(ids, text)
+        free = np.zeros(canvas_length, dtype=bool)
+        for span in spans:
+            start, end = span
+            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+                raise ValueError(f"span {span!r} is not a non-empty character range inside the text (0..{len(text)})")
+            free[: len(ids)] |= (starts < end) & (ends > start)
+        if not free.any():
+            raise ValueError("no span covers any token of the text")
+        canvas = np.concatenate([np.asarray(ids, dtype=np.int64), self._end_padding(canvas_length - len(ids))])
+        prompt = self.tokenize("") if context is None else context
+        return self._stream_one_canvas(prompt, canvas, free, range(len(ids)), seed, rng, stats, params)
+
+    def edit(self, text: str, spans: Sequence[tuple[int, int]], context: str | list[int] | None = None,
+             **params: Any) -> GenerationOutput:
+        """Rewrite the character ranges `spans` ([(start, end), ...]) of `text` and keep the rest token-exact.
+
+        `text` (at most one canvas of tokens, no BOS) follows `context` (a prompt; default: BOS alone). The
+        canvas starts as `text`'s tokens: those overlapping a span are renoised, every other one is clamped, and
+        the rest of the canvas is clamped EOS/pad padding. A rewritten span keeps its token count; EOS/pad tokens
+        the model writes there are dropped, so it can shorten. Returns the whole edited text.
+        Parameters as in `generate`, except `max_new_tokens`.
+        """
+        stats = Stats()
+        return self._collect(self.stream_edit(text, spans, context, stats=stats, **params), stats)
+
+    def _stream_one_canvas(self, prompt: str | list[int], canvas: np.ndarray, free: np.ndarray, output: range,
+                           seed: int | None, rng: Rng | None, stats: Stats | None,
+                           params: dict[str, Any]) -> Iterator[Draft | Commit]:
+        """Denoise one canvas whose non-`free` positions are clamped; commit the non-special tokens of `output`."""
+        if params.get("max_new_tokens") is not None:
+            raise ValueError("infill and edit write exactly one canvas: max_new_tokens does not apply")
+        params["max_new_tokens"] = self.config.canvas_length
+        rng = rng or DefaultRng(seed)
+        stats = stats if stats is not None else Stats()
+        start = np.where(free, rng.tokens(canvas.shape, self.config.vocab_size), canvas)
+        dropped = {t for t in (*self.generation_config.eos_token_ids, self._pad_id) if t is not None}
+        last_draft = None
+        for event in self.stream(prompt, rng=rng, stats=stats, start_canvas=start, clamp=~free, **params):
+            if isinstance(event, Draft):
+                last_draft = event
+                yield event
+                continue
+            # The Commit is cut at the canvas's first EOS, which may be padding: read the whole final canvas.
+            final = last_draft.tokens
+            tokens = [int(final[i]) for i in output if not (free[i] and final[i] in dropped)]
+            stats.new_tokens = len(tokens)
+            yield Commit(event.canvas_index, tokens, event.steps, True)
+
+    @property
+    def _pad_id(self) -> int | None:
+        pad = self.generation_config.pad_token_id
+        return self._file.get("tokenizer.ggml.padding_token_id") if pad is None else int(pad)
+
+    def _end_padding(self, count: int) -> np.ndarray:
+        """`count` tokens that say "the text ended": EOS, then pad tokens (EOS again if the file has no pad)."""
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        eos = self.generation_config.eos_token_ids
+        pad = self._pad_id if self._pad_id is not None else (eos[0] if eos else None)
+        if pad is None:
+            raise ValueError(f"{self.path.name} defines neither EOS nor pad tokens to fill the rest of the canvas")
+        return np.asarray([eos[0] if eos else pad] + [pad] * (count - 1), dtype=np.int64)
+
+    def _token_char_ranges(self, ids: list[int], text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each token's [start, end) character range in `text`, from the lengths of decoded prefixes.
+
+        Works for every tokenizer kind, provided `text` decodes back unchanged; otherwise a span could not be
+        mapped faithfully (nor the untouched text reproduced byte for byte), so it is refused.
+        """
+        decoded = self.detokenize(ids)
+        if decoded != text:
+            raise ValueError(f"the text does not survive tokenization unchanged (it decodes to {decoded!r}), so "
+                             "character spans cannot be mapped to tokens")
+        ends = np.maximum.accumulate([len(self.detokenize(ids[: k + 1])) for k in range(len(ids))])
+        starts = np.concatenate([[0], ends[:-1]])
+        return starts, ends
+
+    def _collect(self, events: Iterator[Draft | Commit], stats: Stats) -> GenerationOutput:
         tokens: list[int] = []
-        for event in self.stream(prompt, seed=seed, rng=rng, stats=stats, max_new_tokens=max_new_tokens,
-                                 max_denoising_steps=max_denoising_steps, t_min=t_min, t_max=t_max,
-                                 entropy_bound=entropy_bound, stability_threshold=stability_threshold,
-                                 confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping):
+        for event in events:
             if isinstance(event, Commit):
                 tokens.extend(event.tokens)
         return GenerationOutput(tokens, self.detokenize(tokens), stats.as_dict())
