@@ -1,4 +1,7 @@
-"""Build hook for `pip install .`: compile dgrun's optional native libraries into the package.
+"""Build hook for `pip install .`: put dgrun's native parts into the package.
+
+The cpu kernels' C sources are copied in (the cpu backend compiles them on first use, for the CPU it runs on);
+the CUDA library is compiled here when nvcc is present.
 
 Everything else about the package lives in pyproject.toml. Native parts are optional by design: a missing
 compiler or a failed build prints a note and the install carries on, and the backend concerned then reports
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +41,19 @@ class BuildPyWithNative(build_py):
 
     def run(self) -> None:
         super().run()
+        self.copy_cpu_sources()
         self.build_cuda()
+
+    def copy_cpu_sources(self) -> None:
+        """Ship the cpu kernels' C sources in the package: the cpu backend compiles them on first use, per CPU."""
+        source = ROOT / "native" / "cpu"
+        if not source.is_dir():
+            return
+        target = Path(self.build_lib) / "dgrun" / "backends" / "_native_cpu"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(source.iterdir()):
+            if path.suffix in (".py", ".c", ".h"):
+                shutil.copy2(path, target / path.name)
 
     def build_cuda(self) -> None:
         script = ROOT / "native" / "build.py"

@@ -1,7 +1,7 @@
 """Build and load dgrun's CPU kernels (libdgcpu), a plain C library used through cffi's ABI mode.
 
     python native/cpu/build.py                # build into the cache (what the cpu backend does on first use)
-    python native/cpu/build.py --out DIR      # build into DIR (an install step can ship DIR/libdgcpu.so)
+    python native/cpu/build.py --out DIR      # build into DIR; `--out native/cpu` prebuilds for an install
 
 The library is compiled with the system C compiler ($CC, else cc / gcc / clang) and OpenMP when the compiler
 has it. `dg_kernels.c` is compiled once per kernel set (x86-64: avx512, avx2 and generic; elsewhere generic)
@@ -81,6 +81,14 @@ def _openmp_flags(cc: str, workdir: Path) -> list[str]:
     return ["-fopenmp"] if proc.returncode == 0 else []
 
 
+def source_hash() -> str:
+    """Hash of the sources alone: stamps a library built ahead of time (see `library_path`)."""
+    h = hashlib.sha256()
+    for name in [*SOURCES, *DEPENDS]:
+        h.update(name.encode() + b"\0" + (NATIVE_CPU / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(cc: str) -> str:
     """Hash of the sources, flags, compiler and platform: a changed kernel never loads a stale library."""
     h = hashlib.sha256()
@@ -124,6 +132,7 @@ def build(out_dir: Path, cc: str | None = None, quiet: bool = True) -> Path:
             if name != "generic":
                 defines.append(f"-DDG_HAVE_{name.upper()}")
         obj = work / "dg_cpu.o"
+        defines.append(f'-DDG_SOURCE_HASH="{source_hash()}"')
         cmd = [cc, *BASE_FLAGS, *omp, *defines, "-c", str(NATIVE_CPU / "dg_cpu.c"), "-o", str(obj)]
         proc = _run(cmd)
         if proc.returncode:
@@ -144,7 +153,7 @@ def cdef() -> str:
 
 
 def library_path(quiet: bool = True) -> Path:
-    """$DGRUN_CPU_LIB, else the cached build for these sources (building it on first use)."""
+    """$DGRUN_CPU_LIB, else the per-user cache's build for these sources and this compiler (built on first use)."""
     if os.environ.get("DGRUN_CPU_LIB"):
         return Path(os.environ["DGRUN_CPU_LIB"])
     cc = find_compiler()
@@ -157,12 +166,25 @@ def library_path(quiet: bool = True) -> Path:
 
 
 def load(quiet: bool = True) -> tuple[Any, Any, Path]:
-    """(ffi, lib, path) of the CPU kernel library, built on first use. Raises BuildError."""
+    """(ffi, lib, path) of the CPU kernel library. Raises BuildError.
+
+    A library built ahead of time beside these sources (an install step ran `build.py --out` on this folder)
+    is used when it was built from these very sources (it carries their hash), so an installed copy needs no
+    compiler and an edited checkout never runs stale kernels; otherwise `library_path`.
+    """
     import cffi
 
-    path = library_path(quiet)
     ffi = cffi.FFI()
     ffi.cdef(cdef())
+    prebuilt = NATIVE_CPU / LIB_NAME
+    if not os.environ.get("DGRUN_CPU_LIB") and prebuilt.is_file():
+        try:
+            lib = ffi.dlopen(str(prebuilt))
+            if ffi.string(lib.dg_source_hash()).decode() == source_hash():
+                return ffi, lib, prebuilt
+        except (OSError, AttributeError):  # not loadable here, or older than dg_source_hash
+            pass
+    path = library_path(quiet)
     try:
         lib = ffi.dlopen(str(path))
     except OSError as e:

@@ -54,6 +54,11 @@ int dg_select_isa(const char *isa) {
 
 const char *dg_isa(void) { return K->name; }
 
+#ifndef DG_SOURCE_HASH
+#define DG_SOURCE_HASH "unknown"
+#endif
+const char *dg_source_hash(void) { return DG_SOURCE_HASH; }
+
 void dg_set_threads(int n) {
 #ifdef _OPENMP
     dg_nthreads = n > 0 ? n : 1;

@@ -17,6 +17,8 @@
 int dg_select_isa(const char *isa);
 /* The selected kernel set's name. */
 const char *dg_isa(void);
+/* Hash of the sources this library was built from (build.py's source_hash). */
+const char *dg_source_hash(void);
 /* Threads for the following calls (1 when built without OpenMP). */
 void dg_set_threads(int n);
 int dg_threads(void);

@@ -17,7 +17,6 @@
  * Each optimised kernel has its plain definition in the comment above it; the numpy backend is the oracle
  * (tests/test_cpu_backend.py checks every entry point against it, for every kernel set this CPU runs).
  */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,7 +25,7 @@
 #include <omp.h>
 #endif
 #include "dg_internal.h"
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -50,6 +49,9 @@
 #define TW (2 * VL) /* microkernel tile width */
 #define KC 128      /* soft-embedding rows decoded at once */
 #define ALIGN 64
+/* Elementwise work below this many values runs on the calling thread: a parallel region costs more than it
+ * saves there, and far more when another process holds a core (every thread must be scheduled to finish). */
+#define SMALL (1 << 20)
 
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
@@ -76,7 +78,7 @@ static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VL; i++) m 
  * allocate. Slot i of the calling thread holds at least `n` floats, 64-byte aligned.
  * ------------------------------------------------------------------------------------------------------------- */
 
-enum { S_W0, S_W1, S_W2, S_TILE, S_PAD, S_SCORES, S_PART, N_SLOTS };
+enum { S_W0, S_W1, S_W2, S_TILE, S_PAD, S_SCORES, N_SLOTS };
 static __thread float *scratch_ptr[N_SLOTS];
 static __thread size_t scratch_cap[N_SLOTS];
 
@@ -146,22 +148,45 @@ static inline vf vgelu_mul(vf g, vf u) {
  * Decoding one row of any supported type to float32. Bit-exact with gguf-py's dequantize (which mirrors ggml's
  * dequantize_row_*): every value is the same product, rounded once. In Q4_K the products d*sc, dmin*m and
  * d*sc*q are exact in float32, so even a fused multiply-add gives the same single rounding.
- * The block loops use fixed 16- and 8-lane vectors, which the compiler maps onto this kernel set's registers.
+ * The block loops run on this kernel set's vectors (NVFP4's 8-value halves on 8-lane ones).
  * ------------------------------------------------------------------------------------------------------------- */
 
-typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
-typedef uint8_t u8x8 __attribute__((vector_size(8), aligned(1)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x16u __attribute__((vector_size(64), aligned(4)));
 typedef float f32x8u __attribute__((vector_size(32), aligned(4)));
 
-static inline i32x16 bytes16(const uint8_t *p) { return __builtin_convertvector(*(const u8x16 *)p, i32x16); }
-static inline i32x8 bytes8(const uint8_t *p) { return __builtin_convertvector(*(const u8x8 *)p, i32x8); }
-static inline void put16(float *y, i32x16 q, float d) { *(f32x16u *)y = __builtin_convertvector(q, f32x16) * d; }
-static inline void put8(float *y, i32x8 q, float d) { *(f32x8u *)y = __builtin_convertvector(q, f32x8) * d; }
+/* VL bytes widened to int32 lanes (compilers lower __builtin_convertvector from bytes poorly: intrinsics). */
+static inline vi bytesv(const uint8_t *p) {
+#if VL == 16
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif VL == 8 && defined(__AVX2__)
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vi v;
+    for (int i = 0; i < VL; i++) v[i] = p[i];
+    return v;
+#endif
+}
+
+/* 8 bytes widened to int32 lanes (a macro: an 8-lane value returned without AVX would change the ABI). */
+#if defined(__AVX2__)
+#define BYTES8(p) ((i32x8)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#else
+#define BYTES8(p)                                                                                                   \
+    ({                                                                                                              \
+        i32x8 v_;                                                                                                   \
+        for (int i_ = 0; i_ < 8; i_++) v_[i_] = (p)[i_];                                                            \
+        v_;                                                                                                         \
+    })
+#endif
+
+static inline void putv(float *y, vi q, float d) { st(y, __builtin_convertvector(q, vf) * d); }
+
+static inline vi iota(int start) {
+    vi v;
+    for (int i = 0; i < VL; i++) v[i] = start + i;
+    return v;
+}
 
 /* E2M1 code 0..15 → ggml's doubled value (kvalues_mxfp4: 0 1 2 3 4 6 8 12, codes 8-15 negative), arithmetically:
  * magnitude m < 4 is m, else (4 + 2 (m & 1)) << ((m >> 1) - 2). */
@@ -200,36 +225,41 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
     case T_Q4_0:
         for (int64_t b = 0; b < cols / 32; b++, row += 18, y += 32) {
             const float d = dg_rd_fp16(row);
-            const i32x16 q = bytes16(row + 2);
-            put16(y, (q & 15) - 8, d);
-            put16(y + 16, (q >> 4) - 8, d);
+            for (int c = 0; c < 16; c += VL) {
+                const vi q = bytesv(row + 2 + c);
+                putv(y + c, (q & 15) - 8, d);
+                putv(y + 16 + c, (q >> 4) - 8, d);
+            }
         }
         break;
-    case T_Q5_0: {
-        const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    case T_Q5_0:
         for (int64_t b = 0; b < cols / 32; b++, row += 22, y += 32) {
             const float d = dg_rd_fp16(row);
             uint32_t qh;
             memcpy(&qh, row + 2, 4); /* little-endian hosts only, like ggml; bit j is the fifth bit of value j */
-            const i32x16 h = (i32x16){0} + (int32_t)qh, q = bytes16(row + 6);
-            put16(y, ((q & 15) | (((h >> lane) & 1) << 4)) - 16, d);
-            put16(y + 16, ((q >> 4) | (((h >> (lane + 16)) & 1) << 4)) - 16, d);
+            const vi h = (vi){0} + (int32_t)qh;
+            for (int c = 0; c < 16; c += VL) {
+                const vi q = bytesv(row + 6 + c), lane = iota(c);
+                putv(y + c, ((q & 15) | (((h >> lane) & 1) << 4)) - 16, d);
+                putv(y + 16 + c, ((q >> 4) | (((h >> (lane + 16)) & 1) << 4)) - 16, d);
+            }
         }
         break;
-    }
     case T_MXFP4:
         for (int64_t b = 0; b < cols / 32; b++, row += 17, y += 32) {
             const float d = dg_e8m0_half(row[0]);
-            const i32x16 q = bytes16(row + 1);
-            put16(y, E2M1X2(i32x16, q & 15), d);
-            put16(y + 16, E2M1X2(i32x16, q >> 4), d);
+            for (int c = 0; c < 16; c += VL) {
+                const vi q = bytesv(row + 1 + c);
+                putv(y + c, E2M1X2(vi, q & 15), d);
+                putv(y + 16 + c, E2M1X2(vi, q >> 4), d);
+            }
         }
         break;
     case T_NVFP4: /* the tensor scale multiplies each decoded value, as quants.dequantize_tensor does */
         for (int64_t b = 0; b < cols / 64; b++, row += 36, y += 64) {
             for (int s = 0; s < 4; s++) {
                 const float d = dg_ue4m3_half(row[s]);
-                const i32x8 q = bytes8(row + 4 + 8 * s);
+                const i32x8 q = BYTES8(row + 4 + 8 * s);
                 *(f32x8u *)(y + 16 * s) = __builtin_convertvector(E2M1X2(i32x8, q & 15), f32x8) * d * ts;
                 *(f32x8u *)(y + 16 * s + 8) = __builtin_convertvector(E2M1X2(i32x8, q >> 4), f32x8) * d * ts;
             }
@@ -265,13 +295,13 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
             const uint8_t *ql = row, *qh = row + 128;
             const int8_t *sc = (const int8_t *)(row + 192);
             for (int half = 0; half < 2; half++, ql += 64, qh += 32, sc += 8, y += 128) {
-                for (int l = 0; l < 32; l += 16) { /* values l..l+15 of each quarter share one scale */
+                for (int l = 0; l < 32; l += VL) { /* values l..l+15 of each quarter share one scale */
                     const int is = l / 16;
-                    const i32x16 a = bytes16(ql + l), c = bytes16(ql + l + 32), h = bytes16(qh + l);
-                    put16(y + l, ((a & 15) | ((h & 3) << 4)) - 32, d * (float)sc[is]);
-                    put16(y + l + 32, ((c & 15) | (((h >> 2) & 3) << 4)) - 32, d * (float)sc[is + 2]);
-                    put16(y + l + 64, ((a >> 4) | (((h >> 4) & 3) << 4)) - 32, d * (float)sc[is + 4]);
-                    put16(y + l + 96, ((c >> 4) | (((h >> 6) & 3) << 4)) - 32, d * (float)sc[is + 6]);
+                    const vi a = bytesv(ql + l), c = bytesv(ql + l + 32), h = bytesv(qh + l);
+                    putv(y + l, ((a & 15) | ((h & 3) << 4)) - 32, d * (float)sc[is]);
+                    putv(y + l + 32, ((c & 15) | (((h >> 2) & 3) << 4)) - 32, d * (float)sc[is + 2]);
+                    putv(y + l + 64, ((a >> 4) | (((h >> 4) & 3) << 4)) - 32, d * (float)sc[is + 4]);
+                    putv(y + l + 96, ((c >> 4) | (((h >> 6) & 3) << 4)) - 32, d * (float)sc[is + 6]);
                 }
             }
         }
@@ -286,8 +316,8 @@ static int type_ok(int type, int64_t cols, int64_t row_bytes) {
     return bs > 0 && cols % bs == 0 && row_bytes == cols / bs * dg_type_size(type);
 }
 
-/* rows [r0, r0 + nrows) of W (any type) as float32 rows of `ld` floats, zero rows up to R. Returns the rows'
- * base and stride, pointing straight into W when it is F32 and needs no padding. */
+/* Rows [r0, r0 + nrows) of W (any type) as R float32 rows of `cols` values (zero rows after nrows) for the
+ * microkernel: decoded into `buf`, or straight from W when it is F32 and needs no padding. */
 static const float *weight_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float ts, int64_t r0,
                                 int64_t nrows, float *buf, int64_t *ls) {
     if (type == T_F32 && nrows == R) {
@@ -327,6 +357,30 @@ static void micro(const float *restrict s, int64_t ls, const float *restrict v, 
     }
 }
 
+/* The same with one vector of v (columns c < VL of the tile): for a last panel of at most VL valid columns. */
+static void micro1(const float *restrict s, int64_t ls, const float *restrict v, int64_t lv, int64_t K,
+                   float *restrict tile) {
+    vf acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) acc[r] = (vf){0};
+    for (int64_t k = 0; k < K; k++) {
+        const vf v0 = ld(v + k * lv);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) acc[r] += splat(s[r * ls + k]) * v0;
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) st(tile + r * TW, acc[r]);
+}
+
+/* micro or micro1, by how many of the tile's columns are wanted. */
+static inline void micro_cols(const float *restrict s, int64_t ls, const float *restrict v, int64_t lv, int64_t K,
+                              float *restrict tile, int64_t cols) {
+    if (cols <= VL)
+        micro1(s, ls, v, lv, K, tile);
+    else
+        micro(s, ls, v, lv, K, tile);
+}
+
 /* Activations a [m, k] packed for the microkernel: panel p holds rows p*TW.. as [k][TW], zero-padded. */
 static void pack_panel(const float *a, int64_t m, int64_t k, int64_t p, float *restrict dst) {
     int64_t r0 = p * TW, rows = m - r0 < TW ? m - r0 : TW;
@@ -344,7 +398,7 @@ static void pack_panel(const float *a, int64_t m, int64_t k, int64_t p, float *r
 static int SFX(dequant_rows)(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float ts,
                              const int64_t *idx, int64_t n, float out_scale, float *out) {
     if (!type_ok(type, cols, row_bytes)) return DG_E_TYPE;
-#pragma omp parallel for num_threads(NT) schedule(static) if (n * cols > 65536)
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * cols > SMALL)
     for (int64_t i = 0; i < n; i++) {
         float *y = out + i * cols;
         decode_row(type, w + (idx ? idx[i] : i) * row_bytes, cols, ts, y);
@@ -380,8 +434,8 @@ static int SFX(linear)(const float *a, int64_t m, int64_t k, int type, const uin
             int64_t j0 = jp * R, rows = n - j0 < R ? n - j0 : R, ls;
             const float *s = weight_rows(type, w, row_bytes, k, ts, j0, rows, buf, &ls);
             for (int64_t p = 0; p < mp; p++) {
-                micro(s, ls, at + p * TW * k, TW, k, tile);
-                int64_t i0 = p * TW, cols = m - i0 < TW ? m - i0 : TW;
+                const int64_t i0 = p * TW, cols = m - i0 < TW ? m - i0 : TW;
+                micro_cols(s, ls, at + p * TW * k, TW, k, tile, cols);
                 for (int64_t i = 0; i < cols; i++)
                     for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TW + i];
             }
@@ -418,20 +472,17 @@ static int SFX(matmul_rows)(const float *a, int64_t m, int64_t k, int type, cons
         for (int64_t kc = 0; kc < nkc; kc++) {
             if (failed) continue;
             const int64_t k0 = kc * KC, kn = k - k0 < KC ? k - k0 : KC;
-            const float *tt = (const float *)(t + k0 * row_bytes);
-            if (type != T_F32) {
-                for (int64_t r = 0; r < kn; r++) decode_row(type, t + (k0 + r) * row_bytes, n, ts, tbuf + r * n);
-                tt = tbuf;
-            }
+            /* decode (F32: copy — a sequential read, faster here than the microkernel's strided one) */
+            for (int64_t r = 0; r < kn; r++) decode_row(type, t + (k0 + r) * row_bytes, n, ts, tbuf + r * n);
+            const float *tt = tbuf;
             for (int64_t i0 = 0; i0 < m; i0 += R) {
                 const int64_t rows = m - i0 < R ? m - i0 : R;
-                const float *s = a + i0 * k + k0;
-                int64_t ls = k;
-                if (rows < R) { /* pad the last rows of a with zeros */
-                    memset(apad, 0, R * KC * sizeof(float));
-                    for (int64_t r = 0; r < rows; r++) memcpy(apad + r * KC, s + r * k, (size_t)kn * sizeof(float));
-                    s = apad, ls = KC;
-                }
+                /* copy the rows' slice of a together (zero-padded to R rows): rows a whole vocabulary apart
+                 * would all fall into the same few L1 sets */
+                if (rows < R) memset(apad, 0, R * KC * sizeof(float));
+                for (int64_t r = 0; r < rows; r++) memcpy(apad + r * KC, a + (i0 + r) * k + k0, (size_t)kn * sizeof(float));
+                const float *s = apad;
+                const int64_t ls = KC;
                 for (int64_t j0 = 0; j0 < n; j0 += TW) {
                     const int64_t cols = n - j0 < TW ? n - j0 : TW;
                     if (cols == TW) {
@@ -537,11 +588,12 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
             const float *u = weight_rows(ut, uw + e * ustride, urb, hidden, uts, j0, rows, ubuf, &lu);
             for (int64_t p = panel0[e]; p < panel0[e + 1]; p++) {
                 const float *xp = xt + p * TW * hidden;
-                micro(g, lg, xp, TW, hidden, tile);
-                micro(u, lu, xp, TW, hidden, tile + R * TW);
+                const int64_t c0 = (p - panel0[e]) * TW, cols = count[e] - c0 < TW ? count[e] - c0 : TW;
+                micro_cols(g, lg, xp, TW, hidden, tile, cols);
+                micro_cols(u, lu, xp, TW, hidden, tile + R * TW, cols);
                 float *hrow = ht + p * TW * inter + j0 * TW;
                 for (int64_t r = 0; r < rows; r++)
-                    for (int h = 0; h < 2; h++)
+                    for (int h = 0; h < (cols > VL ? 2 : 1); h++)
                         st(hrow + r * TW + h * VL, vgelu_mul(ld(tile + r * TW + h * VL), ld(tile + (R + r) * TW + h * VL)));
             }
         }
@@ -554,8 +606,8 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
                 if (count[e] == 0) continue;
                 const float *dwr = weight_rows(dt, dw + e * dstride, drb, inter, dts, j0, rows, dbuf, &ld_);
                 for (int64_t p = panel0[e]; p < panel0[e + 1]; p++) {
-                    micro(dwr, ld_, ht + p * TW * inter, TW, inter, tile);
-                    int64_t c0 = (p - panel0[e]) * TW, cols = count[e] - c0 < TW ? count[e] - c0 : TW;
+                    const int64_t c0 = (p - panel0[e]) * TW, cols = count[e] - c0 < TW ? count[e] - c0 : TW;
+                    micro_cols(dwr, ld_, ht + p * TW * inter, TW, inter, tile, cols);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + tok[start[e] + c0 + c] * hidden + j0;
                         const float wc = wt[start[e] + c0 + c];
@@ -618,7 +670,7 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
                 s = qpad, ls = d;
             }
             for (int64_t j0 = 0; j0 < mpad; j0 += TW) {
-                micro(s, ls, kt + kvh * d * mpad + j0, mpad, d, tile);
+                micro_cols(s, ls, kt + kvh * d * mpad + j0, mpad, d, tile, m - j0);
                 for (int64_t r = 0; r < R; r++) memcpy(scores + r * mpad + j0, tile + r * TW, TW * sizeof(float));
             }
             for (int64_t r = 0; r < rows; r++) { /* mask, softmax; padded keys get probability 0 */
@@ -641,7 +693,7 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
             for (int64_t r = rows; r < R; r++) memset(scores + r * mpad, 0, (size_t)mpad * sizeof(float));
             for (int64_t c0 = 0; c0 < dv; c0 += TW) {
                 const int64_t cols = dv - c0 < TW ? dv - c0 : TW;
-                micro(scores, mpad, vp + kvh * m * dvp + c0, dvp, m, tile);
+                micro_cols(scores, mpad, vp + kvh * m * dvp + c0, dvp, m, tile, cols);
                 for (int64_t r = 0; r < rows; r++)
                     memcpy(out + ((i0 + r) * hq + h) * dv + c0, tile + r * TW, (size_t)cols * sizeof(float));
             }
@@ -657,7 +709,7 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
 
 /* rms_norm — out = x * (mean(x^2) + eps)^-0.5 [* w] (the sum of squares in double, then one float32 rounding) */
 static int SFX(rms_norm)(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out) {
-#pragma omp parallel for num_threads(NT) schedule(static) if (rows * width > 32768)
+#pragma omp parallel for num_threads(NT) schedule(static) if (rows * width > SMALL)
     for (int64_t i = 0; i < rows; i++) {
         const float *xr = x + i * width;
         float *o = out + i * width;
@@ -676,7 +728,7 @@ static int SFX(rms_norm)(const float *x, int64_t rows, int64_t width, const floa
 
 static int SFX(softcap)(const float *x, int64_t n, float cap, float *out) {
     const int64_t nv = n / VL;
-#pragma omp parallel for num_threads(NT) schedule(static) if (n > 65536)
+#pragma omp parallel for num_threads(NT) schedule(dynamic, 4096) if (n > SMALL)
     for (int64_t i = 0; i < nv; i++) st(out + i * VL, vtanh(ld(x + i * VL) / cap) * cap);
     for (int64_t i = nv * VL; i < n; i++) {
         vf t = vtanh(splat(x[i] / cap));
@@ -687,7 +739,7 @@ static int SFX(softcap)(const float *x, int64_t n, float cap, float *out) {
 
 static int SFX(gelu_mul)(const float *g, const float *u, int64_t n, float *out) {
     const int64_t nv = n / VL;
-#pragma omp parallel for num_threads(NT) schedule(static) if (n > 65536)
+#pragma omp parallel for num_threads(NT) schedule(static) if (n > SMALL)
     for (int64_t i = 0; i < nv; i++) st(out + i * VL, vgelu_mul(ld(g + i * VL), ld(u + i * VL)));
     for (int64_t i = nv * VL; i < n; i++) out[i] = vgelu_mul(splat(g[i]), splat(u[i]))[0];
     return 0;
@@ -697,7 +749,7 @@ static int SFX(gelu_mul)(const float *g, const float *u, int64_t n, float *out) 
 static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
                      float *out) {
     const int64_t half = d / 2;
-#pragma omp parallel for num_threads(NT) schedule(static) if (n * heads * d > 65536)
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * heads * d > SMALL)
     for (int64_t i = 0; i < n; i++) {
         float cs[512], sn[512];
         for (int64_t f0 = 0; f0 < half; f0 += 512) {
@@ -764,33 +816,55 @@ static int SFX(softmax)(const float *x, int64_t rows, int64_t cols, float *out) 
     return 0;
 }
 
+/* DefaultRng.categorical for G rows at once — plain definition, per row:
+ *     cdf = cumsum(float64(p)); out = min(#{j : cdf[j] <= u * cdf[-1]}, vocab - 1)
+ * The float64 running sums are sequential, exactly as numpy's cumsum, so the draw is numpy's given the same
+ * probabilities; interleaving G independent rows hides the latency of each row's chain of additions. */
+#define G 4
+static void inverse_cdf(const float *const *p, int64_t vocab, const double *u, int64_t *out) {
+    double total[G] = {0}, cdf[G] = {0}, target[G];
+    int64_t count[G] = {0};
+    for (int64_t j = 0; j < vocab; j++)
+        for (int r = 0; r < G; r++) total[r] += (double)p[r][j];
+    for (int r = 0; r < G; r++) target[r] = u[r] * total[r];
+    for (int64_t j = 0; j < vocab; j++)
+        for (int r = 0; r < G; r++) {
+            cdf[r] += (double)p[r][j];
+            count[r] += cdf[r] <= target[r];
+        }
+    for (int r = 0; r < G; r++) out[r] = count[r] < vocab ? count[r] : vocab - 1;
+}
+
 /* sampler — per row: processed = logits / temp; probs = softmax(processed); argmax; entropy
- * H = -sum p log p = log S - sum(e (x - max)) / S; and the inverse-CDF draw of DefaultRng.categorical. */
+ * H = -sum p log p = log S - sum(e (x - max)) / S; and, given uniforms, the inverse-CDF draw above. */
 static int SFX(sampler)(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed,
                         float *probs, int64_t *argmax, float *entropy, const double *u, int64_t *sampled) {
-#pragma omp parallel for num_threads(NT) schedule(dynamic, 4)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *l = logits + i * vocab;
-        float *x = processed + i * vocab, *p = probs + i * vocab, mx;
-        for (int64_t j = 0; j < vocab; j++) x[j] = l[j] / temp;
-        double dot;
-        int64_t arg;
-        const double sum = exp_row(x, vocab, p, &dot, &mx, &arg);
-        const float total = (float)sum;
-        argmax[i] = arg;
-        entropy[i] = (float)(log(sum) - dot / sum);
-        for (int64_t j = 0; j < vocab; j++) p[j] = p[j] / total;
+    const int64_t groups = (rows + G - 1) / G;
+#pragma omp parallel for num_threads(NT) schedule(dynamic, 1)
+    for (int64_t grp = 0; grp < groups; grp++) {
+        const int64_t i0 = grp * G, n = rows - i0 < G ? rows - i0 : G;
+        for (int64_t i = i0; i < i0 + n; i++) {
+            const float *l = logits + i * vocab;
+            float *x = processed + i * vocab, *p = probs + i * vocab, mx;
+            for (int64_t j = 0; j < vocab; j++) x[j] = l[j] / temp;
+            double dot;
+            int64_t arg;
+            const double sum = exp_row(x, vocab, p, &dot, &mx, &arg);
+            const float total = (float)sum;
+            argmax[i] = arg;
+            entropy[i] = (float)(log(sum) - dot / sum);
+            for (int64_t j = 0; j < vocab; j++) p[j] = p[j] / total;
+        }
         if (u) {
-            double cdf = 0, target;
-            for (int64_t j = 0; j < vocab; j++) cdf += (double)p[j];
-            target = u[i] * cdf;
-            cdf = 0;
-            int64_t idx = 0;
-            for (; idx < vocab; idx++) {
-                cdf += (double)p[idx];
-                if (cdf > target) break;
+            const float *rowp[G];
+            double ug[G];
+            int64_t out[G];
+            for (int r = 0; r < G; r++) { /* a short last group repeats its first row */
+                rowp[r] = probs + (i0 + (r < n ? r : 0)) * vocab;
+                ug[r] = u[i0 + (r < n ? r : 0)];
             }
-            sampled[i] = idx < vocab ? idx : vocab - 1;
+            inverse_cdf(rowp, vocab, ug, out);
+            for (int r = 0; r < n; r++) sampled[i0 + r] = out[r];
         }
     }
     return 0;

@@ -1,0 +1,356 @@
+"""The cpu backend: the numpy reference's op interface on native C kernels (native/cpu, loaded with cffi).
+
+What makes it fast, and what it keeps from the reference:
+- Weights stay memory-mapped in their .dgf types. Matmuls decode a few rows at a time into per-thread scratch
+  (bit-exact with the reference's dequantization) and multiply in float32 with a register-tiled microkernel;
+  no decoded copy of a tensor is ever kept, so memory stays at the file size plus activations. F32 weights are
+  read straight from the mapping.
+- The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
+  expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
+  values) per head and block of queries. The sampler's vocabulary-wide work (temperature, softmax, entropy,
+  argmax, the inverse-CDF draw) is one pass per row, and its probabilities are reused by the next pass's
+  soft embedding instead of a second softmax.
+- Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
+  saves their page faults; no decode pass allocates a fresh one after the first.
+- Everything runs on `threads` OpenMP threads: the `threads=` argument, else $DGRUN_THREADS, else the CPUs this
+  process may run on. The kernel set (avx512 / avx2 / generic) is chosen at run time; `isa=` or
+  $DGRUN_CPU_ISA forces one (tests run each one this CPU supports). Both are process-wide settings of the
+  library: each backend re-applies its own before its calls, so backends may differ but must not run
+  concurrently in two Python threads with different settings.
+
+Accuracy against the numpy backend: float32 throughout (activations are never quantized), only summation
+order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to ~5e-6
+relative, the float32 noise floor; tests/test_cpu_backend.py states the bounds and why.
+The sampler draws through the same Rng calls in the same order; with a `DefaultRng` only its uniforms are
+drawn and the float64 inverse CDF runs natively (identical to `DefaultRng.categorical` given identical
+probabilities; the kernels' probabilities differ from numpy's by float32 rounding, which can change a draw only
+when a uniform lands within ~1e-7 of a CDF step).
+
+The library builds itself with the system C compiler on first use (see native/cpu/build.py); without one the
+constructor raises RuntimeError saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dgrun import quants, sampler
+from dgrun.backends.numpy_backend import NumpyBackend, Weight
+from dgrun.format import GGUFFile
+from dgrun.rng import DefaultRng, Rng
+
+_ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
+           -3: "out of memory", -4: "bad shape"}
+
+
+def _native_dir() -> Path:
+    """The folder with the C sources and build.py: installed beside this module, or the source tree's native/cpu."""
+    for candidate in (Path(__file__).resolve().parent / "_native_cpu",
+                      Path(__file__).resolve().parents[1] / "native" / "cpu"):
+        if (candidate / "build.py").is_file():
+            return candidate
+    raise RuntimeError("the cpu kernels' C sources are not installed (expected native/cpu beside the package); "
+                       "reinstall dgrun from a source checkout")
+
+
+_POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
+_POOL_ARRAYS = 8
+_LIBRARY: tuple[Any, Any, Path] | None = None
+_ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
+
+
+def load_library() -> tuple[Any, Any, Path]:
+    """(ffi, lib, path) of the native kernels, built on first use and cached per process."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        spec = importlib.util.spec_from_file_location("_dgrun_cpu_build", _native_dir() / "build.py")
+        assert spec is not None and spec.loader is not None
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        _LIBRARY = build.load()  # BuildError is a RuntimeError with the fix in its message
+    return _LIBRARY
+
+
+def default_threads() -> int:
+    """$DGRUN_THREADS, else the number of CPUs this process may run on."""
+    env = os.environ.get("DGRUN_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise RuntimeError(f"DGRUN_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise RuntimeError(f"DGRUN_THREADS must be a positive integer, got {env!r}")
+        return value
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class CpuWeight(Weight):
+    """A stored tensor plus what the kernels need: its address in the mapping and bytes per row."""
+
+    address: int = 0
+    row_bytes: int = 0
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], tensor_scale: float | None = None):
+        super().__init__(raw, ggml_type, shape, tensor_scale)
+        self.row_bytes = int(raw.shape[-1])
+        self.address = raw.__array_interface__["data"][0] if raw.size else 0
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.tensor_scale is None else float(self.tensor_scale)
+
+
+class CpuBackend(NumpyBackend):
+    """The op interface on native kernels; anything not worth a kernel is inherited from the numpy reference."""
+
+    name = "cpu"
+    supported_types = frozenset(quants.QUANT_TYPES)
+
+    def __init__(self, threads: int | None = None, isa: str | None = None):
+        self.ffi, self.lib, self.library_path = load_library()
+        self.threads = default_threads() if threads is None else int(threads)
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads!r}")
+        self.isa_request = isa or os.environ.get("DGRUN_CPU_ISA", "auto")
+        if self.lib.dg_select_isa(self.isa_request.encode()) != 0:
+            raise RuntimeError(f"cpu kernel set {self.isa_request!r} is not available on this CPU or build "
+                               "(choose auto, avx512, avx2 or generic)")
+        self.isa = self.ffi.string(self.lib.dg_isa()).decode()
+        if not self.lib.dg_has_openmp():
+            self.threads = 1
+        self._activate(force=True)
+        self._probs: tuple[np.ndarray, np.ndarray] | None = None  # (processed logits, their softmax)
+        self._pool: list[np.ndarray] = []
+
+    def __repr__(self) -> str:
+        return f"CpuBackend(threads={self.threads}, isa={self.isa!r})"
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+
+    def _activate(self, force: bool = False) -> None:
+        """Point the process-wide library at this backend's thread count and kernel set."""
+        if force or _ACTIVE[0] is not self:
+            self.lib.dg_set_threads(self.threads)
+            self.lib.dg_select_isa(self.isa.encode())
+            _ACTIVE[0] = self
+
+    def _p(self, array: np.ndarray, ctype: str = "float *") -> Any:
+        return self.ffi.cast(ctype, array.__array_interface__["data"][0])
+
+    def _w(self, w: CpuWeight, offset: int = 0) -> Any:
+        return self.ffi.cast("const uint8_t *", w.address + offset)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            message = f"cpu kernel {what} failed: {_ERRORS.get(rc, rc)}"
+            raise MemoryError(message) if rc == -3 else RuntimeError(message)
+
+    @staticmethod
+    def _f32(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised float32 output array. Big ones (canvas x vocab logits, probabilities) are recycled:
+        a fresh 32 MiB array costs ~5 ms of page faults, several times per pass. An array is reused only once
+        nothing but the pool references it (no variable, no view), so no caller ever sees its data change."""
+        size = int(np.prod(shape))
+        if size < _POOL_MIN_FLOATS:
+            return np.empty(shape, dtype=np.float32)
+        for array in self._pool:
+            # References: the pool's list, this loop's variable and getrefcount's argument — nobody else.
+            if array.size == size and sys.getrefcount(array) <= 3:
+                return array.reshape(shape)
+        array = np.empty(size, dtype=np.float32)
+        self._pool.append(array)
+        if len(self._pool) > _POOL_ARRAYS:
+            self._pool.pop(0)  # the caller still holding it keeps it alive; the pool just forgets it
+        return array.reshape(shape)
+
+    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
+        weights = super().load_weights(gguf, names)
+        return {name: CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale) for name, w in weights.items()}
+
+    # -- elementwise and normalisation ----------------------------------------------------------------------
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+        self._activate()
+        x = self._f32(x)
+        out = np.empty_like(x)
+        width = x.shape[-1]
+        w = None if weight is None else self._f32(weight)
+        self._check(self.lib.dg_rms_norm(self._p(x), x.size // max(width, 1), width,
+                                         self.ffi.NULL if w is None else self._p(w), eps, self._p(out)), "rms_norm")
+        return out
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        self._activate()
+        x = self._f32(x)
+        out = self._empty(x.shape)
+        self._check(self.lib.dg_softcap(self._p(x), x.size, cap, self._p(out)), "softcap")
+        return out
+
+    # -- embeddings and matmuls -----------------------------------------------------------------------------
+
+    def embed(self, table: CpuWeight, ids: np.ndarray, scale: float) -> np.ndarray:
+        self._activate()
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise IndexError(f"token id outside the embedding table (0..{table.shape[0] - 1})")
+        cols = table.shape[-1]
+        out = np.empty((ids.size, cols), dtype=np.float32)
+        self._check(self.lib.dg_dequant_rows(table.ggml_type, self._w(table), table.row_bytes, cols, table.scale,
+                                             self._p(ids, "int64_t *"), ids.size, scale, self._p(out)), "embed")
+        return out.reshape(*ids.shape, cols)
+
+    def soft_embed(self, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
+        """softmax(logits) @ table * scale; the sampler's probabilities when `logits` are its processed logits."""
+        self._activate()
+        if self._probs is not None and logits is self._probs[0]:
+            probs = self._probs[1]
+        else:
+            probs = self.softmax(logits)
+        probs = self._f32(probs).reshape(-1, table.shape[0])
+        out = np.empty((probs.shape[0], table.shape[1]), dtype=np.float32)
+        self._check(self.lib.dg_matmul_rows(self._p(probs), probs.shape[0], probs.shape[1], table.ggml_type,
+                                            self._w(table), table.row_bytes, table.scale, table.shape[1], scale,
+                                            self._p(out)), "soft_embed")
+        return out
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        """Row softmax (the reference's `sampler.softmax`)."""
+        self._activate()
+        x = self._f32(x)
+        out = self._empty(x.shape)
+        cols = x.shape[-1]
+        self._check(self.lib.dg_softmax(self._p(x), x.size // cols, cols, self._p(out)), "softmax")
+        return out
+
+    def linear(self, x: np.ndarray, w: CpuWeight) -> np.ndarray:
+        """x @ W^T for a [out, in] weight of any supported type."""
+        self._activate()
+        x = self._f32(x)
+        n, k = w.shape
+        out = self._empty((*x.shape[:-1], n))
+        self._check(self.lib.dg_linear(self._p(x), x.size // k, k, w.ggml_type, self._w(w), w.row_bytes, w.scale, n,
+                                       self._p(out)), "linear")
+        return out
+
+    def gated_mlp(self, x: np.ndarray, gate: CpuWeight, up: CpuWeight, down: CpuWeight) -> np.ndarray:
+        return self._ffn(x, None, None, 1, gate, 0, up, 0, down, 0)
+
+    # -- positions and attention ----------------------------------------------------------------------------
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+        self._activate()
+        x = self._f32(x)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        inv_freq = self._f32(inv_freq)
+        out = np.empty_like(x)
+        n, heads, d = x.shape
+        self._check(self.lib.dg_rope(self._p(x), n, heads, d, self._p(positions, "int64_t *"), self._p(inv_freq),
+                                     self._p(out)), "rope")
+        return out
+
+    def attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        causal: bool,
+        window: int | None,
+    ) -> np.ndarray:
+        """Fused softmax(q k^T) v with the reference's masks (see NumpyBackend.attention)."""
+        self._activate()
+        q, k, v = self._f32(q), self._f32(k), self._f32(v)
+        q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
+        k_pos = np.ascontiguousarray(k_pos, dtype=np.int64)
+        n, hq, d = q.shape
+        m, hkv, dv = v.shape
+        out = np.empty((n, hq, dv), dtype=np.float32)
+        self._check(self.lib.dg_attention(self._p(q), n, hq, d, self._p(k), self._p(v), m, hkv, dv,
+                                          self._p(q_pos, "int64_t *"), self._p(k_pos, "int64_t *"), int(causal),
+                                          0 if window is None else int(window), self._p(out)), "attention")
+        return out
+
+    # -- mixture of experts ---------------------------------------------------------------------------------
+
+    def experts(
+        self, x: np.ndarray, weights: np.ndarray, index: np.ndarray, gate_up: CpuWeight, down: CpuWeight
+    ) -> np.ndarray:
+        """Sum over each token's experts of weight * down(gelu(gate(x)) * up(x)), tokens grouped per expert."""
+        n_experts, two_inter, _ = gate_up.shape
+        expert_bytes = two_inter * gate_up.row_bytes
+        return self._ffn(x, np.ascontiguousarray(index, dtype=np.int64), self._f32(weights), n_experts,
+                         gate_up, expert_bytes, gate_up, expert_bytes, down, down.shape[1] * down.row_bytes,
+                         up_offset=two_inter // 2 * gate_up.row_bytes)
+
+    def _ffn(self, x: np.ndarray, index: np.ndarray | None, weights: np.ndarray | None, n_experts: int,
+             gate: CpuWeight, gate_stride: int, up: CpuWeight, up_stride: int, down: CpuWeight, down_stride: int,
+             up_offset: int = 0) -> np.ndarray:
+        self._activate()
+        x = self._f32(x)
+        hidden, inter = x.shape[-1], down.shape[-1]
+        n = x.size // hidden
+        out = np.empty_like(x)
+        null = self.ffi.NULL
+        top_k = 1 if index is None else index.shape[-1]
+        self._check(self.lib.dg_ffn(
+            self._p(x), n, hidden, inter, null if index is None else self._p(index, "int64_t *"),
+            null if weights is None else self._p(weights), top_k, n_experts,
+            gate.ggml_type, self._w(gate), gate.row_bytes, gate_stride, gate.scale,
+            up.ggml_type, self._w(up, up_offset), up.row_bytes, up_stride, up.scale,
+            down.ggml_type, self._w(down), down.row_bytes, down_stride, down.scale, self._p(out)), "ffn")
+        return out
+
+    # -- sampler ----------------------------------------------------------------------------------------------
+
+    def denoise_step(
+        self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
+        clamp: np.ndarray | None = None,
+    ) -> sampler.StepResult:
+        """`dgrun.sampler.denoise_step` with its vocabulary-wide work in one native pass per row.
+
+        Draws go through `rng` in the reference's order (categorical, then tokens). A plain `DefaultRng` gives
+        only its uniforms and the inverse CDF runs natively; any other RNG gets the probabilities.
+        """
+        self._activate()
+        logits = self._f32(logits)
+        rows, vocab = logits.shape
+        self._probs = None  # the previous step's probabilities are done with: their array can be reused
+        processed, probs = self._empty(logits.shape), self._empty(logits.shape)
+        argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+        token_entropy = np.empty(rows, dtype=np.float32)
+        native_draw = isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical
+        u = np.ascontiguousarray(rng.uniform(rows), dtype=np.float64) if native_draw else None
+        self._check(self.lib.dg_sampler(
+            self._p(logits), rows, vocab, temp, self._p(processed), self._p(probs), self._p(argmax, "int64_t *"),
+            self._p(token_entropy), self.ffi.NULL if u is None else self._p(u, "double *"),
+            self._p(sampled, "int64_t *")), "sampler")
+        if not native_draw:
+            sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
+        self._probs = (processed, probs)
+        # From here on exactly sampler.denoise_step, on canvas-sized arrays.
+        canvas = np.asarray(canvas, dtype=np.int64)
+        free = np.ones(canvas.shape, dtype=bool) if clamp is None else ~clamp
+        accepted = np.zeros(canvas.shape, dtype=bool)
+        accepted[free] = sampler.accept_mask(token_entropy[free], entropy_bound)
+        noise = rng.tokens(canvas.shape, vocab)  # a full canvas every step, as transformers draws it
+        new_canvas = np.where(accepted, sampled, noise)
+        if clamp is not None:
+            new_canvas = np.where(clamp, canvas, new_canvas)
+            argmax = np.where(clamp, canvas, argmax)
+            accepted = accepted | clamp
+        mean_entropy = float(token_entropy[free].mean()) if free.any() else 0.0
+        return sampler.StepResult(new_canvas.astype(np.int64), argmax.astype(np.int64), processed, accepted,
+                                  mean_entropy)

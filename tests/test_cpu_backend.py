@@ -1,0 +1,424 @@
+"""The cpu backend against the numpy reference: every native kernel, per ggml type and per kernel set this CPU
+runs (avx512 / avx2 / generic), then encoder K/V and decoder logits per file type, then token-exact generation
+with transformers' replayed draws.
+
+Tolerances, and why:
+- Decoding weights (dequant_rows, embed): bit-exact. Each ggml value is one float32 product, rounded once, in the
+  same order as gguf-py (Q4_K's d*sc*q and dmin*m are exact, so a fused multiply-add rounds the same too).
+- Matmuls (linear, soft embedding, MLP, experts, attention): relative L2 2e-6. Both sides multiply the same
+  float32 values and differ only in summation order (the kernels accumulate in registers, in tiles, with FMA);
+  each output is a K-term dot product whose rounding differences grow like sqrt(K) * 2^-24 — measured 1e-7 to
+  8e-7 for K = 64..1024; the MLPs add GELU's tanh (a few ulp, see below).
+- Elementwise kernels: ulp bounds against numpy's own float32 results. exp/tanh are Cephes' single-precision
+  algorithms (<= 2 ulp from correctly rounded, numpy's are within ~1-2 ulp too): softcap <= 4 ulp, rms_norm
+  <= 8 ulp (the sum of squares accumulates in double here, pairwise float32 there), softmax <= 16 ulp relative
+  (exp plus the row sum). Where the reference formula itself cancels (gelu_tanh's 1 + tanh for x < -4,
+  RoPE's x cos - y sin) the bound is on the absolute error in units of the operands' size instead.
+- Model, every file type: relative L2 2e-6 on encoder K/V, 1e-5 on logits. Weights decode exactly and
+  activations stay float32 (nothing is quantized to int8), so what differs is float32 summation order in
+  every matmul, grown over the layers and the soft-capped vocabulary: measured K/V <= 3.6e-7, logits
+  2.9e-6..5.4e-6 — the float32 noise floor of these chaotic random fixtures (numpy vs transformers measures
+  up to 6.5e-6, transformers' own float32 vs float64 4.2e-6; see test_reference.py).
+- Generation with replayed draws: token-exact, as the numpy backend.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, assert_close
+from fixtures import hf_generate
+
+import dgrun
+from dgrun import quants
+from dgrun import sampler as ref_sampler
+from dgrun.backends.numpy_backend import NumpyBackend, gelu_tanh
+from dgrun.rng import DefaultRng, ReplayRng
+
+cpu_backend = pytest.importorskip("dgrun.backends.cpu_backend")
+
+try:
+    cpu_backend.load_library()
+except RuntimeError as e:  # no C compiler here: the error says so, and how to fix it
+    pytest.skip(f"cpu backend unavailable: {e}", allow_module_level=True)
+
+CpuBackend, CpuWeight = cpu_backend.CpuBackend, cpu_backend.CpuWeight
+
+MATMUL_RTOL = 2e-6
+KV_RTOL = 2e-6
+LOGITS_RTOL = 1e-5
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _kernel_sets() -> list[str]:
+    """Every kernel set this CPU and build run."""
+    out = []
+    for isa in ("avx512", "avx2", "generic"):
+        try:
+            CpuBackend(isa=isa)
+            out.append(isa)
+        except RuntimeError:
+            pass
+    return out
+
+
+KERNEL_SETS = _kernel_sets()
+TYPES = list(quants.QUANT_TYPES)
+REF = NumpyBackend()
+
+
+@pytest.fixture(params=KERNEL_SETS)
+def cpu(request):
+    return CpuBackend(threads=2, isa=request.param)
+
+
+def _weight(x: np.ndarray, ggml_type) -> CpuWeight:
+    raw, scale = quants.quantize_tensor(np.asarray(x, dtype=np.float32), ggml_type)
+    return CpuWeight(raw, quants.get_quant_type(ggml_type).ggml_type, x.shape, scale)
+
+
+def _matrix(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of spread magnitudes (three decades) and one all-zero row: every block-scale path gets used."""
+    x = rng.normal(0, 1, shape) * rng.uniform(0.01, 10, (*shape[:-1], 1))
+    x.reshape(-1, shape[-1])[0] = 0
+    return x.astype(np.float32)
+
+
+def _row_width(ggml_type, want: int = 512) -> int:
+    return max(want, quants.get_quant_type(ggml_type).block_size)
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest distance in float32 units in the last place (+0 and -0 are equal)."""
+    def ordered(x):
+        i = np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return int(np.abs(ordered(a) - ordered(b)).max())
+
+
+# -- kernels, per ggml type -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_decode_rows_is_bit_exact(cpu, ggml_type):
+    rng = np.random.default_rng(int(ggml_type))
+    width = _row_width(ggml_type)
+    x = _matrix(rng, (41, width))
+    w = _weight(x, ggml_type)
+    ref = quants.dequantize_tensor(w.raw, ggml_type, w.tensor_scale)
+    ids = np.arange(41)
+    out = cpu.embed(w, ids, 1.0)
+    np.testing.assert_array_equal(out, ref)  # every value equal (+0 == -0)
+    ids = rng.integers(0, 41, 77)
+    np.testing.assert_array_equal(cpu.embed(w, ids, 2.5), REF.embed(w, ids, 2.5))
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 37, 256])
+def test_linear(cpu, ggml_type, m):
+    rng = np.random.default_rng(m)
+    k = _row_width(ggml_type)
+    w = _weight(_matrix(rng, (45, k)), ggml_type)  # 45 outputs: a partial panel for every kernel set
+    a = rng.normal(0, 1, (m, k)).astype(np.float32)
+    assert_close(cpu.linear(a, w), REF.linear(a, w), MATMUL_RTOL, f"linear {ggml_type.name} m={m}")
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_soft_embedding(cpu, ggml_type):
+    rng = np.random.default_rng(1)
+    n = _row_width(ggml_type, 64)
+    table = _weight(_matrix(rng, (300, n)), ggml_type)  # 300 rows: a partial block of decoded rows
+    logits = rng.normal(0, 3, (29, 300)).astype(np.float32)
+    assert_close(cpu.soft_embed(logits, table, 1.7), REF.soft_embed(logits, table, 1.7), MATMUL_RTOL,
+                 f"soft_embed {ggml_type.name}")
+
+
+def test_soft_embedding_with_a_partial_column_panel(cpu):
+    rng = np.random.default_rng(2)
+    table = _weight(_matrix(rng, (130, 40)), quants.F32.ggml_type)
+    logits = rng.normal(0, 3, (13, 130)).astype(np.float32)
+    assert_close(cpu.soft_embed(logits, table, 1.0), REF.soft_embed(logits, table, 1.0), MATMUL_RTOL, "soft_embed")
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_gated_mlp_and_experts(cpu, ggml_type):
+    rng = np.random.default_rng(3)
+    hidden = _row_width(ggml_type, 256)
+    inter = _row_width(ggml_type, 64)
+    n, experts, top_k = 70, 6, 2
+    x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
+    gate, up = (_weight(rng.normal(0, 0.1, (inter, hidden)), ggml_type) for _ in range(2))
+    down = _weight(rng.normal(0, 0.1, (hidden, inter)), ggml_type)
+    assert_close(cpu.gated_mlp(x, gate, up, down), REF.gated_mlp(x, gate, up, down), MATMUL_RTOL,
+                 f"gated_mlp {ggml_type.name}")
+    gate_up = _weight(rng.normal(0, 0.1, (experts, 2 * inter, hidden)), ggml_type)
+    down_e = _weight(rng.normal(0, 0.1, (experts, hidden, inter)), ggml_type)
+    # Experts 4 and 5 never chosen; expert 0 gets most tokens (several token panels).
+    probs = rng.random((n, experts)) * np.array([4, 1, 1, 1, 0, 0])
+    index = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    weights = rng.uniform(0.2, 1.5, (n, top_k)).astype(np.float32)
+    assert_close(cpu.experts(x, weights, index, gate_up, down_e), REF.experts(x, weights, index, gate_up, down_e),
+                 MATMUL_RTOL, f"experts {ggml_type.name}")
+
+
+@pytest.mark.parametrize("case", [
+    # n, m, heads, kv heads, head dim, value dim, causal, window
+    (300, 300, 8, 4, 64, 64, True, 128),    # encoder: causal + sliding window, more queries than a block
+    (256, 383, 8, 4, 64, 64, False, None),  # decoder over cache + canvas
+    (256, 576, 8, 2, 128, 128, False, None),  # full layer
+    (5, 21, 4, 1, 32, 32, True, None),      # fewer queries than a block
+    (17, 40, 4, 2, 16, 16, False, None),    # head dim below a tile
+])
+def test_attention(cpu, case):
+    n, m, hq, hkv, d, dv, causal, window = case
+    rng = np.random.default_rng(n + m)
+    q = rng.normal(0, 1, (n, hq, d)).astype(np.float32)
+    k = rng.normal(0, 1, (m, hkv, d)).astype(np.float32)
+    v = rng.normal(0, 1, (m, hkv, dv)).astype(np.float32)
+    q_pos, k_pos = np.arange(m - n, m), np.arange(m)
+    assert_close(cpu.attention(q, k, v, q_pos, k_pos, causal, window),
+                 REF.attention(q, k, v, q_pos, k_pos, causal, window), MATMUL_RTOL, f"attention {case}")
+
+
+# -- elementwise and row kernels ----------------------------------------------------------------------------------
+
+
+def test_softcap_within_4_ulp(cpu):
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, s, 50_001) for s in (0.01, 1, 30, 300)] + [[0, -0.0, 1e-30, 88, -88]])
+    x = x.astype(np.float32)
+    assert _ulps(cpu.softcap(x, 30.0), REF.softcap(x, 30.0)) <= 4
+
+
+def test_rms_norm_within_8_ulp(cpu):
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 2, (300, 8, 64)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    assert _ulps(cpu.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6)) <= 8
+    x2 = rng.normal(0, 2, (7, 1000)).astype(np.float32)  # width not a multiple of any vector
+    assert _ulps(cpu.rms_norm(x2, None, 1e-6), REF.rms_norm(x2, None, 1e-6)) <= 8
+
+
+def test_gelu_mul(cpu):
+    rng = np.random.default_rng(6)
+    g = rng.normal(0, 3, 100_003).astype(np.float32)
+    u = rng.normal(0, 1, g.size).astype(np.float32)
+    out = np.empty_like(g)
+    assert cpu.lib.dg_gelu_mul(cpu._p(g), cpu._p(u), g.size, cpu._p(out)) == 0
+    ref = gelu_tanh(g) * u
+    # 1 + tanh(.) cancels for g < -4 in both implementations: bound the error by the operands' size.
+    assert np.all(np.abs(out - ref) <= 8 * EPS32 * (np.abs(g * u) + np.abs(ref)))
+
+
+def test_rope(cpu):
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 1, (300, 8, 64)).astype(np.float32)
+    positions = np.arange(300) * 37  # angles up to ~1e4 rad
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 64, 2) / 64)).astype(np.float32)
+    inv_freq[24:] = 0  # proportional RoPE: zero frequencies pass through
+    out, ref = cpu.rope(x, positions, inv_freq), REF.rope(x, positions, inv_freq)
+    # x cos - y sin cancels: bound by the size of the two rotated inputs.
+    scale = np.abs(x) + np.abs(np.concatenate([x[..., 32:], x[..., :32]], axis=-1))
+    assert np.all(np.abs(out - ref) <= 8 * EPS32 * scale)
+
+
+def test_softmax_within_16_ulp(cpu):
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 5, (33, 3001)).astype(np.float32)
+    out, ref = cpu.softmax(x), ref_sampler.softmax(x)
+    np.testing.assert_allclose(out, ref, rtol=16 * EPS32, atol=1e-37)
+
+
+@pytest.mark.parametrize("clamped", [False, True])
+def test_denoise_step(cpu, clamped):
+    rng = np.random.default_rng(9)
+    logits = (np.tanh(rng.normal(0, 1, (64, 5000))) * 30).astype(np.float32)
+    canvas = rng.integers(0, 5000, 64)
+    clamp = (np.arange(64) % 5 == 0) if clamped else None
+    ours = cpu.denoise_step(logits, canvas, 0.7, 3.0, DefaultRng(11), clamp)
+    ref = ref_sampler.denoise_step(logits, canvas, 0.7, 3.0, DefaultRng(11), clamp)
+    np.testing.assert_array_equal(ours.processed_logits, ref.processed_logits)  # one IEEE division
+    np.testing.assert_array_equal(ours.argmax, ref.argmax)
+    # Identical draws: a uniform would have to land within ~1e-7 of a CDF step to differ (none does here).
+    np.testing.assert_array_equal(ours.canvas, ref.canvas)
+    np.testing.assert_array_equal(ours.accepted, ref.accepted)
+    assert ours.mean_entropy == pytest.approx(ref.mean_entropy, rel=1e-5)
+    # The native inverse CDF is DefaultRng.categorical itself, given the same probabilities.
+    probs = cpu._probs[1]
+    np.testing.assert_allclose(probs, ref_sampler.softmax(ref.processed_logits), rtol=16 * EPS32, atol=1e-37)
+    sampled = np.empty(64, dtype=np.int64)
+    argmax, entropy, processed, p2 = (np.empty(64, dtype=np.int64), np.empty(64, dtype=np.float32),
+                                      np.empty_like(logits), np.empty_like(logits))
+    u = DefaultRng(12).uniform(64)
+    assert cpu.lib.dg_sampler(cpu._p(logits), 64, 5000, 0.7, cpu._p(processed), cpu._p(p2),
+                              cpu._p(argmax, "int64_t *"), cpu._p(entropy), cpu._p(u, "double *"),
+                              cpu._p(sampled, "int64_t *")) == 0
+    np.testing.assert_array_equal(sampled, DefaultRng(12).categorical(p2))
+    np.testing.assert_allclose(entropy, ref_sampler.entropy(processed), rtol=1e-5, atol=1e-6)
+
+
+def test_denoise_step_with_another_rng_gets_the_probabilities(cpu):
+    rng = np.random.default_rng(10)
+    logits = rng.normal(0, 4, (16, 300)).astype(np.float32)
+    canvas = rng.integers(0, 300, 16)
+    draws = [("categorical", rng.integers(0, 300, 16)), ("tokens", rng.integers(0, 300, 16))]
+    ours = cpu.denoise_step(logits, canvas, 1.3, 1.0, ReplayRng(draws))
+    ref = ref_sampler.denoise_step(logits, canvas, 1.3, 1.0, ReplayRng(draws))
+    np.testing.assert_array_equal(ours.canvas, ref.canvas)
+    np.testing.assert_array_equal(ours.accepted, ref.accepted)
+
+
+def test_thread_count_changes_nothing_but_summation_order():
+    rng = np.random.default_rng(11)
+    w = _weight(_matrix(rng, (300, 256)), quants.Q4_K.ggml_type)
+    a = rng.normal(0, 1, (70, 256)).astype(np.float32)
+    p = rng.normal(0, 3, (70, 300)).astype(np.float32)
+    one, three = CpuBackend(threads=1), CpuBackend(threads=3)
+    # Every output element of linear is one thread's dot product: identical for any thread count.
+    np.testing.assert_array_equal(one.linear(a, w), three.linear(a, w))
+    # The soft embedding splits the vocabulary over threads: repeatable per count, close across counts.
+    np.testing.assert_array_equal(three.soft_embed(p, w, 1.0), three.soft_embed(p, w, 1.0))
+    assert_close(one.soft_embed(p, w, 1.0), three.soft_embed(p, w, 1.0), MATMUL_RTOL, "soft_embed threads")
+
+
+def test_recycled_output_arrays_never_change_under_a_holder():
+    cpu = CpuBackend(threads=2)
+    rng = np.random.default_rng(12)
+    w = _weight(rng.normal(0, 1, (4096, 64)), quants.F32.ggml_type)
+    xs = [rng.normal(0, 1, (300, 64)).astype(np.float32) for _ in range(4)]  # outputs of 1.2M floats: pooled
+    first = cpu.linear(xs[0], w)
+    view = cpu.linear(xs[1], w)[:, :7]  # only a view survives: its array must not be reused either
+    kept, kept_view = first.copy(), view.copy()
+    third = cpu.linear(xs[2], w)
+    assert not np.shares_memory(third, first) and not np.shares_memory(third, view)
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(view, kept_view)
+    pooled = len(cpu._pool)
+    del third  # nobody holds it now: the next output reuses it
+    fourth = cpu.linear(xs[3], w)
+    assert len(cpu._pool) == pooled
+    assert_close(fourth, REF.linear(xs[3], w), MATMUL_RTOL, "recycled output")
+
+
+# -- the model -----------------------------------------------------------------------------------------------------
+
+FILES = [("base", "f32"), ("top1", "f32"), ("base", "f16"), ("bf16", "bf16"), ("quant", "q8_0"),
+         ("quant", "q4_k_m"), ("quant", "mxfp4_moe"), ("quant", "nvfp4_moe")]
+
+
+@pytest.mark.parametrize("isa", KERNEL_SETS)
+@pytest.mark.parametrize("name,outtype", FILES)
+def test_encoder_kv_and_decoder_logits_match_numpy(checkpoints, name, outtype, isa, monkeypatch):
+    monkeypatch.setenv("DGRUN_CPU_ISA", isa)
+    ckpt = checkpoints[name]
+    path = ckpt.dgf(outtype)
+    cfg = ckpt.model.config.text_config
+    canvas_length = ckpt.model.config.canvas_length
+    rng = np.random.default_rng(len(outtype))
+    prompt = rng.integers(0, cfg.vocab_size, 21)  # longer than the sliding window
+    committed = rng.integers(0, cfg.vocab_size, canvas_length)
+    canvas = rng.integers(0, cfg.vocab_size, canvas_length)
+    self_cond = rng.normal(0, 3, (canvas_length, cfg.vocab_size)).astype(np.float32)
+    with dgrun.load(path, backend="numpy") as ref, dgrun.load(path, backend="cpu") as ours:
+        assert ours.backend.isa == isa
+        ref_cache, cache = ref.graph.new_cache(), ours.graph.new_cache()
+        for chunk in (prompt, committed):
+            ref.graph.encode(chunk, ref_cache)
+            ours.graph.encode(chunk, cache)
+        for i in range(cfg.num_hidden_layers):
+            assert_close(cache.keys[i], ref_cache.keys[i], KV_RTOL, f"{name}/{outtype} layer {i} keys")
+            assert_close(cache.values[i], ref_cache.values[i], KV_RTOL, f"{name}/{outtype} layer {i} values")
+        for sc in (None, self_cond):
+            assert_close(ours.graph.decode(canvas, cache, sc), ref.graph.decode(canvas, ref_cache, sc), LOGITS_RTOL,
+                         f"{name}/{outtype} logits (self-cond {'on' if sc is not None else 'off'})")
+
+
+def test_weights_stay_in_the_file_mapping(checkpoints):
+    with dgrun.load(checkpoints["quant"].dgf("q4_k_m"), backend="cpu") as model:
+        data = model._file._data
+        for name, w in model.graph.w.items():
+            assert isinstance(w, CpuWeight) and np.shares_memory(w.raw, data), name
+
+
+GENERATION_CASES = {
+    "fixed_steps": dict(max_new_tokens=40, max_denoising_steps=6, stability_threshold=None,
+                        confidence_threshold=None, eos_token_id=None),
+    "adaptive_stop": dict(max_new_tokens=32, max_denoising_steps=24, stability_threshold=0,
+                          confidence_threshold=0.35, eos_token_id=None),
+    "defaults_long_prompt": dict(max_new_tokens=16, eos_token_id=None),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATION_CASES))
+def test_generation_is_token_exact_with_replayed_draws(checkpoints, case):
+    ckpt = checkpoints["gen"]
+    params = GENERATION_CASES[case]
+    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
+    hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
+    ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
+    adaptive = params.get("stability_threshold", 0) is not None
+    with dgrun.load(ckpt.dgf("f32"), backend="cpu") as ours:
+        ours.generation_config.eos_token_ids = []
+        rng = ReplayRng(draws)
+        out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
+    assert rng.position == len(draws), f"used {rng.position} of {len(draws)} recorded draws"
+    assert out.tokens == hf_tokens
+
+
+def test_default_rng_generation_matches_numpy_backend(checkpoints):
+    path = checkpoints["gen"].dgf("f32")
+    outs = []
+    for backend in ("numpy", "cpu"):
+        with dgrun.load(path, backend=backend) as model:
+            outs.append(model.generate([2, 9, 4], max_new_tokens=32, max_denoising_steps=6, seed=3,
+                                       adaptive_stopping=False).tokens)
+    assert outs[0] == outs[1]
+
+
+def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
+    with dgrun.load(checkpoints["gen"].dgf("f32"), backend="cpu") as model:
+        decode = model.graph.decode
+
+        def poisoned(canvas, cache, self_cond):
+            logits = decode(canvas, cache, self_cond).copy()
+            logits[3, 5] = np.nan
+            return logits
+
+        monkeypatch.setattr(model.graph, "decode", poisoned)
+        with pytest.raises(FloatingPointError, match="NaN logits"):
+            model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)
+
+
+# -- construction ---------------------------------------------------------------------------------------------------
+
+
+def test_threads_from_argument_and_environment(monkeypatch):
+    monkeypatch.setenv("DGRUN_THREADS", "3")
+    assert CpuBackend().threads == 3
+    assert CpuBackend(threads=1).threads == 1
+    monkeypatch.setenv("DGRUN_THREADS", "many")
+    with pytest.raises(RuntimeError, match="DGRUN_THREADS"):
+        CpuBackend()
+
+
+def test_registry_names_the_backend():
+    from dgrun.backends import get_backend
+
+    backend = get_backend("cpu")
+    assert backend.name == "cpu" and backend.isa in KERNEL_SETS
+
+
+def test_unknown_kernel_set_is_refused():
+    with pytest.raises(RuntimeError, match="kernel set"):
+        CpuBackend(isa="sse9")
+
+
+def test_without_a_compiler_the_backend_says_how_to_fix_it(tmp_path):
+    script = ("from dgrun.backends import get_backend, BackendUnavailable\n"
+              "try:\n    get_backend('cpu')\nexcept BackendUnavailable as e:\n    print(e)\n")
+    env = {"PATH": "/nonexistent", "CC": "no-such-cc", "DGRUN_CACHE_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+    assert "no C compiler found" in proc.stdout and "gcc" in proc.stdout, proc.stdout + proc.stderr
