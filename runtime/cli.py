@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-f", "--file", help="read the prompt from FILE (default: stdin, when it is not a terminal)")
     parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "cpu", "cuda", "mlx"],
                         help="compute backend (default: auto, the fastest one that works here)")
+    parser.add_argument("-t", "--threads", type=int, metavar="N",
+                        help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -224,6 +226,10 @@ def _load_model(args: argparse.Namespace) -> Model:
         if not path.is_file():
             raise UsageError(f"no model given (-m MODEL) and the demo model is not installed (expected {path})")
         print(f"dgrun: no -m given: using the demo model {path}", file=sys.stderr)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        os.environ["DGRUN_THREADS"] = str(args.threads)  # read by the cpu backend when it starts
     started = time.perf_counter()
     model = load(path, backend=args.backend)
     if args.backend == "auto":

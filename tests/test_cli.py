@@ -118,6 +118,16 @@ def test_every_generation_parameter_is_a_flag(files, model):
     assert json.loads(result.stdout)["tokens"] == expected.tokens
 
 
+def test_threads_flag_runs_the_cpu_backend_with_that_many_threads(files, model):
+    result = dgrun_cli("-m", files["chat"], "-p", "hello", "-n", 16, "--json", "--threads", 1, "--backend", "cpu",
+                       "--steps", 2, "--seed", 0)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == model.generate("hello", max_new_tokens=16, max_denoising_steps=2,
+                                                                 seed=0).tokens
+    bad = dgrun_cli("-m", files["chat"], "-p", "hello", "--threads", 0)
+    assert bad.returncode == 2 and "--threads must be at least 1" in bad.stderr
+
+
 def test_verbose_reports_load_time_steps_and_speed(files):
     result = dgrun_cli("-m", files["chat"], "-p", "hello", "-n", 32, "--verbose", *FAST)
     assert result.returncode == 0
