@@ -54,7 +54,8 @@ def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, pro
             ref = model(decoder_input_ids=torch.tensor([canvas]), past_key_values=hf_cache,
                         self_conditioning_logits=None if sc is None else torch.tensor(sc[None])).logits[0].numpy()
             out = ours.graph.decode(canvas, cache, sc)
-            assert_close(out, ref, LOGITS_RTOL, f"{name} decoder logits (self-cond {'on' if sc is not None else 'off'})")
+            mode = "off" if sc is None else "on"
+            assert_close(out, ref, LOGITS_RTOL, f"{name} decoder logits (self-conditioning {mode})")
     ours.close()
 
 
