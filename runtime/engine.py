@@ -132,7 +132,7 @@ class Model:
     def _control_token_ids(self) -> dict[str, int]:
         pieces = self._file.get("tokenizer.ggml.tokens") or []
         types = self._file.get("tokenizer.ggml.token_type")
-        control = [] if types is None else np.flatnonzero(np.asarray(types) == int(TokenType.CONTROL))
+        control: Any = [] if types is None else np.flatnonzero(np.asarray(types) == int(TokenType.CONTROL))
         return {pieces[i]: int(i) for i in control if pieces[i]}
 
     @cached_property
@@ -350,6 +350,7 @@ class Model:
                 yield event
                 continue
             # The Commit is cut at the canvas's first EOS, which may be padding: read the whole final canvas.
+            assert last_draft is not None, "a canvas is always denoised at least once before its commit"
             final = last_draft.tokens
             tokens = [int(final[i]) for i in output if not (free[i] and final[i] in dropped)]
             stats.new_tokens = len(tokens)
@@ -380,7 +381,7 @@ class Model:
         if decoded != text:
             raise ValueError(f"the text does not survive tokenization unchanged (it decodes to {decoded!r}), so "
                              "character spans cannot be mapped to tokens")
-        ends = np.maximum.accumulate([len(self.detokenize(ids[: k + 1])) for k in range(len(ids))])
+        ends = np.maximum.accumulate([len(self.detokenize(ids[: k + 1]) or "") for k in range(len(ids))])
         starts = np.concatenate([[0], ends[:-1]])
         return starts, ends
 
