@@ -251,7 +251,10 @@ def test_ctrl_c_keeps_what_was_committed(files, model):
         pytest.skip("the first canvas ended the generation: nothing left to interrupt")
     process = subprocess.Popen([sys.executable, "-m", "dgrun", "-m", str(files["chat"]), "-p", "hello", "-n", "160",
                                 "--steps", "200", "--no-adaptive-stopping", "--seed", "0", "--backend", "numpy"],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               # A shell's background job inherits SIGINT ignored, and Python then keeps it
+                               # ignored: restore the default so the child sees Ctrl-C wherever pytest runs.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     committed = os.read(process.stdout.fileno(), 65536)  # blocks until the first canvas is printed
     process.send_signal(signal.SIGINT)
     rest, errors = process.communicate(timeout=60)
