@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not default_model_path().is_file(),
 
 PROMPT = "def fibonacci(n):"
 # Recorded with: dgrun.load(backend="numpy").generate(PROMPT, max_new_tokens=32, seed=0).tokens
-EXPECTED = None
+EXPECTED = [4, 262, 328, 4, 262, 605, 443, 1725, 3125, 4, 4, 1]
 
 
 def test_demo_model_loads_without_a_path_and_its_metadata_is_intact():
