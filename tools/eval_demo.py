@@ -82,12 +82,33 @@ def infill(model: dgrun.Model, texts: list[str], top: int, lines: int, seed: int
     return correct / total, exact / len(picks), base / total
 
 
+SAMPLE_PROMPT = "def fibonacci(n):"
+SAMPLE_INFILL = ("def mean(values):\n    ", "\n    return total / len(values)\n")
+SAMPLE_EDIT = "def area(width, height):\n    return width + height\n"
+
+
+def samples(model: dgrun.Model, seed: int) -> None:
+    """The three samples quoted in DEMO_NOTES.md: a continuation, an infilled body and an edit (numpy, seeded)."""
+    out = model.generate(SAMPLE_PROMPT, seed=seed)
+    print(f"--- continuation of {SAMPLE_PROMPT!r} (seed {seed}, {out.stats['decoder_passes']} decoder passes)")
+    print(SAMPLE_PROMPT + (out.text or ""))
+    prefix, suffix = SAMPLE_INFILL
+    out = model.infill(prefix, suffix, seed=seed)
+    print(f"--- infill between {prefix!r} and {suffix!r} (seed {seed})")
+    print(prefix + (out.text or "") + suffix)
+    start = SAMPLE_EDIT.index("width + height")
+    out = model.edit(SAMPLE_EDIT, [(start, start + len("width + height"))], seed=seed)
+    print(f"--- edit: rewrite {SAMPLE_EDIT[start:start + 14]!r} in {SAMPLE_EDIT!r} (seed {seed})")
+    print(out.text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="a .dgf (default: the shipped demo model)")
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--lines", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-samples", action="store_true", help="skip the three sample generations")
     args = parser.parse_args(argv)
     with dgrun.load(args.model, backend="numpy") as model:
         heldout = train_demo.read_split(heldout=True)
@@ -105,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rate:>6.2f} {acc:>7.1%} {base:>8.1%}")
         acc, exact, base = infill(model, heldout, top_in_line, args.lines, args.seed)
         print(f"infill of held-out lines: token accuracy {acc:.1%} (unigram {base:.1%}), exact lines {exact:.1%}")
+        if not args.no_samples:
+            samples(model, args.seed)
     return 0
 
 
