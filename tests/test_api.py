@@ -19,14 +19,7 @@ from dgrun import ChatSession, ChatTemplate, ChatTemplateError, Commit, Draft, M
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fixtures  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] | trim }}\n"
-    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
-    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+CHAT_TEMPLATE = fixtures.CHAT_TEMPLATE
 # Gemma's shape: system folded into the first user turn, roles checked, "model" for the assistant.
 GEMMA_LIKE_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"

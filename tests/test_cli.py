@@ -24,13 +24,7 @@ from dgrun.backends import available_backends
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fixtures  # noqa: E402
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] | trim }}\n"
-    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
-    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+CHAT_TEMPLATE = fixtures.CHAT_TEMPLATE
 FAST = ["--backend", "numpy", "--steps", "4", "--seed", "0"]
 API_FAST = dict(max_denoising_steps=4, seed=0)
 

@@ -24,6 +24,17 @@ SAMPLE_TEXT = [
 ] * 4
 
 
+# A small chat template in the common shape (role markers, EOS after assistant turns, generation prompt).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>{{ message['content'] | trim }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}\n"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def text_config(**overrides: Any) -> dict[str, Any]:
     """A small text config exercising both layer types, grouped KV, K=V full layers, partial RoPE and top-k MoE."""
     cfg = dict(
