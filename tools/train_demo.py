@@ -118,9 +118,12 @@ def top_level_blocks(text: str) -> list[str]:
     return ["".join(b) for b in blocks if b]
 
 
-def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096) -> Any:
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096, seed: int = 0) -> Any:
     """The SentencePiece model described in the module docstring; returns the loaded processor."""
     import sentencepiece as spm
+
+    # The trainer samples and shuffles sentences with its own generator: unseeded, two runs differ in a few merges.
+    spm.set_random_generator_seed(seed + 1)
 
     def lines() -> Any:
         for text in texts:
@@ -285,9 +288,21 @@ def save(model: Any, out: Path, tokenizer_dir: Path, log: dict[str, Any]) -> Non
     (out / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "pad_token": "<pad>", "unk_token": "<unk>", "tokenizer_class": "GemmaTokenizer"}, indent=2))
-    gen = {"eos_token_id": [EOS_ID], "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, **GENERATION_DEFAULTS}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    generation_config().save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
+
+
+def generation_config() -> Any:
+    """The demo's `DiffusionGemmaGenerationConfig`, built by the class so `from_pretrained` reads it back."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    values = {k: v for k, v in GENERATION_DEFAULTS.items() if k != "sampler_config"}
+    return DiffusionGemmaGenerationConfig(
+        **values, sampler_config=EntropyBoundSamplerConfig(**GENERATION_DEFAULTS["sampler_config"]),
+        eos_token_id=[EOS_ID], pad_token_id=PAD_ID, bos_token_id=BOS_ID)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
     parser.add_argument("--steps", type=int, default=0, help="step budget (0: only the wall clock)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this checkpoint folder (its weights and its tokenizer) with a fresh "
+                             "schedule; give a different --seed so the windows differ from the first run's")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--tokens-per-batch", type=int, default=3072)
@@ -312,13 +330,25 @@ def main(argv: list[str] | None = None) -> int:
 
     train_files, heldout_files = read_split(False), read_split(True)
     print(f"data: {len(train_files)} training files, {len(heldout_files)} held out", flush=True)
-    sp = train_tokenizer([t for _, t in train_files], args.out)
+    if args.init is None:
+        sp = train_tokenizer([t for _, t in train_files], args.out, seed=args.seed)
+    else:
+        import sentencepiece as spm
+
+        # The checkpoint's token ids are its tokenizer's: reuse it rather than train a new one.
+        sp = spm.SentencePieceProcessor(model_file=str(args.init / "tokenizer.model"))
     train_stream = token_stream(sp, [t for _, t in train_files])
     heldout_stream = token_stream(sp, [t for _, t in heldout_files])
     print(f"tokenizer: {sp.get_piece_size()} pieces, {len(train_stream):,} training tokens, "
           f"{len(heldout_stream):,} held-out tokens ({time.time() - started:.0f}s)", flush=True)
 
-    model = build_model(sp.get_piece_size(), seed=args.seed)
+    if args.init is None:
+        model = build_model(sp.get_piece_size(), seed=args.seed)
+    else:
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
+        print(f"continuing from {args.init}", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {n_params:,} parameters (vision stub included)", flush=True)
@@ -326,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sampler = Sampler(train_stream, canvas_length, args.seed, args.tokens_per_batch)
     # A fixed held-out set: the same windows and the same noise at every evaluation, so the curve is comparable.
-    heldout = Sampler(heldout_stream, canvas_length, args.seed + 1, args.tokens_per_batch)
+    heldout = Sampler(heldout_stream, canvas_length, 1, args.tokens_per_batch)
     heldout_batches = [heldout.next() for _ in range(6)]
     check = full_forward_check(model, heldout_batches[0])
     print(f"split encoder/decoder path vs model.forward: max |diff| {check:.2e}", flush=True)
@@ -361,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log: dict[str, Any] = {"config": model.config.text_config.to_dict(), "train": [], "heldout": [],
                            "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.init is not None and (args.init / "train_log.json").is_file():
+        # Keep the earlier stages' curves, so the final checkpoint carries its whole history.
+        previous = json.loads((args.init / "train_log.json").read_text())
+        log["previous"] = [*previous.pop("previous", []), previous]
     step, tokens, window = 0, 0, []
     last_eval = time.time()
     d0, a0 = evaluate()
@@ -402,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {step} steps, {tokens:,} tokens, {(time.time() - train_started) / 60:.1f} min; "
           f"held-out diffusion {d:.3f}  ar {a:.3f}", flush=True)
     model.eval()
-    save(model, args.out, args.out, log)
+    save(model, args.out, args.init or args.out, log)
     print(f"saved to {args.out}", flush=True)
     return 0
 
