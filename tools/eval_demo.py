@@ -84,6 +84,7 @@ def infill(model: dgrun.Model, texts: list[str], top: int, lines: int, seed: int
 
 SAMPLE_PROMPT = "def fibonacci(n):"
 SAMPLE_INFILL = ("def mean(values):\n    ", "\n    return total / len(values)\n")
+SAMPLE_FILL_LENGTH = 12  # tokens: room for one statement such as "total = sum(values)"
 SAMPLE_EDIT = "def area(width, height):\n    return width + height\n"
 
 
@@ -93,8 +94,8 @@ def samples(model: dgrun.Model, seed: int) -> None:
     print(f"--- continuation of {SAMPLE_PROMPT!r} (seed {seed}, {out.stats['decoder_passes']} decoder passes)")
     print(SAMPLE_PROMPT + (out.text or ""))
     prefix, suffix = SAMPLE_INFILL
-    out = model.infill(prefix, suffix, seed=seed)
-    print(f"--- infill between {prefix!r} and {suffix!r} (seed {seed})")
+    out = model.infill(prefix, suffix, fill_length=SAMPLE_FILL_LENGTH, seed=seed)
+    print(f"--- infill of {SAMPLE_FILL_LENGTH} tokens between {prefix!r} and {suffix!r} (seed {seed})")
     print(prefix + (out.text or "") + suffix)
     start = SAMPLE_EDIT.index("width + height")
     out = model.edit(SAMPLE_EDIT, [(start, start + len("width + height"))], seed=seed)

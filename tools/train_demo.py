@@ -34,7 +34,9 @@ decoder that denoises a canvas reading that cache)
     The encoder runs once per step; both decoder passes read its cache (the decoder never writes it).
 
 Run: `python tools/train_demo.py --minutes 40 --out /tmp/demo-ckpt`, then
-`convert-hf-to-dgf /tmp/demo-ckpt --outtype q8_0 -o runtime/models/demo.dgf`.
+`convert-hf-to-dgf /tmp/demo-ckpt --outtype q8_0 -o runtime/models/demo.dgf`. `--init CKPT` continues a
+checkpoint (its weights and tokenizer) under a fresh schedule: the shipped file is a 22-minute run continued for
+36 minutes with `--init stage1 --seed 1 --lr 2e-3 --warmup 50` (DEMO_NOTES.md has the numbers).
 Everything is seeded; with `--steps` the run is reproducible step for step, while a `--minutes` budget stops
 wherever the wall clock says (the learning-rate schedule follows whichever budget ends first).
 """
@@ -60,11 +62,14 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "pydoc_data", "encod
 # A top-level block starts at an unindented def/class/decorator (a decorator keeps its def in the same block).
 _BLOCK_START = re.compile(r"^(?:@|def |async def |class )")
 
-# Generation defaults written to generation_config.json (and so into the .dgf): chosen by looking at the demo's
-# samples; 192 new tokens = 3 canvases, enough for a small function, short enough to be instant on the CPU.
+# Generation defaults written to generation_config.json (and so into the .dgf), chosen by comparing samples.
+# 192 new tokens = 3 canvases: a small function, instant on a CPU. The entropy-bound sampler always accepts at
+# least one token per step, but a model this small is rarely sure of more than one, and every unaccepted
+# position is re-noised; so it gets as many steps as the canvas has tokens (64), not 32, or half of each canvas
+# is committed straight from a noisy argmax. Temperatures and the bound are transformers' defaults.
 GENERATION_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": 192,
-    "max_denoising_steps": 32,
+    "max_denoising_steps": 64,
     "t_min": 0.4,
     "t_max": 0.8,
     "stability_threshold": 1,
@@ -122,7 +127,8 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4096, see
     """The SentencePiece model described in the module docstring; returns the loaded processor."""
     import sentencepiece as spm
 
-    # The trainer samples and shuffles sentences with its own generator: unseeded, two runs differ in a few merges.
+    # The trainer samples and shuffles sentences with its own generator; seed it so the pieces are reproducible.
+    # (Two runs' files still differ in bytes: the proto records the output path as `model_prefix`.)
     spm.set_random_generator_seed(seed + 1)
 
     def lines() -> Any:
