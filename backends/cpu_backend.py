@@ -340,17 +340,4 @@ class CpuBackend(NumpyBackend):
         if not native_draw:
             sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
         self._probs = (processed, probs)
-        # From here on exactly sampler.denoise_step, on canvas-sized arrays.
-        canvas = np.asarray(canvas, dtype=np.int64)
-        free = np.ones(canvas.shape, dtype=bool) if clamp is None else ~clamp
-        accepted = np.zeros(canvas.shape, dtype=bool)
-        accepted[free] = sampler.accept_mask(token_entropy[free], entropy_bound)
-        noise = rng.tokens(canvas.shape, vocab)  # a full canvas every step, as transformers draws it
-        new_canvas = np.where(accepted, sampled, noise)
-        if clamp is not None:
-            new_canvas = np.where(clamp, canvas, new_canvas)
-            argmax = np.where(clamp, canvas, argmax)
-            accepted = accepted | clamp
-        mean_entropy = float(token_entropy[free].mean()) if free.any() else 0.0
-        return sampler.StepResult(new_canvas.astype(np.int64), argmax.astype(np.int64), processed, accepted,
-                                  mean_entropy)
+        return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

@@ -94,19 +94,33 @@ def denoise_step(
     Without a clamp this is exactly transformers' `_denoising_step` after the forward pass.
     """
     processed = logits / np.float32(temp)
-    probs = softmax(processed)
-    sampled = rng.categorical(probs)
-    argmax = processed.argmax(axis=-1)
-    token_entropy = entropy(processed)
+    sampled = rng.categorical(softmax(processed))
+    return finish_step(processed, sampled, processed.argmax(axis=-1), entropy(processed), canvas,
+                       entropy_bound, rng, clamp)
+
+
+def finish_step(
+    processed: np.ndarray,
+    sampled: np.ndarray,
+    argmax: np.ndarray,
+    token_entropy: np.ndarray,
+    canvas: np.ndarray,
+    entropy_bound: float,
+    rng: Rng,
+    clamp: np.ndarray | None = None,
+) -> StepResult:
+    """The canvas-sized rest of a step, after the vocabulary-wide work (a backend may do that part natively):
+    entropy-bound acceptance, renoising with a full canvas of fresh tokens, and the clamp."""
+    canvas = np.asarray(canvas, dtype=np.int64)
     free = np.ones(canvas.shape, dtype=bool) if clamp is None else ~clamp
     accepted = np.zeros(canvas.shape, dtype=bool)
     accepted[free] = accept_mask(token_entropy[free], entropy_bound)
-    accepted_canvas = np.where(accepted, sampled, canvas)
-    noise = rng.tokens(canvas.shape, logits.shape[-1])  # a full canvas every step, as transformers draws it
-    new_canvas = np.where(accepted, accepted_canvas, noise)
+    noise = rng.tokens(canvas.shape, processed.shape[-1])  # a full canvas every step, as transformers draws it
+    new_canvas = np.where(accepted, sampled, noise)
     if clamp is not None:
         new_canvas = np.where(clamp, canvas, new_canvas)
         argmax = np.where(clamp, canvas, argmax)
         accepted = accepted | clamp
     mean_entropy = float(token_entropy[free].mean()) if free.any() else 0.0
-    return StepResult(new_canvas.astype(np.int64), argmax.astype(np.int64), processed, accepted, mean_entropy)
+    return StepResult(new_canvas.astype(np.int64), np.asarray(argmax, dtype=np.int64), processed, accepted,
+                      mean_entropy)
