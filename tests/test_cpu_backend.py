@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, assert_close
-from fixtures import hf_generate
+from test_reference import GENERATION_CASES, replay_case
 
 import dgrun
 from dgrun import quants
@@ -343,28 +343,9 @@ def test_weights_stay_in_the_file_mapping(checkpoints):
             assert isinstance(w, CpuWeight) and np.shares_memory(w.raw, data), name
 
 
-GENERATION_CASES = {
-    "fixed_steps": dict(max_new_tokens=40, max_denoising_steps=6, stability_threshold=None,
-                        confidence_threshold=None, eos_token_id=None),
-    "adaptive_stop": dict(max_new_tokens=32, max_denoising_steps=24, stability_threshold=0,
-                          confidence_threshold=0.35, eos_token_id=None),
-    "defaults_long_prompt": dict(max_new_tokens=16, eos_token_id=None),
-}
-
-
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
 def test_generation_is_token_exact_with_replayed_draws(checkpoints, case):
-    ckpt = checkpoints["gen"]
-    params = GENERATION_CASES[case]
-    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
-    hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
-    adaptive = params.get("stability_threshold", 0) is not None
-    with dgrun.load(ckpt.dgf("f32"), backend="cpu") as ours:
-        ours.generation_config.eos_token_ids = []
-        rng = ReplayRng(draws)
-        out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
-    assert rng.position == len(draws), f"used {rng.position} of {len(draws)} recorded draws"
+    hf_tokens, out = replay_case(checkpoints, case, backend="cpu")
     assert out.tokens == hf_tokens
 
 

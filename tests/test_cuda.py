@@ -29,17 +29,16 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_close
-from fixtures import hf_generate
 from gguf import GGMLQuantizationType as T
 from test_native_host import philox4x32_10
-from test_reference import GENERATION_CASES
+from test_reference import GENERATION_CASES, replay_case
 
 import dgrun
 from dgrun import quants, sampler
 from dgrun.backends import BackendUnavailable, cuda_backend, get_backend
 from dgrun.backends.cuda_backend import CudaBackend, DeviceArray
 from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh
-from dgrun.rng import DefaultRng, ReplayRng
+from dgrun.rng import DefaultRng
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
@@ -356,26 +355,10 @@ def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
             assert_close(np.asarray(out), ref.graph.decode(canvas, ref_cache, sc), 1e-6, f"{outtype} logits")
 
 
-def _replayed_generation(checkpoints: Any, case: str) -> tuple[list[int], list[int]]:
-    """(transformers' tokens, the cuda backend's tokens with transformers' draws replayed) for a case of
-    test_reference's GENERATION_CASES, on the fixture made for token-exact generation."""
-    ckpt, params = checkpoints["gen"], GENERATION_CASES[case]
-    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
-    hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    ours = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
-    adaptive = "stability_threshold" not in params or params["stability_threshold"] is not None
-    with dgrun.load(ckpt.dgf("f32"), backend="cuda") as model:
-        model.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
-        rng = ReplayRng(draws)
-        out = model.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours)
-    assert rng.position == len(draws), f"used {rng.position} of {len(draws)} recorded draws"
-    return hf_tokens, out.tokens
-
-
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
 def test_fake_device_generation_is_token_exact_with_replayed_draws(fake, checkpoints, case):
-    hf_tokens, tokens = _replayed_generation(checkpoints, case)
-    assert tokens == hf_tokens
+    hf_tokens, out = replay_case(checkpoints, case, backend="cuda")
+    assert out.tokens == hf_tokens
 
 
 def test_fake_device_sampler_path_is_reproducible_per_seed(fake, checkpoints):
@@ -571,8 +554,8 @@ def test_gpu_logits_match_numpy_backend(gpu, checkpoints, outtype, rtol):
 
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
 def test_gpu_generation_is_token_exact_with_replayed_draws(gpu, checkpoints, case):
-    hf_tokens, tokens = _replayed_generation(checkpoints, case)
-    assert tokens == hf_tokens
+    hf_tokens, out = replay_case(checkpoints, case, backend="cuda")
+    assert out.tokens == hf_tokens
 
 
 def test_gpu_generation_with_device_sampler_is_reproducible(gpu, checkpoints):

@@ -82,14 +82,13 @@ GENERATION_CASES = {
 }
 
 
-def _replay_generate(ckpt, prompt, params):
+def replay_generate(ckpt, prompt, params, backend="numpy"):
+    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed)."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    ours_params = {k: v for k, v in params.items() if k not in ("eos_token_id",)}
-    adaptive = "stability_threshold" not in params or params["stability_threshold"] is not None
-    for key in ("stability_threshold", "confidence_threshold"):
-        if ours_params.get(key) is None:
-            ours_params.pop(key, None)
-    with dgrun.load(ckpt.dgf("f32"), backend="numpy") as ours:
+    ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
+    # A null threshold is how transformers turns adaptive stopping off; ours says it with a flag.
+    adaptive = params.get("stability_threshold", 0) is not None
+    with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
         out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
@@ -97,15 +96,20 @@ def _replay_generate(ckpt, prompt, params):
     return hf_tokens, out
 
 
+def replay_case(checkpoints, case, backend="numpy"):
+    """`replay_generate` for one of GENERATION_CASES on the fixture made for token-exact generation."""
+    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
+    return replay_generate(checkpoints["gen"], prompt, GENERATION_CASES[case], backend)
+
+
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
 def test_generation_is_token_exact_with_replayed_draws(checkpoints, case):
-    params = GENERATION_CASES[case]
-    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
-    hf_tokens, out = _replay_generate(checkpoints["gen"], prompt, params)
+    hf_tokens, out = replay_case(checkpoints, case)
     assert out.tokens == hf_tokens
     if case == "adaptive_stop":
         steps = out.stats["steps_per_canvas"]
-        assert any(s < params["max_denoising_steps"] for s in steps), f"adaptive stopping never fired: {steps}"
+        assert any(s < GENERATION_CASES[case]["max_denoising_steps"] for s in steps), \
+            f"adaptive stopping never fired: {steps}"
 
 
 def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints):
@@ -118,7 +122,7 @@ def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints)
     position = next(i for i in range(4, 16) if second[i] not in free_run[: 16 + i])
     absent = next(t for t in range(127, 0, -1) if t not in free_run)
     eos = [absent, second[position]]
-    hf_tokens, out = _replay_generate(ckpt, prompt, dict(eos_token_id=eos, **base))
+    hf_tokens, out = replay_generate(ckpt, prompt, dict(eos_token_id=eos, **base))
     assert out.tokens == hf_tokens
     assert out.tokens[-1] == second[position] and len(out.tokens) == 16 + position + 1
 
