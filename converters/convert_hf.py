@@ -135,8 +135,10 @@ def _nvfp4_scale(t: PlannedTensor) -> float:
     return NVFP4.tensor_scale(np.array([amax], dtype=np.float32))
 
 
-def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
-    """Typed GGUF values. Generation floats go in as float64: the sampler's schedule is double arithmetic."""
+def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+    """Write one metadata value with its GGUF type (also used by tools/make_random_dgf.py).
+
+    Generation floats go in as float64: the sampler's schedule is double arithmetic."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -148,8 +150,8 @@ def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
             writer.add_float32(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
-    elif isinstance(value, list):
-        writer.add_array(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
     else:
         raise TypeError(f"cannot store metadata {key}={value!r}")
 
@@ -182,7 +184,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         writer.add_string("general.source.format", "huggingface-safetensors")
         writer.add_string("dgrun.outtype", outtype)
         for key, value in {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta}.items():
-            _add_metadata(writer, key, value)
+            add_metadata(writer, key, value)
         streamed: list[tuple[int, Callable[[], Iterator[np.ndarray]]]] = []
         total_source = sum(t.source.nbytes for t in planned)
         progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype}", disable=quiet,

@@ -9,7 +9,7 @@ then a run of pool blocks from a random start, written straight to the file. Tha
 time the disk takes to write it. The values are zero-mean with standard deviation ~1/sqrt(fan-in) (norms and
 scales near 1), so activations stay O(1) through the layers and the router spreads tokens over the experts.
 Shapes, names and types are the runtime's own: `dgrun.model.tensor_shapes`, the converter's presets
-(`dgrun.converters.presets.tensor_type`) and `dgrun.config.ModelConfig.to_metadata`.
+(`dgrun.converters.presets.tensor_type`) and `dgrun.config.ModelConfig.to_metadata`, written as the converter types it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFEndian, GGUFWriter
 
 from dgrun.config import ARCH, ModelConfig
+from dgrun.converters.convert_hf import add_metadata
 from dgrun.converters.presets import PRESETS, tensor_type
 from dgrun.model import tensor_shapes
 from dgrun.quants import get_quant_type, row_bytes
@@ -153,16 +154,7 @@ def write_random_dgf(path: Path, preset: str, layers: int, vocab: int, seed: int
         writer.add_name(f"random DiffusionGemma ({preset}, {layers} layers)")
         writer.add_string("dgrun.outtype", preset)
         for key, value in cfg.to_metadata().items():
-            if isinstance(value, bool):
-                writer.add_bool(key, value)
-            elif isinstance(value, int):
-                writer.add_uint32(key, value)
-            elif isinstance(value, float):
-                writer.add_float32(key, value)
-            elif isinstance(value, str):
-                writer.add_string(key, value)
-            else:
-                writer.add_array(key, list(value))
+            add_metadata(writer, key, value)
         for name, shape in tensor_shapes(cfg).items():
             ggml_type = tensor_type(name, shape, preset, layers, sliding)
             if ggml_type == T.F32:
