@@ -334,11 +334,11 @@ def test_ops_validate_before_calling_the_library(fake, checkpoints):
         assert fake.calls == before, "a refused call must not reach the library"
 
 
-@pytest.mark.parametrize("outtype", ["f32", "q4_k_m", "nvfp4_moe"])
-def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
-    ckpt = checkpoints["base" if outtype == "f32" else "quant"]
-    path = ckpt.dgf(outtype)
-    rng = np.random.default_rng(0)
+def _logits_match_numpy_backend(checkpoints: Any, outtype: str, rtol: float, seed: int) -> None:
+    """Encode a random prompt and decode a random canvas, without and with self-conditioning, on the numpy and the
+    cuda backend: the cache's K/V and the logits agree within `rtol`, and the logits stay on the device."""
+    path = checkpoints["base" if outtype == "f32" else "quant"].dgf(outtype)
+    rng = np.random.default_rng(seed)
     with dgrun.load(path, backend="numpy") as ref, dgrun.load(path, backend="cuda") as ours:
         vocab, canvas_length = ref.config.vocab_size, ref.config.canvas_length
         prompt, canvas = rng.integers(0, vocab, 21), rng.integers(0, vocab, canvas_length)
@@ -347,12 +347,17 @@ def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
         ref.graph.encode(prompt, ref_cache)
         ours.graph.encode(prompt, cache)
         for i in range(ref.config.num_hidden_layers):
-            assert_close(np.asarray(cache.keys[i]), ref_cache.keys[i], 1e-6, f"layer {i} keys")
-            assert_close(np.asarray(cache.values[i]), ref_cache.values[i], 1e-6, f"layer {i} values")
+            assert_close(np.asarray(cache.keys[i]), ref_cache.keys[i], rtol, f"layer {i} keys")
+            assert_close(np.asarray(cache.values[i]), ref_cache.values[i], rtol, f"layer {i} values")
         for sc in (None, self_cond):
             out = ours.graph.decode(canvas, cache, None if sc is None else ours.backend.asarray(sc))
             assert isinstance(out, DeviceArray)
-            assert_close(np.asarray(out), ref.graph.decode(canvas, ref_cache, sc), 1e-6, f"{outtype} logits")
+            assert_close(np.asarray(out), ref.graph.decode(canvas, ref_cache, sc), rtol, f"{outtype} logits")
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_k_m", "nvfp4_moe"])
+def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
+    _logits_match_numpy_backend(checkpoints, outtype, 1e-6, seed=0)
 
 
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
@@ -537,19 +542,7 @@ def test_device_sampler_draws_follow_the_distribution(ops):
 @pytest.mark.parametrize("outtype,rtol", [("f32", 1e-5), ("bf16", 1e-2), ("q8_0", 1e-2), ("q4_k_m", 1e-2),
                                           ("mxfp4_moe", 1e-2), ("nvfp4_moe", 1e-2)])
 def test_gpu_logits_match_numpy_backend(gpu, checkpoints, outtype, rtol):
-    ckpt = checkpoints["base" if outtype == "f32" else "quant"]
-    path = ckpt.dgf(outtype)
-    rng = np.random.default_rng(1)
-    with dgrun.load(path, backend="numpy") as ref, dgrun.load(path, backend="cuda") as ours:
-        vocab, canvas_length = ref.config.vocab_size, ref.config.canvas_length
-        prompt, canvas = rng.integers(0, vocab, 21), rng.integers(0, vocab, canvas_length)
-        self_cond = rng.normal(0, 3, (canvas_length, vocab)).astype(np.float32)
-        ref_cache, cache = ref.graph.new_cache(), ours.graph.new_cache()
-        ref.graph.encode(prompt, ref_cache)
-        ours.graph.encode(prompt, cache)
-        for sc in (None, self_cond):
-            out = ours.graph.decode(canvas, cache, None if sc is None else ours.backend.asarray(sc))
-            assert_close(np.asarray(out), ref.graph.decode(canvas, ref_cache, sc), rtol, f"{outtype} logits")
+    _logits_match_numpy_backend(checkpoints, outtype, rtol, seed=1)
 
 
 @pytest.mark.parametrize("case", list(GENERATION_CASES))

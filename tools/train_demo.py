@@ -35,8 +35,8 @@ decoder that denoises a canvas reading that cache)
 
 Run: `python tools/train_demo.py --minutes 40 --out /tmp/demo-ckpt`, then
 `convert-hf-to-dgf /tmp/demo-ckpt --outtype q8_0 -o runtime/models/demo.dgf`. `--init CKPT` continues a
-checkpoint (its weights and tokenizer) under a fresh schedule: the shipped file is a 22-minute run continued for
-36 minutes with `--init stage1 --seed 1 --lr 2e-3 --warmup 50` (DEMO_NOTES.md has the numbers).
+checkpoint (its weights and tokenizer) under a fresh schedule; the shipped file took three runs, and the README's
+"The demo model" section has their commands and numbers.
 Everything is seeded; with `--steps` the run is reproducible step for step, while a `--minutes` budget stops
 wherever the wall clock says (the learning-rate schedule follows whichever budget ends first).
 """
