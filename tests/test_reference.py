@@ -51,7 +51,7 @@ def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, pro
                 assert_close(cache.keys[i], ref_k, KV_RTOL, f"{name} layer {i} keys")
                 assert_close(cache.values[i], ref_v, KV_RTOL, f"{name} layer {i} values")
         for sc in (None, self_cond):
-            ref = model(decoder_input_ids=torch.tensor([canvas]), past_key_values=hf_cache,
+            ref = model(decoder_input_ids=torch.from_numpy(canvas)[None], past_key_values=hf_cache,
                         self_conditioning_logits=None if sc is None else torch.tensor(sc[None])).logits[0].numpy()
             out = ours.graph.decode(canvas, cache, sc)
             mode = "off" if sc is None else "on"
