@@ -47,8 +47,13 @@ def _cuda_build_wanted() -> ModuleType | None:
     script = ROOT / "native" / "build.py"
     if os.environ.get("DGRUN_BUILD_CUDA", "1") == "0" or not script.is_file():
         return None
-    native = _load(script)
-    if native.find_nvcc() is None:
+    try:
+        native = _load(script)
+        found = native.find_nvcc()
+    except Exception as e:  # noqa: BLE001 - asked from has_ext_modules too: it must never fail an install
+        _note(f"cannot load native/build.py, installing without the cuda backend: {e}")
+        return None
+    if found is None:
         _note("nvcc not found: installing without the cuda backend (reinstall with nvcc on PATH)")
         return None
     return native
@@ -74,10 +79,10 @@ class BuildPyWithNative(build_py):
                 shutil.copy2(path, target / path.name)
 
     def build_cuda(self) -> None:
+        native = _cuda_build_wanted()
+        if native is None:
+            return
         try:
-            native = _cuda_build_wanted()
-            if native is None:
-                return
             target = Path(self.build_lib) / "dgrun" / "backends" / "_native"
             _note(f"building libdgcuda.so into {target} (takes a minute or two)")
             native.build_cuda(target, jobs=os.cpu_count() or 2)

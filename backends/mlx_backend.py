@@ -23,6 +23,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -199,7 +200,7 @@ class QuantWeight:
     shape: tuple[int, ...]
     tensor_scale: float | None = None  # NVFP4's per-tensor scale, applied to every result
 
-    def kwargs(self) -> dict[str, int | str]:
+    def kwargs(self) -> dict[str, Any]:  # Any: mypy cannot match a mixed dict to the keyword parameters
         return {"group_size": self.layout.group_size, "bits": self.layout.bits, "mode": self.layout.mode}
 
     def rescale(self, y: mx.array) -> mx.array:
@@ -501,4 +502,4 @@ class MlxBackend:
             mx.array(entropy_bound, dtype=mx.float32))
         mx.eval(processed, new_canvas, argmax, accepted, mean)
         return StepResult(np.array(new_canvas).astype(np.int64), np.array(argmax).astype(np.int64), processed,
-                          np.array(accepted), float(mean.item()))
+                          np.array(accepted), float(np.array(mean)))

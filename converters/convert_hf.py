@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -156,6 +157,34 @@ def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"cannot store metadata {key}={value!r}")
 
 
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[GGUFWriter]:
+    """A GGUFWriter (dgrun's architecture and alignment) on a temporary file beside `path`, moved onto `path` only
+    when the block completes: an error or Ctrl-C part-way leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(tmp, ARCH)
+    try:
+        writer.add_custom_alignment(ALIGNMENT)
+        yield writer
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_file(writer: GGUFWriter, payloads: list[Any]) -> None:
+    """Header, metadata and tensor infos, then each tensor's data in the order its info was added. A payload is an
+    ndarray or quacks like one for write_tensor_data (`.nbytes`, `.tofile`), so data can be streamed."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for payload in payloads:
+        # Little-endian data as given: GGUFWriter must not byteswap.
+        writer.write_tensor_data(payload, tensor_endianess=GGUFEndian.LITTLE)
+
+
 def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenizer: bool = True,
             quiet: bool = False) -> dict[str, Any]:
     """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix)."""
@@ -176,44 +205,29 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         if t.ggml_type == T.NVFP4:
             t.tensor_scale = _nvfp4_scale(t)
     outfile = outfile.resolve()
-    tmp = outfile.with_name(f".{outfile.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, ARCH)
-    try:
-        writer.add_custom_alignment(ALIGNMENT)
+    with atomic_writer(outfile) as writer:
         writer.add_name(hf_config.get("_name_or_path") or model_dir.name)
         writer.add_string("general.source.format", "huggingface-safetensors")
         writer.add_string("dgrun.outtype", outtype)
         for key, value in {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta}.items():
             add_metadata(writer, key, value)
-        streamed: list[tuple[int, Callable[[], Iterator[np.ndarray]]]] = []
+        payloads: list[Any] = []
         total_source = sum(t.source.nbytes for t in planned)
         progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype}", disable=quiet,
                         file=sys.stderr)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-            streamed.append((t.nbytes, partial(_quantized_chunks, t, progress)))
+            payloads.append(_StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
-                streamed.append((4, partial(iter, [scale])))
+                payloads.append(scale)
         if spm_bytes is not None:
             blob = np.frombuffer(spm_bytes, dtype=np.int8)
             writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
-            streamed.append((blob.size, partial(iter, [blob])))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for nbytes, chunks in streamed:
-            # Duck-typed: write_tensor_data only reads .nbytes and calls .tofile (little-endian data, no byteswap).
-            stream = _StreamedTensor(nbytes, chunks)
-            writer.write_tensor_data(stream, tensor_endianess=GGUFEndian.LITTLE)  # type: ignore[arg-type]
-        writer.close()
+            payloads.append(blob)
+        write_file(writer, payloads)
         progress.close()
-        os.replace(tmp, outfile)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     mix: dict[str, int] = {}
     for t in planned:
         mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes

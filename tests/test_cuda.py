@@ -360,12 +360,6 @@ def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
     _logits_match_numpy_backend(checkpoints, outtype, 1e-6, seed=0)
 
 
-@pytest.mark.parametrize("case", list(GENERATION_CASES))
-def test_fake_device_generation_is_token_exact_with_replayed_draws(fake, checkpoints, case):
-    hf_tokens, out = replay_case(checkpoints, case, backend="cuda")
-    assert out.tokens == hf_tokens
-
-
 def test_fake_device_sampler_path_is_reproducible_per_seed(fake, checkpoints):
     with dgrun.load(checkpoints["base"].dgf("f32"), backend="cuda") as model:
         runs = [model.generate([2, 40, 41], max_new_tokens=20, max_denoising_steps=4, seed=s,
@@ -545,8 +539,14 @@ def test_gpu_logits_match_numpy_backend(gpu, checkpoints, outtype, rtol):
     _logits_match_numpy_backend(checkpoints, outtype, rtol, seed=1)
 
 
+@pytest.fixture(params=["fake", "gpu"])
+def device(request: pytest.FixtureRequest) -> Any:
+    """The cuda backend on the host stand-in, then on the real GPU (skipped without one)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
-def test_gpu_generation_is_token_exact_with_replayed_draws(gpu, checkpoints, case):
+def test_generation_is_token_exact_with_replayed_draws(device, checkpoints, case):
     hf_tokens, out = replay_case(checkpoints, case, backend="cuda")
     assert out.tokens == hf_tokens
 

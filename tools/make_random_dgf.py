@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFEndian, GGUFWriter
 
-from dgrun.config import ARCH, ModelConfig
-from dgrun.converters.convert_hf import add_metadata
+from dgrun.config import ModelConfig
+from dgrun.converters.convert_hf import add_metadata, atomic_writer, write_file
 from dgrun.converters.presets import PRESETS, tensor_type
 from dgrun.model import tensor_shapes
 from dgrun.quants import get_quant_type, row_bytes
@@ -41,7 +39,6 @@ RELEASED = dict(
     rope_local_base_freq=10_000.0, partial_rotary_factor=0.25, canvas_length=256,
 )
 POOL_BYTES = 8 << 20
-ALIGNMENT = 64
 
 
 def model_config(layers: int, vocab: int) -> ModelConfig:
@@ -145,12 +142,9 @@ def write_random_dgf(path: Path, preset: str, layers: int, vocab: int, seed: int
     rng = np.random.default_rng(seed)
     sliding = [cfg.is_sliding(i) for i in range(layers)]
     pools: dict[T, tuple[np.ndarray, float]] = {}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, ARCH)
     payloads: list[object] = []
     mix: dict[str, int] = {}
-    try:
-        writer.add_custom_alignment(ALIGNMENT)
+    with atomic_writer(path) as writer:
         writer.add_name(f"random DiffusionGemma ({preset}, {layers} layers)")
         writer.add_string("dgrun.outtype", preset)
         for key, value in cfg.to_metadata().items():
@@ -178,17 +172,7 @@ def write_random_dgf(path: Path, preset: str, layers: int, vocab: int, seed: int
                     writer.add_tensor_info(f"{name}.scale", (1,), np.dtype(np.float32), 4)
                     payloads.append(scale)
             mix[ggml_type.name] = mix.get(ggml_type.name, 0) + nbytes
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for payload in payloads:
-            writer.write_tensor_data(payload, tensor_endianess=GGUFEndian.LITTLE)  # type: ignore[arg-type]
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        write_file(writer, payloads)
     return {"path": str(path), "bytes": path.stat().st_size, "tensors": len(payloads), "type_bytes": mix}
 
 
