@@ -361,14 +361,14 @@ def test_default_rng_generation_matches_numpy_backend(checkpoints):
 
 def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
     with dgrun.load(checkpoints["gen"].dgf("f32"), backend="cpu") as model:
-        decode = model.graph.decode
+        decode_batch = model.graph.decode_batch
 
-        def poisoned(canvas, cache, self_cond):
-            logits = decode(canvas, cache, self_cond).copy()
-            logits[3, 5] = np.nan
+        def poisoned(canvases, caches, self_conds):
+            logits = [x.copy() for x in decode_batch(canvases, caches, self_conds)]
+            logits[0][3, 5] = np.nan
             return logits
 
-        monkeypatch.setattr(model.graph, "decode", poisoned)
+        monkeypatch.setattr(model.graph, "decode_batch", poisoned)
         with pytest.raises(FloatingPointError, match="NaN logits"):
             model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)
 
