@@ -390,7 +390,7 @@ class CudaBackend:
         cached = self._positions.get(key)
         if cached is None:
             cached = self._positions[key] = DeviceArray.from_numpy(pos32)
-            if len(self._positions) > 8:
+            if len(self._positions) > 64:  # a batched pass uses 1 + 3 per element (rope; queries, two key sets)
                 self._positions.popitem(last=False)
         else:
             self._positions.move_to_end(key)
