@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -257,7 +257,7 @@ class Model:
         finally:
             events.close()
 
-    def _run(self, requests: list[Request], stats: list[Stats]) -> Iterator[tuple[int, Draft | Commit]]:
+    def _run(self, requests: list[Request], stats: list[Stats]) -> Generator[tuple[int, Draft | Commit], None, None]:
         """Run requests as one batch to its end, holding the model (ModelBusyError if it is already running)."""
         if not self._lock.acquire(blocking=False):
             raise ModelBusyError("this Model is already generating (another thread, an unfinished stream or a "

@@ -188,10 +188,11 @@ class Generation:
             self.stats.encoder_passes += 1
             self._unencoded = self._unencoded[:0]
         self._canvas_index += 1
+        self._clamp: np.ndarray | None = None
         if self.layout is not None:  # a layout is one canvas, the first
             self.canvas, self._clamp = self.layout.start(self.rng, cfg.vocab_size), ~self.layout.free
         else:
-            self.canvas, self._clamp = self.rng.tokens((cfg.canvas_length,), cfg.vocab_size), None
+            self.canvas = self.rng.tokens((cfg.canvas_length,), cfg.vocab_size)
         self._stopper = (StableAndConfident(params.stability_threshold, params.confidence_threshold)
                          if params.adaptive_stopping else None)
         self.self_cond, self._argmax, self._steps = None, self.canvas, 0

@@ -194,7 +194,7 @@ class Scheduler:
         try:
             while (batch := self._admit()) is not None:
                 try:
-                    outcomes = decode_step(self.model.graph, [h.generation for h in batch])  # type: ignore[misc]
+                    outcomes = decode_step(self.model.graph, [h.generation for h in batch])
                 except Exception as e:  # the shared pass failed: every element in it fails
                     outcomes = [e] * len(batch)
                 with self._wake:
