@@ -44,7 +44,8 @@ class GenerationOutput:
 
 
 class ModelBusyError(RuntimeError):
-    """A second thread or stream tried to generate with a Model that is already generating."""
+    """A second thread or stream tried to generate with a Model that is already generating (or that an open
+    `dgrun.Scheduler` owns)."""
 
 
 def default_model_path() -> Path:
@@ -65,7 +66,9 @@ class Model:
 
     Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation), `chat` (chat template),
     `infill`/`stream_infill` (text between a prefix and a suffix), `edit`/`stream_edit` (rewrite character
-    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`.
+    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`. Several prompts in one
+    batch, each getting exactly its own tokens: `generate_batch`/`stream_batch`; requests that come and go:
+    `request`/`infill_request`/`edit_request` submitted to a `dgrun.Scheduler`.
     Use as a context manager or call `close()` to release the file mapping.
     """
 
