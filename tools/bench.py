@@ -377,12 +377,11 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
     def rat(x: float | None) -> str:
         return "" if x is None else f"({x:.2f}x)"
 
-    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem",
-            "peak RSS MiB"]
+    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
     lines = [head] + [[r["engine"], str(r["batch"]), num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]),
                        num(r["tok_s_best"], ".1f"), num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]),
                        num(r["ms_pass"], ".1f"), num(r["ms_pass_element"], ".1f"),
-                       num(r["ms_pass_cpu_element"], ".1f"), num(r["peak_rss_mb"], ".0f")] for r in rows]
+                       num(r["ms_pass_cpu_element"], ".1f")] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
           f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
@@ -391,8 +390,10 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
         if n == 0:
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    peaks = ", ".join(f"{w.label} {num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
     print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
-          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores)")
+          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+          f"peak RSS, reached at the largest batch: {peaks})")
 
 
 def machine_info() -> dict[str, Any]:
