@@ -68,6 +68,12 @@ class _StreamedTensor:
             raise ConversionError(f"internal error: wrote {written} bytes for a {self.nbytes}-byte tensor")
 
 
+def tied_output(hf_config: dict[str, Any]) -> bool:
+    """Whether lm_head is the embedding: the top-level `tie_word_embeddings`, the flag transformers' tying reads
+    for `DiffusionGemmaForBlockDiffusion` (the text config's own flag is not consulted)."""
+    return bool(hf_config.get("tie_word_embeddings", True))
+
+
 def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], int]:
     """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data.
 
@@ -86,8 +92,7 @@ def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], li
         raise ConversionError("config.json is not a JSON object")
     cfg = ModelConfig.from_hf(hf_config)
     tensors = open_checkpoint(model_dir)
-    tied = hf_config.get("tie_word_embeddings", True) and hf_config.get("text_config", {}).get(
-        "tie_word_embeddings", True)
+    tied = tied_output(hf_config)
     expected = tensor_shapes(cfg, tied_output=tied)
     sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
     planned: dict[str, PlannedTensor] = {}
