@@ -49,6 +49,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         num_experts=3, top_k_experts=1, num_key_value_heads=1), seed=1),
     # Saved as bf16 (compared against transformers run in float32 on the same bf16 weights).
     "bf16": dict(text=fixtures.text_config(), seed=2, dtype="bfloat16"),
+    # Full layers with the sliding layers' head dim and KV heads: save_pretrained writes `per_layer_config: {}`.
+    "uniform": dict(text=fixtures.text_config(global_head_dim=16, num_global_key_value_heads=2), seed=4,
+                    self_cond_std=0.01),
     # Row widths of 256 so K-quants and NVFP4 apply (quantized-file tests).
     "quant": dict(text=fixtures.text_config(vocab_size=256, hidden_size=256, intermediate_size=256,
                                             moe_intermediate_size=64), seed=3),
