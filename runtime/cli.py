@@ -30,7 +30,7 @@ from dgrun._version import __version__
 from dgrun.backends import BackendUnavailable
 from dgrun.chat import ChatSession
 from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
-from dgrun.engine import Model, default_model_path, load
+from dgrun.engine import Model, default_model_path, load, type_mix
 from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, HF_JSON_KEY, SPM_TENSOR
@@ -430,15 +430,11 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `dgrun info` shows, as data: any GGUF file's header, plus DiffusionGemma's details when it is one."""
     with GGUFFile(path) as gguf:
         meta = gguf.metadata
-        types: dict[str, dict[str, int]] = {}
-        for tensor in gguf.tensors.values():
-            entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
-            entry["tensors"] += 1
-            entry["bytes"] += tensor.nbytes
         info: dict[str, Any] = {
             "path": str(path), "file_bytes": gguf.file_size, "gguf_version": gguf.version,
             "architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
-            "tensor_count": len(gguf.tensors), "metadata_count": len(meta), "types": types,
+            "tensor_count": len(gguf.tensors), "metadata_count": len(meta), "types": type_mix(gguf),
+            "outtype": meta.get("dgrun.outtype"),
             "tokenizer": ("huggingface" if HF_JSON_KEY in meta else "sentencepiece" if SPM_TENSOR in gguf.tensors
                           else meta.get("tokenizer.ggml.model")),
             "vocab_tokens": len(meta.get("tokenizer.ggml.tokens") or []) or None,
@@ -483,6 +479,8 @@ def _format_info(info: dict[str, Any]) -> str:
         rows.append(("tokenizer", f"{info['tokenizer'] or 'vocabulary only'}{vocab}{template}"))
     else:
         rows.append(("tokenizer", "none (token ids only)"))
+    if info["outtype"]:  # the preset asked for; the types below are what each tensor got (fallbacks included)
+        rows.append(("outtype", info["outtype"]))
     total = sum(t["bytes"] for t in info["types"].values()) or 1
     for index, (name, t) in enumerate(sorted(info["types"].items(), key=lambda kv: -kv[1]["bytes"])):
         rows.append(("types" if index == 0 else "", f"{name}: {t['tensors']} tensors, {_size(t['bytes'])} "

@@ -35,12 +35,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("outtype", list(PRESETS))
-def test_round_trip_every_tensor(checkpoints, outtype):
-    ckpt = checkpoints["quant"]
-    path = ckpt.dgf(outtype)
+def _assert_round_trip(ckpt, outtype: str) -> dict[str, int]:
+    """Every tensor of the converted file dequantizes to the checkpoint's within its stored type's bound; returns
+    how many tensors each type stores."""
     hf = load_file(str(ckpt.folder / "model.safetensors"))
-    with GGUFFile(path) as f:
+    counts: dict[str, int] = {}
+    with GGUFFile(ckpt.dgf(outtype)) as f:
         seen = set()
         for hf_name, ref in hf.items():
             name = dgf_name(hf_name)
@@ -51,11 +51,18 @@ def test_round_trip_every_tensor(checkpoints, outtype):
             out = dequantize_tensor(f.raw(name).reshape(*info.shape[:-1], -1), info.ggml_type, scale)
             out = out.reshape(info.shape)
             assert_close(out, ref, max(ROUND_TRIP_RTOL[info.ggml_type.name], 1e-7), f"{outtype} {name}")
+            if len(ref.shape) == 1:
+                assert info.ggml_type == gguf.GGMLQuantizationType.F32
             seen.add(name)
-        if len(ref.shape) == 1:
-            assert info.ggml_type == gguf.GGMLQuantizationType.F32
-    assert {n for n in seen} == set(dgrun.model.tensor_shapes(ModelConfig.from_hf(
+            counts[info.ggml_type.name] = counts.get(info.ggml_type.name, 0) + 1
+    assert seen == set(dgrun.model.tensor_shapes(ModelConfig.from_hf(
         json.loads((ckpt.folder / "config.json").read_text()))))
+    return counts
+
+
+@pytest.mark.parametrize("outtype", list(PRESETS))
+def test_round_trip_every_tensor(checkpoints, outtype):
+    assert "F16" not in _assert_round_trip(checkpoints["quant"], outtype) or outtype == "f16"  # no fallback needed
 
 
 def test_metadata_reproduces_config_and_generation_defaults(checkpoints):
@@ -164,9 +171,64 @@ def test_refuses_nan_weights(broken, tmp_path):
     _assert_refused(broken, tmp_path, "contains NaN or Inf")
 
 
-def test_refuses_outtype_that_cannot_represent_a_tensor(broken, tmp_path):
+def test_strict_refuses_outtype_that_cannot_represent_a_tensor(broken, tmp_path):
     # The base fixture's 64-wide rows fit Q8_0 (block 32) but not NVFP4's 64-value blocks in 32-wide expert rows.
-    _assert_refused(broken, tmp_path, "cannot store blk.0.ffn_down_exps.weight", "--outtype", "nvfp4_moe")
+    _assert_refused(broken, tmp_path, "cannot store blk.0.ffn_down_exps.weight", "--outtype", "nvfp4_moe", "--strict")
+
+
+# -- row widths no block divides: llama.cpp's fallbacks ---------------------------------------------------------
+
+ODD = ["odd48", "odd2600"]
+
+
+def test_fallbacks_are_noticed_once_per_kind_and_summarized(checkpoints, tmp_path):
+    out = tmp_path / "odd.dgf"
+    result = _cli(str(checkpoints["odd48"].folder), "--outfile", str(out), "--outtype", "q4_k_m")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:") and "instead of" in line]
+    # Q4_K -> Q5_0 (64/128-wide attn_output: llama-quantize's K-quant fallback), then F16 for 48/80/2600-wide rows
+    # whether the recipe said Q4_K or Q6_K.
+    assert sorted(notes) == sorted([
+        "note: 2 tensor(s) stored as Q5_0 instead of Q4_K: rows of 64, 128 values are not a multiple of Q4_K's "
+        "256-value blocks",
+        "note: 15 tensor(s) stored as F16 instead of Q4_K: rows of 48, 80, 2600 values are not a multiple of Q4_K's "
+        "256-value blocks",
+        "note: 4 tensor(s) stored as F16 instead of Q6_K: rows of 48, 80, 2600 values are not a multiple of Q6_K's "
+        "256-value blocks"]), result.stderr
+    assert "F16 19 tensors" in result.stdout and "Q5_0 2 tensors" in result.stdout, result.stdout
+    with GGUFFile(out) as f:
+        assert f.get("dgrun.outtype") == "q4_k_m"
+    summary = convert_hf.convert(checkpoints["odd48"].folder, tmp_path / "api.dgf", "q4_k_m", quiet=True)
+    assert summary["fallbacks"] == {"Q4_K->Q5_0": 2, "Q4_K->F16": 15, "Q6_K->F16": 4}
+    assert summary["type_tensors"] == {"F16": 19, "F32": 30, "Q5_0": 2}
+    with pytest.raises(convert_hf.ConversionError, match="cannot store token_embd.weight: its rows of 48 values"):
+        convert_hf.convert(checkpoints["odd48"].folder, tmp_path / "strict.dgf", "q8_0", quiet=True, strict=True)
+
+
+@pytest.mark.parametrize("name", ODD)
+@pytest.mark.parametrize("outtype", list(PRESETS))
+def test_odd_widths_convert_with_every_preset_and_run(checkpoints, name, outtype):
+    """Widths of 48, 80 and 2,600 (hidden, dense MLP, experts; both ways round): each preset's file holds every
+    tensor within its stored type's bound, and runs on numpy and on the cpu backend, which agree to the
+    tolerance test_cpu_backend.py justifies for whole-model logits (1e-5: float32 summation order only)."""
+    counts = _assert_round_trip(checkpoints[name], outtype)
+    assert ("F16" in counts) == (outtype not in ("f32", "bf16")), counts  # every quantized preset fell back
+    path = checkpoints[name].dgf(outtype)
+    with dgrun.load(path, backend="numpy") as ref:
+        canvas = np.arange(ref.config.canvas_length) % ref.config.vocab_size
+        ref_cache = ref.graph.new_cache()
+        ref.graph.encode(np.array([2, 17, 33, 5, 60]), ref_cache)
+        ref_logits = ref.graph.decode(canvas, ref_cache, None)
+    cpu_backend = pytest.importorskip("dgrun.backends.cpu_backend")
+    try:
+        cpu_backend.load_library()
+    except RuntimeError as e:
+        pytest.skip(f"cpu backend unavailable: {e}")
+    with dgrun.load(path, backend="cpu") as ours:
+        cache = ours.graph.new_cache()
+        ours.graph.encode(np.array([2, 17, 33, 5, 60]), cache)
+        assert_close(ours.graph.decode(canvas, cache, None), ref_logits, 1e-5, f"{name}/{outtype} cpu logits")
+        assert len(ours.generate([2, 17, 33], max_new_tokens=8, max_denoising_steps=3, seed=0).tokens) == 8
 
 
 def test_refuses_missing_shard_and_truncated_shard(broken, tmp_path):

@@ -28,7 +28,7 @@ def _hf_cache(model):
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
-@pytest.mark.parametrize("name", ["base", "top1", "bf16", "uniform"])
+@pytest.mark.parametrize("name", ["base", "top1", "bf16", "uniform", "odd2600"])
 @pytest.mark.parametrize("prompt_len", [5, 21])
 def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, prompt_len):
     ckpt = checkpoints[name]
