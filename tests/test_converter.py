@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
 import sys
+from functools import partialmethod
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, fixtures
 from safetensors.numpy import load_file, save_file
+from transformers import DynamicCache
 
 import dgrun
 from dgrun.config import GenerationConfig, ModelConfig
 from dgrun.converters import convert_hf
 from dgrun.converters.names import dgf_name
 from dgrun.converters.presets import PRESETS
+from dgrun.converters.safetensors_reader import SafeTensor
 from dgrun.format import GGUFFile
 from dgrun.quants import dequantize_tensor
 
@@ -174,6 +178,91 @@ def test_refuses_nan_weights(broken, tmp_path):
 def test_strict_refuses_outtype_that_cannot_represent_a_tensor(broken, tmp_path):
     # The base fixture's 64-wide rows fit Q8_0 (block 32) but not NVFP4's 64-value blocks in 32-wide expert rows.
     _assert_refused(broken, tmp_path, "cannot store blk.0.ffn_down_exps.weight", "--outtype", "nvfp4_moe", "--strict")
+
+
+# -- stored copies: encoder and decoder, a tied lm_head ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """transformers' model with tie_word_embeddings=False (both copies of every shared weight and lm_head are
+    saved), the encoder's copies set equal to the decoder's: a checkpoint dgrun can run."""
+    import torch
+
+    model = fixtures.make_model(fixtures.text_config(), seed=7, tie_word_embeddings=False)
+    encoder, decoder = model.model.encoder.language_model, model.model.decoder
+    shared = {k: v for k, v in decoder.state_dict().items() if k in encoder.state_dict() and "layer_scalar" not in k}
+    with torch.no_grad():
+        encoder.load_state_dict(shared, strict=False)
+    return model, fixtures.save_checkpoint(model, tmp_path_factory.mktemp("untied") / "hf")
+
+
+def test_untied_checkpoint_with_equal_copies_converts_and_matches_transformers(untied, tmp_path):
+    import torch
+
+    model, folder = untied
+    names = load_file(str(folder / "model.safetensors"))
+    assert "model.encoder.language_model.layers.0.self_attn.q_proj.weight" in names and "lm_head.weight" in names
+    out = tmp_path / "untied.dgf"
+    convert_hf.convert(folder, out, "f32", quiet=True)
+    canvas, prompt = np.arange(16) % 128, np.array([2, 17, 33, 5, 60])
+    with dgrun.load(out, backend="numpy") as ours, torch.no_grad():
+        assert "output.weight" in ours.graph.w  # lm_head, untied
+        cache = ours.graph.new_cache()
+        ours.graph.encode(prompt, cache)
+        hf_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        model.model.encoder(input_ids=torch.from_numpy(prompt)[None], past_key_values=hf_cache)
+        ref = model(decoder_input_ids=torch.from_numpy(canvas)[None], past_key_values=hf_cache).logits[0].numpy()
+        assert_close(ours.graph.decode(canvas, cache, None), ref, 2e-5, "untied logits")  # test_reference's bound
+
+
+def test_merged_lora_with_separate_encoder_and_decoder_deltas_is_refused(untied, tmp_path):
+    """PEFT adapts each copy's modules separately (Unsloth trains separate deltas): merged into an untied model,
+    the copies differ, and the converter names the first such tensor instead of keeping one of them."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = untied
+    lora = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                      target_modules=r".*(language_model|decoder)\.layers\.\d+\.self_attn\.q_proj")
+    merged = get_peft_model(copy.deepcopy(model), lora).merge_and_unload()
+    folder = fixtures.save_checkpoint(merged, tmp_path / "merged", tokenizer=False)
+    out = tmp_path / "out.dgf"
+    result = _cli(str(folder), "--outfile", str(out), "--quiet", "--no-tokenizer")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for name in ("model.encoder.language_model.layers.0.self_attn.q_proj.weight",
+                 "model.decoder.layers.0.self_attn.q_proj.weight", "load the adapter unmerged (--lora"):
+        assert name in result.stderr, result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.dgf.tmp*"))
+
+
+def test_copies_are_compared_chunk_by_chunk(untied, tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(untied[1], folder)
+
+    def nudge(t):
+        t["model.encoder.language_model.layers.1.experts.down_proj"][1, 5, 7] += 1e-3
+    _rewrite_weights(folder, nudge)
+    # Two 32-wide rows per chunk: the difference is found in the chunk that holds it, row 1 * 64 + 5.
+    monkeypatch.setattr(SafeTensor, "chunks", partialmethod(SafeTensor.chunks, max_elements=64))
+    with pytest.raises(convert_hf.ConversionError, match=r"experts.down_proj differs from .* \(first at row 69\)"):
+        convert_hf.convert(folder, tmp_path / "out.dgf", "q8_0", quiet=True)
+
+
+def test_tied_lm_head_stored_beside_the_embedding_must_equal_it(broken, tmp_path):
+    def add_head(t):
+        t["lm_head.weight"] = t["model.decoder.embed_tokens.weight"].copy()
+    _rewrite_weights(broken, add_head)
+    out = tmp_path / "same.dgf"
+    assert _cli(str(broken), "--outfile", str(out), "--quiet").returncode == 0
+    with GGUFFile(out) as f:
+        assert "output.weight" not in f.tensors
+    out.unlink()
+
+    def change_head(t):
+        t["lm_head.weight"][3, 4] += 1.0
+    _rewrite_weights(broken, change_head)
+    _assert_refused(broken, tmp_path, "lm_head.weight differs from the embedding model.decoder.embed_tokens.weight "
+                    "(first at row 3)")
 
 
 # -- row widths no block divides: llama.cpp's fallbacks ---------------------------------------------------------
