@@ -285,8 +285,11 @@ def test_fallbacks_are_noticed_once_per_kind_and_summarized(checkpoints, tmp_pat
         "note: 4 tensor(s) stored as F16 instead of Q6_K: rows of 48, 80, 2600 values are not a multiple of Q6_K's "
         "256-value blocks"]), result.stderr
     assert "F16 19 tensors" in result.stdout and "Q5_0 2 tensors" in result.stdout, result.stdout
-    with GGUFFile(out) as f:
-        assert f.get("dgrun.outtype") == "q4_k_m"
+    info = subprocess.run([sys.executable, "-m", "dgrun", "info", str(out)], capture_output=True, text=True)
+    for shown in ("outtype      q4_k_m", "F16: 19 tensors", "Q5_0: 2 tensors", "F32: 30 tensors"):
+        assert shown in info.stdout, info.stdout
+    with dgrun.load(out, backend="numpy") as model:
+        assert model.info["outtype"] == "q4_k_m" and model.info["types"]["F16"]["tensors"] == 19
     summary = convert_hf.convert(checkpoints["odd48"].folder, tmp_path / "api.dgf", "q4_k_m", quiet=True)
     assert summary["fallbacks"] == {"Q4_K->Q5_0": 2, "Q4_K->F16": 15, "Q6_K->F16": 4}
     assert summary["type_tensors"] == {"F16": 19, "F32": 30, "Q5_0": 2}
