@@ -4,8 +4,11 @@ Every variant is written as a user's config.json would be (the literal dict, and
 after transformers parsed it) and read by both. For every field dgrun reads, `dgrun.config.HF_ATTRIBUTES` names
 the transformers attribute it must equal; per layer, the model transformers builds from the config (on the meta
 device: shapes only) gives head dim, KV heads, sliding or full, whether V is its own projection, and the shape of
-every text tensor; transformers' rotary module gives each layer type's inverse frequencies. A config dgrun
-refuses is one transformers cannot build, or one whose per-layer override transformers would silently ignore.
+every text tensor; transformers' rotary module gives each layer type's inverse frequencies. Each config dgrun
+refuses is listed with whether transformers builds it: most it cannot (per-type differences, per-layer overrides
+of globally read attributes), some fail at transformers' first forward (a partial default RoPE, no soft-cap), a
+few run there but not in dgrun's graph (a scaled RoPE, a bidirectional encoder, a `skip` override that
+transformers' DiffusionGemma silently ignores).
 """
 
 from __future__ import annotations
@@ -189,7 +192,8 @@ def _transformers_runs(text: dict[str, Any]) -> bool:
     return True
 
 
-# Configs dgrun refuses: (text config, words of the one-line error, whether transformers can build it at all).
+# Configs dgrun refuses: (text config, words of the one-line error, whether transformers builds the model and its
+# RoPE from it).
 REFUSED: dict[str, tuple[dict[str, Any], str, bool]] = {
     "full_layers_differ": (small(num_hidden_layers=12, per_layer_config={
         "05": {"head_dim": 32}, "11": {"head_dim": 64}}), "full_attention layers 5 and 11 differ in head_dim", False),
