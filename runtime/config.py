@@ -255,6 +255,20 @@ HF_ATTRIBUTES: dict[str, str] = {
     "hidden_activation": "config.text_config.hidden_activation",
     "tie_word_embeddings": "config.tie_word_embeddings",
 }
+# GenerationConfig field (from generation_config.json) → the attribute of transformers' parsed
+# `DiffusionGemmaGenerationConfig` (`config`) it is checked against.
+HF_GENERATION_ATTRIBUTES: dict[str, str] = {
+    "max_new_tokens": "config.max_new_tokens",
+    "max_denoising_steps": "config.max_denoising_steps",
+    "entropy_bound": "config.sampler_config.entropy_bound if config.sampler_config else None",
+    "t_min": "config.t_min",
+    "t_max": "config.t_max",
+    "stability_threshold": "config.stability_threshold",
+    "confidence_threshold": "config.confidence_threshold",
+    "eos_token_ids": "[] if config.eos_token_id is None else config.eos_token_id if isinstance(config.eos_token_id, "
+                     "list) else [config.eos_token_id]",
+    "pad_token_id": "config.pad_token_id",
+}
 
 
 def _layer_type_attributes(text: dict[str, Any], layer_types: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,7 +24,7 @@ from make_random_dgf import RELEASED
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextRotaryEmbedding
 
-from dgrun.config import HF_ATTRIBUTES, ConfigError, ModelConfig
+from dgrun.config import HF_ATTRIBUTES, HF_GENERATION_ATTRIBUTES, ConfigError, GenerationConfig, ModelConfig
 from dgrun.converters.convert_hf import tied_output
 from dgrun.converters.names import dgf_name
 from dgrun.model import rope_inv_freq, tensor_shapes
@@ -129,8 +129,8 @@ def _transformers_model(config: DiffusionGemmaConfig) -> Any:
         return DiffusionGemmaForBlockDiffusion(config)
 
 
-def _hf_value(expr: str, config: DiffusionGemmaConfig) -> Any:
-    return eval(expr, {"config": config})  # the expressions of dgrun.config.HF_ATTRIBUTES, nothing else
+def _hf_value(expr: str, config: Any) -> Any:
+    return eval(expr, {"config": config})  # the expressions of dgrun.config.HF_*ATTRIBUTES, nothing else
 
 
 @pytest.mark.parametrize("name", list(READ))
@@ -239,3 +239,25 @@ def test_configs_dgrun_cannot_run_are_refused_in_one_line(name):
         ModelConfig.from_hf({"model_type": "diffusion_gemma", "text_config": text})
     assert "\n" not in str(info.value)
     assert _transformers_runs(text) == transformers_builds, "transformers' own verdict on this config changed"
+
+
+@pytest.mark.parametrize("values", [
+    dict(max_denoising_steps=48, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
+         confidence_threshold=0.005, eos_token_id=[1, 106, 50], pad_token_id=0),  # the release's defaults
+    dict(max_new_tokens=300, eos_token_id=7),  # one EOS id, the rest left to transformers' global defaults
+    dict(),
+], ids=["release", "partial", "empty"])
+def test_generation_config_agrees_with_transformers(tmp_path, values):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        DiffusionGemmaGenerationConfig,
+        EntropyBoundSamplerConfig,
+    )
+
+    values = dict(values)
+    if "entropy_bound" in values:
+        values["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=values.pop("entropy_bound"))
+    DiffusionGemmaGenerationConfig(**values).save_pretrained(tmp_path)
+    ref = DiffusionGemmaGenerationConfig.from_pretrained(tmp_path)
+    ours = GenerationConfig.from_hf(json.loads((tmp_path / "generation_config.json").read_text()), {})
+    for field, expr in HF_GENERATION_ATTRIBUTES.items():
+        assert getattr(ours, field) == _hf_value(expr, ref), field
