@@ -3,7 +3,8 @@
 `ModelConfig` is what the model graph needs, named as in transformers' `DiffusionGemmaTextConfig` so a reader
 of both can map one onto the other at a glance. It is built either from a checkpoint's `config.json`
 (the converter) or from a `.dgf` file's metadata (the runtime); `METADATA_KEYS` is the single table that ties
-each field to its GGUF key, used in both directions.
+each field to its GGUF key, used in both directions, and `HF_ATTRIBUTES` ties each field to the attribute of
+transformers' parsed config it must equal (tests/test_config.py holds dgrun to it).
 """
 
 from __future__ import annotations
