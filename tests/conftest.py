@@ -95,17 +95,19 @@ FP16_FIELDS: dict[str, tuple[int, ...]] = {
 }
 
 
-def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generator) -> np.ndarray:
+def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generator,
+                  scale_log2: tuple[int, int] = (-20, 4)) -> np.ndarray:
     """Raw uint8 [rows, row_bytes] of random valid blocks: random bytes, with every fp16 field a finite value.
 
     The way to test decoders of types dgrun cannot write (i-quants): every code, sign, grid index and sub-block
-    scale pattern occurs, and the fp16 scales span normal and subnormal magnitudes of both signs.
+    scale pattern occurs. The fp16 fields are normal draws times 2^e, e uniform in `scale_log2`: by default
+    normal and subnormal magnitudes of both signs; a narrow range gives weights of a chosen size for matmuls.
     """
     from dgrun import quants
 
     qt = quants.get_quant_type(ggml_type)
     raw = rng.integers(0, 256, (rows, width // qt.block_size, qt.type_size), dtype=np.uint8)
     for offset in FP16_FIELDS[qt.ggml_type.name]:
-        scale = rng.normal(0, 1, raw.shape[:2]) * np.exp2(rng.integers(-20, 4, raw.shape[:2]))
+        scale = rng.normal(0, 1, raw.shape[:2]) * np.exp2(rng.integers(*scale_log2, raw.shape[:2]))
         raw[..., offset:offset + 2] = scale.astype("<f2")[..., None].view(np.uint8)
     return raw.reshape(rows, -1)

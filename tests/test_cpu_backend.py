@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_close
+from conftest import FP16_FIELDS, REPO, assert_close, random_blocks
 from test_reference import GENERATION_CASES, replay_case
 
 import dgrun
@@ -76,8 +76,15 @@ def cpu(request):
 
 
 def _weight(x: np.ndarray, ggml_type) -> CpuWeight:
+    """`x` quantized to `ggml_type`; for a type dgrun only reads, random valid blocks of x's shape instead
+    (fp16 scales 2^-12..2^-7: weights of roughly x's size)."""
+    qt = quants.get_quant_type(ggml_type)
+    if issubclass(qt, quants.DecodeOnlyType):
+        rows = random_blocks(ggml_type, int(np.prod(x.shape[:-1])), x.shape[-1],
+                             np.random.default_rng(x.size), (-12, -7))
+        return CpuWeight(rows.reshape(*x.shape[:-1], -1), qt.ggml_type, x.shape)
     raw, scale = quants.quantize_tensor(np.asarray(x, dtype=np.float32), ggml_type)
-    return CpuWeight(raw, quants.get_quant_type(ggml_type).ggml_type, x.shape, scale)
+    return CpuWeight(raw, qt.ggml_type, x.shape, scale)
 
 
 def _matrix(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -114,6 +121,14 @@ def test_decode_rows_is_bit_exact(cpu, ggml_type):
     np.testing.assert_array_equal(out, ref)  # every value equal (+0 == -0)
     ids = rng.integers(0, 41, 77)
     np.testing.assert_array_equal(cpu.embed(w, ids, 2.5), REF.embed(w, ids, 2.5))
+
+
+@pytest.mark.parametrize("ggml_type", [t for t in TYPES if t.name in FP16_FIELDS], ids=lambda t: t.name)
+def test_decode_random_valid_blocks_is_bit_exact(cpu, ggml_type):
+    """Random bytes with finite fp16 scales (normal and subnormal): every code, sign and grid index."""
+    raw = random_blocks(ggml_type, 9, 1024, np.random.default_rng(int(ggml_type)))
+    w = CpuWeight(raw, quants.get_quant_type(ggml_type).ggml_type, (9, 1024))
+    np.testing.assert_array_equal(cpu.embed(w, np.arange(9), 1.0), quants.dequantize_tensor(raw, ggml_type))
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
