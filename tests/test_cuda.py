@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_close, random_blocks
+from conftest import assert_close
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from test_native_host import philox4x32_10
 from test_reference import GENERATION_CASES, replay_case

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_blocks
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
