@@ -1,11 +1,13 @@
 /* dg_quants_iq.h — row decoders for the types dgrun reads from llama-quantize's files: Q5_1, Q5_K and the
  * i-quants IQ4_NL, IQ4_XS, IQ3_S, IQ2_S (block layouts: dgrun/quants.py, after ggml-common.h).
  *
- * Included by dg_kernels.c, so it is compiled once per kernel set like the other decoders. Bit-exact with
+ * Included by dg_kernels.c, so it is compiled once per kernel set like the other decoders (and uses its vector
+ * types and loaders). Bit-exact with
  * gguf-py's dequantize in any evaluation order: every product here is an fp16 scale (11 significant bits) times
  * small integers (sub-block scale, code, grid magnitude) with at most 24 significant bits in all, so it is exact
  * in float32, and the only rounding is Q5_1's and Q5_K's one addition of the min (a fused multiply-add rounds
- * the same exact product once too). Signs are negations, exact as well.
+ * the same exact product once too). Signs are sign-bit flips, exact as well. The grids are read as bytes: value
+ * e of an entry is byte e on the little-endian hosts ggml supports.
  */
 #ifndef DG_QUANTS_IQ_H
 #define DG_QUANTS_IQ_H
@@ -23,9 +25,11 @@ static void decode_q5_1(const uint8_t *restrict row, int64_t cols, float *restri
         const float d = dg_rd_fp16(row), m = dg_rd_fp16(row + 2);
         uint32_t qh;
         memcpy(&qh, row + 4, 4); /* little-endian hosts only, like ggml */
-        for (int j = 0; j < 16; j++) {
-            y[j] = d * (float)((row[8 + j] & 15) | (((qh >> j) & 1) << 4)) + m;
-            y[j + 16] = d * (float)((row[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+        const vi h = (vi){0} + (int32_t)qh;
+        for (int c = 0; c < 16; c += VL) { /* as Q5_0 in dg_kernels.c, plus the min */
+            const vi q = bytesv(row + 8 + c), lane = iota(c);
+            st(y + c, __builtin_convertvector((q & 15) | (((h >> lane) & 1) << 4), vf) * d + m);
+            st(y + 16 + c, __builtin_convertvector((q >> 4) | (((h >> (lane + 16)) & 1) << 4), vf) * d + m);
         }
     }
 }
@@ -53,12 +57,26 @@ static void decode_q5_k(const uint8_t *restrict row, int64_t cols, float *restri
     }
 }
 
-/* 32 values from 16 nibble bytes (byte j: values j, j + 16) through the IQ4_NL table, times dl. */
+/* 32 values from 16 nibble bytes (byte j: values j, j + 16) through the IQ4_NL table, times dl. With AVX2 the
+ * table lookup is one byte shuffle per 16 values. */
 static inline void decode_iq4_32(const uint8_t *restrict qs, float dl, float *restrict y) {
+#if defined(__AVX2__)
+    const __m128i table = _mm_loadu_si128((const __m128i *)dg_kvalues_iq4nl), low4 = _mm_set1_epi8(15);
+    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i v[2] = {_mm_shuffle_epi8(table, _mm_and_si128(q, low4)),
+                          _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(q, 4), low4))};
+    const __m256 d = _mm256_set1_ps(dl);
+    for (int h = 0; h < 2; h++) {
+        _mm256_storeu_ps(y + 16 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v[h])), d));
+        _mm256_storeu_ps(y + 16 * h + 8,
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v[h], 8))), d));
+    }
+#else
     for (int j = 0; j < 16; j++) {
         y[j] = dl * (float)dg_kvalues_iq4nl[qs[j] & 15];
         y[j + 16] = dl * (float)dg_kvalues_iq4nl[qs[j] >> 4];
     }
+#endif
 }
 
 /* IQ4_NL (18 bytes / 32): fp16 d, 16 nibble bytes. x = d * kvalues[q]. */
@@ -79,6 +97,13 @@ static void decode_iq4_xs(const uint8_t *restrict row, int64_t cols, float *rest
     }
 }
 
+/* 8 grid magnitudes (bytes) times db, negated where bit e of `signs` is set (a sign-bit flip: exact). */
+static inline void signed_group8(const uint8_t *restrict magnitude, int signs, float db, float *restrict y) {
+    const i32x8 flip = ((((i32x8){0} + signs) >> (i32x8){0, 1, 2, 3, 4, 5, 6, 7}) & 1) << 31;
+    const f32x8 v = __builtin_convertvector(BYTES8(magnitude), f32x8) * db;
+    *(f32x8u *)y = (f32x8)((i32x8)v ^ flip);
+}
+
 /* IQ3_S (110 bytes / 256): fp16 d, qs[64], qh[8], signs[32], scales[4]. Group g of 4 values (g < 64) is grid
  * entry qs[g] | bit g % 8 of qh[g / 8] << 8; value j's sign is bit j % 8 of signs[j / 8]; the 4-bit scale s of
  * each 32 values gives db = d * (1 + 2 s). x = db * magnitude * sign. */
@@ -88,13 +113,11 @@ static void decode_iq3_s(const uint8_t *restrict row, int64_t cols, float *restr
         const uint8_t *qs = row + 2, *qh = row + 66, *signs = row + 74, *scales = row + 106;
         for (int ib = 0; ib < 8; ib++) {
             const float db = d * (float)(1 + 2 * ((scales[ib / 2] >> (4 * (ib & 1))) & 15));
-            for (int g = 0; g < 8; g++, y += 4) {
-                const uint32_t grid = dg_iq3s_grid[qs[8 * ib + g] | (((qh[ib] >> g) & 1) << 8)];
-                const int sb = signs[4 * ib + g / 2] >> (4 * (g & 1));
-                for (int e = 0; e < 4; e++) {
-                    const float v = db * (float)((grid >> (8 * e)) & 255);
-                    y[e] = (sb >> e) & 1 ? -v : v;
-                }
+            for (int k = 0; k < 4; k++, y += 8) { /* groups 2k and 2k + 1: 8 values, sign byte 4 ib + k */
+                const int g = 8 * ib + 2 * k;
+                const uint32_t pair[2] = {dg_iq3s_grid[qs[g] | (((qh[ib] >> (2 * k)) & 1) << 8)],
+                                          dg_iq3s_grid[qs[g + 1] | (((qh[ib] >> (2 * k + 1)) & 1) << 8)]};
+                signed_group8((const uint8_t *)pair, signs[4 * ib + k], db, y);
             }
         }
     }
@@ -112,11 +135,8 @@ static void decode_iq2_s(const uint8_t *restrict row, int64_t cols, float *restr
                                  d * (0.5f + (float)(scales[ib] >> 4)) * 0.25f};
             for (int l = 0; l < 4; l++, y += 8) {
                 const int g = 4 * ib + l;
-                const uint64_t grid = dg_iq2s_grid[qs[g] | (((qh[ib] >> (2 * l)) & 3) << 8)];
-                for (int e = 0; e < 8; e++) {
-                    const float v = db[l / 2] * (float)((grid >> (8 * e)) & 255);
-                    y[e] = (signs[g] >> e) & 1 ? -v : v;
-                }
+                const uint64_t *grid = &dg_iq2s_grid[qs[g] | (((qh[ib] >> (2 * l)) & 3) << 8)];
+                signed_group8((const uint8_t *)grid, signs[g], db[l / 2], y);
             }
         }
     }
