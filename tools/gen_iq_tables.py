@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import quants as gguf_quants
@@ -46,7 +47,7 @@ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
 SOFTWARE."""
 
 
-def _grid_words(cls: type, suffix: str) -> list[str]:
+def _grid_words(cls: Any, suffix: str) -> list[str]:
     """gguf-py's grid as ggml stores it: one little-endian word per entry, value e in byte e."""
     cls.init_grid()
     grid = cls.grid.reshape(cls.grid_shape).astype(np.uint64)
