@@ -122,6 +122,12 @@ def test_dequant_matches_gguf_on_quantized_blocks(host, ggml_type):
     _same_bits(out, ref, f"{ggml_type.name} quantized blocks")
 
 
+def test_cuda_backend_claims_exactly_the_types_decoded_here():
+    from dgrun.backends.cuda_backend import SUPPORTED_TYPES
+
+    assert SUPPORTED_TYPES == set(TYPES)
+
+
 def test_iq_tables_are_gguf_pys():
     """native/cpu/dg_iq_tables.h (used by the cpu kernels and dg_math.cuh) is what gguf-py's tables generate."""
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "gen_iq_tables.py"), "--check"],
