@@ -5,12 +5,18 @@ exactly the value MLX's `dequantize` gives for the repacked codes, so the only d
 reference are summation order inside matmuls (float32 compute throughout).
 
 - Q8_0, Q4_0, Q5_0: affine 8/4/5-bit, group 32, scale d, bias -128·d / -8·d / -16·d (the zero point).
-- Q4_K: affine 4-bit, group 32 (its 32-value sub-blocks): scale d·sc, bias -dmin·m.
+- Q5_1: affine 5-bit, group 32, scale d, bias m.
+- Q4_K, Q5_K: affine 4/5-bit, group 32 (their 32-value sub-blocks): scale d·sc, bias -dmin·m.
+- IQ4_NL, IQ4_XS: affine 8-bit, group 32: the code is the table value + 127 (0..240), scale d (IQ4_XS: d·(ls-32)),
+  bias -127 times the scale; 8 bits for 4, but exact (float32 would be 32).
+- IQ3_S: affine 4-bit, group 32: its signed grid magnitudes are the 16 odd numbers -15..15, so the code is
+  (sign·magnitude + 15) / 2, scale 2·db, bias -15·db.
 - MXFP4: MLX `mxfp4` (group 32, the same E8M0 byte, the same E2M1 codes once ggml's nibble order is undone).
 - NVFP4: MLX `nvfp4` (group 16, the same UE4M3 byte: ggml's half-valued scale times its doubled codes is the
   plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul.
-- Q6_K (16-value sub-blocks, below MLX's smallest group of 32): dequantized to float32 at load, with a
-  one-line notice on stderr. F32/F16/BF16 stay as stored and are widened to float32 where used.
+- Q6_K and IQ2_S (16-value sub-blocks, below MLX's smallest group of 32; IQ2_S's magnitudes 8, 25, 43 are not
+  evenly spaced either): dequantized to float32 at load, with a one-line notice on stderr saying how much memory
+  that took. F32/F16/BF16 stay as stored and are widened to float32 where used.
 
 Arrays stay lazy; each layer's MoE output is scheduled with `mx.async_eval`, so the graph never spans more
 than a layer and the device works while Python builds the next one. The sampler step runs on the device too:
@@ -28,6 +34,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 
 from dgrun import quants
 from dgrun.format import GGUFFile
@@ -90,23 +97,35 @@ def repack_q4_0(raw: np.ndarray) -> Packed:
     return _pack(_nibbles(blocks[:, 2:]), 4, lead), d.reshape(*lead, -1), bias.reshape(*lead, -1)
 
 
+def _five_bit_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 codes: nibbles (ggml's split order) | fifth bit << 4, bit j of the u32 `qh` for value j."""
+    bits = np.ascontiguousarray(qh).view("<u4")
+    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _nibbles(qs) | (high << 4)
+
+
 def repack_q5_0(raw: np.ndarray) -> Packed:
     """Q5_0 → affine 5-bit, group 32: nibble | high bit << 4 is the code, scale d, bias -16·d."""
     blocks, lead = _blocks(raw, quants.Q5_0)
     d = _fp16(blocks[:, :2])
-    qh = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")  # bit j is the fifth bit of value j
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    codes = _nibbles(blocks[:, 6:]) | (high << 4)
+    codes = _five_bit_codes(blocks[:, 2:6], blocks[:, 6:])
     return _pack(codes, 5, lead), d.reshape(*lead, -1), (np.float32(-16) * d).reshape(*lead, -1)
 
 
-def repack_q4_k(raw: np.ndarray) -> Packed:
-    """Q4_K → affine 4-bit, group 32: each 32-value sub-block gets scale d·sc and bias -dmin·m.
+def repack_q5_1(raw: np.ndarray) -> Packed:
+    """Q5_1 → affine 5-bit, group 32: the 5-bit value is the code, scale d, bias m (d·q + m exactly as ggml)."""
+    blocks, lead = _blocks(raw, quants.Q5_1)
+    d, m = _fp16(blocks[:, :2]), _fp16(blocks[:, 2:4])
+    codes = _five_bit_codes(blocks[:, 4:8], blocks[:, 8:])
+    return _pack(codes, 5, lead), d.reshape(*lead, -1), m.reshape(*lead, -1)
 
-    d·sc and dmin·m are exact in float32 (11 + 6 significant bits), and so is scale·code, so MLX's
-    scale·code + bias rounds once, exactly where ggml's d·sc·q - dmin·m does.
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K per sub-block scale d·sc and bias -dmin·m [n, 8] from a block's first 16 bytes.
+
+    d·sc and dmin·m are exact in float32 (11 + 6 significant bits), and so is scale·code (at most 5 more), so
+    MLX's scale·code + bias rounds once, exactly where ggml's d·sc·q - dmin·m does.
     """
-    blocks, lead = _blocks(raw, quants.Q4_K)
     d, dmin = _fp16(blocks[:, 0:2]), _fp16(blocks[:, 2:4])
     packed = blocks[:, 4:16].reshape(-1, 3, 4)
     lo, hi, extra = packed[:, 0], packed[:, 1], packed[:, 2]
@@ -114,10 +133,85 @@ def repack_q4_k(raw: np.ndarray) -> Packed:
     # (low 4 bits) and the spare top 2 bits of bytes 0-7 (ggml's get_scale_min_k4).
     sc = np.concatenate([lo & 0x3F, (extra & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)
     m = np.concatenate([hi & 0x3F, (extra >> 4) | ((hi >> 2) & 0x30)], axis=-1).astype(np.float32)
-    # Byte l of each 32-byte chunk c holds value l of sub-block 2c (low) and of sub-block 2c + 1 (high).
-    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2)
-    return _pack(codes, 4, lead), (d * sc).reshape(*lead, -1), (-(dmin * m)).reshape(*lead, -1)
+    return d * sc, -(dmin * m)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """The 128 nibble bytes of Q4_K / Q5_K as [n, 8, 32] low 4 bits per sub-block: byte l of each 32-byte chunk
+    c holds value l of sub-block 2c (low nibble) and of sub-block 2c + 1 (high)."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def repack_q4_k(raw: np.ndarray) -> Packed:
+    """Q4_K → affine 4-bit, group 32: each 32-value sub-block gets scale d·sc and bias -dmin·m."""
+    blocks, lead = _blocks(raw, quants.Q4_K)
+    scales, biases = _k_scales(blocks)
+    return _pack(_k_nibbles(blocks[:, 16:]), 4, lead), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+
+
+def repack_q5_k(raw: np.ndarray) -> Packed:
+    """Q5_K → affine 5-bit, group 32: Q4_K's nibbles, each with its fifth bit (bit s of qh[l] for value l of
+    sub-block s), scale d·sc and bias -dmin·m."""
+    blocks, lead = _blocks(raw, quants.Q5_K)
+    scales, biases = _k_scales(blocks)
+    high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    codes = _k_nibbles(blocks[:, 48:]) | (high << 4)
+    return _pack(codes, 5, lead), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+
+
+# IQ4_NL's table values shifted to unsigned 8-bit codes: kvalue = code - 127.
+_IQ4_CODES = (np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.int16) + 127).astype(np.uint8)
+
+
+def repack_iq4_nl(raw: np.ndarray) -> Packed:
+    """IQ4_NL → affine 8-bit, group 32: code kvalue + 127, scale d, bias -127·d.
+
+    d·code (11 + 8 significant bits) and 127·d are exact in float32, and so is their difference d·kvalue.
+    """
+    blocks, lead = _blocks(raw, quants.IQ4_NL)
+    d = _fp16(blocks[:, :2])
+    codes = _IQ4_CODES[_nibbles(blocks[:, 2:])]
+    return _pack(codes, 8, lead), d.reshape(*lead, -1), (np.float32(-127) * d).reshape(*lead, -1)
+
+
+def repack_iq4_xs(raw: np.ndarray) -> Packed:
+    """IQ4_XS → affine 8-bit, group 32: code kvalue + 127, scale dl = d·(ls - 32), bias -127·dl.
+
+    dl has at most 16 significant bits, so dl·code (at most 24) and 127·dl are exact, as is dl·kvalue.
+    """
+    blocks, lead = _blocks(raw, quants.IQ4_XS)
+    d = _fp16(blocks[:, :2])
+    sub = np.arange(8)
+    scales_h = np.ascontiguousarray(blocks[:, 2:4]).view("<u2")  # 2 bits per 32 values
+    low = (blocks[:, 4 + sub // 2] >> (4 * (sub % 2)).astype(np.uint8)) & 0x0F
+    high = (scales_h >> (2 * sub).astype(np.uint16)) & 3
+    dl = d * ((low | (high << 4)).astype(np.float32) - np.float32(32))
+    codes = _IQ4_CODES[_nibbles(blocks[:, 8:].reshape(-1, 8, 16))]
+    return _pack(codes, 8, lead), dl.reshape(*lead, -1), (np.float32(-127) * dl).reshape(*lead, -1)
+
+
+def _iq3s_grid() -> np.ndarray:
+    gguf_quants.IQ3_S.init_grid()
+    return np.asarray(gguf_quants.IQ3_S.grid).reshape(512, 4).astype(np.int16)
+
+
+_IQ3S_GRID = _iq3s_grid()
+
+
+def repack_iq3_s(raw: np.ndarray) -> Packed:
+    """IQ3_S → affine 4-bit, group 32: a signed magnitude v in {-15, -13, ..., 15} is code (v + 15) / 2, scale
+    2·db, bias -15·db with db = d·(1 + 2s) per 32 values: 2·db·code - 15·db = db·v, every step exact."""
+    blocks, lead = _blocks(raw, quants.IQ3_S)
+    d = _fp16(blocks[:, :2])
+    qh = (blocks[:, 66:74, None] >> np.arange(8, dtype=np.uint8)) & 1  # bit g % 8 of qh[g / 8], group g
+    index = blocks[:, 2:66].astype(np.int32) | (qh.reshape(-1, 64).astype(np.int32) << 8)
+    negative = np.unpackbits(blocks[:, 74:106], axis=-1, bitorder="little")  # bit j % 8 of signs[j / 8]
+    signed = _IQ3S_GRID[index].reshape(-1, 256) * (1 - 2 * negative.astype(np.int16))
+    codes = ((signed + 15) // 2).astype(np.uint8)
+    s = (blocks[:, 106:110, None] >> np.array([0, 4], dtype=np.uint8)) & 0x0F
+    db = d * (1 + 2 * s.reshape(-1, 8)).astype(np.float32)
+    return _pack(codes, 4, lead), (np.float32(2) * db).reshape(*lead, -1), (np.float32(-15) * db).reshape(*lead, -1)
 
 
 def repack_mxfp4(raw: np.ndarray) -> Packed:
@@ -164,7 +258,12 @@ LAYOUTS: dict[T, Layout] = {
     T.Q8_0: Layout(repack_q8_0, "affine", 32, 8),
     T.Q4_0: Layout(repack_q4_0, "affine", 32, 4),
     T.Q5_0: Layout(repack_q5_0, "affine", 32, 5),
+    T.Q5_1: Layout(repack_q5_1, "affine", 32, 5),
     T.Q4_K: Layout(repack_q4_k, "affine", 32, 4),
+    T.Q5_K: Layout(repack_q5_k, "affine", 32, 5),
+    T.IQ4_NL: Layout(repack_iq4_nl, "affine", 32, 8),
+    T.IQ4_XS: Layout(repack_iq4_xs, "affine", 32, 8),
+    T.IQ3_S: Layout(repack_iq3_s, "affine", 32, 4),
     T.MXFP4: Layout(repack_mxfp4, "mxfp4", 32, 4),
     T.NVFP4: Layout(repack_nvfp4, "nvfp4", 16, 4),
 }
@@ -213,7 +312,7 @@ Weight = DenseWeight | QuantWeight
 def _repack_rows(raw: np.ndarray, layout: Layout) -> Packed:
     """`layout.repack` over a [..., row_bytes] tensor in row chunks, so temporaries stay small."""
     rows = raw.reshape(-1, raw.shape[-1])
-    step = max(1, _REPACK_CHUNK_VALUES // (rows.shape[1] * 2))  # no layout packs more than 2 values a byte
+    step = max(1, _REPACK_CHUNK_VALUES // (rows.shape[1] * 3))  # no layout packs more than 3 values a byte
     parts = [layout.repack(rows[i:i + step]) for i in range(0, rows.shape[0], step)]
     lead = raw.shape[:-1]
     packed, scales = (np.concatenate([p[k] for p in parts]).reshape(*lead, -1) for k in (0, 1))
