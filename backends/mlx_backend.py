@@ -10,7 +10,8 @@ reference are summation order inside matmuls (float32 compute throughout).
 - NVFP4: MLX `nvfp4` (group 16, the same UE4M3 byte: ggml's half-valued scale times its doubled codes is the
   plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul. Needs
   mlx >= 0.30.3: before it (MLX commit 1eef1d1, "Metal/CPU nvfp4 and mxfp8") Metal had no nvfp4 kernels and
-  the CPU build ran every non-affine mode as mxfp4 (mlx/backend/cpu/quantized.cpp in v0.30.1).
+  the CPU build ran every non-affine mode as mxfp4 (mlx/backend/cpu/quantized.cpp in v0.30.1). The extra
+  asks for 0.30.4, the first with `mx.device_info`.
 - Q6_K (16-value sub-blocks, below MLX's smallest group of 32): dequantized to float32 at load, with a
   one-line notice on stderr.
 - F32/F16/BF16 stay as stored. F16/BF16 are widened to float32 on every use (`DenseWeight.f32`), which keeps
