@@ -50,8 +50,11 @@ def text_config(**overrides: Any) -> dict[str, Any]:
 
 
 def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, embed_std: float = 1.0,
-               self_cond_std: float = 0.1) -> Any:
+               self_cond_std: float = 0.1, tie_word_embeddings: bool = True) -> Any:
     """A `DiffusionGemmaForBlockDiffusion` with random, non-trivial weights (float32).
+
+    `tie_word_embeddings=False` unties everything transformers ties: lm_head and the encoder's copies of the
+    decoder's weights then get random values of their own.
 
     `self_cond_std` scales the self-conditioning MLP. Random networks are chaotic under their own
     self-conditioning feedback: a 4e-6 float32 rounding difference (transformers' own f32-vs-f64 error on
@@ -66,7 +69,7 @@ def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, emb
         text_config=text,
         vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=2, head_dim=8),
-        canvas_length=canvas_length)
+        canvas_length=canvas_length, tie_word_embeddings=tie_word_embeddings)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
 
