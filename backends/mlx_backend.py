@@ -13,19 +13,67 @@ reference are summation order inside matmuls (float32 compute throughout).
   (sign·magnitude + 15) / 2, scale 2·db, bias -15·db.
 - MXFP4: MLX `mxfp4` (group 32, the same E8M0 byte, the same E2M1 codes once ggml's nibble order is undone).
 - NVFP4: MLX `nvfp4` (group 16, the same UE4M3 byte: ggml's half-valued scale times its doubled codes is the
-  plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul.
+  plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul. Needs
+  mlx >= 0.30.3: before it (MLX commit 1eef1d1, "Metal/CPU nvfp4 and mxfp8") Metal had no nvfp4 kernels and
+  the CPU build ran every non-affine mode as mxfp4 (mlx/backend/cpu/quantized.cpp in v0.30.1). The extra
+  asks for 0.30.4, the first with `mx.device_info`.
 - Q6_K and IQ2_S (16-value sub-blocks, below MLX's smallest group of 32; IQ2_S's magnitudes 8, 25, 43 are not
   evenly spaced either): dequantized to float32 at load, with a one-line notice on stderr saying how much memory
-  that took. F32/F16/BF16 stay as stored and are widened to float32 where used.
+  that took.
+- F32/F16/BF16 stay as stored. F16/BF16 are widened to float32 on every use (`DenseWeight.f32`), which keeps
+  them exact (float32 activations times the file's values, as the reference computes) at a price in memory
+  traffic: each use reads 2 bytes, writes 4 and the matmul reads those 4 again, 5x what a kernel reading
+  the 16-bit values would move. For the released model in BF16 that is ~26 G weight values widened per
+  decoder pass (all 128 experts of every layer, the 262,144-row table twice: soft embedding and output),
+  ~260 GB of traffic against ~52 GB, plus ~3 GB of transient float32 experts per layer (on `mlx[cpu]`, at a
+  decoder pass's 16 rows per expert: 1.2x (BF16) and 1.3x (F16) the F32 time). Running them as bf16
+  matmuls instead would round the activations to bf16 too (~4e-3 relative per matmul), far outside the
+  2e-5 parity bound. So F16/BF16 files are exact but slow here: on a Mac use `q8_0` or a `*_moe` preset,
+  whose layouts MLX multiplies without widening.
+
+How MLX's Metal kernels differ from the CPU build that the Linux tests run (checked against MLX's sources):
+- Precision: on M5-class GPUs (macOS 26.2+), float32 matmul, quantized matmul, gather matmul and attention
+  run at TF32-class precision unless MLX_ENABLE_TF32=0 (`env::enable_tf32()`, mlx/utils.h, default 1, read
+  once at the first such op; MLX's docs/src/usage/precision.rst; measured ~7.7e-4 relative in MLX issue
+  #3860, 40x the 2e-5 parity bound). This module sets it to 0 at import unless the user has set it.
+- Quantized matrix-vector products (`qmv`, `gather_qmv`: few rows, e.g. a short prompt's encoder pass, or
+  few tokens per expert) compute each thread's 8-32 values of a group as scale·Σ(x·q) + bias·Σx (`qdot`,
+  mlx/backend/metal/kernels/quantized.h), never forming the weight scale·q + bias that the CPU build
+  (mlx/backend/cpu/quantized.cpp) and Metal's matrix-matrix kernels form: another rounding, not just another
+  order. For the affine layouts the bias term is large (-128·d for Q8_0) and partly cancels. Known: a float32
+  numpy emulation of that formula on random Q8_0/Q4_0/Q5_0/Q4_K rows of 256 and 2816 values measures
+  2e-7..5e-7 relative per matmul against float64, no worse than the dequantized form (3e-7..1e-6), so it fits
+  the 2e-5 parity bound. Untested: the kernel itself, which only a Mac runs (the macOS CI job's parity tests
+  cover it on whatever GPU the runner has). mxfp4/nvfp4 have no bias term: order differences only.
+- Sums are parallel on Metal (SIMD/tree reductions) and left to right on the CPU build, so the per-row
+  entropies differ in their last bits between the two (as numpy's differ from torch's). The canvas-sized
+  end of each step (the entropy-bound cut-off's cumulative sum, the mean entropy, acceptance, renoising)
+  therefore runs on the host in `dgrun.sampler.finish_step`, the reference's own code, as the cpu backend
+  does: given the same entropies it decides exactly as the reference.
+- `mx.softmax` uses Metal's fast exp (mlx/backend/metal/kernels/softmax.h `softmax_exp`); `mx.exp` is
+  `metal::precise::exp`. The router (whose top-k is a discrete choice) and the soft embedding therefore write
+  exp(x - max) / sum as the reference does. Attention keeps `mx.softmax`: one kernel that holds one score
+  matrix where the written-out form holds three (the scores stay alive until the last op that reads them),
+  and its weights are continuous, so the fast exp's few-ulp error near each row's maximum lands inside the
+  2e-5 bound (untested on Metal: the macOS job's parity tests are what would show otherwise).
+- MLX's fused attention kernels do not take the full layers' head dim 512, and for the sliding layers' 256
+  MLX routes more than 8 queries to its unfused ops anyway (`has_fused_kernel` / `use_fallback`,
+  mlx/backend/metal/scaled_dot_product_attention.cpp). So attention is written unfused here, for memory:
+  query chunks of `_ATTENTION_CHUNK` rows, each evaluated before the next is built (MLX would otherwise
+  schedule every chunk of a long prompt together and hold all their scores at once).
 
 Arrays stay lazy; each layer's MoE output is scheduled with `mx.async_eval`, so the graph never spans more
-than a layer and the device works while Python builds the next one. The sampler step runs on the device too:
-only canvas-sized arrays (and, with a non-default RNG, the probabilities) reach the host.
+than a layer and the device works while Python builds the next one. The sampler's vocabulary-wide work runs
+on the device; only canvas-sized arrays (and, with a non-default RNG, the probabilities) reach the host.
+On Apple silicon the weights are wired (kept resident) up to the GPU's recommended working set, and MLX's
+buffer cache is emptied after every encoder pass, whose buffers (sized for the prompt) the decoder never
+reuses.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +84,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from dgrun import quants
+from dgrun import quants, sampler
 from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
-from dgrun.sampler import StepResult
+
+# Full float32 matmuls on M5-class GPUs (see the module notes). MLX reads the variable once, at the first
+# matmul-family op the process runs, so this must happen before any: a process that ran one already keeps
+# its setting. A user's own value (MLX_ENABLE_TF32=1 for speed) wins.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 Packed = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (codes as uint32 words, scales, biases or None)
 
@@ -282,6 +334,10 @@ class DenseWeight:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
     def f32(self, index: mx.array | None = None) -> mx.array:
         """The tensor (or its rows at `index`) as float32: F16/BF16 widen lazily where used."""
         array = self.array if index is None else self.array[index]
@@ -298,6 +354,10 @@ class QuantWeight:
     layout: Layout
     shape: tuple[int, ...]
     tensor_scale: float | None = None  # NVFP4's per-tensor scale, applied to every result
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.packed, self.scales, self.biases) if a is not None)
 
     def kwargs(self) -> dict[str, Any]:  # Any: mypy cannot match a mixed dict to the keyword parameters
         return {"group_size": self.layout.group_size, "bits": self.layout.bits, "mode": self.layout.mode}
@@ -364,25 +424,39 @@ def _inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
     return mx.minimum(index, last)
 
 
-def _accept(
-    entropy: mx.array, sampled: mx.array, argmax: mx.array, canvas: mx.array, noise: mx.array,
-    clamp: mx.array, bound: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """Entropy-bound acceptance and renoising as in `dgrun.sampler`: (canvas, argmax, accepted, mean entropy).
+def _exp_shifted(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(exp(x - max), its sum) over the last axis: softmax's parts with `mx.exp`, which is precise on Metal where
+    `mx.softmax`'s exp is not (see the module notes)."""
+    exp = mx.exp(x - x.max(axis=-1, keepdims=True))
+    return exp, exp.sum(axis=-1, keepdims=True)
 
-    Clamped positions sort last as +inf (inf - inf is NaN, never <= bound), so the free positions' running
-    sums are exactly those over the free subset.
+
+def _wire_weights(weight_bytes: int) -> None:
+    """On Apple silicon, keep up to the GPU's recommended working set wired (resident), as mlx-lm does
+    (mlx_lm/generate.py `wired_limit`, mlx_lm/server.py), so the weights are not paged out between passes.
+
+    Process-wide and kept after the model is closed, as mlx-lm's server keeps it; a larger limit already set
+    is left alone. A no-op without Metal (Linux, `mlx[cpu]`), where `device_info` has no working-set size.
     """
-    key = mx.where(clamp, mx.inf, entropy)
-    # The reference sorts stably; MLX's sort keeps tied entries in index order too (exact ties only).
-    order = mx.argsort(key)
-    ordered = key[order]
-    selected = (mx.cumsum(ordered) - ordered) <= bound
-    accepted = selected[mx.argsort(order)] & ~clamp
-    new_canvas = mx.where(clamp, canvas, mx.where(accepted, sampled, noise))
-    free = (~clamp).sum()
-    mean = mx.where(clamp, 0.0, entropy).sum() / mx.maximum(free, 1)
-    return new_canvas, mx.where(clamp, canvas, argmax), accepted | clamp, mean
+    if not mx.metal.is_available():
+        return
+    limit = int(mx.device_info()["max_recommended_working_set_size"])
+    if weight_bytes > 0.9 * limit:
+        print(f"dgrun: the weights take {weight_bytes / 2**30:.1f} GiB of this GPU's recommended working set of "
+              f"{limit / 2**30:.1f} GiB: expect paging (a smaller preset, e.g. mxfp4_moe, would fit)",
+              file=sys.stderr)
+    previous = mx.set_wired_limit(limit)
+    if previous > limit:
+        mx.set_wired_limit(previous)
+
+
+def _attend(q: mx.array, kt: mx.array, v: mx.array, visible: mx.array | None) -> mx.array:
+    """softmax(q k^T) v for one chunk of query rows, hidden keys at -inf; a function of its own so that no name
+    keeps the chunk's scores alive once the chunk is evaluated."""
+    scores = q @ kt
+    if visible is not None:
+        scores = mx.where(visible, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
 
 
 class MlxBackend:
@@ -398,7 +472,8 @@ class MlxBackend:
         self._rope = mx.compile(_rope)
         self._step_core = mx.compile(_step_core)
         self._inverse_cdf = mx.compile(_inverse_cdf)
-        self._accept = mx.compile(_accept)
+        self._exp_shifted = mx.compile(_exp_shifted)
+        self._encoder_ran = False  # an encoder pass ran since the decoder's last (see `_after_encoder`)
 
     def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
         """Every named tensor on the device: repacked into an MLX layout, or whole (see the module notes)."""
@@ -438,6 +513,7 @@ class MlxBackend:
             what = ", ".join(f"{kind} ({size / 2**20:.1f} MiB)" for kind, size in sorted(dequantized.items()))
             print(f"dgrun: mlx has no lossless layout for {what}: dequantized to float32 at load",
                   file=sys.stderr)
+        _wire_weights(sum(w.nbytes for w in weights.values()))
         return weights
 
     # -- elementwise and normalisation --------------------------------------------------------------
@@ -474,9 +550,13 @@ class MlxBackend:
         return table.rescale(rows) * scale
 
     def soft_embed(self, logits: mx.array | np.ndarray, table: Weight, scale: float) -> mx.array:
-        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H])."""
-        probs = mx.softmax(mx.array(logits) if isinstance(logits, np.ndarray) else logits, axis=-1)
-        return self._matmul(probs, table, transpose=False) * scale
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H]).
+
+        Normalised after the matmul (exp(l - max) @ table / sum), so the only canvas x vocab array it makes is the
+        exponentials; the reference divides first, which differs by float32 rounding only.
+        """
+        exp, total = self._exp_shifted(mx.array(logits) if isinstance(logits, np.ndarray) else logits)
+        return self._matmul(exp, table, transpose=False) / total * scale
 
     def linear(self, x: mx.array, w: Weight) -> mx.array:
         """x @ W^T for a [out, in] weight."""
@@ -511,26 +591,50 @@ class MlxBackend:
         """Softmax(q k^T) v with scaling 1.0, grouped KV heads and the reference's position masks.
 
         q [n, Hq, d], k/v [m, Hkv, d]. A key is visible when (not causal or k_pos <= q_pos) and
-        (window is None or k_pos > q_pos - window); MLX's fused attention takes the KV heads ungrouped.
+        (window is None or k_pos > q_pos - window). Unfused (see the module notes): per chunk of query rows,
+        scores [Hkv, group, rows, m] (query head h reads KV head h // group, as the reference's repeat does),
+        -inf where hidden, softmax, times v. With more rows than one chunk, each chunk is evaluated before the
+        next is built, so only one chunk's scores are ever alive; one chunk (every decoder pass) stays lazy.
         """
-        qh = q.transpose(1, 0, 2)[None]
-        kh, vh = k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]
+        if causal:
+            self._encoder_ran = True
+        elif self._encoder_ran:
+            self._after_encoder(k, v)
+        n, heads, d = q.shape
+        kv_heads = k.shape[1]
+        qh = q.transpose(1, 0, 2).reshape(kv_heads, heads // kv_heads, n, d)
+        kt = k.transpose(1, 2, 0)[:, None]  # [Hkv, 1, d, m]: broadcast over the group
+        vh = v.transpose(1, 0, 2)[:, None]  # [Hkv, 1, m, d_v]
         kp = mx.array(np.asarray(k_pos, dtype=np.int32))[None, :]
         chunks = []
-        for start in range(0, q.shape[0], _ATTENTION_CHUNK):
-            stop = min(start + _ATTENTION_CHUNK, q.shape[0])
-            mask = None
+        for start in range(0, n, _ATTENTION_CHUNK):
+            stop = min(start + _ATTENTION_CHUNK, n)
+            visible = None
             if causal or window is not None:
                 qp = mx.array(np.asarray(q_pos[start:stop], dtype=np.int32))[:, None]
-                if causal:
-                    mask = kp <= qp
+                visible = kp <= qp if causal else mx.array(True)
                 if window is not None:
-                    in_window = kp > qp - window
-                    mask = in_window if mask is None else mask & in_window
-            chunks.append(mx.fast.scaled_dot_product_attention(qh[:, :, start:stop], kh, vh, scale=1.0,
-                                                               mask=mask))
+                    visible = visible & (kp > qp - window)
+            chunks.append(_attend(qh[:, :, start:stop], kt, vh, visible))
+            if n > _ATTENTION_CHUNK:
+                mx.eval(chunks[-1])
         out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
-        return out[0].transpose(1, 0, 2)
+        return out.reshape(heads, n, -1).transpose(1, 0, 2)
+
+    def _after_encoder(self, k: mx.array, v: mx.array) -> None:
+        """The decoder's first attention after an encoder pass: let the encoder finish, then empty MLX's cache.
+
+        The encoder's buffers are sized for its rows (a long prompt's score matrices alone reach GBs, each chunk's
+        of another size), and the decoder's canvas-sized passes never reuse them: MLX takes a cached buffer only
+        of nearly the requested size (`reuse_from_cache`, mlx/backend/common/buffer_cache.h), and on Metal the
+        cache may grow to 1.5x the recommended working set before it returns any (mlx/backend/metal/allocator.cpp).
+        Evaluating k/v (the cache they read) first waits for the encoder's work, so its buffers are back in the
+        cache when it is cleared. Once per encoder pass, i.e. per canvas: the decoder's own buffers are then
+        allocated afresh once every (up to 48) steps, as mlx-lm clears every 256 tokens.
+        """
+        mx.eval(k, v)
+        mx.clear_cache()
+        self._encoder_ran = False
 
     # -- mixture of experts -----------------------------------------------------------------------------
 
@@ -539,7 +643,8 @@ class MlxBackend:
     ) -> tuple[mx.array, mx.array]:
         """Router: unscaled RMSNorm, * scale * hidden^-0.5, softmax, top-k renormalised, per-expert scale."""
         h = self.rms_norm(x, None, eps) * scale * (x.shape[-1] ** -0.5)
-        probs = mx.softmax(self.linear(h, proj), axis=-1)
+        exp, total = self._exp_shifted(self.linear(h, proj))
+        probs = exp / total
         index = mx.argsort(-probs, axis=-1)[:, :top_k]  # exact ties keep index order, as numpy's stable sort
         weights = mx.take_along_axis(probs, index, axis=-1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -579,26 +684,25 @@ class MlxBackend:
     def denoise_step(
         self, logits: mx.array | np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
-    ) -> StepResult:
-        """`dgrun.sampler.denoise_step` on the device; `processed_logits` stays an mx.array.
+    ) -> sampler.StepResult:
+        """`dgrun.sampler.denoise_step`: the vocabulary-wide work on the device, the canvas-sized rest on the host.
 
-        Draws go through `rng` in the reference's order (categorical, then tokens). A `DefaultRng` gives only
-        its uniforms and the inverse CDF runs here (float32 cdf, see `_inverse_cdf`); any other RNG gets the
-        probabilities on the host, which costs a canvas x vocab copy (replay in tests).
+        The device computes temperature, softmax, per-row entropy and argmax (and, for a plain `DefaultRng`, the
+        categorical draw from its uniforms by a float32 inverse CDF, see `_inverse_cdf`; any other RNG gets the
+        probabilities, a canvas x vocab copy). Entropies, argmax and draws (a few KiB) then go through
+        `sampler.finish_step`, the reference's own acceptance, renoising, clamp and mean entropy, as the cpu
+        backend does: Metal's parallel sums could otherwise flip an acceptance or the stop rule (module notes).
+        Draws go through `rng` in the reference's order (categorical, then tokens); `processed_logits` stays an
+        mx.array for the next pass's self-conditioning.
         """
         logits = mx.array(logits) if isinstance(logits, np.ndarray) else logits
-        canvas = np.asarray(canvas, dtype=np.int64)
         processed, probs, argmax, entropy = self._step_core(logits, mx.array(temp, dtype=mx.float32))
-        if isinstance(rng, DefaultRng):
-            sampled = self._inverse_cdf(probs, mx.array(rng.uniform(canvas.shape[0]).astype(np.float32)))
+        if isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical:
+            sampled = self._inverse_cdf(probs, mx.array(rng.uniform(logits.shape[0]).astype(np.float32)))
+            mx.eval(processed, sampled, argmax, entropy)
+            drawn = np.array(sampled)
         else:
-            sampled = mx.array(np.asarray(rng.categorical(np.array(probs)), dtype=np.int32))
-        noise = rng.tokens(canvas.shape, logits.shape[-1])  # a full canvas every step, as transformers does
-        no_clamp = np.zeros(canvas.shape, dtype=bool)
-        new_canvas, argmax, accepted, mean = self._accept(
-            entropy, sampled.astype(mx.int32), argmax.astype(mx.int32), mx.array(canvas.astype(np.int32)),
-            mx.array(np.asarray(noise, dtype=np.int32)), mx.array(no_clamp if clamp is None else clamp),
-            mx.array(entropy_bound, dtype=mx.float32))
-        mx.eval(processed, new_canvas, argmax, accepted, mean)
-        return StepResult(np.array(new_canvas).astype(np.int64), np.array(argmax).astype(np.int64), processed,
-                          np.array(accepted), float(np.array(mean)))
+            mx.eval(processed, probs, argmax, entropy)
+            drawn = np.asarray(rng.categorical(np.array(probs)))
+        return sampler.finish_step(processed, drawn, np.array(argmax), np.array(entropy), canvas, entropy_bound,
+                                   rng, clamp)
