@@ -12,6 +12,11 @@ Traps this file handles (all from transformers 5.23.0 `modeling_diffusion_gemma.
 - attention scaling is 1.0; q/k norms have a scale, v_norm has none;
 - every layer runs the dense MLP and the MoE in parallel; the router reads the un-normed residual;
 - logits are soft-capped.
+
+Images (`EncoderImages`, made by `dgrun.vision`): the encoder reads an image's embeddings at its run of image
+tokens instead of their token embeddings, and with `use_bidirectional_attention="vision"` the mask of
+transformers' `create_masks_for_generate` holds on every layer: visible = (causal, and inside the window on
+sliding layers) or (both positions in the same image's run).
 """
 
 from __future__ import annotations
@@ -85,6 +90,15 @@ def rope_inv_freq(cfg: ModelConfig, layer: int) -> np.ndarray:
 
 
 @dataclass
+class EncoderImages:
+    """Rows of an encoder pass that read images: their embeddings replace the token embeddings there."""
+
+    runs: list[tuple[int, int]]  # [start, end) rows of each image, in order, not overlapping
+    embeds: Any  # backend array [rows of all runs, hidden]: the runs' rows one after another
+    bidirectional: bool  # each run also attends to itself both ways (use_bidirectional_attention="vision")
+
+
+@dataclass
 class KVCache:
     """Encoder K/V per layer ([positions, kv_heads, head_dim]); sliding layers keep the last window-1."""
 
@@ -114,9 +128,10 @@ class DiffusionGemma:
         return KVCache([None] * n, [None] * n, 0, [np.zeros(0, dtype=np.int64) for _ in range(n)])
 
     def _attention(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
-                   encoder: bool) -> Any:
+                   encoder: bool, runs: list[tuple[int, int]] | None = None) -> Any:
         """Attention over rows that belong to `len(caches)` elements: projections, norms and RoPE run over all
-        rows at once; each element's rows (`sizes[j]` of them, in order) attend to its own cache only."""
+        rows at once; each element's rows (`sizes[j]` of them, in order) attend to its own cache only. `runs`:
+        the bidirectional image runs of a lone encoder element's rows."""
         ops, cfg, p = self.ops, self.cfg, f"blk.{i}."
         n, d = x.shape[0], cfg.layer_head_dim(i)
         h = ops.rms_norm(x, self.vec[p + "attn_norm.weight"], cfg.rms_norm_eps)
@@ -131,12 +146,13 @@ class DiffusionGemma:
         outs, start = [], 0
         for cache, size in zip(caches, sizes, strict=True):
             rows = slice(start, start + size)
-            outs.append(self._attend(i, q[rows], k[rows], v[rows], positions[rows], cache, encoder))
+            outs.append(self._attend(i, q[rows], k[rows], v[rows], positions[rows], cache, encoder, runs))
             start += size
         out = ops.linear(ops.concat(*outs).reshape(n, -1), self.w[p + "attn_output.weight"])
         return ops.rms_norm(out, self.vec[p + "post_attention_norm.weight"], cfg.rms_norm_eps)
 
-    def _attend(self, i: int, q: Any, k: Any, v: Any, positions: np.ndarray, cache: KVCache, encoder: bool) -> Any:
+    def _attend(self, i: int, q: Any, k: Any, v: Any, positions: np.ndarray, cache: KVCache, encoder: bool,
+                runs: list[tuple[int, int]] | None = None) -> Any:
         """One element's attention: its new rows against its cache plus themselves (the encoder also appends
         them to the cache)."""
         ops, cfg = self.ops, self.cfg
@@ -150,8 +166,36 @@ class DiffusionGemma:
             keep = keys.shape[0] if window is None else min(keys.shape[0], window - 1)
             cache.keys[i], cache.values[i] = keys[-keep:], values[-keep:]
             cache.positions[i] = k_pos[-keep:]
+        if runs:
+            return self._attend_images(q, keys, values, positions, k_pos, window, runs)
         # The decoder attends to everything it is given: the trimmed cache already is the sliding window.
         return ops.attention(q, keys, values, positions, k_pos, causal=encoder, window=window if encoder else None)
+
+    def _attend_images(self, q: Any, keys: Any, values: Any, positions: np.ndarray, k_pos: np.ndarray,
+                       window: int | None, runs: list[tuple[int, int]]) -> Any:
+        """The encoder's attention when image runs also see themselves whole (transformers' blockwise overlay).
+
+        Text rows attend causally (within the window). A query at position p of an image spanning positions
+        [s, e] sees the union of its causal window (p - window, p] and [s, e], which is one range: from
+        min(s, p - window + 1) up to e (all of [.., e] on full layers). The attention op says exactly that when
+        given the keys up to e (the image's last key: the new keys follow the cache in position order), no
+        causal mask, and min(p, s + window - 1) as the query position its window is measured from.
+        """
+        ops, outs, start = self.ops, [], 0
+        cached = len(k_pos) - len(positions)
+        for first, end in [*runs, (len(positions), len(positions))]:
+            if start < first:
+                outs.append(ops.attention(q[start:first], keys, values, positions[start:first], k_pos, causal=True,
+                                          window=window))
+            if first < end:
+                seen = cached + end
+                q_pos = positions[first:end]
+                if window is not None:
+                    q_pos = np.minimum(q_pos, positions[first] + window - 1)
+                outs.append(ops.attention(q[first:end], keys[:seen], values[:seen], q_pos, k_pos[:seen],
+                                          causal=False, window=window))
+            start = end
+        return ops.concat(*outs)
 
     def _feed_forward(self, i: int, x: Any) -> Any:
         ops, cfg, p, eps = self.ops, self.cfg, f"blk.{i}.", self.cfg.rms_norm_eps
@@ -166,23 +210,40 @@ class DiffusionGemma:
         return ops.rms_norm(dense + moe, self.vec[p + "post_ffw_norm.weight"], eps)
 
     def _layer(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
-               encoder: bool) -> Any:
-        x = x + self._attention(i, x, positions, caches, sizes, encoder)
+               encoder: bool, runs: list[tuple[int, int]] | None = None) -> Any:
+        x = x + self._attention(i, x, positions, caches, sizes, encoder, runs)
         x = x + self._feed_forward(i, x)
         scalar = "enc_layer_output_scale.weight" if encoder else "layer_output_scale.weight"
         return x * self.vec[f"blk.{i}.{scalar}"]
 
-    def encode(self, ids: np.ndarray, cache: KVCache) -> None:
-        """Causal encoder pass over new tokens: appends their K/V to `cache` (the hidden output is unused)."""
+    def encode(self, ids: np.ndarray, cache: KVCache, images: EncoderImages | None = None) -> None:
+        """Causal encoder pass over new tokens: appends their K/V to `cache` (the hidden output is unused).
+
+        `images`: rows that read image embeddings instead of token embeddings (see `EncoderImages`)."""
         ids = np.asarray(ids, dtype=np.int64)
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         x = self.ops.embed(self.w["token_embd.weight"], ids, self.cfg.embed_scale)
+        runs = None
+        if images is not None and images.runs:
+            x = self._with_images(x, images)
+            runs = images.runs if images.bidirectional else None
         last = self.cfg.num_hidden_layers - 1
         for i in range(last):
-            x = self._layer(i, x, positions, [cache], [len(ids)], encoder=True)
+            x = self._layer(i, x, positions, [cache], [len(ids)], encoder=True, runs=runs)
         # Only the last layer's K/V matter to generation: its attention output and FFN would be thrown away.
-        self._attention(last, x, positions, [cache], [len(ids)], encoder=True)
+        self._attention(last, x, positions, [cache], [len(ids)], encoder=True, runs=runs)
         cache.length += len(ids)
+
+    def _with_images(self, x: Any, images: EncoderImages) -> Any:
+        """The embedded rows with each image run's rows taken from the image embeddings (transformers'
+        `masked_scatter`: the image features in order, unscaled)."""
+        pieces, row, embedded = [], 0, 0
+        for start, end in images.runs:
+            pieces += [x[row:start], images.embeds[embedded:embedded + end - start]]
+            row, embedded = end, embedded + end - start
+        if embedded != len(images.embeds):
+            raise ValueError(f"{len(images.embeds)} image embeddings for {embedded} image-token rows")
+        return self.ops.concat(*[piece for piece in (*pieces, x[row:]) if len(piece)])
 
     def decode(self, canvas: np.ndarray, cache: KVCache, self_cond_logits: Any | None) -> Any:
         """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab]."""
