@@ -82,13 +82,15 @@ GENERATION_CASES = {
 }
 
 
-def replay_generate(ckpt, prompt, params, backend="numpy"):
-    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed)."""
+def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
+    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
+
+    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint)."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
     ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
     # A null threshold is how transformers turns adaptive stopping off; ours says it with a flag.
     adaptive = params.get("stability_threshold", 0) is not None
-    with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
+    with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
         out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
