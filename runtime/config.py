@@ -247,7 +247,8 @@ class ModelConfig:
         sliding = _sliding_pattern(metadata.get(_key("attention.sliding_window_pattern")), n_layers)
         kwargs["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
         try:
-            kv = [int(x) for x in metadata[_key("attention.head_count_kv")]]
+            kv = metadata[_key("attention.head_count_kv")]  # per layer, or one count for all (llama.cpp)
+            kv = [kv] * n_layers if isinstance(kv, int) else [int(x) for x in kv]
             kwargs["num_key_value_heads"] = next(k for k, s in zip(kv, sliding, strict=True) if s)
             kwargs["num_global_key_value_heads"] = next(k for k, s in zip(kv, sliding, strict=True) if not s)
         except (KeyError, TypeError, ValueError, StopIteration) as e:
@@ -257,7 +258,8 @@ class ModelConfig:
                               "is bidirectional")
         if rope_freqs is not None:
             factor = _partial_rotary_from_rope_freqs(rope_freqs, kwargs["global_head_dim"])
-            if kwargs.setdefault("partial_rotary_factor", factor) != factor:
+            half = kwargs["global_head_dim"] / 2  # compare rotated pairs: the key is a float32
+            if int(kwargs.setdefault("partial_rotary_factor", factor) * half) != round(factor * half):
                 raise ConfigError(f"metadata key {_key('rope.partial_rotary_factor')} is "
                                   f"{kwargs['partial_rotary_factor']} but {ROPE_FREQS_TENSOR} rotates {factor}")
         elif "partial_rotary_factor" not in kwargs:
@@ -291,10 +293,9 @@ def _sliding_pattern(pattern: Any, n_layers: int) -> list[bool]:
     key = _key("attention.sliding_window_pattern")
     if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
         return [i % pattern < pattern - 1 for i in range(n_layers)]
-    if isinstance(pattern, (list, np.ndarray)) and len(pattern) == n_layers:
-        values = np.asarray(pattern)
-        if values.dtype == np.bool_ or (np.issubdtype(values.dtype, np.integer) and set(values.tolist()) <= {0, 1}):
-            return [bool(v) for v in values]
+    if isinstance(pattern, np.ndarray) and pattern.shape == (n_layers,):  # numeric arrays only (nested: lists)
+        if pattern.dtype == np.bool_ or (np.issubdtype(pattern.dtype, np.integer) and set(pattern.tolist()) <= {0, 1}):
+            return [bool(v) for v in pattern]
     raise ConfigError(f"metadata key {key} is missing or is not {n_layers} booleans")
 
 
@@ -484,5 +485,5 @@ def _peer_eos_ids(metadata: dict[str, Any]) -> list[int]:
     ids = [metadata[k] for k in PEER_EOS_ID_KEYS if isinstance(metadata.get(k), int)]
     tokens = metadata.get("tokenizer.ggml.tokens")
     if metadata.get("tokenizer.ggml.model") == "gemma4" and isinstance(tokens, list):
-        ids += [i for i, piece in enumerate(tokens) if piece in PEER_EOS_PIECES]
+        ids += [i for i, piece in enumerate(tokens) if isinstance(piece, str) and piece in PEER_EOS_PIECES]
     return sorted(set(ids), key=ids.index)

@@ -292,3 +292,13 @@ def test_truncated_and_bit_flipped_files_give_only_format_errors(tmp_path):
 def test_config_error_is_raised_for_metadata_alone():
     with GGUFFile(PEER / "gen-f32.gguf") as f, pytest.raises(ConfigError, match="vocab_size is missing"):
         ModelConfig.from_metadata(f.metadata)
+
+
+def test_fuzzing_the_forks_file_finds_only_format_errors():
+    """Byte-level mutants of the fork's file through the reader, the config, the generation defaults and the
+    tokenizer build (tools/fuzz_dgf.py; its generated seeds carry the fork's keys too)."""
+    import fuzz_dgf
+
+    report = fuzz_dgf.fuzz(seconds=4.0, seed=23, seed_files=[PEER / "gen-f32.gguf"])
+    assert report.ok, "\n".join(map(str, report.failures[:3]))
+    assert report.iterations > 20 and report.rejected > 0, report.summary()

@@ -52,7 +52,7 @@ def rewrite_gguf(src: str | Path, dst: str | Path, metadata: Mapping[str, Any] |
         value, vtype, sub_type = _field_value(field)
         if key in metadata:
             new = metadata.pop(key)
-            if type(new) is not type(value):  # another kind of value: the type gguf-py gives it
+            if new is not DROP and type(new) is not type(value):  # another kind of value: gguf-py's type for it
                 vtype, sub_type = GGUFValueType.get_type(new), None
                 if vtype == GGUFValueType.ARRAY and new:
                     sub_type = GGUFValueType.get_type(new[0])
