@@ -86,3 +86,26 @@ def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float, what: str) -> No
         first = np.unravel_index(int(np.argmax(diff > rtol * np.abs(ref).max())), diff.shape)
         pytest.fail(f"{what}: rel L2 {rel:.3e} > {rtol:.1e}; max-abs {diff.max():.3e}; "
                     f"first mismatch at {first}: {out[first]!r} vs {ref[first]!r}")
+
+
+# Byte offsets of the fp16 fields (scales, mins) inside one block of each block-quantized type with such fields.
+FP16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_S": (0,), "IQ2_S": (0,),
+}
+
+
+def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw uint8 [rows, row_bytes] of random valid blocks: random bytes, with every fp16 field a finite value.
+
+    The way to test decoders of types dgrun cannot write (i-quants): every code, sign, grid index and sub-block
+    scale pattern occurs, and the fp16 scales span normal and subnormal magnitudes of both signs.
+    """
+    from dgrun import quants
+
+    qt = quants.get_quant_type(ggml_type)
+    raw = rng.integers(0, 256, (rows, width // qt.block_size, qt.type_size), dtype=np.uint8)
+    for offset in FP16_FIELDS[qt.ggml_type.name]:
+        scale = rng.normal(0, 1, raw.shape[:2]) * np.exp2(rng.integers(-20, 4, raw.shape[:2]))
+        raw[..., offset:offset + 2] = scale.astype("<f2")[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)

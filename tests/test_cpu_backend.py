@@ -66,7 +66,7 @@ def _kernel_sets() -> list[str]:
 
 
 KERNEL_SETS = _kernel_sets()
-TYPES = list(quants.QUANT_TYPES)
+TYPES = sorted(CpuBackend.supported_types)
 REF = NumpyBackend()
 
 
