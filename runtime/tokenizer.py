@@ -47,7 +47,8 @@ class Tokenizer:
         """The file's tokenizer, or None when it has none. A tokenizer that cannot be built is a FormatError."""
         bos = gguf.get("tokenizer.ggml.bos_token_id")
         bos_id = bos if isinstance(bos, int) else None
-        add_bos = gguf.get("tokenizer.ggml.add_bos_token", bos_id is not None) is True
+        flag = gguf.get("tokenizer.ggml.add_bos_token", bos_id is not None)
+        add_bos = bool(flag) if isinstance(flag, (bool, int)) else False
         try:
             if HF_JSON_KEY in gguf.metadata:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -64,7 +65,8 @@ class Tokenizer:
         except FormatError as e:
             raise FormatError(f"{gguf.path}: {e}") from None
         except Exception as e:  # tokenizers and sentencepiece raise their own types on malformed input
-            raise FormatError(f"{gguf.path}: the tokenizer cannot be built: {e}") from None
+            message = " ".join(str(e).split())  # one line, whatever the library's message looks like
+            raise FormatError(f"{gguf.path}: the tokenizer cannot be built: {message}") from None
         return None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
