@@ -443,10 +443,11 @@ class GenerationConfig:
                 # The fork stores these as float32: take the shortest decimal that rounds to it (0.4, not
                 # 0.4000000059604645), which is the value its converter read from generation_config.json.
                 kwargs[f.name] = float(str(np.float32(value))) if kind is float else value
-        if "eos_token_ids" not in kwargs and not written_by_dgrun(metadata):
-            kwargs["eos_token_ids"] = _peer_eos_ids(metadata)
-        if "pad_token_id" not in kwargs and isinstance(metadata.get("tokenizer.ggml.padding_token_id"), int):
-            kwargs["pad_token_id"] = metadata["tokenizer.ggml.padding_token_id"]
+        if not written_by_dgrun(metadata):  # the fork's file: what llama.cpp takes from the tokenizer's ids
+            kwargs.setdefault("eos_token_ids", _peer_eos_ids(metadata))
+            pad = metadata.get("tokenizer.ggml.padding_token_id")
+            if "pad_token_id" not in kwargs and isinstance(pad, int):
+                kwargs["pad_token_id"] = pad
         return cls(**kwargs)
 
     def resolved(self) -> dict[str, Any]:

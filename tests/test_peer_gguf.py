@@ -302,3 +302,27 @@ def test_fuzzing_the_forks_file_finds_only_format_errors():
     report = fuzz_dgf.fuzz(seconds=4.0, seed=23, seed_files=[PEER / "gen-f32.gguf"])
     assert report.ok, "\n".join(map(str, report.failures[:3]))
     assert report.iterations > 20 and report.rejected > 0, report.summary()
+
+
+def test_dgrun_files_carry_what_the_forks_runtime_reads(tmp_path):
+    """dgrun's conversion of a checkpoint holds the fork's keys and tensors with the fork's values (the fork's own
+    conversion of the same checkpoint is the reference), so it loads in the fork's runtime too; running it there
+    is tools/check_peer_runtime.py's job (it needs a build of the fork)."""
+    from fixtures import save_peer_checkpoint
+
+    from dgrun.config import PEER_SAMPLER_KEYS
+    from dgrun.converters.convert_hf import convert
+
+    folder = save_peer_checkpoint("gen", tmp_path / "gen")
+    convert(folder, tmp_path / "gen.dgf", "f32", quiet=True)
+    keys = ["diffusion.canvas_length", *(key for key, _ in PEER_SAMPLER_KEYS.values()), "tokenizer.ggml.model",
+            *(f"diffusion-gemma.{k}" for k in ("rope.dimension_count", "rope.dimension_count_swa", "attention.causal",
+                                               "attention.sliding_window_pattern", "attention.head_count_kv")),
+            "tokenizer.ggml.mask_token_id", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.merges"]
+    with GGUFFile(tmp_path / "gen.dgf") as ours, GGUFFile(PEER / "gen-f32.gguf") as theirs:
+        for key in keys:
+            assert np.array_equal(np.asarray(ours.get(key)), np.asarray(theirs.get(key))), key
+        assert ours.get("tokenizer.ggml.tokens") == theirs.get("tokenizer.ggml.tokens")
+        for name, info in theirs.tensors.items():
+            assert ours.tensors[name].shape == info.shape, name
+            assert np.array_equal(ours.array(name), theirs.array(name)), name
