@@ -113,10 +113,7 @@ class CpuBackend(NumpyBackend):
     """The op interface on native kernels; anything not worth a kernel is inherited from the numpy reference."""
 
     name = "cpu"
-    # The types native/cpu decodes (the rest of quants.QUANT_TYPES are read-only types still without a decoder).
-    supported_types = frozenset(quants.QUANT_TYPES) - {quants.Q5_1.ggml_type, quants.Q5_K.ggml_type,
-                                                       quants.IQ4_NL.ggml_type, quants.IQ4_XS.ggml_type,
-                                                       quants.IQ3_S.ggml_type, quants.IQ2_S.ggml_type}
+    supported_types = frozenset(quants.QUANT_TYPES)
 
     def __init__(self, threads: int | None = None, isa: str | None = None):
         self.ffi, self.lib, self.library_path = load_library()

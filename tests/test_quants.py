@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_blocks
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
@@ -13,6 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from dgrun.quants import (
     NVFP4,
     Q4_K,
+    Q5_K,
     Q6_K,
     QUANT_TYPES,
     can_quantize,
@@ -23,11 +24,11 @@ from dgrun.quants import (
 )
 from dgrun.quants import _fp32_to_ue4m3 as fp32_to_ue4m3
 
-DECODE_ONLY = [T.Q5_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S]  # read from llama-quantize's files, never written
-WRITABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+DECODE_ONLY = [T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S]  # read from llama-quantize's files, never written
+WRITABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4]
 ALL_TYPES = WRITABLE + DECODE_ONLY
 GGUF_QUANTIZED = [T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.MXFP4]  # we delegate quantization to gguf-py
-OWN_QUANTIZED = [T.Q4_K, T.Q6_K, T.NVFP4]  # our numpy ports of ggml's reference quantizers
+OWN_QUANTIZED = [T.Q4_K, T.Q5_K, T.Q6_K, T.NVFP4]  # our numpy ports of ggml's reference quantizers
 BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S]
 
 # Upper bounds on the relative L2 error ||out - x|| / ||x|| for seeded Gaussian [8, 512] data, set
@@ -44,6 +45,7 @@ REL_ERROR_BOUND = {
     # 4.5 bpw: 16 levels spanning [min, max] of 32 values, with a weighted scale/min search; ggml's
     # reference quantizer gives the same numbers (measured 0.070 / 0.072).
     T.Q4_K: 0.09,
+    T.Q5_K: 0.045,  # 5.5 bpw: Q4_K's search with 32 levels (measured 0.035 / 0.036)
     # 6.56 bpw: step amax/32 per 16 values (measured 0.017 / 0.021). Worse at std 1e-3 because the
     # fp16 super-block scale d ~ amax/4096 is then a float16 subnormal with only a few significant bits.
     T.Q6_K: 0.027,
@@ -118,6 +120,7 @@ def test_row_bytes_and_can_quantize() -> None:
     assert can_quantize(T.NVFP4, 64) and not can_quantize(T.NVFP4, 32)
     assert can_quantize(T.F32, 7) and not can_quantize(T.F32, 0)
     assert row_bytes(T.IQ2_S, 512) == 164 and not can_quantize(T.IQ2_S, 512)  # read, never written
+    assert can_quantize(T.Q5_K, 512) and not can_quantize(T.Q5_K, 704)
 
 
 @pytest.mark.parametrize("ggml_type", DECODE_ONLY, ids=lambda t: t.name)
@@ -307,6 +310,25 @@ def ref_make_qkx2(x: list, w: list, nmax: int, rmin: float, rdelta: float, nstep
 
 def ref_q4_k_block(x: np.ndarray) -> bytes:
     """quantize_row_q4_K_ref for one super-block."""
+    d, dmin, packed, q = ref_k_quant(x, 15, -1.0, 20)
+    qs = [q[c + i] | (q[c + i + 32] << 4) for c in range(0, 256, 64) for i in range(32)]
+    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qs)
+
+
+def ref_q5_k_quant_block(x: np.ndarray) -> bytes:
+    """quantize_row_q5_K_ref for one super-block."""
+    d, dmin, packed, q = ref_k_quant(x, 31, -0.5, 15)
+    qh, ql = [0] * 32, []
+    for n in range(0, 256, 64):
+        for j in range(32):
+            lo, hi = q[n + j], q[n + j + 32]
+            qh[j] |= (lo >> 4) << (n // 32) | (hi >> 4) << (n // 32 + 1)
+            ql.append((lo & 0xF) | ((hi & 0xF) << 4))
+    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qh) + bytes(ql)
+
+
+def ref_k_quant(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple:
+    """The common part of quantize_row_q{4,5}_K_ref: (fp16 d, fp16 dmin, 12 scale bytes, 256 levels)."""
     xs = [f32(v) for v in x]
     scales, mins = [], []
     for j in range(8):
@@ -315,7 +337,7 @@ def ref_q4_k_block(x: np.ndarray) -> bytes:
         for v in sub:
             sum_x2 = f32(sum_x2 + f32(v * v))
         av_x = f32(np.sqrt(f32(sum_x2 / 32)))
-        s, m = ref_make_qkx2(sub, [f32(av_x + abs(v)) for v in sub], 15, -1.0, 0.1, 20)
+        s, m = ref_make_qkx2(sub, [f32(av_x + abs(v)) for v in sub], nmax, rmin, 0.1, nstep)
         scales.append(s)
         mins.append(m)
     max_scale, max_min = max([f32(0), *scales]), max([f32(0), *mins])
@@ -337,9 +359,8 @@ def ref_q4_k_block(x: np.ndarray) -> bytes:
         dd, dm = f32(f32(d) * ls[j]), f32(f32(dmin) * lm[j])
         if dd:
             for i in range(32):
-                q[32 * j + i] = max(0, min(15, nearest_int(f32(f32(xs[32 * j + i] + dm) / dd))))
-    qs = [q[c + i] | (q[c + i + 32] << 4) for c in range(0, 256, 64) for i in range(32)]
-    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qs)
+                q[32 * j + i] = max(0, min(nmax, nearest_int(f32(f32(xs[32 * j + i] + dm) / dd))))
+    return d, dmin, packed, q
 
 
 def ref_make_qx(x: list, nmax: int) -> f32:
@@ -428,7 +449,8 @@ def test_nvfp4_matches_scalar_ggml_reference() -> None:
 
 
 @pytest.mark.parametrize(
-    ("qt", "ref_block"), [(Q4_K, ref_q4_k_block), (Q6_K, ref_q6_k_block)], ids=["Q4_K", "Q6_K"]
+    ("qt", "ref_block"), [(Q4_K, ref_q4_k_block), (Q5_K, ref_q5_k_quant_block), (Q6_K, ref_q6_k_block)],
+    ids=["Q4_K", "Q5_K", "Q6_K"],
 )
 def test_k_quants_match_scalar_ggml_reference(qt: type, ref_block) -> None:
     # numpy sums pairwise, ggml sequentially, so a float32 near-tie in the scale search (notably
