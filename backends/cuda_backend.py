@@ -391,7 +391,7 @@ class CudaBackend:
         cached = self._positions.get(key)
         if cached is None:
             cached = self._positions[key] = DeviceArray.from_numpy(pos32)
-            if len(self._positions) > 8:
+            if len(self._positions) > 64:  # a batched pass uses 1 + 3 per element (rope; queries, two key sets)
                 self._positions.popitem(last=False)
         else:
             self._positions.move_to_end(key)
@@ -419,13 +419,19 @@ class CudaBackend:
         self.native.call("dg_softcap", _f(x), x.size, float(cap), _f(out))
         return out
 
-    def concat(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
-        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-            raise ValueError(f"cannot concatenate {a.shape} {a.dtype} and {b.shape} {b.dtype}")
-        out = DeviceArray.empty((a.shape[0] + b.shape[0], *a.shape[1:]), a.dtype)
-        n = self.native
-        n.call("dg_copy", n.ptr("void *", out.address), n.ptr("void *", a.address), a.nbytes)
-        n.call("dg_copy", n.ptr("void *", out.address + a.nbytes), n.ptr("void *", b.address), b.nbytes)
+    def concat(self, *arrays: DeviceArray) -> DeviceArray:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        first = arrays[0]
+        for a in arrays[1:]:
+            if a.shape[1:] != first.shape[1:] or a.dtype != first.dtype:
+                raise ValueError(f"cannot concatenate {first.shape} {first.dtype} and {a.shape} {a.dtype}")
+        if len(arrays) == 1:
+            return first
+        out = DeviceArray.empty((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype)
+        n, offset = self.native, 0
+        for a in arrays:
+            n.call("dg_copy", n.ptr("void *", out.address + offset), n.ptr("void *", a.address), a.nbytes)
+            offset += a.nbytes
         return out
 
     # -- embeddings and matmuls ----------------------------------------------------------------------

@@ -513,6 +513,10 @@ class MlxBackend:
             what = ", ".join(f"{kind} ({size / 2**20:.1f} MiB)" for kind, size in sorted(dequantized.items()))
             print(f"dgrun: mlx has no lossless layout for {what}: dequantized to float32 at load",
                   file=sys.stderr)
+        # Evaluated now (BF16 views are lazy): MLX streams are per thread, and a lazy array made here could not be
+        # evaluated by another thread (a Scheduler's worker).
+        mx.eval([a for w in weights.values() for a in ((w.array,) if isinstance(w, DenseWeight) else
+                                                      (w.packed, w.scales, w.biases)) if a is not None])
         _wire_weights(sum(w.nbytes for w in weights.values()))
         return weights
 
@@ -526,7 +530,9 @@ class MlxBackend:
 
     def vector(self, w: DenseWeight) -> mx.array:
         """A small 1-D tensor (norm weight, scale) as float32 (the loader keeps 1-D tensors dense)."""
-        return w.f32().reshape(-1)
+        out = w.f32().reshape(-1)
+        mx.eval(out)  # kept for the model's life: usable from any thread (see load_weights)
+        return out
 
     def rms_norm(self, x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, weight, eps)
@@ -534,8 +540,9 @@ class MlxBackend:
     def softcap(self, x: mx.array, cap: float) -> mx.array:
         return self._softcap(x, mx.array(cap, dtype=mx.float32))
 
-    def concat(self, a: mx.array, b: mx.array) -> mx.array:
-        return mx.concatenate([a, b], axis=0)
+    def concat(self, *arrays: mx.array) -> mx.array:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        return arrays[0] if len(arrays) == 1 else mx.concatenate(list(arrays), axis=0)
 
     # -- embeddings and matmuls -----------------------------------------------------------------------
 

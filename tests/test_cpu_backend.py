@@ -264,7 +264,7 @@ def test_denoise_step(cpu, clamped):
     np.testing.assert_array_equal(ours.accepted, ref.accepted)
     assert ours.mean_entropy == pytest.approx(ref.mean_entropy, rel=1e-5)
     # The native inverse CDF is DefaultRng.categorical itself, given the same probabilities.
-    probs = cpu._probs[1]
+    probs = cpu._probs[id(ours.processed_logits)][1]  # kept for the next pass's soft embedding
     np.testing.assert_allclose(probs, ref_sampler.softmax(ref.processed_logits), rtol=16 * EPS32, atol=1e-37)
     sampled = np.empty(64, dtype=np.int64)
     argmax, entropy, processed, p2 = (np.empty(64, dtype=np.int64), np.empty(64, dtype=np.float32),
@@ -387,14 +387,14 @@ def test_default_rng_generation_matches_numpy_backend(checkpoints):
 
 def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
     with dgrun.load(checkpoints["gen"].dgf("f32"), backend="cpu") as model:
-        decode = model.graph.decode
+        decode_batch = model.graph.decode_batch
 
-        def poisoned(canvas, cache, self_cond):
-            logits = decode(canvas, cache, self_cond).copy()
-            logits[3, 5] = np.nan
+        def poisoned(canvases, caches, self_conds):
+            logits = [x.copy() for x in decode_batch(canvases, caches, self_conds)]
+            logits[0][3, 5] = np.nan
             return logits
 
-        monkeypatch.setattr(model.graph, "decode", poisoned)
+        monkeypatch.setattr(model.graph, "decode_batch", poisoned)
         with pytest.raises(FloatingPointError, match="NaN logits"):
             model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)
 

@@ -84,18 +84,22 @@ GENERATION_CASES = {
 }
 
 
+def dgrun_params(params):
+    """transformers' generate() keywords as ours (EOS ids aside: they go to the model's generation_config)."""
+    ours = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
+    # A null threshold is how transformers turns adaptive stopping off; ours says it with a flag.
+    return {**ours, "adaptive_stopping": params.get("stability_threshold", 0) is not None}
+
+
 def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
     """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
 
     `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint)."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
-    # A null threshold is how transformers turns adaptive stopping off; ours says it with a flag.
-    adaptive = params.get("stability_threshold", 0) is not None
     with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
-        out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
+        out = ours.generate(prompt, rng=rng, **dgrun_params(params))
     assert rng.position == len(draws), f"used {rng.position} of {len(draws)} recorded draws"
     return hf_tokens, out
 
@@ -141,13 +145,13 @@ def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints)
 
 def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
     with dgrun.load(checkpoints["gen"].dgf("f32"), backend="numpy") as model:
-        decode = model.graph.decode
+        decode_batch = model.graph.decode_batch
 
-        def poisoned(canvas, cache, self_cond):
-            logits = decode(canvas, cache, self_cond)
-            logits[3, 5] = np.nan
+        def poisoned(canvases, caches, self_conds):
+            logits = decode_batch(canvases, caches, self_conds)
+            logits[0][3, 5] = np.nan
             return logits
 
-        monkeypatch.setattr(model.graph, "decode", poisoned)
+        monkeypatch.setattr(model.graph, "decode_batch", poisoned)
         with pytest.raises(FloatingPointError, match="NaN logits"):
             model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)

@@ -5,6 +5,8 @@
     python tools/bench.py --quick                  # smoke run, well under a minute once the model is cached
     python tools/bench.py -m model.dgf [--hf hf_folder]   # any .dgf (transformers only with its HF folder)
     python tools/bench.py --json                   # machine-readable
+    python tools/bench.py --batch 1,2,4,8          # batched generation: tok/s and ms per pass by batch size
+    python tools/bench.py --batch 1,4 --quick      # its smoke run (what .ci/run runs)
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -23,6 +25,13 @@ off, no EOS), after one untimed warm-up. Reported per engine and step count (med
 and each as a ratio dgrun ÷ transformers. Both engines use the same thread count (--threads, default: every CPU
 this process may use); transformers runs `generate(..., stability_threshold=None, confidence_threshold=None,
 max_denoising_steps=steps)` under torch.no_grad.
+
+--batch B1,B2,... times dgrun alone (transformers' generate takes one sequence here) on `generate_batch` with B
+different 64-token prompts (seeds 0..B-1), every batch size in one worker per file, interleaved the same way:
+  tok/s            all elements' new tokens / wall time, and as a ratio to the first batch size
+  tok/cpu-s        the same per second of the worker's CPU time (all threads): the work batching saves, which a
+                   shared machine's wall clock hides
+  ms/pass          mean time of one batched decoder pass (all B canvases), and per element (ms/pass / B)
 """
 
 from __future__ import annotations
@@ -88,24 +97,27 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def bench_prompt(vocab_size: int, length: int = 64) -> list[int]:
-    """The fixed prompt: `length` token ids drawn with seed 0 (ids 0-2 are pad/eos/bos, left out)."""
+def bench_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> list[int]:
+    """A fixed prompt: `length` token ids drawn with `seed` (ids 0-2 are pad/eos/bos, left out)."""
     import numpy as np
 
-    return [int(t) for t in np.random.default_rng(0).integers(3, vocab_size, length)]
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab_size, length)]
 
 
 class Timer:
-    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments."""
+    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments, and the process's
+    CPU time per call (all threads: the work done, whatever other tenants of the machine take)."""
 
     def __init__(self, fn: Any, key: Any = None):
         self.fn, self.key = fn, key
         self.calls: list[tuple[Any, float]] = []
+        self.cpu: list[float] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.fn(*args, **kwargs)
         self.calls.append((self.key(*args, **kwargs) if self.key else None, time.perf_counter() - start))
+        self.cpu.append(time.process_time() - cpu)
         return out
 
 
@@ -123,7 +135,7 @@ class DgrunEngine:
         graph = self.model.graph
         self.canvas = graph.cfg.canvas_length
         self.vocab = graph.cfg.vocab_size
-        self.decode = graph.decode = Timer(graph.decode)
+        self.decode = graph.decode_batch = Timer(graph.decode_batch)
         self.encode = graph.encode = Timer(graph.encode, key=lambda ids, cache: len(ids))
 
     def info(self) -> dict[str, Any]:
@@ -135,6 +147,12 @@ class DgrunEngine:
         out = self.model.generate(prompt, max_new_tokens=new_tokens, max_denoising_steps=steps, seed=0,
                                   adaptive_stopping=False)
         return len(out.tokens)
+
+    def run_batch(self, prompts: list[list[int]], new_tokens: int, steps: int) -> int:
+        outs = self.model.generate_batch(prompts, max_new_tokens=new_tokens, max_denoising_steps=steps,
+                                         seed=list(range(len(prompts))), adaptive_stopping=False,
+                                         max_batch=len(prompts))
+        return sum(len(out.tokens) for out in outs)
 
 
 class TransformersEngine:
@@ -182,7 +200,11 @@ def worker(spec: dict[str, Any]) -> None:
         baseline = current_rss_mb()
         engine = TransformersEngine(spec)
     prompt = bench_prompt(engine.vocab, spec["prompt_tokens"])
-    engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
+    if spec.get("batches"):  # warm-up at the largest batch: its buffers serve the smaller ones too
+        batch_prompts = [bench_prompt(engine.vocab, spec["prompt_tokens"], seed=j) for j in range(max(spec["batches"]))]
+        engine.run_batch(batch_prompts, engine.canvas, 2)
+    else:
+        engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
     print(json.dumps({"ready": True, "baseline_rss_mb": baseline, **engine.info()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -190,15 +212,21 @@ def worker(spec: dict[str, Any]) -> None:
             print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
             return
         engine.decode.calls.clear()
+        engine.decode.cpu.clear()
         engine.encode.calls.clear()
-        start = time.perf_counter()
-        made = engine.run(prompt, request["new_tokens"], request["steps"])
-        seconds = time.perf_counter() - start
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if request.get("batch"):
+            made = engine.run_batch(batch_prompts[:request["batch"]], request["new_tokens"], request["steps"])
+        else:
+            made = engine.run(prompt, request["new_tokens"], request["steps"])
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         decode = [t for _, t in engine.decode.calls]
         encode = [t for n, t in engine.encode.calls if n == engine.canvas]
         print(json.dumps({
             "tokens": made, "seconds": seconds, "tok_s": made / seconds, "decoder_passes": len(decode),
+            "tok_cpu_s": made / cpu_seconds if cpu_seconds > 0 else None,
             "ms_pass": 1e3 * sum(decode) / max(len(decode), 1),
+            "ms_pass_cpu": 1e3 * sum(engine.decode.cpu) / max(len(decode), 1),
             "ms_enc": 1e3 * sum(encode) / len(encode) if encode else None,
         }), flush=True)
 
@@ -266,12 +294,13 @@ class Worker:
     def ready(self) -> None:
         self.info = self._read()
 
-    def run(self, steps: int, new_tokens: int) -> dict[str, Any]:
+    def run(self, steps: int, new_tokens: int, batch: int | None = None) -> dict[str, Any]:
+        """One timed run; results are kept per step count (or per batch size, with `batch`)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens, "batch": batch}) + "\n")
         self.proc.stdin.flush()
         result = self._read()
-        self.runs.setdefault(steps, []).append(result)
+        self.runs.setdefault(steps if batch is None else batch, []).append(result)
         return result
 
     def quit(self) -> None:
@@ -290,6 +319,7 @@ def summarize(worker: Worker, steps: int) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     return {"engine": worker.label, "steps": steps, "tok_s": med("tok_s"), "ms_pass": med("ms_pass"),
+            "tok_cpu_s": med("tok_cpu_s"), "ms_pass_cpu": med("ms_pass_cpu"),
             "ms_enc": med("ms_enc"), "peak_rss_mb": worker.peak_rss_mb, "file_mb": worker.file_mb,
             "tokens": runs[0]["tokens"] if runs else None, "reps": len(runs),
             "tok_s_best": max((r["tok_s"] for r in runs), default=None),
@@ -325,6 +355,47 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def batch_report(workers: list[Worker], batches: list[int], steps: int, info: dict[str, Any], as_json: bool) -> None:
+    """The --batch table: per file and batch size, throughput (and its ratio to the first size) and pass times."""
+    rows = []
+    for w in workers:
+        first = summarize(w, batches[0])
+        for b in batches:
+            row = {**summarize(w, b), "batch": b, "steps": steps}
+            row["tok_s_ratio"] = ratio(row["tok_s"], first["tok_s"])
+            row["tok_cpu_s_ratio"] = ratio(row["tok_cpu_s"], first["tok_cpu_s"])
+            row["ms_pass_element"] = None if row["ms_pass"] is None else row["ms_pass"] / b
+            row["ms_pass_cpu_element"] = None if row["ms_pass_cpu"] is None else row["ms_pass_cpu"] / b
+            rows.append(row)
+    if as_json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+        return
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    def rat(x: float | None) -> str:
+        return "" if x is None else f"({x:.2f}x)"
+
+    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
+    lines = [head] + [[r["engine"], str(r["batch"]), num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]),
+                       num(r["tok_s_best"], ".1f"), num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]),
+                       num(r["ms_pass"], ".1f"), num(r["ms_pass_element"], ".1f"),
+                       num(r["ms_pass_cpu_element"], ".1f")] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
+          f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
+          f"(kernels: {info['dgrun_kernels']})")
+    for n, line in enumerate(lines):
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
+        if n == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    peaks = ", ".join(f"{w.label} {num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
+    print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
+          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+          f"peak RSS, reached at the largest batch: {peaks})")
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -354,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bench model and files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 256 tokens, steps 4, f32 and q8_0")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--batch", help="comma-separated batch sizes: time batched generation (dgrun only; "
+                                        "default preset q8_0, steps 8, 256 tokens per element; --quick: steps 2)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
@@ -362,11 +435,16 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    steps = [int(s) for s in (args.steps or ("4" if args.quick else "8,16")).split(",")]
-    new_tokens = args.new_tokens or (256 if args.quick else 512)
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else []
+    if any(b < 1 for b in batches):
+        parser.error("batch sizes must be positive integers")
+    default_steps = ("2" if args.quick else "8") if batches else ("4" if args.quick else "8,16")
+    steps = [int(s) for s in (args.steps or default_steps).split(",")]
+    new_tokens = args.new_tokens or (256 if args.quick or batches else 512)
     reps = args.reps or (1 if args.quick else 3)
     threads = args.threads or default_threads()
-    presets = (args.presets or ("f32,q8_0" if args.quick else ",".join(ALL_PRESETS))).split(",")
+    default_presets = "q8_0" if batches else "f32,q8_0" if args.quick else ",".join(ALL_PRESETS)
+    presets = (args.presets or default_presets).split(",")
     unknown = [p for p in presets if p not in ALL_PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown} (choose from {', '.join(ALL_PRESETS)})")
@@ -387,9 +465,10 @@ def main(argv: list[str] | None = None) -> None:
         hf = args.hf
     else:
         hf, files = prepare_bench_model(args.workdir, presets, args.rebuild, log)
-    common = {"threads": threads, "prompt_tokens": args.prompt_tokens}
+    common = {"threads": threads, "prompt_tokens": args.prompt_tokens, "batches": batches}
     workers = []
-    if hf is not None and not args.no_transformers:
+    # Batch mode times dgrun alone: transformers' DiffusionGemma generate takes one sequence.
+    if hf is not None and not args.no_transformers and not batches:
         workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None))
     for name, path in files.items():
         workers.append(Worker(f"dgrun {backend} {name}", {"engine": "dgrun", "path": str(path), "backend": backend,
@@ -402,11 +481,13 @@ def main(argv: list[str] | None = None) -> None:
             # Interleaved, A B C / B C A / C A B ...: each engine takes every position in turn, so neither a
             # warming machine nor another tenant's periodic load favours one of them.
             order = workers[rep % len(workers):] + workers[:rep % len(workers)]
-            for s in steps:
+            turn = rep % max(len(batches), 1)
+            points = [(steps[0], b) for b in batches[turn:] + batches[:turn]] or [(s, None) for s in steps]
+            for s, b in points:
                 for w in order:
-                    result = w.run(s, new_tokens)
-                    log(f"  rep {rep + 1} steps {s:>3} {w.label:<24} {result['tok_s']:8.1f} tok/s  "
-                        f"{result['ms_pass']:7.1f} ms/pass")
+                    result = w.run(s, new_tokens, b)
+                    log(f"  rep {rep + 1} steps {s:>3}{'' if b is None else f' batch {b:>2}'} {w.label:<24} "
+                        f"{result['tok_s']:8.1f} tok/s  {result['ms_pass']:7.1f} ms/pass")
     finally:
         for w in workers:
             try:
@@ -414,6 +495,12 @@ def main(argv: list[str] | None = None) -> None:
             except Exception:  # a crashed worker: report what the others measured
                 w.proc.kill()
 
+    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
+            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
+                                                                     if w.label.startswith("dgrun")), None)}
+    if batches:
+        batch_report(workers, batches, steps[0], info, args.json)
+        return
     rows = []
     for s in steps:
         ref = summarize(workers[0], s) if workers and workers[0].label == "transformers" else None
@@ -425,9 +512,6 @@ def main(argv: list[str] | None = None) -> None:
                 row["ms_enc_ratio"] = ratio(row["ms_enc"], ref["ms_enc"])
                 row["rss_ratio"] = ratio(row["peak_rss_mb"], ref["peak_rss_mb"])
             rows.append(row)
-    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
-            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
-                                                                     if w.label.startswith("dgrun")), None)}
     if args.json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
         return
