@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
+from dgrun.config import ARCH, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
 from dgrun.converters.names import VISION_PREFIXES, dgf_name
 from dgrun.converters.presets import PRESETS, PresetError, recipe_type, tensor_type
 from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, open_checkpoint
@@ -209,6 +209,14 @@ def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"cannot store metadata {key}={value!r}")
 
 
+def add_rope_freqs(writer: GGUFWriter, cfg: ModelConfig, payloads: list[Any]) -> None:
+    """The `rope_freqs.weight` tensor llama.cpp's Gemma 4 graphs read for proportional RoPE (beside dgrun's
+    `rope.partial_rotary_factor` key, which says the same)."""
+    freqs = cfg.rope_freqs()
+    writer.add_tensor_info(ROPE_FREQS_TENSOR, freqs.shape, freqs.dtype, freqs.nbytes)
+    payloads.append(freqs)
+
+
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[GGUFWriter]:
     """A GGUFWriter (dgrun's architecture and alignment) on a temporary file beside `path`, moved onto `path` only
@@ -285,6 +293,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
                 payloads.append(scale)
+        add_rope_freqs(writer, cfg, payloads)
         if spm_bytes is not None:
             blob = np.frombuffer(spm_bytes, dtype=np.int8)
             writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
