@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
+from dgrun.config import ARCH, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
 from dgrun.converters.names import VISION_PREFIXES, dgf_name, vision_dgf_name
 from dgrun.converters.presets import PRESETS, PresetError, recipe_type, tensor_type
 from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, open_checkpoint
@@ -294,6 +294,14 @@ def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"cannot store metadata {key}={value!r}")
 
 
+def add_rope_freqs(writer: GGUFWriter, cfg: ModelConfig, payloads: list[Any]) -> None:
+    """The `rope_freqs.weight` tensor llama.cpp's Gemma 4 graphs read for proportional RoPE (beside dgrun's
+    `rope.partial_rotary_factor` key, which says the same)."""
+    freqs = cfg.rope_freqs()
+    writer.add_tensor_info(ROPE_FREQS_TENSOR, freqs.shape, freqs.dtype, freqs.nbytes)
+    payloads.append(freqs)
+
+
 @contextmanager
 def atomic_writer(path: Path, arch: str = ARCH) -> Iterator[GGUFWriter]:
     """A GGUFWriter (dgrun's architecture, or `arch`, and alignment) on a temporary file beside `path`, moved onto
@@ -364,7 +372,10 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
     if vplan.config is not None and vision:
         metadata.update(vplan.config.to_metadata())
     outfile = outfile.resolve()
-    blobs = [] if spm_bytes is None else [("tokenizer.sentencepiece_model", np.frombuffer(spm_bytes, dtype=np.int8))]
+    # llama.cpp's Gemma 4 graphs read rope_freqs for proportional RoPE (beside dgrun's partial_rotary_factor key).
+    blobs = [(ROPE_FREQS_TENSOR, cfg.rope_freqs())]
+    if spm_bytes is not None:
+        blobs.append(("tokenizer.sentencepiece_model", np.frombuffer(spm_bytes, dtype=np.int8)))
     _write(outfile, ARCH, name, outtype, metadata, tensors, blobs, quiet)
     if mmproj_out is not None and vplan.config is not None:
         _write(mmproj_out.resolve(), "clip", name, outtype, {"general.type": "mmproj", **vplan.config.to_metadata()},
@@ -404,7 +415,7 @@ def _write(path: Path, arch: str, name: str, outtype: str, metadata: dict[str, A
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
                 payloads.append(scale)
         for blob_name, blob in blobs:
-            writer.add_tensor_info(blob_name, (blob.size,), blob.dtype, blob.nbytes)
+            writer.add_tensor_info(blob_name, blob.shape, blob.dtype, blob.nbytes)
             payloads.append(blob)
         write_file(writer, payloads)
         progress.close()

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from gguf import LlamaFileType
+
 from dgrun._version import __version__
 from dgrun.backends import BackendUnavailable
 from dgrun.chat import ChatSession
-from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
+from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig, written_by_dgrun
 from dgrun.engine import Model, default_model_path, load, type_mix
 from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
@@ -491,6 +493,7 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         info: dict[str, Any] = {
             "path": str(path), "file_bytes": gguf.file_size, "gguf_version": gguf.version,
             "architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
+            "origin": file_origin(meta),
             "tensor_count": len(gguf.tensors), "metadata_count": len(meta), "types": type_mix(gguf),
             "outtype": meta.get("dgrun.outtype"),
             "tokenizer": ("huggingface" if HF_JSON_KEY in meta else "sentencepiece" if SPM_TENSOR in gguf.tensors
@@ -500,7 +503,7 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         }
         if info["architecture"] == ARCH:
             try:
-                config = ModelConfig.from_metadata(meta)
+                config = ModelConfig.from_file(gguf)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
             generation = GenerationConfig.from_metadata(meta)
@@ -510,9 +513,24 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
+def file_origin(meta: dict[str, Any]) -> str:
+    """Which tool wrote the file, from the keys each writes: dgrun's converter or llama.cpp's (with its file type,
+    which llama-quantize sets to the preset it ran, e.g. Q4_K_M)."""
+    if written_by_dgrun(meta):
+        outtype = meta.get("dgrun.outtype")
+        return "dgrun (convert-hf-to-dgf" + (f", {outtype})" if isinstance(outtype, str) else ")")
+    if "general.quantization_version" in meta or "general.file_type" in meta:
+        try:
+            file_type = LlamaFileType(meta.get("general.file_type")).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            file_type = "unknown"
+        return f"llama.cpp (convert_hf_to_gguf.py / llama-quantize), file type {file_type}"
+    return "unknown writer"
+
+
 def _format_info(info: dict[str, Any]) -> str:
     rows = [("file", f"{info['path']} ({_size(info['file_bytes'])}, GGUF v{info['gguf_version']})"),
-            ("architecture", info["architecture"] or "(not set)")]
+            ("origin", info["origin"]), ("architecture", info["architecture"] or "(not set)")]
     if info["name"]:
         rows.append(("name", info["name"]))
     rows.append(("tensors", f"{info['tensor_count']} tensors, {info['metadata_count']} metadata keys"))

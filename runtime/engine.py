@@ -93,7 +93,7 @@ class Model:
         self._file = GGUFFile(self.path)
         self._vision_file: GGUFFile | None = None
         try:
-            self.config = ModelConfig.from_metadata(self._file.metadata)
+            self.config = ModelConfig.from_file(self._file)
             self.generation_config = GenerationConfig.from_metadata(self._file.metadata)
             shapes = tensor_shapes(self.config, tied_output="output.weight" not in self._file.tensors)
             _check_tensors(self._file, shapes)

@@ -91,10 +91,12 @@ def dgrun_params(params):
     return {**ours, "adaptive_stopping": params.get("stability_threshold", 0) is not None}
 
 
-def replay_generate(ckpt, prompt, params, backend="numpy"):
-    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed)."""
+def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
+    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
+
+    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint)."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
+    with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
         out = ours.generate(prompt, rng=rng, **dgrun_params(params))
