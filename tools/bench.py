@@ -5,6 +5,8 @@
     python tools/bench.py --quick                  # smoke run, well under a minute once the model is cached
     python tools/bench.py -m model.dgf [--hf hf_folder]   # any .dgf (transformers only with its HF folder)
     python tools/bench.py --json                   # machine-readable
+    python tools/bench.py --presets q8_0 --long-prompt 4096,8192   # long prompts: encode + one decoder pass
+    python tools/bench.py --baseline /tmp/old-dgrun ...  # also bench another checkout's dgrun package, side by side
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -20,9 +22,17 @@ off, no EOS), after one untimed warm-up. Reported per engine and step count (med
   ms/pass          mean time of one decoder forward (canvas → logits)
   ms/enc           mean time of one encoder pass over a committed canvas
   peak RSS         the worker's high-water resident set (VmHWM): interpreter, libraries, weights, activations
-and each as a ratio dgrun ÷ transformers. Both engines use the same thread count (--threads, default: every CPU
-this process may use); transformers runs `generate(..., stability_threshold=None, confidence_threshold=None,
-max_denoising_steps=steps)` under torch.no_grad.
+and each as a ratio dgrun ÷ transformers.
+
+--long-prompt L1,L2,... measures what a long prompt costs instead: per engine and length, one encoder pass over
+L random ids into a fresh cache plus one decoder forward over a random canvas (no sampler step), each run in a
+fresh worker (after the same warm-up), interleaved the same way. Reported (median over --reps): seconds, the
+encoder's share, the worker's peak RSS during the call (VmHWM reset before it), RSS kept after it while the
+cache is still referenced (VmRSS after − before), and the cache's own size (the bytes of its K/V arrays); then
+time(longest)/time(shortest) per engine and transformers ÷ dgrun per length.
+
+Both engines use the same thread count (--threads, default: every CPU this process may use); transformers runs
+`generate(..., stability_threshold=None, confidence_threshold=None, max_denoising_steps=steps)` under torch.no_grad.
 """
 
 from __future__ import annotations
@@ -136,6 +146,22 @@ class DgrunEngine:
                                   adaptive_stopping=False)
         return len(out.tokens)
 
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float]:
+        """Encode `prompt` into a fresh cache, then one decoder pass: (the cache, the encoder's seconds)."""
+        import numpy as np
+
+        graph = self.model.graph
+        cache = graph.new_cache()
+        start = time.perf_counter()
+        graph.encode.fn(np.asarray(prompt), cache)
+        encoded = time.perf_counter() - start
+        graph.decode.fn(np.asarray(canvas), cache, None)
+        return cache, encoded
+
+    @staticmethod
+    def cache_bytes(cache: Any) -> int:
+        return sum(int(a.nbytes) for a in [*cache.keys, *cache.values] if a is not None)
+
 
 class TransformersEngine:
     def __init__(self, spec: dict[str, Any]):
@@ -165,6 +191,54 @@ class TransformersEngine:
                                       confidence_threshold=None, eos_token_id=None, pad_token_id=0)
         return int(out.sequences.shape[-1]) - len(prompt)
 
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float]:
+        from transformers import DynamicCache
+
+        torch = self.torch
+        with torch.no_grad():
+            cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+            start = time.perf_counter()
+            self.encode.fn(input_ids=torch.tensor([prompt]), past_key_values=cache)
+            encoded = time.perf_counter() - start
+            self.decode.fn(decoder_input_ids=torch.tensor([canvas]), past_key_values=cache)
+        return cache, encoded
+
+    @staticmethod
+    def cache_bytes(cache: Any) -> int:
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+
+
+def reset_peak_rss() -> None:
+    """Start a new VmHWM from the current RSS (Linux: "5" to clear_refs); elsewhere the peak stays cumulative."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def long_prompt_run(engine: Any, length: int) -> dict[str, Any]:
+    """One long-prompt measurement: time, encoder time, peak RSS during the call, RSS kept while the cache lives."""
+    import gc
+
+    import numpy as np
+
+    rng = np.random.default_rng(length)
+    prompt = [int(t) for t in rng.integers(3, engine.vocab, length)]
+    canvas = [int(t) for t in rng.integers(3, engine.vocab, engine.canvas)]
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss_mb()
+    start = time.perf_counter()
+    cache, encoded = engine.long_prompt(prompt, canvas)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    out = {"length": length, "seconds": seconds, "encode_s": encoded, "peak_rss_mb": peak_rss_mb(),
+           "kept_rss_mb": current_rss_mb() - before, "cache_mb": engine.cache_bytes(cache) / 2**20}
+    del cache
+    gc.collect()
+    return out
+
 
 def worker(spec: dict[str, Any]) -> None:
     """Load one engine, then answer {"steps", "new_tokens"} requests with timings; {"quit": true} ends."""
@@ -189,6 +263,9 @@ def worker(spec: dict[str, Any]) -> None:
         if request.get("quit"):
             print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
             return
+        if "long" in request:
+            print(json.dumps(long_prompt_run(engine, request["long"])), flush=True)
+            continue
         engine.decode.calls.clear()
         engine.encode.calls.clear()
         start = time.perf_counter()
@@ -242,19 +319,28 @@ def prepare_bench_model(workdir: Path, presets: list[str], rebuild: bool, log: A
 
 
 class Worker:
-    """A started worker process and its label."""
+    """A worker process for one engine and its label (started now, or per long-prompt run with start=False)."""
 
-    def __init__(self, label: str, spec: dict[str, Any], file_mb: float | None):
-        self.label, self.spec, self.file_mb = label, spec, file_mb
-        env = dict(os.environ)
-        threads = str(spec["threads"])
-        # Thread pools that read the environment at import (OpenBLAS under numpy, OpenMP under torch).
-        env.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    def __init__(self, label: str, spec: dict[str, Any], file_mb: float | None, pythonpath: str | None = None,
+                 start: bool = True):
+        self.label, self.spec, self.file_mb, self.pythonpath = label, spec, file_mb, pythonpath
         self.info: dict[str, Any] = {}
         self.runs: dict[int, list[dict[str, Any]]] = {}
         self.peak_rss_mb: float | None = None
+        self.proc: Any = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        threads = str(self.spec["threads"])
+        # Thread pools that read the environment at import (OpenBLAS under numpy, OpenMP under torch).
+        env.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if self.pythonpath:  # --baseline: this worker imports another checkout's dgrun
+            env["PYTHONPATH"] = os.pathsep.join([self.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                      json.dumps(self.spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -274,8 +360,23 @@ class Worker:
         self.runs.setdefault(steps, []).append(result)
         return result
 
+    def long(self, length: int) -> dict[str, Any]:
+        """One long-prompt run in a fresh worker process, so its peak and kept RSS are that run's alone."""
+        fresh = Worker(self.label, self.spec, self.file_mb, self.pythonpath)
+        try:
+            fresh.ready()
+            self.info = fresh.info
+            assert fresh.proc.stdin is not None
+            fresh.proc.stdin.write(json.dumps({"long": length}) + "\n")
+            fresh.proc.stdin.flush()
+            result = fresh._read()
+        finally:
+            fresh.quit()
+        self.runs.setdefault(-length, []).append(result)  # negative keys: long-prompt runs by length
+        return result
+
     def quit(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
+        if self.proc is not None and self.proc.poll() is None and self.proc.stdin is not None:
             self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
             self.proc.stdin.flush()
             self.peak_rss_mb = self._read()["peak_rss_mb"]
@@ -325,6 +426,44 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per engine and length: medians of the long-prompt runs, with time ratios across lengths and engines."""
+    rows = []
+    for w in workers:
+        for length in lengths:
+            runs = w.runs.get(-length, [])
+            row: dict[str, Any] = {"engine": w.label, "length": length, "reps": len(runs),
+                                   "seconds_all": [r["seconds"] for r in runs]}
+            for key in ("seconds", "encode_s", "peak_rss_mb", "kept_rss_mb", "cache_mb"):
+                row[key] = statistics.median(r[key] for r in runs) if runs else None
+            rows.append(row)
+    by = {(r["engine"], r["length"]): r for r in rows}
+    for r in rows:
+        r["vs_shortest"] = ratio(r["seconds"], by[(r["engine"], lengths[0])]["seconds"])
+        hf = by.get(("transformers", r["length"]))
+        r["speedup"] = ratio(hf["seconds"], r["seconds"]) if hf and r["engine"] != "transformers" else None
+    return rows
+
+
+def format_long_table(rows: list[dict[str, Any]]) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    head = ["engine", "tokens", "seconds", "encode s", f"x{rows[0]['length']} tok", "vs transformers",
+            "peak RSS MiB", "RSS kept MiB", "cache MiB"]
+    lines = [head] + [[r["engine"], str(r["length"]), num(r["seconds"], ".2f"), num(r["encode_s"], ".2f"),
+                       num(r["vs_shortest"], ".2f"), "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                       num(r["peak_rss_mb"], ".0f"), num(r["kept_rss_mb"], ".0f"), num(r["cache_mb"], ".1f")]
+                      for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)))
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -353,6 +492,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "dgrun-bench")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bench model and files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 256 tokens, steps 4, f32 and q8_0")
+    parser.add_argument("--long-prompt", help="comma-separated prompt lengths: time one encode + one decoder pass "
+                                              "per length instead of generating")
+    parser.add_argument("--baseline", type=Path, help="a folder holding another checkout's `dgrun` package (e.g. "
+                                                       "symlinks to its runtime/, backends/): benched beside this one")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     if args.worker:
@@ -363,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     steps = [int(s) for s in (args.steps or ("4" if args.quick else "8,16")).split(",")]
+    lengths = sorted(int(n) for n in args.long_prompt.split(",")) if args.long_prompt else []
     new_tokens = args.new_tokens or (256 if args.quick else 512)
     reps = args.reps or (1 if args.quick else 3)
     threads = args.threads or default_threads()
@@ -389,24 +533,39 @@ def main(argv: list[str] | None = None) -> None:
         hf, files = prepare_bench_model(args.workdir, presets, args.rebuild, log)
     common = {"threads": threads, "prompt_tokens": args.prompt_tokens}
     workers = []
+    start = not lengths  # long prompts: a fresh process per run (Worker.long)
     if hf is not None and not args.no_transformers:
-        workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None))
+        workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None, start=start))
     for name, path in files.items():
-        workers.append(Worker(f"dgrun {backend} {name}", {"engine": "dgrun", "path": str(path), "backend": backend,
-                                                          **common}, path.stat().st_size / 2**20))
+        spec = {"engine": "dgrun", "path": str(path), "backend": backend, **common}
+        mb = path.stat().st_size / 2**20
+        workers.append(Worker(f"dgrun {backend} {name}", spec, mb, start=start))
+        if args.baseline:
+            workers.append(Worker(f"baseline {backend} {name}", spec, mb, str(args.baseline), start=start))
     try:
         for w in workers:
-            w.ready()
-        log(f"{len(workers)} engines ready; {reps} rep(s) x steps {steps} x {new_tokens} tokens, {threads} threads")
+            if start:
+                w.ready()
+        if lengths:
+            log(f"{len(workers)} engines ready; {reps} rep(s) x prompts of {lengths} tokens, {threads} threads")
+        else:
+            log(f"{len(workers)} engines ready; {reps} rep(s) x steps {steps} x {new_tokens} tokens, "
+                f"{threads} threads")
         for rep in range(reps):
             # Interleaved, A B C / B C A / C A B ...: each engine takes every position in turn, so neither a
             # warming machine nor another tenant's periodic load favours one of them.
             order = workers[rep % len(workers):] + workers[:rep % len(workers)]
-            for s in steps:
+            for value in lengths or steps:
                 for w in order:
-                    result = w.run(s, new_tokens)
-                    log(f"  rep {rep + 1} steps {s:>3} {w.label:<24} {result['tok_s']:8.1f} tok/s  "
-                        f"{result['ms_pass']:7.1f} ms/pass")
+                    if lengths:
+                        r = w.long(value)
+                        log(f"  rep {rep + 1} {value:>6} tokens {w.label:<24} {r['seconds']:7.2f} s  "
+                            f"(encode {r['encode_s']:.2f} s)  peak {r['peak_rss_mb']:.0f} MiB  "
+                            f"kept {r['kept_rss_mb']:.0f} MiB  cache {r['cache_mb']:.1f} MiB")
+                    else:
+                        r = w.run(value, new_tokens)
+                        log(f"  rep {rep + 1} steps {value:>3} {w.label:<24} {r['tok_s']:8.1f} tok/s  "
+                            f"{r['ms_pass']:7.1f} ms/pass")
     finally:
         for w in workers:
             try:
@@ -414,6 +573,17 @@ def main(argv: list[str] | None = None) -> None:
             except Exception:  # a crashed worker: report what the others measured
                 w.proc.kill()
 
+    info = {**machine_info(), "threads": threads, "reps": reps, "backend": backend,
+            "dgrun_kernels": next((w.info.get("isa") for w in workers if w.label.startswith("dgrun")), None)}
+    if lengths:
+        long_rows = long_prompt_rows(workers, lengths)
+        if args.json:
+            print(json.dumps({"machine": info, "long_prompt": long_rows}, indent=2))
+            return
+        print(f"# {info['cpu']}, {threads} threads; one encode of the prompt + one decoder pass, median of {reps}; "
+              f"dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
+        print(format_long_table(long_rows))
+        return
     rows = []
     for s in steps:
         ref = summarize(workers[0], s) if workers and workers[0].label == "transformers" else None
@@ -425,9 +595,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["ms_enc_ratio"] = ratio(row["ms_enc"], ref["ms_enc"])
                 row["rss_ratio"] = ratio(row["peak_rss_mb"], ref["peak_rss_mb"])
             rows.append(row)
-    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
-            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
-                                                                     if w.label.startswith("dgrun")), None)}
+    info.update(new_tokens=new_tokens, prompt_tokens=args.prompt_tokens)
     if args.json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
         return
