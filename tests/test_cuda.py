@@ -428,6 +428,25 @@ def test_fake_device_cache_holds_only_what_it_needs(fake, checkpoints):
     assert_cache_holds_only_what_it_needs(checkpoints["base"].dgf("f32"), "cuda")
 
 
+def test_gpu_bench_warms_up_before_timing_and_runs_transformers_first(fake, checkpoints, monkeypatch):
+    """tools/bench_gpu.py: every kernel has run once before the first timed call (lazy loading would land in the
+    prompt's time), and transformers' subprocess has exited before dgrun allocates (so neither counts the other's
+    memory as used)."""
+    import bench_gpu
+
+    path = checkpoints["base"].dgf("f32")
+    timed, order = [], []
+    monkeypatch.setattr(bench_gpu, "_timed", lambda fn, sync, repeats: timed.append(Counter(fake.calls)) or 1.0)
+    bench_gpu.bench_dgrun(path, "cuda", prompt_len=40, new_tokens=16, steps=2)
+    assert timed[0]["dg_attention"] > 0 and timed[0]["dg_linear"] > 0, "nothing ran before the first timing"
+
+    monkeypatch.setattr(bench_gpu, "bench_transformers_subprocess",
+                        lambda *a: order.append("transformers") or {"engine": "transformers-bf16"})
+    monkeypatch.setattr(bench_gpu, "bench_dgrun", lambda *a: order.append("dgrun") or {"engine": "dgrun-numpy"})
+    bench_gpu.main([str(path), "--backend", "numpy", "--hf-device", "cpu"])
+    assert order == ["transformers", "dgrun"]
+
+
 def test_fake_device_sampler_path_is_reproducible_per_seed(fake, checkpoints):
     with dgrun.load(checkpoints["base"].dgf("f32"), backend="cuda") as model:
         runs = [model.generate([2, 40, 41], max_new_tokens=20, max_denoising_steps=4, seed=s,
