@@ -27,9 +27,9 @@ and each as a ratio dgrun ÷ transformers.
 --long-prompt L1,L2,... measures what a long prompt costs instead: per engine and length, one encoder pass over
 L random ids into a fresh cache plus one decoder forward over a random canvas (no sampler step), each run in a
 fresh worker (after the same warm-up), interleaved the same way. Reported (median over --reps): seconds, the
-encoder's share, the worker's peak RSS during the call (VmHWM reset before it), RSS kept after it while the
-cache is still referenced (VmRSS after − before), and the cache's own size (the bytes of its K/V arrays); then
-time(longest)/time(shortest) per engine and transformers ÷ dgrun per length.
+encoder's share, the worker's peak RSS when the encoder returned and after the whole call (VmHWM reset before
+it), RSS kept after it while the cache is still referenced (VmRSS after − before), and the cache's own size (the
+bytes of its K/V arrays); then time(longest)/time(shortest) per engine and transformers ÷ dgrun per length.
 
 Both engines use the same thread count (--threads, default: every CPU this process may use); transformers runs
 `generate(..., stability_threshold=None, confidence_threshold=None, max_denoising_steps=steps)` under torch.no_grad.
@@ -146,17 +146,18 @@ class DgrunEngine:
                                   adaptive_stopping=False)
         return len(out.tokens)
 
-    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float]:
-        """Encode `prompt` into a fresh cache, then one decoder pass: (the cache, the encoder's seconds)."""
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float, float]:
+        """Encode `prompt` into a fresh cache, then one decoder pass: (the cache, the encoder's seconds, the peak
+        RSS when the encoder returned)."""
         import numpy as np
 
         graph = self.model.graph
         cache = graph.new_cache()
         start = time.perf_counter()
         graph.encode.fn(np.asarray(prompt), cache)
-        encoded = time.perf_counter() - start
+        encoded, peak = time.perf_counter() - start, peak_rss_mb()
         graph.decode.fn(np.asarray(canvas), cache, None)
-        return cache, encoded
+        return cache, encoded, peak
 
     @staticmethod
     def cache_bytes(cache: Any) -> int:
@@ -191,7 +192,7 @@ class TransformersEngine:
                                       confidence_threshold=None, eos_token_id=None, pad_token_id=0)
         return int(out.sequences.shape[-1]) - len(prompt)
 
-    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float]:
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float, float]:
         from transformers import DynamicCache
 
         torch = self.torch
@@ -199,9 +200,9 @@ class TransformersEngine:
             cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
             start = time.perf_counter()
             self.encode.fn(input_ids=torch.tensor([prompt]), past_key_values=cache)
-            encoded = time.perf_counter() - start
+            encoded, peak = time.perf_counter() - start, peak_rss_mb()
             self.decode.fn(decoder_input_ids=torch.tensor([canvas]), past_key_values=cache)
-        return cache, encoded
+        return cache, encoded, peak
 
     @staticmethod
     def cache_bytes(cache: Any) -> int:
@@ -230,10 +231,11 @@ def long_prompt_run(engine: Any, length: int) -> dict[str, Any]:
     reset_peak_rss()
     before = current_rss_mb()
     start = time.perf_counter()
-    cache, encoded = engine.long_prompt(prompt, canvas)
+    cache, encoded, encode_peak = engine.long_prompt(prompt, canvas)
     seconds = time.perf_counter() - start
     gc.collect()
-    out = {"length": length, "seconds": seconds, "encode_s": encoded, "peak_rss_mb": peak_rss_mb(),
+    out = {"length": length, "seconds": seconds, "encode_s": encoded, "encode_peak_rss_mb": encode_peak,
+           "peak_rss_mb": peak_rss_mb(),
            "kept_rss_mb": current_rss_mb() - before, "cache_mb": engine.cache_bytes(cache) / 2**20}
     del cache
     gc.collect()
@@ -401,29 +403,31 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
+
+def render_table(lines: list[list[str]]) -> str:
+    """Rows of cells (the first one the header) as aligned text: first column left, the others right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
     def rat(x: float | None) -> str:
         return "" if x is None else f"({x:.2f}x)"
 
     head = ["engine", "file MiB", "steps", "tok/s", "", "best", "ms/pass", "", "ms/enc", "", "peak RSS MiB", ""]
-    lines = [head]
-    for r in rows:
-        lines.append([r["engine"], num(r["file_mb"], ".1f"), str(r["steps"]), num(r["tok_s"], ".1f"),
-                      rat(r.get("tok_s_ratio")), num(r.get("tok_s_best"), ".1f"), num(r["ms_pass"], ".1f"),
-                      rat(r.get("ms_pass_ratio")),
-                      num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), num(r["peak_rss_mb"], ".0f"),
-                      rat(r.get("rss_ratio"))])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for n, line in enumerate(lines):
-        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)]
-        out.append("  ".join(cells).rstrip())
-        if n == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return render_table([head] + [
+        [r["engine"], _num(r["file_mb"], ".1f"), str(r["steps"]), _num(r["tok_s"], ".1f"), rat(r.get("tok_s_ratio")),
+         _num(r.get("tok_s_best"), ".1f"), _num(r["ms_pass"], ".1f"), rat(r.get("ms_pass_ratio")),
+         _num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), _num(r["peak_rss_mb"], ".0f"), rat(r.get("rss_ratio"))]
+        for r in rows])
 
 
 def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str, Any]]:
@@ -434,7 +438,7 @@ def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str
             runs = w.runs.get(-length, [])
             row: dict[str, Any] = {"engine": w.label, "length": length, "reps": len(runs),
                                    "seconds_all": [r["seconds"] for r in runs]}
-            for key in ("seconds", "encode_s", "peak_rss_mb", "kept_rss_mb", "cache_mb"):
+            for key in ("seconds", "encode_s", "encode_peak_rss_mb", "peak_rss_mb", "kept_rss_mb", "cache_mb"):
                 row[key] = statistics.median(r[key] for r in runs) if runs else None
             rows.append(row)
     by = {(r["engine"], r["length"]): r for r in rows}
@@ -446,22 +450,14 @@ def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str
 
 
 def format_long_table(rows: list[dict[str, Any]]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
-
-    head = ["engine", "tokens", "seconds", "encode s", f"x{rows[0]['length']} tok", "vs transformers",
-            "peak RSS MiB", "RSS kept MiB", "cache MiB"]
-    lines = [head] + [[r["engine"], str(r["length"]), num(r["seconds"], ".2f"), num(r["encode_s"], ".2f"),
-                       num(r["vs_shortest"], ".2f"), "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
-                       num(r["peak_rss_mb"], ".0f"), num(r["kept_rss_mb"], ".0f"), num(r["cache_mb"], ".1f")]
-                      for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)))
-        if n == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    head = ["engine", "tokens", "seconds", "encode s", f"t/t({rows[0]['length']})", "vs transformers",
+            "encode peak RSS MiB", "peak RSS MiB", "RSS kept MiB", "cache MiB"]
+    return render_table([head] + [
+        [r["engine"], str(r["length"]), _num(r["seconds"], ".2f"), _num(r["encode_s"], ".2f"),
+         _num(r["vs_shortest"], ".2f"), "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+         _num(r.get("encode_peak_rss_mb"), ".0f"), _num(r["peak_rss_mb"], ".0f"), _num(r["kept_rss_mb"], ".0f"),
+         _num(r["cache_mb"], ".1f")]
+        for r in rows])
 
 
 def machine_info() -> dict[str, Any]:
@@ -576,13 +572,10 @@ def main(argv: list[str] | None = None) -> None:
     info = {**machine_info(), "threads": threads, "reps": reps, "backend": backend,
             "dgrun_kernels": next((w.info.get("isa") for w in workers if w.label.startswith("dgrun")), None)}
     if lengths:
-        long_rows = long_prompt_rows(workers, lengths)
-        if args.json:
-            print(json.dumps({"machine": info, "long_prompt": long_rows}, indent=2))
-            return
-        print(f"# {info['cpu']}, {threads} threads; one encode of the prompt + one decoder pass, median of {reps}; "
-              f"dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
-        print(format_long_table(long_rows))
+        title = (f"# {info['cpu']}, {threads} threads; one encode of the prompt + one decoder pass, median of {reps}; "
+                 f"dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
+        rows = long_prompt_rows(workers, lengths)
+        report(args.json, info, "long_prompt", rows, title, format_long_table(rows))
         return
     rows = []
     for s in steps:
@@ -596,15 +589,20 @@ def main(argv: list[str] | None = None) -> None:
                 row["rss_ratio"] = ratio(row["peak_rss_mb"], ref["peak_rss_mb"])
             rows.append(row)
     info.update(new_tokens=new_tokens, prompt_tokens=args.prompt_tokens)
-    if args.json:
-        print(json.dumps({"machine": info, "rows": rows}, indent=2))
-        return
-    print(f"# {info['cpu']}, {threads} threads; {args.prompt_tokens}-token prompt, {new_tokens} new tokens, "
-          f"median of {reps}; dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
-    print(format_table(rows))
-    if any("tok_s_ratio" in r for r in rows):
+    title = (f"# {info['cpu']}, {threads} threads; {args.prompt_tokens}-token prompt, {new_tokens} new tokens, "
+             f"median of {reps}; dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
+    report(args.json, info, "rows", rows, title, format_table(rows))
+    if not args.json and any("tok_s_ratio" in r for r in rows):
         print("(ratios: dgrun / transformers; tok/s above 1 is faster, ms and RSS below 1 are better)")
 
+
+def report(as_json: bool, info: dict[str, Any], key: str, rows: list[dict[str, Any]], title: str, table: str) -> None:
+    """The results as JSON (machine info and rows under `key`), or as a title line and the table."""
+    if as_json:
+        print(json.dumps({"machine": info, key: rows}, indent=2))
+    else:
+        print(title)
+        print(table)
 
 if __name__ == "__main__":
     main()
