@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _native_dir() -> Path:
 
 
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
-_POOL_ARRAYS = 8
+_POOL_ARRAYS = 48  # a batch of 8 holds ~4 canvas-sized arrays per element (logits, processed, probs) at once
 _LIBRARY: tuple[Any, Any, Path] | None = None
 _ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
 
@@ -129,7 +130,9 @@ class CpuBackend(NumpyBackend):
         if not self.lib.dg_has_openmp():
             self.threads = 1
         self._activate(force=True)
-        self._probs: tuple[np.ndarray, np.ndarray] | None = None  # (processed logits, their softmax)
+        # id(processed logits) → (a weak reference to them, their softmax): each element's self-conditioning reads
+        # its sampler's probabilities; the entry goes when the processed logits do.
+        self._probs: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
         self._pool: list[np.ndarray] = []
 
     def __repr__(self) -> str:
@@ -215,10 +218,8 @@ class CpuBackend(NumpyBackend):
     def soft_embed(self, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
         """softmax(logits) @ table * scale; the sampler's probabilities when `logits` are its processed logits."""
         self._activate()
-        if self._probs is not None and logits is self._probs[0]:
-            probs = self._probs[1]
-        else:
-            probs = self.softmax(logits)
+        known = self._probs.get(id(logits))
+        probs = known[1] if known is not None and known[0]() is logits else self.softmax(logits)
         probs = self._f32(probs).reshape(-1, table.shape[0])
         out = np.empty((probs.shape[0], table.shape[1]), dtype=np.float32)
         self._check(self.lib.dg_matmul_rows(self._p(probs), probs.shape[0], probs.shape[1], table.ggml_type,
@@ -318,6 +319,11 @@ class CpuBackend(NumpyBackend):
 
     # -- sampler ----------------------------------------------------------------------------------------------
 
+    def _remember_probs(self, processed: np.ndarray, probs: np.ndarray) -> None:
+        """Keep `probs` for `soft_embed(processed)` for as long as `processed` lives (then the pool reuses it)."""
+        key, table = id(processed), self._probs
+        table[key] = (weakref.ref(processed, lambda _: table.pop(key, None)), probs)
+
     def denoise_step(
         self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
@@ -330,7 +336,6 @@ class CpuBackend(NumpyBackend):
         self._activate()
         logits = self._f32(logits)
         rows, vocab = logits.shape
-        self._probs = None  # the previous step's probabilities are done with: their array can be reused
         processed, probs = self._empty(logits.shape), self._empty(logits.shape)
         argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
         token_entropy = np.empty(rows, dtype=np.float32)
@@ -342,5 +347,5 @@ class CpuBackend(NumpyBackend):
             self._p(sampled, "int64_t *")), "sampler")
         if not native_draw:
             sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
-        self._probs = (processed, probs)
+        self._remember_probs(processed, probs)
         return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

@@ -43,7 +43,8 @@ LIBRARY = "libdgcuda.so"
 HEADER = "dg_cuda.h"
 BUILD_HINT = ("build it with `python native/build.py` (DGRUN_CUDA_ARCH=native builds for this GPU only) or "
               "reinstall dgrun with nvcc on PATH (`pip install .`); DGRUN_CUDA_LIB may name a built library")
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4})
+SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4,
+                             T.NVFP4, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S})
 ENGINE_FP32, ENGINE_TF32 = 0, 1
 MAX_CANVAS = 4096  # the sampler kernel's limit (one block sorts the canvas)
 MAX_EXPERTS = 1024  # the router kernel's limit (one warp per token, experts in shared memory)
@@ -413,7 +414,7 @@ class CudaBackend:
         cached = self._positions.get(key)
         if cached is None:
             cached = self._positions[key] = DeviceArray.from_numpy(pos32)
-            if len(self._positions) > 8:
+            if len(self._positions) > 64:  # a batched pass uses 1 + 3 per element (rope; queries, two key sets)
                 self._positions.popitem(last=False)
         else:
             self._positions.move_to_end(key)
@@ -441,14 +442,20 @@ class CudaBackend:
         self.native.call("dg_softcap", _f(x), x.size, float(cap), _f(out))
         return out
 
-    def concat(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
-        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-            raise ValueError(f"cannot concatenate {a.shape} {a.dtype} and {b.shape} {b.dtype}")
-        out = DeviceArray.empty((a.shape[0] + b.shape[0], *a.shape[1:]), a.dtype)
-        n = self.native
-        for offset, part in ((0, a), (a.nbytes, b)):
-            if part.nbytes:
-                n.call("dg_copy", n.ptr("void *", out.address + offset), n.ptr("void *", part.address), part.nbytes)
+    def concat(self, *arrays: DeviceArray) -> DeviceArray:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        first = arrays[0]
+        for a in arrays[1:]:
+            if a.shape[1:] != first.shape[1:] or a.dtype != first.dtype:
+                raise ValueError(f"cannot concatenate {first.shape} {first.dtype} and {a.shape} {a.dtype}")
+        if len(arrays) == 1:
+            return first
+        out = DeviceArray.empty((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype)
+        n, offset = self.native, 0
+        for a in arrays:
+            if a.nbytes:
+                n.call("dg_copy", n.ptr("void *", out.address + offset), n.ptr("void *", a.address), a.nbytes)
+            offset += a.nbytes
         return out
 
     # -- embeddings and matmuls ----------------------------------------------------------------------

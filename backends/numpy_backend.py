@@ -2,6 +2,11 @@
 
 Weights stay memory-mapped in their .dgf types and are dequantized on use, so loading a file copies nothing.
 Readability wins over speed here; the fast CPU path is a separate backend.
+
+Every op computes each row (token) on its own, so a row's result never depends on which other rows share the
+call: that is what makes a batch's elements get the tokens they get alone. Matrix products therefore go
+through `row_products`, one BLAS matrix-vector product per row, and never one GEMM over all rows — OpenBLAS's
+GEMM gives a row different bits in calls of 16 and 48 rows (its kernels and blocking follow the shape).
 """
 
 from __future__ import annotations
@@ -54,6 +59,12 @@ class Weight:
         return out.reshape((len(index), *self.shape[1:]))
 
 
+def row_products(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
+    """x @ w_t for x [..., k] and w_t [k, n], computed row by row: each row is its own matrix-vector product of
+    the same shape, so its sums are the same whatever else is in `x` (see the module notes)."""
+    return (x[..., None, :] @ w_t)[..., 0, :]
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`)."""
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x**3)))
@@ -98,8 +109,9 @@ class NumpyBackend:
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
 
-    def concat(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.concatenate([a, b], axis=0)
+    def concat(self, *arrays: np.ndarray) -> np.ndarray:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
     # -- embeddings and matmuls ---------------------------------------------------------------------
 
@@ -112,7 +124,7 @@ class NumpyBackend:
 
     def linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x @ W^T for a [out, in] weight."""
-        return x @ w.dense().T
+        return row_products(x, w.dense().T)
 
     def gated_mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
         return self.linear(gelu_tanh(self.linear(x, gate)) * self.linear(x, up), down)
@@ -189,9 +201,9 @@ class NumpyBackend:
         out = np.zeros_like(x)
         for expert in np.unique(index):
             token, slot = np.nonzero(index == expert)
-            gu = x[token] @ gate_up.rows(np.array([expert]))[0].T
+            gu = row_products(x[token], gate_up.rows(np.array([expert]))[0].T)
             gate, up = np.split(gu, 2, axis=-1)
-            y = (gelu_tanh(gate) * up) @ down.rows(np.array([expert]))[0].T
+            y = row_products(gelu_tanh(gate) * up, down.rows(np.array([expert]))[0].T)
             np.add.at(out, token, y * weights[token, slot][:, None])
         return out
 

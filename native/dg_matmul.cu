@@ -196,9 +196,13 @@ __global__ void sum_splits_kernel(const float* partial, int splits, int64_t coun
 }
 
 // Split K so that small-M products still fill the device (a 256 x 2816 output is only 176 tiles), keeping
-// at least 256 values of K per split.
-int choose_splits(int64_t tiles, int k) {
-    int64_t target = 4LL * dg_sm_count;
+// at least 256 values of K per split. The count depends on the output width and K only, never on the rows:
+// a row's sums must be the same whatever else shares the call (batch invariance), so it is sized for the rows
+// of one 256-token canvas, the smallest decoder pass, whatever the call's M.
+constexpr int64_t kSplitRowTiles = 256 / TM;
+
+int choose_splits(int n, int k) {
+    int64_t tiles = kSplitRowTiles * dg_blocks(n, TN), target = 4LL * dg_sm_count;
     int splits = 1;
     while (tiles * splits < target && k / (2 * splits) >= 256 && splits < 64) splits *= 2;
     return splits;
@@ -406,9 +410,7 @@ int dg_linear(const float* x, int n, int k, const void* w, int type, int64_t row
     DG_REQUIRE(dg_block_size(type) > 0, "unsupported weight type");
     if (n <= 0 || out_features <= 0) return 0;
     GemmArgs g = plain_args(x, n, k, w, type, row_bytes, tensor_scale, out_features, y);
-    unsigned grid_y = dg_blocks(n, TM);
-    int splits = choose_splits((int64_t)grid_y * dg_blocks(out_features, TN), k);
-    return run_gemm(g, grid_y, engine, splits, 1.0f);
+    return run_gemm(g, dg_blocks(n, TM), engine, choose_splits(out_features, k), 1.0f);
 }
 
 int dg_soft_embed(const float* logits, int rows, int vocab, const void* table, int type, int64_t row_bytes,
@@ -426,9 +428,7 @@ int dg_soft_embed(const float* logits, int rows, int vocab, const void* table, i
     g.row_max = stats;
     g.row_sum = stats + rows;
     g.w_kn = 1;
-    unsigned grid_y = dg_blocks(rows, TM);
-    int splits = choose_splits((int64_t)grid_y * dg_blocks(width, TN), vocab);
-    return run_gemm(g, grid_y, engine, splits, scale);
+    return run_gemm(g, dg_blocks(rows, TM), engine, choose_splits(width, vocab), scale);
 }
 
 int dg_route_topk(const float* logits, int n, int n_experts, int top_k, const float* per_expert_scale,

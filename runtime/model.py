@@ -16,6 +16,7 @@ Traps this file handles (all from transformers 5.23.0 `modeling_diffusion_gemma.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,17 +125,39 @@ class DiffusionGemma:
         n = self.cfg.num_hidden_layers
         return KVCache([None] * n, [None] * n, 0, [np.zeros(0, dtype=np.int64) for _ in range(n)])
 
-    def _attention(self, i: int, x: Any, positions: np.ndarray, cache: KVCache, encoder: bool,
-                   output: bool = True) -> Any:
-        """Self-attention of layer i; the encoder appends its K/V to `cache`. `output=False` stops there (None)."""
+    def _attention(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
+                   encoder: bool, output: bool = True) -> Any:
+        """Attention over rows that belong to `len(caches)` elements: projections, norms and RoPE run over all
+        rows at once; each element's rows (`sizes[j]` of them, in order) attend to its own cache only.
+        `output=False` (the encoder's last layer, whose output nothing reads) only appends K/V: returns None."""
         ops, cfg, p = self.ops, self.cfg, f"blk.{i}."
         n, d = x.shape[0], cfg.layer_head_dim(i)
         h = ops.rms_norm(x, self.vec[p + "attn_norm.weight"], cfg.rms_norm_eps)
+        q = None
+        if output:
+            q = ops.linear(h, self.w[p + "attn_q.weight"]).reshape(n, cfg.num_attention_heads, d)
+            q = ops.rope(ops.rms_norm(q, self.vec[p + "attn_q_norm.weight"], cfg.rms_norm_eps), positions,
+                         self.inv_freq[i])
         k_raw = ops.linear(h, self.w[p + "attn_k.weight"]).reshape(n, -1, d)
         v_raw = ops.linear(h, self.w[p + "attn_v.weight"]).reshape(n, -1, d) if cfg.is_sliding(i) else k_raw
         k = ops.rope(ops.rms_norm(k_raw, self.vec[p + "attn_k_norm.weight"], cfg.rms_norm_eps), positions,
                      self.inv_freq[i])
         v = ops.rms_norm(v_raw, None, cfg.rms_norm_eps)
+        outs, start = [], 0
+        for cache, size in zip(caches, sizes, strict=True):
+            rows = slice(start, start + size)
+            outs.append(self._attend(i, None if q is None else q[rows], k[rows], v[rows], positions[rows], cache,
+                                     encoder))
+            start += size
+        if q is None:
+            return None
+        out = ops.linear(ops.concat(*outs).reshape(n, -1), self.w[p + "attn_output.weight"])
+        return ops.rms_norm(out, self.vec[p + "post_attention_norm.weight"], cfg.rms_norm_eps)
+
+    def _attend(self, i: int, q: Any, k: Any, v: Any, positions: np.ndarray, cache: KVCache, encoder: bool) -> Any:
+        """One element's attention: its new rows against its cache plus themselves (the encoder also appends
+        them to the cache; with no queries, that is all)."""
+        ops, cfg = self.ops, self.cfg
         if cache.keys[i] is not None:
             keys, values = ops.concat(cache.keys[i], k), ops.concat(cache.values[i], v)
             k_pos = np.concatenate([cache.positions[i], positions])
@@ -145,15 +168,10 @@ class DiffusionGemma:
             keep = len(k_pos) if window is None else min(len(k_pos), window - 1)
             cache.keys[i], cache.values[i] = _last_rows(ops, keys, keep), _last_rows(ops, values, keep)
             cache.positions[i] = k_pos[len(k_pos) - keep:].copy()
-        if not output:
+        if q is None:
             return None
-        q = ops.linear(h, self.w[p + "attn_q.weight"]).reshape(n, cfg.num_attention_heads, d)
-        q = ops.rope(ops.rms_norm(q, self.vec[p + "attn_q_norm.weight"], cfg.rms_norm_eps), positions,
-                     self.inv_freq[i])
         # The decoder attends to everything it is given: the trimmed cache already is the sliding window.
-        out = ops.attention(q, keys, values, positions, k_pos, causal=encoder, window=window if encoder else None)
-        out = ops.linear(out.reshape(n, -1), self.w[p + "attn_output.weight"])
-        return ops.rms_norm(out, self.vec[p + "post_attention_norm.weight"], cfg.rms_norm_eps)
+        return ops.attention(q, keys, values, positions, k_pos, causal=encoder, window=window if encoder else None)
 
     def _feed_forward(self, i: int, x: Any) -> Any:
         ops, cfg, p, eps = self.ops, self.cfg, f"blk.{i}.", self.cfg.rms_norm_eps
@@ -167,8 +185,9 @@ class DiffusionGemma:
         moe = ops.rms_norm(moe, self.vec[p + "post_ffw_norm_2.weight"], eps)
         return ops.rms_norm(dense + moe, self.vec[p + "post_ffw_norm.weight"], eps)
 
-    def _layer(self, i: int, x: Any, positions: np.ndarray, cache: KVCache, encoder: bool) -> Any:
-        x = x + self._attention(i, x, positions, cache, encoder)
+    def _layer(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
+               encoder: bool) -> Any:
+        x = x + self._attention(i, x, positions, caches, sizes, encoder)
         x = x + self._feed_forward(i, x)
         scalar = "enc_layer_output_scale.weight" if encoder else "layer_output_scale.weight"
         return x * self.vec[f"blk.{i}.{scalar}"]
@@ -189,27 +208,65 @@ class DiffusionGemma:
         x = self.ops.embed(self.w["token_embd.weight"], ids, self.cfg.embed_scale)
         last = self.cfg.num_hidden_layers - 1
         for i in range(last):
-            x = self._layer(i, x, positions, cache, encoder=True)
+            x = self._layer(i, x, positions, [cache], [len(ids)], encoder=True)
         # Only the last layer's K/V matter to generation: its attention output and FFN would be thrown away.
-        self._attention(last, x, positions, cache, encoder=True, output=False)
+        self._attention(last, x, positions, [cache], [len(ids)], encoder=True, output=False)
         cache.length += len(ids)
 
     def decode(self, canvas: np.ndarray, cache: KVCache, self_cond_logits: Any | None) -> Any:
         """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab]."""
+        return self.decode_batch([canvas], [cache], [self_cond_logits])[0]
+
+    def decode_batch(self, canvases: Sequence[np.ndarray], caches: Sequence[KVCache],
+                     self_cond_logits: Sequence[Any | None]) -> list[Any]:
+        """One decoder pass over several elements' canvases: each element's logits [its canvas, vocab].
+
+        The canvases' rows are concatenated, so every matmul (projections, dense MLP, router, MoE, output) reads
+        its weights once for the whole batch; attention runs per element against that element's cache, and
+        elements may be at different positions. Every op is row-independent, so each element's logits are
+        bit-identical to a pass of its own. An element's self-conditioning logits are None on its first step.
+        """
         ops, cfg = self.ops, self.cfg
-        canvas = np.asarray(canvas, dtype=np.int64)
-        positions = np.arange(cache.length, cache.length + len(canvas), dtype=np.int64)
-        x = ops.embed(self.w["token_embd.weight"], canvas, cfg.embed_scale)
-        if self_cond_logits is not None:
-            # Self-conditioning: the previous step's processed logits as a soft embedding through a gated MLP.
-            soft = ops.soft_embed(self_cond_logits, self.w["token_embd.weight"], cfg.embed_scale)
-            soft = ops.gated_mlp(ops.rms_norm(soft, self.vec["self_cond_pre_norm.weight"], cfg.rms_norm_eps),
-                                 self.w["self_cond_gate.weight"], self.w["self_cond_up.weight"],
-                                 self.w["self_cond_down.weight"])
-            x = x + soft
+        canvases = [np.asarray(c, dtype=np.int64) for c in canvases]
+        sizes = [len(c) for c in canvases]
+        caches = list(caches)
+        positions = np.concatenate([np.arange(c.length, c.length + n, dtype=np.int64)
+                                    for c, n in zip(caches, sizes, strict=True)])
+        x = ops.embed(self.w["token_embd.weight"], np.concatenate(canvases), cfg.embed_scale)
+        x = self._self_condition(x, sizes, list(self_cond_logits))
         # On the first step the signal is zero, and the MLP of zero is zero: only the post-norm remains.
         x = ops.rms_norm(x, None, cfg.rms_norm_eps)
         for i in range(cfg.num_hidden_layers):
-            x = self._layer(i, x, positions, cache, encoder=False)
+            x = self._layer(i, x, positions, caches, sizes, encoder=False)
         x = ops.rms_norm(x, self.vec["output_norm.weight"], cfg.rms_norm_eps)
-        return ops.softcap(ops.linear(x, self.output), cfg.final_logit_softcapping)
+        logits = ops.softcap(ops.linear(x, self.output), cfg.final_logit_softcapping)
+        ends = np.cumsum(sizes).tolist()
+        return [logits[end - size:end] for size, end in zip(sizes, ends, strict=True)]
+
+    def _self_condition(self, x: Any, sizes: list[int], self_cond_logits: list[Any | None]) -> Any:
+        """Add each element's self-conditioning signal to its embedded rows (elements without one keep theirs).
+
+        The soft embedding runs per element: it contracts over the vocabulary, so batching it saves nothing but
+        the table's decoding, and per element it reads the sampler's own probabilities (the cpu backend keeps
+        them). The gated MLP then runs over all those elements' rows at once.
+        """
+        ops, cfg = self.ops, self.cfg
+        signals = [ops.soft_embed(logits, self.w["token_embd.weight"], cfg.embed_scale)
+                   for logits in self_cond_logits if logits is not None]
+        if not signals:
+            return x
+        soft = ops.concat(*signals)
+        soft = ops.gated_mlp(ops.rms_norm(soft, self.vec["self_cond_pre_norm.weight"], cfg.rms_norm_eps),
+                             self.w["self_cond_gate.weight"], self.w["self_cond_up.weight"],
+                             self.w["self_cond_down.weight"])
+        # Element by element, so a first-step element's rows stay exactly as embedded (no + 0.0 turning -0.0 to
+        # +0.0): the same arithmetic as a pass of its own.
+        pieces, row, signal_row = [], 0, 0
+        for size, logits in zip(sizes, self_cond_logits, strict=True):
+            piece = x[row:row + size]
+            if logits is not None:
+                piece = piece + soft[signal_row:signal_row + size]
+                signal_row += size
+            pieces.append(piece)
+            row += size
+        return ops.concat(*pieces)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_close
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from test_long_context import assert_cache_holds_only_what_it_needs
 from test_native_host import philox4x32_10
@@ -41,11 +42,11 @@ import dgrun
 from dgrun import quants, sampler
 from dgrun.backends import BackendUnavailable, cuda_backend, get_backend
 from dgrun.backends.cuda_backend import CudaBackend, DeviceArray
-from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh
+from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh, row_products
 from dgrun.rng import DefaultRng
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+TYPES = sorted(cuda_backend.SUPPORTED_TYPES)
 REF = NumpyBackend()
 
 
@@ -210,7 +211,7 @@ class FakeNative:
 
     def _dg_linear(self, x, n, k, w, ggml_type, row_bytes, tensor_scale, out_features, y, engine) -> None:
         weight = self.blocks(w, ggml_type, row_bytes, out_features, tensor_scale)
-        self.f32(y, n, out_features)[:] = self.f32(x, n, k) @ weight.T
+        self.f32(y, n, out_features)[:] = row_products(self.f32(x, n, k), weight.T)  # row-independent, as the GPU
 
     def _dg_soft_embed(self, logits, rows, vocab, table, ggml_type, row_bytes, tensor_scale, width, scale,
                        out, engine) -> None:
@@ -499,10 +500,14 @@ def _never_zero(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np
 
 
 def _weights(ops: CudaBackend, rng: np.random.Generator, ggml_type: T, shape: tuple[int, ...]):
-    """The same random tensor as a CudaWeight and as the numpy backend's Weight."""
-    x = rng.normal(0, 0.5, shape).astype(np.float32)
-    raw, scale = quants.quantize_tensor(x, ggml_type)
+    """The same random tensor as a CudaWeight and as the numpy backend's Weight (random valid blocks with
+    fp16 scales 2^-8..2^-4 for a type dgrun only reads: weights of roughly the same size)."""
     row_bytes = quants.row_bytes(ggml_type, shape[-1])
+    if quants.can_quantize(ggml_type, shape[-1]):
+        raw, scale = quants.quantize_tensor(rng.normal(0, 0.5, shape).astype(np.float32), ggml_type)
+    else:
+        rows = math.prod(shape[:-1])
+        raw, scale = random_blocks(ggml_type, rows, shape[-1], rng, (-8, -4)).reshape(*shape[:-1], -1), None
     ref = Weight(raw.reshape(*shape[:-1], row_bytes), ggml_type, shape, scale)
     return ops.weight(raw, ggml_type, shape, scale), ref
 

@@ -8,6 +8,8 @@ logits ≤ 6.5e-6 — the same size as transformers' own float32 error against a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ def _hf_cache(model):
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
-@pytest.mark.parametrize("name", ["base", "top1", "bf16"])
+@pytest.mark.parametrize("name", ["base", "top1", "bf16", "uniform", "odd2600"])
 @pytest.mark.parametrize("prompt_len", [5, 21])
 def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, prompt_len):
     ckpt = checkpoints[name]
@@ -111,18 +113,25 @@ GENERATION_CASES = {
 LONG_PROMPT = [int(t) for t in np.random.default_rng(150).integers(3, 128, 150)]
 
 
-def replay_generate(ckpt, prompt, params, backend="numpy", encode_chunk=None):
-    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed)."""
-    hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    ours_params = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
+def dgrun_params(params):
+    """transformers' generate() keywords as ours (EOS ids aside: they go to the model's generation_config)."""
+    ours = {k: v for k, v in params.items() if k != "eos_token_id" and v is not None}
     # A null threshold is how transformers turns adaptive stopping off; ours says it with a flag.
-    adaptive = params.get("stability_threshold", 0) is not None
-    with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
+    return {**ours, "adaptive_stopping": params.get("stability_threshold", 0) is not None}
+
+
+def replay_generate(ckpt, prompt, params, backend="numpy", path=None, encode_chunk=None):
+    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
+
+    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint) and
+    encodes `encode_chunk` tokens at a time when given."""
+    hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
+    with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
         if encode_chunk is not None:
             ours.graph.encode_chunk = encode_chunk
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
-        out = ours.generate(prompt, rng=rng, adaptive_stopping=adaptive, **ours_params)
+        out = ours.generate(prompt, rng=rng, **dgrun_params(params))
     assert rng.position == len(draws), f"used {rng.position} of {len(draws)} recorded draws"
     return hf_tokens, out
 
@@ -144,6 +153,14 @@ def test_generation_is_token_exact_with_replayed_draws(checkpoints, case):
             f"adaptive stopping never fired: {steps}"
 
 
+def test_full_layers_shaped_like_sliding_ones_generate_token_exact(checkpoints):
+    """The checkpoint whose `per_layer_config` is `{}` (once refused as implying 512-wide full layers)."""
+    ckpt = checkpoints["uniform"]
+    assert json.loads((ckpt.folder / "config.json").read_text())["text_config"]["per_layer_config"] == {}
+    hf_tokens, out = replay_generate(ckpt, [2, 17, 33, 5, 60], GENERATION_CASES["fixed_steps"])
+    assert out.tokens == hf_tokens
+
+
 def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints):
     ckpt = checkpoints["gen"]
     prompt = [2, 40, 41, 42]
@@ -161,13 +178,13 @@ def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints)
 
 def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
     with dgrun.load(checkpoints["gen"].dgf("f32"), backend="numpy") as model:
-        decode = model.graph.decode
+        decode_batch = model.graph.decode_batch
 
-        def poisoned(canvas, cache, self_cond):
-            logits = decode(canvas, cache, self_cond)
-            logits[3, 5] = np.nan
+        def poisoned(canvases, caches, self_conds):
+            logits = decode_batch(canvases, caches, self_conds)
+            logits[0][3, 5] = np.nan
             return logits
 
-        monkeypatch.setattr(model.graph, "decode", poisoned)
+        monkeypatch.setattr(model.graph, "decode_batch", poisoned)
         with pytest.raises(FloatingPointError, match="NaN logits"):
             model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)

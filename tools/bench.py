@@ -5,6 +5,8 @@
     python tools/bench.py --quick                  # smoke run, well under a minute once the model is cached
     python tools/bench.py -m model.dgf [--hf hf_folder]   # any .dgf (transformers only with its HF folder)
     python tools/bench.py --json                   # machine-readable
+    python tools/bench.py --batch 1,2,4,8          # batched generation: tok/s and ms per pass by batch size
+    python tools/bench.py --batch 1,4 --quick      # its smoke run (what .ci/run runs)
     python tools/bench.py --presets q8_0 --long-prompt 4096,8192   # long prompts: encode + one decoder pass
     python tools/bench.py --baseline /tmp/old-dgrun ...  # also bench another checkout's dgrun package, side by side
 
@@ -22,7 +24,16 @@ off, no EOS), after one untimed warm-up. Reported per engine and step count (med
   ms/pass          mean time of one decoder forward (canvas → logits)
   ms/enc           mean time of one encoder pass over a committed canvas
   peak RSS         the worker's high-water resident set (VmHWM): interpreter, libraries, weights, activations
-and each as a ratio dgrun ÷ transformers.
+and each as a ratio dgrun ÷ transformers. Both engines use the same thread count (--threads, default: every CPU
+this process may use); transformers runs `generate(..., stability_threshold=None, confidence_threshold=None,
+max_denoising_steps=steps)` under torch.no_grad.
+
+--batch B1,B2,... times dgrun alone (transformers' generate takes one sequence here) on `generate_batch` with B
+different 64-token prompts (seeds 0..B-1), every batch size in one worker per file, interleaved the same way:
+  tok/s            all elements' new tokens / wall time, and as a ratio to the first batch size
+  tok/cpu-s        the same per second of the worker's CPU time (all threads): the work batching saves, which a
+                   shared machine's wall clock hides
+  ms/pass          mean time of one batched decoder pass (all B canvases), and per element (ms/pass / B)
 
 --long-prompt L1,L2,... measures what a long prompt costs instead: per engine and length, one encoder pass over
 L random ids into a fresh cache plus one decoder forward over a random canvas (no sampler step), each run in a
@@ -31,9 +42,6 @@ encoder's share, the worker's peak RSS during the call (VmHWM reset before it: i
 what the warm-up left), the encoder's rise (its peak above the RSS before the call: activations, cache, new
 pages), RSS kept after the call while the cache is still referenced (VmRSS after − before), and the cache's own
 size (the bytes of its K/V arrays); then time(longest)/time(shortest) per engine and transformers ÷ dgrun.
-
-Both engines use the same thread count (--threads, default: every CPU this process may use); transformers runs
-`generate(..., stability_threshold=None, confidence_threshold=None, max_denoising_steps=steps)` under torch.no_grad.
 """
 
 from __future__ import annotations
@@ -99,24 +107,27 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def bench_prompt(vocab_size: int, length: int = 64) -> list[int]:
-    """The fixed prompt: `length` token ids drawn with seed 0 (ids 0-2 are pad/eos/bos, left out)."""
+def bench_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> list[int]:
+    """A fixed prompt: `length` token ids drawn with `seed` (ids 0-2 are pad/eos/bos, left out)."""
     import numpy as np
 
-    return [int(t) for t in np.random.default_rng(0).integers(3, vocab_size, length)]
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab_size, length)]
 
 
 class Timer:
-    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments."""
+    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments, and the process's
+    CPU time per call (all threads: the work done, whatever other tenants of the machine take)."""
 
     def __init__(self, fn: Any, key: Any = None):
         self.fn, self.key = fn, key
         self.calls: list[tuple[Any, float]] = []
+        self.cpu: list[float] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.fn(*args, **kwargs)
         self.calls.append((self.key(*args, **kwargs) if self.key else None, time.perf_counter() - start))
+        self.cpu.append(time.process_time() - cpu)
         return out
 
 
@@ -134,7 +145,7 @@ class DgrunEngine:
         graph = self.model.graph
         self.canvas = graph.cfg.canvas_length
         self.vocab = graph.cfg.vocab_size
-        self.decode = graph.decode = Timer(graph.decode)
+        self.decode = graph.decode_batch = Timer(graph.decode_batch)
         self.encode = graph.encode = Timer(graph.encode, key=lambda ids, cache: len(ids))
 
     def info(self) -> dict[str, Any]:
@@ -146,6 +157,12 @@ class DgrunEngine:
         out = self.model.generate(prompt, max_new_tokens=new_tokens, max_denoising_steps=steps, seed=0,
                                   adaptive_stopping=False)
         return len(out.tokens)
+
+    def run_batch(self, prompts: list[list[int]], new_tokens: int, steps: int) -> int:
+        outs = self.model.generate_batch(prompts, max_new_tokens=new_tokens, max_denoising_steps=steps,
+                                         seed=list(range(len(prompts))), adaptive_stopping=False,
+                                         max_batch=len(prompts))
+        return sum(len(out.tokens) for out in outs)
 
     def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float, float]:
         """Encode `prompt` into a fresh cache, then one decoder pass: (the cache, the encoder's seconds, the peak
@@ -163,6 +180,7 @@ class DgrunEngine:
     @staticmethod
     def cache_bytes(cache: Any) -> int:
         return sum(int(a.nbytes) for a in [*cache.keys, *cache.values] if a is not None)
+
 
 
 class TransformersEngine:
@@ -209,6 +227,7 @@ class TransformersEngine:
     def cache_bytes(cache: Any) -> int:
         return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                    if t is not None)
+
 
 
 def reset_peak_rss() -> None:
@@ -259,7 +278,11 @@ def worker(spec: dict[str, Any]) -> None:
         baseline = current_rss_mb()
         engine = TransformersEngine(spec)
     prompt = bench_prompt(engine.vocab, spec["prompt_tokens"])
-    engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
+    if spec.get("batches"):  # warm-up at the largest batch: its buffers serve the smaller ones too
+        batch_prompts = [bench_prompt(engine.vocab, spec["prompt_tokens"], seed=j) for j in range(max(spec["batches"]))]
+        engine.run_batch(batch_prompts, engine.canvas, 2)
+    else:
+        engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
     print(json.dumps({"ready": True, "baseline_rss_mb": baseline, **engine.info()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -270,15 +293,21 @@ def worker(spec: dict[str, Any]) -> None:
             print(json.dumps(long_prompt_run(engine, request["long"])), flush=True)
             continue
         engine.decode.calls.clear()
+        engine.decode.cpu.clear()
         engine.encode.calls.clear()
-        start = time.perf_counter()
-        made = engine.run(prompt, request["new_tokens"], request["steps"])
-        seconds = time.perf_counter() - start
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if request.get("batch"):
+            made = engine.run_batch(batch_prompts[:request["batch"]], request["new_tokens"], request["steps"])
+        else:
+            made = engine.run(prompt, request["new_tokens"], request["steps"])
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         decode = [t for _, t in engine.decode.calls]
         encode = [t for n, t in engine.encode.calls if n == engine.canvas]
         print(json.dumps({
             "tokens": made, "seconds": seconds, "tok_s": made / seconds, "decoder_passes": len(decode),
+            "tok_cpu_s": made / cpu_seconds if cpu_seconds > 0 else None,
             "ms_pass": 1e3 * sum(decode) / max(len(decode), 1),
+            "ms_pass_cpu": 1e3 * sum(engine.decode.cpu) / max(len(decode), 1),
             "ms_enc": 1e3 * sum(encode) / len(encode) if encode else None,
         }), flush=True)
 
@@ -355,12 +384,13 @@ class Worker:
     def ready(self) -> None:
         self.info = self._read()
 
-    def run(self, steps: int, new_tokens: int) -> dict[str, Any]:
+    def run(self, steps: int, new_tokens: int, batch: int | None = None) -> dict[str, Any]:
+        """One timed run; results are kept per step count (or per batch size, with `batch`)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens, "batch": batch}) + "\n")
         self.proc.stdin.flush()
         result = self._read()
-        self.runs.setdefault(steps, []).append(result)
+        self.runs.setdefault(steps if batch is None else batch, []).append(result)
         return result
 
     def long(self, length: int) -> dict[str, Any]:
@@ -394,6 +424,7 @@ def summarize(worker: Worker, steps: int) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     return {"engine": worker.label, "steps": steps, "tok_s": med("tok_s"), "ms_pass": med("ms_pass"),
+            "tok_cpu_s": med("tok_cpu_s"), "ms_pass_cpu": med("ms_pass_cpu"),
             "ms_enc": med("ms_enc"), "peak_rss_mb": worker.peak_rss_mb, "file_mb": worker.file_mb,
             "tokens": runs[0]["tokens"] if runs else None, "reps": len(runs),
             "tok_s_best": max((r["tok_s"] for r in runs), default=None),
@@ -429,6 +460,39 @@ def format_table(rows: list[dict[str, Any]]) -> str:
          _num(r.get("tok_s_best"), ".1f"), _num(r["ms_pass"], ".1f"), rat(r.get("ms_pass_ratio")),
          _num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), _num(r["peak_rss_mb"], ".0f"), rat(r.get("rss_ratio"))]
         for r in rows])
+
+
+def batch_report(workers: list[Worker], batches: list[int], steps: int, info: dict[str, Any], as_json: bool) -> None:
+    """The --batch table: per file and batch size, throughput (and its ratio to the first size) and pass times."""
+    rows = []
+    for w in workers:
+        first = summarize(w, batches[0])
+        for b in batches:
+            row = {**summarize(w, b), "batch": b, "steps": steps}
+            row["tok_s_ratio"] = ratio(row["tok_s"], first["tok_s"])
+            row["tok_cpu_s_ratio"] = ratio(row["tok_cpu_s"], first["tok_cpu_s"])
+            row["ms_pass_element"] = None if row["ms_pass"] is None else row["ms_pass"] / b
+            row["ms_pass_cpu_element"] = None if row["ms_pass_cpu"] is None else row["ms_pass_cpu"] / b
+            rows.append(row)
+    if as_json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+        return
+
+    def rat(x: float | None) -> str:
+        return "" if x is None else f"({x:.2f}x)"
+
+    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
+    print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
+          f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
+          f"(kernels: {info['dgrun_kernels']})")
+    print(render_table([head] + [
+        [r["engine"], str(r["batch"]), _num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]), _num(r["tok_s_best"], ".1f"),
+         _num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]), _num(r["ms_pass"], ".1f"),
+         _num(r["ms_pass_element"], ".1f"), _num(r["ms_pass_cpu_element"], ".1f")] for r in rows]))
+    peaks = ", ".join(f"{w.label} {_num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
+    print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
+          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+          f"peak RSS, reached at the largest batch: {peaks})")
 
 
 def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str, Any]]:
@@ -489,11 +553,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "dgrun-bench")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bench model and files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 256 tokens, steps 4, f32 and q8_0")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--batch", help="comma-separated batch sizes: time batched generation (dgrun only; "
+                                        "default preset q8_0, steps 8, 256 tokens per element; --quick: steps 2)")
     parser.add_argument("--long-prompt", help="comma-separated prompt lengths: time one encode + one decoder pass "
                                               "per length instead of generating")
     parser.add_argument("--baseline", type=Path, help="a folder holding another checkout's `dgrun` package (e.g. "
                                                        "symlinks to its runtime/, backends/): benched beside this one")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
@@ -502,12 +568,17 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    steps = [int(s) for s in (args.steps or ("4" if args.quick else "8,16")).split(",")]
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else []
     lengths = sorted(int(n) for n in args.long_prompt.split(",")) if args.long_prompt else []
-    new_tokens = args.new_tokens or (256 if args.quick else 512)
+    if any(b < 1 for b in batches):
+        parser.error("batch sizes must be positive integers")
+    default_steps = ("2" if args.quick else "8") if batches else ("4" if args.quick else "8,16")
+    steps = [int(s) for s in (args.steps or default_steps).split(",")]
+    new_tokens = args.new_tokens or (256 if args.quick or batches else 512)
     reps = args.reps or (1 if args.quick else 3)
     threads = args.threads or default_threads()
-    presets = (args.presets or ("f32,q8_0" if args.quick else ",".join(ALL_PRESETS))).split(",")
+    default_presets = "q8_0" if batches else "f32,q8_0" if args.quick else ",".join(ALL_PRESETS)
+    presets = (args.presets or default_presets).split(",")
     unknown = [p for p in presets if p not in ALL_PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown} (choose from {', '.join(ALL_PRESETS)})")
@@ -528,10 +599,11 @@ def main(argv: list[str] | None = None) -> None:
         hf = args.hf
     else:
         hf, files = prepare_bench_model(args.workdir, presets, args.rebuild, log)
-    common = {"threads": threads, "prompt_tokens": args.prompt_tokens}
+    common = {"threads": threads, "prompt_tokens": args.prompt_tokens, "batches": batches}
     workers = []
     start = not lengths  # long prompts: a fresh process per run (Worker.long)
-    if hf is not None and not args.no_transformers:
+    # Batch mode times dgrun alone: transformers' DiffusionGemma generate takes one sequence.
+    if hf is not None and not args.no_transformers and not batches:
         workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None, start=start))
     for name, path in files.items():
         spec = {"engine": "dgrun", "path": str(path), "backend": backend, **common}
@@ -543,26 +615,25 @@ def main(argv: list[str] | None = None) -> None:
         for w in workers:
             if start:
                 w.ready()
-        if lengths:
-            log(f"{len(workers)} engines ready; {reps} rep(s) x prompts of {lengths} tokens, {threads} threads")
-        else:
-            log(f"{len(workers)} engines ready; {reps} rep(s) x steps {steps} x {new_tokens} tokens, "
-                f"{threads} threads")
+        what = f"prompts of {lengths} tokens" if lengths else f"steps {steps} x {new_tokens} tokens"
+        log(f"{len(workers)} engines ready; {reps} rep(s) x {what}, {threads} threads")
         for rep in range(reps):
             # Interleaved, A B C / B C A / C A B ...: each engine takes every position in turn, so neither a
             # warming machine nor another tenant's periodic load favours one of them.
             order = workers[rep % len(workers):] + workers[:rep % len(workers)]
-            for value in lengths or steps:
+            for length in lengths:
                 for w in order:
-                    if lengths:
-                        r = w.long(value)
-                        log(f"  rep {rep + 1} {value:>6} tokens {w.label:<24} {r['seconds']:7.2f} s  "
-                            f"(encode {r['encode_s']:.2f} s)  peak {r['peak_rss_mb']:.0f} MiB  "
-                            f"kept {r['kept_rss_mb']:.0f} MiB  cache {r['cache_mb']:.1f} MiB")
-                    else:
-                        r = w.run(value, new_tokens)
-                        log(f"  rep {rep + 1} steps {value:>3} {w.label:<24} {r['tok_s']:8.1f} tok/s  "
-                            f"{r['ms_pass']:7.1f} ms/pass")
+                    r = w.long(length)
+                    log(f"  rep {rep + 1} {length:>6} tokens {w.label:<24} {r['seconds']:7.2f} s  "
+                        f"(encode {r['encode_s']:.2f} s)  peak {r['peak_rss_mb']:.0f} MiB  "
+                        f"kept {r['kept_rss_mb']:.0f} MiB  cache {r['cache_mb']:.1f} MiB")
+            turn = rep % max(len(batches), 1)
+            points = [(steps[0], b) for b in batches[turn:] + batches[:turn]] or [(s, None) for s in steps]
+            for s, b in [] if lengths else points:
+                for w in order:
+                    result = w.run(s, new_tokens, b)
+                    log(f"  rep {rep + 1} steps {s:>3}{'' if b is None else f' batch {b:>2}'} {w.label:<24} "
+                        f"{result['tok_s']:8.1f} tok/s  {result['ms_pass']:7.1f} ms/pass")
     finally:
         for w in workers:
             try:
@@ -570,13 +641,17 @@ def main(argv: list[str] | None = None) -> None:
             except Exception:  # a crashed worker: report what the others measured
                 w.proc.kill()
 
-    info = {**machine_info(), "threads": threads, "reps": reps, "backend": backend,
-            "dgrun_kernels": next((w.info.get("isa") for w in workers if w.label.startswith("dgrun")), None)}
+    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
+            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
+                                                                     if w.label.startswith("dgrun")), None)}
     if lengths:
         title = (f"# {info['cpu']}, {threads} threads; one encode of the prompt + one decoder pass, median of {reps}; "
                  f"dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
         rows = long_prompt_rows(workers, lengths)
         report(args.json, info, "long_prompt", rows, title, format_long_table(rows))
+        return
+    if batches:
+        batch_report(workers, batches, steps[0], info, args.json)
         return
     rows = []
     for s in steps:
@@ -589,7 +664,6 @@ def main(argv: list[str] | None = None) -> None:
                 row["ms_enc_ratio"] = ratio(row["ms_enc"], ref["ms_enc"])
                 row["rss_ratio"] = ratio(row["peak_rss_mb"], ref["peak_rss_mb"])
             rows.append(row)
-    info.update(new_tokens=new_tokens, prompt_tokens=args.prompt_tokens)
     title = (f"# {info['cpu']}, {threads} threads; {args.prompt_tokens}-token prompt, {new_tokens} new tokens, "
              f"median of {reps}; dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
     report(args.json, info, "rows", rows, title, format_table(rows))
@@ -604,6 +678,7 @@ def report(as_json: bool, info: dict[str, Any], key: str, rows: list[dict[str, A
     else:
         print(title)
         print(table)
+
 
 if __name__ == "__main__":
     main()
