@@ -63,7 +63,7 @@ def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, pro
 
 @pytest.mark.parametrize("name", ["base", "top1"])
 def test_encoder_in_chunks_matches_transformers_on_a_long_prompt(checkpoints, name):
-    """A 150-token prompt encoded 7 tokens at a time (21 chunks, none aligned with the window of 8 or 4) against
+    """A 150-token prompt encoded 7 tokens at a time (22 chunks, none aligned with the window of 8 or 4) against
     transformers encoding it in one call: every layer's cache (the sliding layers' last window-1 rows, the full
     layers' every row) and the decoder's logits agree to the same tolerances as an unchunked encode."""
     ckpt = checkpoints[name]
