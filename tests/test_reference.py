@@ -61,6 +61,31 @@ def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, pro
     ours.close()
 
 
+@pytest.mark.parametrize("name", ["base", "top1"])
+def test_encoder_in_chunks_matches_transformers_on_a_long_prompt(checkpoints, name):
+    """A 150-token prompt encoded 7 tokens at a time (22 chunks, none aligned with the window of 8 or 4) against
+    transformers encoding it in one call: every layer's cache (the sliding layers' last window-1 rows, the full
+    layers' every row) and the decoder's logits agree to the same tolerances as an unchunked encode."""
+    ckpt = checkpoints[name]
+    model = ckpt.model
+    rng = np.random.default_rng(24)
+    prompt = rng.integers(0, model.config.text_config.vocab_size, 150)
+    canvas = rng.integers(0, model.config.text_config.vocab_size, model.config.canvas_length)
+    hf_cache = _hf_cache(model)
+    with dgrun.load(ckpt.dgf("f32"), backend="numpy") as ours, torch.no_grad():
+        ours.graph.encode_chunk = 7
+        cache = ours.graph.new_cache()
+        ours.graph.encode(prompt, cache)
+        model.model.encoder(input_ids=torch.from_numpy(prompt)[None], past_key_values=hf_cache)
+        assert cache.length == len(prompt)
+        for i, layer in enumerate(hf_cache.layers):
+            assert_close(cache.keys[i], layer.keys[0].permute(1, 0, 2).numpy(), KV_RTOL, f"{name} layer {i} keys")
+            assert_close(cache.values[i], layer.values[0].permute(1, 0, 2).numpy(), KV_RTOL,
+                         f"{name} layer {i} values")
+        ref = model(decoder_input_ids=torch.from_numpy(canvas)[None], past_key_values=hf_cache).logits[0].numpy()
+        assert_close(ours.graph.decode(canvas, cache, None), ref, LOGITS_RTOL, f"{name} decoder logits")
+
+
 def test_encoder_and_decoder_layer_scalars_are_kept_apart(checkpoints):
     ckpt = checkpoints["base"]
     with dgrun.load(ckpt.dgf("f32"), backend="numpy") as ours:
@@ -81,7 +106,11 @@ GENERATION_CASES = {
                           confidence_threshold=0.35, eos_token_id=None),
     # transformers' defaults for the schedule, a prompt longer than the sliding window
     "defaults_long_prompt": dict(max_new_tokens=16, eos_token_id=None),
+    # a 150-token prompt that dgrun encodes in 22 chunks of 7 (transformers in one call), then two canvases
+    "prompt_in_chunks": dict(max_new_tokens=32, max_denoising_steps=8, stability_threshold=None,
+                             confidence_threshold=None, eos_token_id=None),
 }
+LONG_PROMPT = [int(t) for t in np.random.default_rng(150).integers(3, 128, 150)]
 
 
 def dgrun_params(params):
@@ -91,12 +120,15 @@ def dgrun_params(params):
     return {**ours, "adaptive_stopping": params.get("stability_threshold", 0) is not None}
 
 
-def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
+def replay_generate(ckpt, prompt, params, backend="numpy", path=None, encode_chunk=None):
     """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
 
-    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint)."""
+    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint) and
+    encodes `encode_chunk` tokens at a time when given."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
     with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
+        if encode_chunk is not None:
+            ours.graph.encode_chunk = encode_chunk
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
         out = ours.generate(prompt, rng=rng, **dgrun_params(params))
@@ -106,8 +138,9 @@ def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
 
 def replay_case(checkpoints, case, backend="numpy"):
     """`replay_generate` for one of GENERATION_CASES on the fixture made for token-exact generation."""
-    prompt = [2, 17, 33, 5, 60] if case != "defaults_long_prompt" else list(range(2, 24))
-    return replay_generate(checkpoints["gen"], prompt, GENERATION_CASES[case], backend)
+    prompt = {"defaults_long_prompt": list(range(2, 24)), "prompt_in_chunks": LONG_PROMPT}.get(case, [2, 17, 33, 5, 60])
+    chunk = 7 if case == "prompt_in_chunks" else None
+    return replay_generate(checkpoints["gen"], prompt, GENERATION_CASES[case], backend, encode_chunk=chunk)
 
 
 @pytest.mark.parametrize("case", list(GENERATION_CASES))
