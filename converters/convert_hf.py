@@ -57,7 +57,7 @@ class PlannedTensor:
         return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.ggml_type, self.shape[-1])
 
 
-class _StreamedTensor:
+class StreamedTensor:
     """Quacks like the ndarray `GGUFWriter.write_tensor_data` expects, but writes chunk by chunk."""
 
     def __init__(self, nbytes: int, chunks: Callable[[], Iterator[np.ndarray]]):
@@ -280,7 +280,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
                         file=sys.stderr)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-            payloads.append(_StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
+            payloads.append(StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
