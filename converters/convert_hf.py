@@ -163,7 +163,8 @@ def _copies_differ(kept: str, other: str, row: int) -> str:
                 "them (tie_word_embeddings): refusing to drop the output matrix transformers would use")
     return (f"{other} differs from {kept} (first at row {row}): dgrun shares one copy of each weight between "
             "encoder and decoder, so it cannot run this checkpoint merged; if it is a LoRA fine-tune with the adapter "
-            "merged in, convert the base checkpoint and load the adapter unmerged (--lora, issue #19)")
+            "merged in, convert the base checkpoint, convert the adapter with convert-lora-to-dgf and load it unmerged "
+            "(dgrun --lora)")
 
 
 def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
