@@ -90,12 +90,7 @@ def plan(model_dir: Path, outtype: str,
         raise ConversionError(f"{model_dir} is not a directory")
     if not config_path.is_file():
         raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"config.json is not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError("config.json is not a JSON object")
+    hf_config = read_json_object(config_path, "config.json")
     cfg = ModelConfig.from_hf(hf_config)
     tensors = open_checkpoint(model_dir)
     tied = tied_output(hf_config)
@@ -132,6 +127,17 @@ def plan(model_dir: Path, outtype: str,
         planned.append(PlannedTensor(name, source, shape, ggml_type,
                                      recipe_type(name, shape, outtype, cfg.num_hidden_layers, sliding), copies))
     return cfg, hf_config, planned, skipped_vision
+
+
+def read_json_object(path: Path, label: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a ConversionError naming `label`."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{label} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{label} is not a JSON object")
+    return value
 
 
 def _unexpected(hf_name: str, name: str, sliding: list[bool]) -> str:
@@ -313,6 +319,22 @@ def _fallbacks(planned: list[PlannedTensor]) -> dict[tuple[T, T], list[PlannedTe
     return out
 
 
+def run_converter(prog: str, conversion: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """Run a conversion as a console script: its summary, or the exit status after one line on stderr (2 for what
+    the user can fix, 130 for Ctrl-C, 1 for the system's errors)."""
+    try:
+        return conversion()
+    except ConversionError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"{prog}: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convert-hf-to-dgf", description="Convert a DiffusionGemma Hugging Face checkpoint to one .dgf file.")
@@ -326,17 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     args = parser.parse_args(argv)
     outfile = args.outfile or Path(f"{str(args.model_dir).rstrip('/')}-{args.outtype}.dgf")
-    try:
-        summary = convert(args.model_dir, outfile, args.outtype, not args.no_tokenizer, args.quiet, args.strict)
-    except ConversionError as e:
-        print(f"convert-hf-to-dgf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert-hf-to-dgf: interrupted; no output written", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"convert-hf-to-dgf: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
+    summary = run_converter("convert-hf-to-dgf", partial(convert, args.model_dir, outfile, args.outtype,
+                                                         not args.no_tokenizer, args.quiet, args.strict))
+    if isinstance(summary, int):
+        return summary
     mix = ", ".join(f"{k} {summary['type_tensors'][k]} tensors {v / 2**20:.1f} MiB"
                     for k, v in sorted(summary["type_bytes"].items()))
     print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, "

@@ -17,7 +17,6 @@ has its lora_b multiplied by the ratio, which keeps the product exact up to floa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -32,7 +31,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from dgrun.config import ARCH, ConfigError, ModelConfig
-from dgrun.converters.convert_hf import ConversionError, StreamedTensor, add_metadata, atomic_writer, write_file
+from dgrun.converters.convert_hf import (
+    ConversionError,
+    StreamedTensor,
+    add_metadata,
+    atomic_writer,
+    read_json_object,
+    run_converter,
+    write_file,
+)
 from dgrun.converters.names import VISION_PREFIXES, dgf_name
 from dgrun.converters.presets import PresetError, tensor_type
 from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, read_header
@@ -92,13 +99,7 @@ def base_config(base: Path) -> ModelConfig:
             config_path = base / "config.json"
             if not config_path.is_file():
                 raise ConversionError(f"base {base} has no config.json: not a Hugging Face checkpoint folder")
-            try:
-                hf_config = json.loads(config_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConversionError(f"base {config_path} is not valid JSON ({e})") from None
-            if not isinstance(hf_config, dict):
-                raise ConversionError(f"base {config_path} is not a JSON object")
-            return ModelConfig.from_hf(hf_config)
+            return ModelConfig.from_hf(read_json_object(config_path, f"base {config_path}"))
         if not base.is_file():
             raise ConversionError(f"base {base} does not exist (give a checkpoint folder or a .dgf file)")
         with GGUFFile(base) as gguf:
@@ -119,12 +120,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise ConversionError(f"{adapter_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{ADAPTER_CONFIG} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{ADAPTER_CONFIG} is not a JSON object")
+    config = read_json_object(path, ADAPTER_CONFIG)
     if config.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"the adapter is {config.get('peft_type')}, not LoRA (peft_type); only LoRA adapters "
                               "convert")
@@ -289,17 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no notices")
     args = parser.parse_args(argv)
     outfile = args.outfile or Path(f"{str(args.adapter_dir).rstrip('/')}-{args.outtype}.dgf")
-    try:
-        summary = convert_lora(args.adapter_dir, args.base, outfile, args.outtype, args.quiet)
-    except ConversionError as e:
-        print(f"convert-lora-to-dgf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert-lora-to-dgf: interrupted; no output written", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"convert-lora-to-dgf: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
+    summary = run_converter("convert-lora-to-dgf", partial(convert_lora, args.adapter_dir, args.base, outfile,
+                                                           args.outtype, args.quiet))
+    if isinstance(summary, int):
+        return summary
     deltas = ", ".join(f"{n} {side}" for side, n in summary["deltas"].items())
     print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, {deltas} deltas, rank "
           f"{'/'.join(map(str, summary['ranks']))}, alpha {summary['alpha']:g}"

@@ -573,7 +573,7 @@ def _format_info(info: dict[str, Any]) -> str:
         vocab = f", {info['vocab_tokens']} tokens" if info["vocab_tokens"] else ""
         template = ", chat template" if info["chat_template"] else ", no chat template"
         rows.append(("tokenizer", f"{info['tokenizer'] or 'vocabulary only'}{vocab}{template}"))
-    else:
+    elif not adapter:  # an adapter has no tokenizer of its own: it runs with its model's
         rows.append(("tokenizer", "none (token ids only)"))
     if info["outtype"]:  # the preset asked for; the types below are what each tensor got (fallbacks included)
         rows.append(("outtype", info["outtype"]))
