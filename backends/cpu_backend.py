@@ -44,7 +44,6 @@ import numpy as np
 
 from dgrun import quants, sampler
 from dgrun.backends.numpy_backend import NumpyBackend, Weight, require_ascending
-from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
 
 _ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
@@ -179,9 +178,10 @@ class CpuBackend(NumpyBackend):
             self._pool.pop(0)  # the caller still holding it keeps it alive; the pool just forgets it
         return array.reshape(shape)
 
-    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
-        weights = super().load_weights(gguf, names)
-        return {name: CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale) for name, w in weights.items()}
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> CpuWeight:
+        w = super().weight(raw, ggml_type, shape, tensor_scale)
+        return CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale)
 
     # -- elementwise and normalisation ----------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ ENGINE_FP32, ENGINE_TF32 = 0, 1
 MAX_CANVAS = 4096  # the sampler kernel's limit (one block sorts the canvas)
 MAX_EXPERTS = 1024  # the router kernel's limit (one warp per token, experts in shared memory)
 MAX_HEAD_DIM = 512  # the attention kernel's limit (a warp holds one head row in registers)
+K_SLICE = 32  # the matmul kernels' step through the reduced dimension, which must be a multiple of it
 
 
 def library_candidates() -> list[Path]:
@@ -287,9 +288,9 @@ def _require_float(*arrays: Any) -> None:
 
 
 def _require_k_slices(what: str, k: int) -> None:
-    """The matmul kernels step through the reduced dimension 32 values at a time."""
-    if k % 32:
-        raise ValueError(f"the cuda backend needs a {what} that is a multiple of 32, not {k}")
+    """The matmul kernels step through the reduced dimension K_SLICE values at a time."""
+    if k % K_SLICE:
+        raise ValueError(f"the cuda backend needs a {what} that is a multiple of {K_SLICE}, not {k}")
 
 
 @dataclass
@@ -318,6 +319,7 @@ class CudaBackend:
 
     name = "cuda"
     supported_types = SUPPORTED_TYPES
+    k_multiple = K_SLICE  # what a matmul's reduced dimension must be a multiple of (LoRA ranks are padded to it)
 
     def __init__(self, poison_outputs: bool = False):
         self.native = native()
@@ -499,11 +501,17 @@ class CudaBackend:
                          int(w.ggml_type), w.row_bytes, w.scale_arg, w.shape[0], _f(out), self._engine(w))
         return out
 
+    def gelu_mul(self, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        _require_float(gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"gelu_mul: gate {gate.shape} and up {up.shape} differ")
+        out = DeviceArray.empty(gate.shape)
+        self.native.call("dg_gelu_mul", _f(gate), _f(up), gate.size, _f(out))
+        return out
+
     def gated_mlp(self, x: DeviceArray, gate: CudaWeight, up: CudaWeight, down: CudaWeight) -> DeviceArray:
-        g, u = self.linear(x, gate), self.linear(x, up)
-        act = DeviceArray.empty(g.shape)
-        self.native.call("dg_gelu_mul", _f(g), _f(u), g.size, _f(act))
-        return self.linear(act, down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention ---------------------------------------------------------------------
 

@@ -84,10 +84,14 @@ class NumpyBackend:
             scale = None
             if scale_name in gguf.tensors and scale_name not in names:
                 scale = float(gguf.array(scale_name).reshape(-1)[0])
-            raw = gguf.raw(name)
-            row_bytes = quants.row_bytes(info.ggml_type, info.shape[-1])
-            weights[name] = Weight(raw.reshape((*info.shape[:-1], row_bytes)), info.ggml_type, info.shape, scale)
+            weights[name] = self.weight(gguf.raw(name), info.ggml_type, info.shape, scale)
         return weights
+
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> Weight:
+        """A tensor from its stored bytes (uint8, memory-mapped or made in memory), kept in its type."""
+        row_bytes = quants.row_bytes(ggml_type, shape[-1])
+        return Weight(raw.reshape((*shape[:-1], row_bytes)), ggml_type, tuple(shape), tensor_scale)
 
     # -- elementwise and normalisation ------------------------------------------------------------
 
@@ -126,8 +130,12 @@ class NumpyBackend:
         """x @ W^T for a [out, in] weight."""
         return row_products(x, w.dense().T)
 
+    def gelu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        return gelu_tanh(gate) * up
+
     def gated_mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
-        return self.linear(gelu_tanh(self.linear(x, gate)) * self.linear(x, up), down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention --------------------------------------------------------------------
 
