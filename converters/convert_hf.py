@@ -90,7 +90,7 @@ def tied_output(hf_config: dict[str, Any]) -> bool:
 class VisionPlan:
     """The vision tower's part of a conversion: its config and tensors, or why it is left out."""
 
-    tokens: ImageTokens
+    tokens: ImageTokens | None  # None when the vocabulary has no image tokens
     config: VisionConfig | None = None
     tensors: list[PlannedTensor] = field(default_factory=list)
     left_out: str | None = None  # the reason, when the checkpoint has a tower that is not converted
@@ -167,6 +167,10 @@ def _plan_vision(model_dir: Path, hf_config: dict[str, Any], cfg: ModelConfig, s
     tokens = ImageTokens.from_hf(hf_config)
     if not sources:
         return VisionPlan(tokens)
+    outside = [t for t in (tokens.image_token_id, tokens.boi_token_id, tokens.eoi_token_id) if t >= cfg.vocab_size]
+    if outside:  # a text model shaped like DiffusionGemma (tests, distillations) whose vocabulary has no image tokens
+        return VisionPlan(None, left_out=f"leaving out the {len(sources)} vision-tower tensors: image token id "
+                                         f"{outside[0]} is outside the vocabulary of {cfg.vocab_size}")
     if not wanted:
         return VisionPlan(tokens, left_out=f"leaving out the {len(sources)} vision-tower tensors (--no-vision)")
     processor = _processor_settings(model_dir)
@@ -375,7 +379,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         if t.ggml_type == T.NVFP4:
             t.tensor_scale = _nvfp4_scale(t)
     name = hf_config.get("_name_or_path") or model_dir.name
-    metadata = {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta, **vplan.tokens.to_metadata()}
+    metadata = {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta,
+                **({} if vplan.tokens is None else vplan.tokens.to_metadata())}
     if vplan.config is not None and vision:
         metadata.update(vplan.config.to_metadata())
     outfile = outfile.resolve()

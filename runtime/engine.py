@@ -309,6 +309,13 @@ class Model:
         self._check_context(used + len(ids), params)
         return Request(ids, params, rng, cache, images=prompt_images)
 
+    def tokenize_with_images(self, prompt: str | list[int],
+                             images: Sequence[ImageSource]) -> tuple[list[int], list[ImagePatches]]:
+        """(token ids, preprocessed images) of a prompt with images, laid out as `generate` lays them out (see
+        there); pass both to `generate`/`stream` to decode each image once. ValueError for bad images."""
+        ids, prompt_images = self._prompt_with_images(prompt, images)
+        return ids.tolist(), prompt_images.images
+
     def _prompt_with_images(self, prompt: str | list[int], images: Sequence[ImageSource],
                             used: int = 0) -> tuple[np.ndarray, PromptImages]:
         """(token ids, the images preprocessed) of a prompt with images.

@@ -4,8 +4,8 @@ Everything follows transformers 5.23.0 (`Gemma4ImageProcessorPil`, `Gemma4Vision
 `DiffusionGemmaMultimodalEmbedder`, `Gemma4Processor`):
 
 1. Decode with Pillow. A path or bytes are opened as transformers' `load_image` opens them (EXIF orientation
-   applied, then `convert("RGB")`); a `PIL.Image` is converted as the image processor converts one (transparency
-   composited onto white). The pixel count is checked on the header, before any pixel is decoded.
+   applied, then `convert("RGB")`); then every image is converted as the image processor converts one
+   (transparency composited onto white). The pixel count is checked on the header, before any pixel is decoded.
 2. Resize (bicubic, aspect ratio kept) to the largest size whose sides are multiples of pooling x patch pixels and
    whose patch count fits the token budget (`max_soft_tokens` x pooling^2); rescale to [0, 1]; cut into patches.
 3. The tower: a linear patch embedding plus a learned (x, y) position table; layers of RMS-normed attention with
@@ -50,7 +50,7 @@ SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 PROJECTOR_TYPE = "gemma4v"  # llama.cpp's projector type for the Gemma 4 vision tower
 # The formats Pillow may open: raster formats decoded in-process. Others it knows (EPS runs Ghostscript, some
 # are rarely used and less hardened) are refused, since images can come from a server's clients.
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
 
 
 # -- configuration ------------------------------------------------------------------------------------------
@@ -154,14 +154,18 @@ class VisionConfig:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], tensors: dict[str, TensorInfo]) -> VisionConfig:
         """From a file's keys; the sizes llama.cpp reads off the tensors (head_dim, KV heads, position table,
-        standardization) are read off them here too. Missing or mistyped keys are ConfigErrors."""
+        standardization) are read off them here too. A missing `clip.vision.*` key (llama.cpp writes them all) or a
+        mistyped key is a ConfigError; dgrun's own keys, absent from llama.cpp's mmproj files, default to
+        transformers' Gemma 4 values."""
         if metadata.get("clip.vision.projector_type", metadata.get("clip.projector_type")) != PROJECTOR_TYPE:
             raise ConfigError(f"the vision tower is not a {PROJECTOR_TYPE} projector")
         kwargs: dict[str, Any] = {}
         for name, (key, kind) in VISION_METADATA_KEYS.items():
-            if key not in metadata:
+            if key in metadata:
+                kwargs[name] = _coerce_vision(key, metadata[key], kind)
+            elif key.startswith("clip.vision.") and key != "clip.vision.projector.scale_factor":
                 raise ConfigError(f"metadata key {key} is missing")
-            kwargs[name] = _coerce_vision(key, metadata[key], kind)
+            # else: a key llama.cpp's mmproj files leave out (it fixes these in code): transformers' default
         for name in ("v.blk.0.attn_q.weight", "v.blk.0.attn_k.weight", "v.position_embd.weight"):
             if name not in tensors:
                 raise ConfigError(f"vision tensor {name} is missing")
@@ -328,7 +332,7 @@ def open_image(source: ImageSource, do_convert_rgb: bool = True) -> Any:
 
     if isinstance(source, Image.Image):
         _check_pixels(source.size, "the image")
-        return _to_rgb(source, do_convert_rgb, composite=True)
+        return _to_rgb(source, do_convert_rgb)
     if isinstance(source, (bytes, bytearray, memoryview)):
         what, stream = "the image data", io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
@@ -345,9 +349,11 @@ def open_image(source: ImageSource, do_convert_rgb: bool = True) -> Any:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = _decode(lambda: Image.open(stream, formats=IMAGE_FORMATS), what)
         _check_pixels(image.size, what)
-        # As transformers' load_image: the EXIF orientation applied, then a plain RGB conversion.
+        # As transformers' load_image: the EXIF orientation applied, then a plain RGB conversion (which keeps a
+        # palette's transparent colour in `info`, for the processor's conversion below to composite).
         image = _decode(lambda: ImageOps.exif_transpose(_loaded(image)), what)
-        return _to_rgb(image, do_convert_rgb, composite=False, what=what)
+        image = _decode(lambda: image if image.mode == "RGB" else image.convert("RGB"), what)
+        return _to_rgb(image, do_convert_rgb, what)
 
 
 def _loaded(image: Any) -> Any:
@@ -375,17 +381,18 @@ def _check_pixels(size: tuple[int, int], what: str) -> None:
         raise ValueError(f"{what} has {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} dgrun decodes")
 
 
-def _to_rgb(image: Any, do_convert_rgb: bool, composite: bool, what: str = "the image") -> Any:
-    """RGB, as transformers converts: a PIL.Image handed to the processor has its transparency composited onto
-    white (`convert_to_rgb`); a loaded file is converted plainly (`load_image`)."""
+def _to_rgb(image: Any, do_convert_rgb: bool, what: str = "the image") -> Any:
+    """RGB as the image processor converts every image (`convert_to_rgb`): transparency (an alpha band, or a
+    transparent colour in `info`) composited onto white, anything else converted plainly."""
     from PIL import Image
 
-    if image.mode == "RGB":
+    transparent = "A" in image.getbands() or image.info.get("transparency") is not None
+    if image.mode == "RGB" and not transparent:
         return image
     if not do_convert_rgb:
         raise ValueError(f"{what} is {image.mode}, and this model's image processor does not convert to RGB")
     try:
-        if composite and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        if transparent:
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
         return image.convert("RGB")
