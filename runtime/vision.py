@@ -166,9 +166,11 @@ class VisionConfig:
             elif key.startswith("clip.vision.") and key != "clip.vision.projector.scale_factor":
                 raise ConfigError(f"metadata key {key} is missing")
             # else: a key llama.cpp's mmproj files leave out (it fixes these in code): transformers' default
-        for name in ("v.blk.0.attn_q.weight", "v.blk.0.attn_k.weight", "v.position_embd.weight"):
+        for name, dims in (("v.blk.0.attn_q.weight", 2), ("v.blk.0.attn_k.weight", 2), ("v.position_embd.weight", 3)):
             if name not in tensors:
                 raise ConfigError(f"vision tensor {name} is missing")
+            if len(tensors[name].shape) != dims:
+                raise ConfigError(f"vision tensor {name} has {len(tensors[name].shape)} dimensions, not {dims}")
         heads = kwargs["num_attention_heads"]
         q_rows, k_rows = tensors["v.blk.0.attn_q.weight"].shape[0], tensors["v.blk.0.attn_k.weight"].shape[0]
         if heads <= 0 or q_rows % heads or k_rows % (q_rows // heads or 1):
@@ -494,6 +496,14 @@ class VisionTower:
             raise ConfigError("the vision patch embedding must be stored as F32, F16 or BF16")
         matrices = [n for n, s in shapes.items() if len(s) > 1 and n != "v.position_embd.weight"]
         self.w = backend.load_weights(_ShapedFile(gguf, "v.patch_embd.weight", patch), matrices)
+        multiple = getattr(backend, "k_multiple", 1)  # what the backend's matmuls reduce over in steps of
+        for what, width in (("hidden size", cfg.hidden_size), ("patch", patch[1]),
+                            ("attention width", cfg.num_attention_heads * cfg.head_dim)):
+            if width % multiple:
+                raise ConfigError(f"backend {backend.name} needs the vision tower's {what} to be a multiple of "
+                                  f"{multiple}, not {width}")
+        if cfg.intermediate_size % multiple:
+            self.w.update(self._padded_mlps(gguf, multiple))
         self.vec = {n: backend.vector(w) for n, w in backend.load_weights(
             gguf, [n for n, s in shapes.items() if len(s) == 1 and not n.startswith("v.std_")]).items()}
         self.positions = _host(gguf, "v.position_embd.weight")  # rows gathered per image: never read whole
@@ -504,6 +514,21 @@ class VisionTower:
             np.arange(0, half, 2, dtype=np.float32) / np.float32(half)))).astype(np.float32))
         self.halves = (backend.asarray(np.repeat(np.float32([1, 0]), half)),
                        backend.asarray(np.repeat(np.float32([0, 1]), half)))
+
+    def _padded_mlps(self, gguf: GGUFFile, multiple: int) -> dict[str, Any]:
+        """Each layer's MLP, its width padded to `multiple` (cuda: 32) with zero rows of gate and up and zero
+        columns of down: the padded units compute gelu(0) * 0 = 0 times a zero column, exactly nothing. Stored
+        as F32 (dequantized once)."""
+        cfg, out = self.cfg, {}
+        width = -(-cfg.intermediate_size // multiple) * multiple
+        extra = width - cfg.intermediate_size
+        for i in range(cfg.num_hidden_layers):
+            b = f"v.blk.{i}."
+            for name, pad in (("ffn_gate", ((0, extra), (0, 0))), ("ffn_up", ((0, extra), (0, 0))),
+                              ("ffn_down", ((0, 0), (0, extra)))):
+                w = np.pad(_host(gguf, b + name + ".weight"), pad)
+                out[b + name + ".weight"] = self.ops.weight(w.reshape(-1).view(np.uint8), T.F32, w.shape)
+        return out
 
     def embed(self, image: ImagePatches) -> Any:
         """The image's soft tokens in the text model's space: a backend array [tokens, projection_dim]."""

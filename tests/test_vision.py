@@ -25,6 +25,7 @@ import torch
 from conftest import assert_close
 from fixtures import gemma4_processor, hf_generate
 from PIL import Image
+from test_cuda import fake  # noqa: F401  (the cuda backend on its host stand-in)
 from transformers import AutoImageProcessor, DynamicCache
 
 import dgrun
@@ -150,8 +151,13 @@ def _backends():
     return out
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_tower_and_projector_match_transformers(ckpt, processor, backend):
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "mlx", "cuda"])
+def test_tower_and_projector_match_transformers(ckpt, processor, backend, request):
+    """Every backend against transformers at the same bound (cuda: its host stand-in, tests/test_cuda.py)."""
+    if backend == "cuda":
+        request.getfixturevalue("fake")
+    elif backend not in _backends():
+        pytest.skip(f"backend {backend} unavailable")
     ref_inputs = processor.image_processor(IMAGES, return_tensors="pt")
     with torch.no_grad():
         ref = ckpt.model.model.encoder.get_image_features(ref_inputs["pixel_values"],
@@ -212,9 +218,11 @@ GENERATION = dict(max_new_tokens=32, max_denoising_steps=6, stability_threshold=
 
 
 @pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-images"])
-@pytest.mark.parametrize("backend", ["numpy", "cpu"])
-def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, processor, images, backend):
-    if backend not in _backends():
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "cuda"])
+def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, processor, images, backend, request):
+    if backend == "cuda":
+        request.getfixturevalue("fake")
+    elif backend not in _backends():
         pytest.skip(f"backend {backend} unavailable")
     parts = [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "def fibonacci(n):"}]
     if images == 2:
