@@ -306,6 +306,10 @@ class Model:
             ids, prompt_images = self._prompt_with_images(prompt, images, used)
         else:
             ids, prompt_images = self._prompt_ids(prompt), None
+            if self.image_tokens is not None and (ids == self.image_tokens.image_token_id).any():
+                # As transformers refuses image tokens without pixel_values: their embeddings would be garbage.
+                raise ValueError("the prompt holds image tokens but no images were given: pass them with images=[...] "
+                                 "(multi-turn sessions and batches take text only)")
         self._check_context(used + len(ids), params)
         return Request(ids, params, rng, cache, images=prompt_images)
 

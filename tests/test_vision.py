@@ -243,6 +243,17 @@ def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, process
     assert out.tokens == hf_tokens
 
 
+def test_scheduler_runs_image_requests_beside_text_ones(model):
+    """An image request in a batch (the server's path) gets exactly the tokens it gets alone."""
+    params = dict(max_new_tokens=32, max_denoising_steps=3)
+    alone = model.generate("x = <|image|>", images=IMAGES[1:], seed=4, **params).tokens
+    text_alone = model.generate("def f(x):", seed=5, **params).tokens
+    with dgrun.Scheduler(model, max_batch=2) as scheduler:
+        text = scheduler.submit(model.request("def f(x):", seed=5, **params))
+        image = scheduler.submit(model.request("x = <|image|>", images=IMAGES[1:], seed=4, **params))
+        assert image.result().tokens == alone and text.result().tokens == text_alone
+
+
 # -- prompts -------------------------------------------------------------------------------------------------
 
 CONVERSATIONS = {
@@ -382,6 +393,7 @@ BAD_IMAGES = {
     "huge-bomb": (_huge_png(30_000), r"too large to decode \(Image size \(900000000 pixels\)"),
     "eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "cannot decode the image data"),
     "empty": (b"", "cannot decode the image data"),
+    "unsupported-mode": (Image.new("La", (20, 20)), "has mode La, which cannot be converted to RGB"),
     "wrong-type": (3.5, "an image must be a path, bytes or a PIL.Image"),
     "missing-file": ("/nonexistent/image.png", "cannot read image /nonexistent/image.png: not a file"),
 }
@@ -410,6 +422,12 @@ def test_bad_prompts_with_images_are_refused(model):
         model.chat(_messages({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}))
     with pytest.raises(ValueError, match="not valid base64"):
         model.chat(_messages({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}))
+    with pytest.raises(ValueError, match="image tokens but no images"):
+        model.generate(model.tokenize_with_images("<|image|>", IMAGES[:1])[0], max_new_tokens=16)
+    session = dgrun.ChatSession(model)
+    with pytest.raises(ValueError, match="image tokens but no images"):
+        session.send([{"type": "image", "image": IMAGES[0]}])
+    assert session.messages == []
     with pytest.raises(ValueError, match="file paths are not accepted here"):
         vision.chat_images(_messages({"type": "image", "image": "/etc/passwd"}), allow_paths=False)
 
@@ -429,6 +447,7 @@ def test_cli_images(ckpt, tmp_path):
     assert json.loads(chat.stdout)["tokens"] == expected.tokens
     for args, message in ((["--image", str(bad), "-p", "hi"], "dgrun: error: cannot decode image"),
                           (["--image", str(good), "-i"], "--image cannot be combined with --interactive"),
+                          (["--mmproj", str(good), "--image", str(good), "-p", "hi"], "dgrun: error: "),
                           (["--image", str(good), "--prefix", "a", "--suffix", "b"], "--image cannot be combined")):
         result = subprocess.run([*base, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
