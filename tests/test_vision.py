@@ -218,7 +218,7 @@ GENERATION = dict(max_new_tokens=32, max_denoising_steps=6, stability_threshold=
 
 
 @pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-images"])
-@pytest.mark.parametrize("backend", ["numpy", "cpu", "cuda"])
+@pytest.mark.parametrize("backend", ["numpy", "cpu", "mlx", "cuda"])
 def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, processor, images, backend, request):
     if backend == "cuda":
         request.getfixturevalue("fake")
