@@ -1,15 +1,16 @@
 """Time to encode one image: dgrun's vision tower and projector vs transformers', side by side in one run.
 
     python tools/bench_vision.py                          # Gemma 4's vision widths, cpu backend, f32 and q8_0
-    python tools/bench_vision.py --backend numpy --reps 3 --tokens 70 280
+    python tools/bench_vision.py --backend numpy --reps 1 --outtypes q8_0
 
 A DiffusionGemma checkpoint with Gemma 4's vision tower (`Gemma4VisionConfig`'s widths: 16 layers, 768 wide, MLP
 3072, 12 heads x 64, 16-pixel patches pooled 3x3, a 10,240-entry position table) projecting to the released text
-model's 2816, random weights, a two-layer text model; converted with `convert-hf-to-dgf` (the vision tower then
-stays f32 in an f32 file and takes q8_0 in every quantizing preset). For each image-token budget, a 4:3 random
-image that the resize scales to (nearly) fill it is preprocessed and embedded; prints the median milliseconds over
-the repetitions for preprocessing (Pillow decode, resize, patches) and for the tower + projector, and the ratio to
-transformers' `get_image_features` (float32, same threads) on the same pixels.
+model's 2816, random weights, a two-layer text model, and Gemma 4's image processor settings (280 soft tokens per
+image); converted with `convert-hf-to-dgf` (the vision tower then stays f32 in an f32 file and takes q8_0 in every
+quantizing preset). A 4:3 random image, which the resize scales to fill the budget (266 tokens, 42 x 57 patches),
+is preprocessed and embedded; prints the median milliseconds over the repetitions for preprocessing (Pillow
+decode, resize, patches) and for the tower + projector, and the ratio to transformers' `get_image_features`
+(float32, same threads) on the same pixels.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def make_checkpoint(folder: Path) -> Any:
     return model
 
 
-def test_image(tokens: int, pooling: int, patch: int) -> bytes:
+def bench_image(tokens: int, pooling: int, patch: int) -> bytes:
     """A 4:3 PNG of random pixels about as large as `tokens` soft tokens cover."""
     from PIL import Image
 
@@ -72,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--outtypes", nargs="+", default=["f32", "q8_0"])
-    parser.add_argument("--tokens", nargs="+", type=int, default=[280], help="image-token budgets to fill")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -91,21 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         for outtype, path in files.items():
             convert(folder, path, outtype, quiet=True)
         print(f"threads: torch {torch.get_num_threads()}; backend {args.backend}; median of {args.reps}")
-        for tokens in args.tokens:
-            data = test_image(tokens, PROCESSOR["pooling_kernel_size"], PROCESSOR["patch_size"])
-            inputs = processor([_pil(data)], return_tensors="pt")
-            with torch.no_grad():
-                theirs = timed(partial(hf.model.encoder.get_image_features, inputs["pixel_values"],
-                                       inputs["image_position_ids"]), args.reps)
-            for outtype, path in files.items():
-                with dgrun.load(path, backend=args.backend) as model:
-                    tower = model.vision
-                    patches = vision.load_image(data, tower.cfg)
-                    prep = timed(partial(vision.load_image, data, tower.cfg), args.reps)
-                    ours = timed(partial(_embed, model, patches), args.reps)
-                print(f"{patches.tokens} tokens ({patches.grid[0]}x{patches.grid[1]} patches), {outtype}: "
-                      f"preprocess {prep:.1f} ms, tower+projector {ours:.1f} ms; transformers {theirs:.1f} ms "
-                      f"(ours/theirs {ours / theirs:.2f})")
+        data = bench_image(PROCESSOR["max_soft_tokens"], PROCESSOR["pooling_kernel_size"], PROCESSOR["patch_size"])
+        inputs = processor([_pil(data)], return_tensors="pt")
+        with torch.no_grad():
+            theirs = timed(partial(hf.model.encoder.get_image_features, inputs["pixel_values"],
+                                   inputs["image_position_ids"]), args.reps)
+        for outtype, path in files.items():
+            with dgrun.load(path, backend=args.backend) as model:
+                patches = vision.load_image(data, model.vision.cfg)
+                prep = timed(partial(vision.load_image, data, model.vision.cfg), args.reps)
+                ours = timed(partial(_embed, model, patches), args.reps)
+            print(f"{patches.tokens} tokens ({patches.grid[0]}x{patches.grid[1]} patches), {outtype}: "
+                  f"preprocess {prep:.1f} ms, tower+projector {ours:.1f} ms; transformers {theirs:.1f} ms "
+                  f"(ours/theirs {ours / theirs:.2f})")
     return 0
 
 
