@@ -659,16 +659,17 @@ def decode_data_uri(url: str) -> bytes:
         raise ValueError("the image data URI is not valid base64") from None
 
 
-def image_source(part: Mapping[str, Any], allow_paths: bool = True) -> ImageSource:
+def image_source(part: Mapping[str, Any], allow_paths: bool = True, fetch_urls: bool = False) -> ImageSource:
     """The image of a chat content part: {"type": "image", "image": PATH | PIL.Image | bytes} (or transformers'
     "path", "url", "base64" keys), or OpenAI's {"type": "image_url", "image_url": {"url": ...}}. URLs must be data
-    URIs (nothing is fetched); `allow_paths=False` (a server's requests) refuses file paths."""
+    URIs unless `fetch_urls` (then http(s) URLs are downloaded, see `fetch_image`); `allow_paths=False` (a
+    server's requests) refuses file paths."""
     if part.get("type") == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, Mapping) else url
         if not isinstance(url, str):
             raise ValueError('an image_url part needs {"url": "data:image/...;base64,..."}')
-        return _url_image(url)
+        return _url_image(url, fetch_urls)
     for key in ("image", "path", "url", "base64"):
         if key in part:
             value = part[key]
@@ -678,23 +679,53 @@ def image_source(part: Mapping[str, Any], allow_paths: bool = True) -> ImageSour
     if key == "base64" and isinstance(value, str):
         return decode_data_uri("data:;base64," + value)
     if key == "url" or (isinstance(value, str) and value.startswith(("data:", "http://", "https://"))):
-        return _url_image(value)
+        return _url_image(value, fetch_urls)
     if isinstance(value, (str, os.PathLike)) and not allow_paths:
         raise ValueError("image file paths are not accepted here: send the image as a data: URI")
     return value
 
 
-def _url_image(url: Any) -> bytes:
+def _url_image(url: Any, fetch: bool) -> bytes:
     if isinstance(url, str) and url.startswith(("http://", "https://")):
+        if fetch:
+            return fetch_image(url)
         raise ValueError("remote image URLs are not fetched: send the image's bytes or a data: URI")
     if not isinstance(url, str):
         raise ValueError(f"an image URL must be a string, not {type(url).__name__}")
     return decode_data_uri(url)
 
 
-def chat_images(messages: Any, allow_paths: bool = True) -> tuple[Any, list[ImageSource]]:
+MAX_FETCH_BYTES = 32 << 20  # an encoded image larger than this is refused while downloading
+FETCH_TIMEOUT_S = 10.0
+
+
+def fetch_image(url: str, max_bytes: int = MAX_FETCH_BYTES, timeout: float = FETCH_TIMEOUT_S) -> bytes:
+    """Download an http(s) image URL (only when a server was started with --allow-image-urls: any URL a client
+    names is fetched from the server's network). At most `max_bytes`, `timeout` seconds per read; one ValueError
+    line for anything that goes wrong."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("only http(s) image URLs are fetched")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "dgrun"}),
+                                    timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"cannot fetch image {url}: HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ValueError(f"cannot fetch image {url}: {' '.join(str(reason).split())}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"the image at {url} is over {max_bytes} bytes")
+    return data
+
+
+def chat_images(messages: Any, allow_paths: bool = True, fetch_urls: bool = False) -> tuple[Any, list[ImageSource]]:
     """The conversation as the chat template sees it, and its images in order. OpenAI `image_url` parts become
-    plain image parts, the kind chat templates place (transformers' own image parts pass through as they are)."""
+    plain image parts, the kind chat templates place (transformers' own image parts pass through as they are).
+    `allow_paths`, `fetch_urls`: see `image_source`."""
     if not isinstance(messages, list):
         return messages, []  # the template's render refuses it with its own message
     conversation, images = [], []
@@ -706,7 +737,7 @@ def chat_images(messages: Any, allow_paths: bool = True) -> tuple[Any, list[Imag
         parts = []
         for part in content:
             if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
-                images.append(image_source(part, allow_paths))
+                images.append(image_source(part, allow_paths, fetch_urls))
                 part = part if part.get("type") == "image" else {"type": "image"}
             parts.append(part)
         conversation.append({**message, "content": parts})

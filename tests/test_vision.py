@@ -289,6 +289,40 @@ def test_image_parts_in_every_accepted_form_give_the_same_prompt(model, tmp_path
     assert len(prompts) == 1
 
 
+def test_remote_image_urls_are_fetched_only_when_allowed(tmp_path):
+    """A local HTTP server stands in for the web: refused by default, fetched with fetch_urls (a server's
+    --allow-image-urls), with errors and oversized bodies as one-line ValueErrors."""
+    import http.server
+    import threading
+
+    png = _png(IMAGES[0])
+    (tmp_path / "cat.png").write_bytes(png)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        part = {"type": "image_url", "image_url": {"url": f"{base}/cat.png"}}
+        with pytest.raises(ValueError, match="remote image URLs are not fetched"):
+            vision.chat_images(_messages(part), allow_paths=False)
+        _, images = vision.chat_images(_messages(part), allow_paths=False, fetch_urls=True)
+        assert images == [png]
+        with pytest.raises(ValueError, match="HTTP 404"):
+            vision.fetch_image(f"{base}/missing.png")
+        with pytest.raises(ValueError, match="over 100 bytes"):
+            vision.fetch_image(f"{base}/cat.png", max_bytes=100)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_plain_prompts_take_images_at_their_placeholders_or_in_front(model):
     ids, images = model.tokenize_with_images("x = <|image|> and <|image|>", IMAGES)
     tokens = model.image_tokens
