@@ -6,6 +6,7 @@
     dgrun -m model.dgf -p "def add(a, b):<FILL>return c"
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
     dgrun info model.dgf
+    dgrun serve -m model.dgf --port 8080               # OpenAI- and llama.cpp-compatible HTTP server
 
 Errors a user can cause (a missing or malformed file, an unavailable backend, a bad parameter, a prompt too
 long for the context) print one line, `dgrun: error: ...`, and exit with status 2. Ctrl-C stops generation,
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["info"]:
             return _info_command(argv[1:])
+        if argv[:1] == ["serve"]:
+            return _serve_command(argv[1:])
         return _generate_command(argv)
     except (UsageError, ValueError, BackendUnavailable, OSError) as e:
         # ValueError covers FormatError, ConfigError, NoTokenizerError, ChatTemplateError and bad parameters.
@@ -411,6 +414,23 @@ class TextPrinter:
                 rows, column = rows + 1, 0
             column += width
         return rows, column
+
+
+# -- dgrun serve ------------------------------------------------------------------------------------------
+
+
+SERVER_MODULES = {"fastapi", "uvicorn", "starlette", "pydantic", "anyio"}
+
+
+def _serve_command(argv: list[str]) -> int:
+    try:
+        from dgrun.server import main as serve
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        raise UsageError(f"dgrun serve needs the server extra ({e.name} is missing): pip install 'dgrun[server]'") \
+            from None
+    return serve(argv)
 
 
 # -- dgrun info ------------------------------------------------------------------------------------------
