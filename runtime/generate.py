@@ -181,7 +181,8 @@ class Generation:
         self._canvas_index = -1
         self._produced = 0
         self._started = time.perf_counter()
-        self._time_limit, self._deadline = request.time_limit, None  # the clock starts once the prompt is read
+        self._time_limit = request.time_limit
+        self._deadline: float | None = None  # set once the prompt is read: the time limit counts from there
 
     def prepare(self) -> None:
         """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas."""

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,7 +73,8 @@ IGNORED_FIELDS = frozenset({
     "repeat_penalty", "repetition_penalty", "repeat_last_n", "penalize_nl", "logit_bias", "mirostat", "mirostat_tau",
     "mirostat_eta", "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n",
     "dry_sequence_breakers", "xtc_probability", "xtc_threshold", "dynatemp_range", "dynatemp_exponent", "min_keep",
-    "n_probs", "ignore_eos", "samplers", "cache_prompt", "id_slot", "n_indent", "n_keep", "return_progress",
+    "n_probs", "ignore_eos", "samplers", "cache_prompt", "id_slot", "n_indent", "n_keep", "n_discard",
+    "t_max_prompt_ms", "return_progress",
     "timings_per_token", "user", "parallel_tool_calls", "service_tier", "store", "metadata", "reasoning_effort",
     "prediction", "safety_identifier", "prompt_cache_key", "verbosity", "web_search_options",
 })
@@ -319,7 +320,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.steps = 0  # denoising steps run for all elements so far (one per element per decoder pass)
         self.closing = False  # shutting down: elements cancelled from now on answer 503
-        self.started = time.time()
+        self.created = 0  # the model file's time, for /v1/models
         self._load = load
         self._lock = threading.Lock()
         self._seconds_per_element = 1.0  # running mean of how long an element takes (for Retry-After)
@@ -328,6 +329,7 @@ class ServerState:
         def load() -> None:
             try:
                 model = self._load()
+                self.created = int(model.path.stat().st_mtime)
                 self.scheduler = Scheduler(model, self.settings.max_batch)
                 self.model = model
             except BaseException as e:  # reported by /health and by `dgrun serve` on its way out
@@ -631,7 +633,6 @@ class Prepared:
     prompt_tokens: int
     thought_prompt: str | None = None  # the rendered chat prompt, when its template writes a thought channel
     truncated: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _needs_tokenizer(model: Model) -> None:
@@ -882,7 +883,7 @@ def create_app(load: Callable[[], Model], settings: Settings | None = None,
 
     def model_card() -> dict[str, Any]:
         model, _ = state.ready()
-        return {"id": state.model_id, "object": "model", "created": int(model.path.stat().st_mtime),
+        return {"id": state.model_id, "object": "model", "created": state.created,
                 "owned_by": "dgrun", "context_length": model.config.max_position_embeddings,
                 "canvas_length": model.config.canvas_length, "backend": model.backend.name}
 
@@ -949,40 +950,7 @@ def create_app(load: Callable[[], Model], settings: Settings | None = None,
         prepared = await anyio.to_thread.run_sync(_prepare, model, body, prepare)
         return prepared, Job(state, prepared.requests, drafts=body.stream and body.canvas)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, request: HTTPRequest) -> Response:
-        prepared, job = await start(body, _prepare_chat)
-        splitters = [None if prepared.thought_prompt is None else ThoughtChannel(prepared.thought_prompt)
-                     for _ in prepared.choices]
-        head = _head(state, "chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
-
-        def chunk(update: Update) -> dict[str, Any] | None:
-            delta = _chat_delta(splitters[update.index], update)
-            if not delta and update.finish_reason is None:
-                return None
-            return {"index": update.index, "delta": delta, "logprobs": None, "finish_reason": update.finish_reason}
-
-        if body.stream:
-            first = lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,  # noqa: E731
-                               "finish_reason": None}
-            return _event_stream(_openai_stream(state, job, prepared, body, head, chunk, first))
-        messages: list[dict[str, Any]] = [{"role": "assistant", "content": ""} for _ in prepared.choices]
-        for update in await _unless_disconnected(request, _updates(job, prepared.choices), job):
-            for key, text in _chat_delta(splitters[update.index], update).items():
-                messages[update.index][key] = messages[update.index].get(key, "") + text
-        return _JSON({**head, "choices": [
-            {"index": i, "message": m, "logprobs": None, "finish_reason": c.finish_reason}
-            for i, (m, c) in enumerate(zip(messages, prepared.choices, strict=True))], "usage": _usage(prepared)})
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: HTTPRequest) -> Response:
-        return await _text_answer(body, request, _prepare_completion, "cmpl", "text_completion")
-
-    @app.post("/v1/edit")
-    async def edit(body: EditBody, request: HTTPRequest) -> Response:
-        return await _text_answer(body, request, _prepare_edit, "edit", "edit")
-
-    async def _text_answer(body: GenerationBody, request: HTTPRequest, prepare: Callable[[Model, Any], Prepared],
+    async def text_answer(body: GenerationBody, request: HTTPRequest, prepare: Callable[[Model, Any], Prepared],
                            prefix: str, kind: str) -> Response:
         prepared, job = await start(body, prepare)
         head = _head(state, prefix, kind)
@@ -999,6 +967,41 @@ def create_app(load: Callable[[], Model], settings: Settings | None = None,
         return _JSON({**head, "choices": [
             {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(prepared.choices)], "usage": _usage(prepared)})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: HTTPRequest) -> Response:
+        prepared, job = await start(body, _prepare_chat)
+        splitters = [None if prepared.thought_prompt is None else ThoughtChannel(prepared.thought_prompt)
+                     for _ in prepared.choices]
+        head = _head(state, "chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
+
+        def chunk(update: Update) -> dict[str, Any] | None:
+            delta = _chat_delta(splitters[update.index], update)
+            if not delta and update.finish_reason is None:
+                return None
+            return {"index": update.index, "delta": delta, "logprobs": None, "finish_reason": update.finish_reason}
+
+        def first(index: int) -> dict[str, Any]:
+            return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+
+        if body.stream:
+            return _event_stream(_openai_stream(state, job, prepared, body, head, chunk, first))
+        messages: list[dict[str, Any]] = [{"role": "assistant", "content": ""} for _ in prepared.choices]
+        for update in await _unless_disconnected(request, _updates(job, prepared.choices), job):
+            for key, text in _chat_delta(splitters[update.index], update).items():
+                messages[update.index][key] = messages[update.index].get(key, "") + text
+        return _JSON({**head, "choices": [
+            {"index": i, "message": m, "logprobs": None, "finish_reason": c.finish_reason}
+            for i, (m, c) in enumerate(zip(messages, prepared.choices, strict=True))], "usage": _usage(prepared)})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HTTPRequest) -> Response:
+        return await text_answer(body, request, _prepare_completion, "cmpl", "text_completion")
+
+    @app.post("/v1/edit")
+    async def edit(body: EditBody, request: HTTPRequest) -> Response:
+        return await text_answer(body, request, _prepare_edit, "edit", "edit")
 
     @app.post("/infill")
     async def infill(body: InfillBody, request: HTTPRequest) -> Response:
@@ -1044,16 +1047,24 @@ def _validation_error(errors: Sequence[Any]) -> APIError:
     if not loc and error.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return APIError(400, "the body must be a JSON object, sent with Content-Type: application/json",
                         code="invalid_json")
-    param = ""
+    param, field_name = "", ""
     for part in loc:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part in ("str", "int") or "[" in str(part) or "function-" in str(part):
-            continue  # pydantic's tag for the union member that failed, not a field
+        elif "[" in str(part) or part in ("str", "int"):  # pydantic's tag for a union member: which type failed
+            message = f"must be {_UNION_HINTS.get(field_name, 'another type')}"
+            if error.get("type") != "value_error":  # a member's own complaint would name one type of several
+                return APIError(400, f"{param}: {message}", param=param)
+            break
         else:
-            param += ("." if param else "") + str(part)
+            field_name = str(part)
+            param += ("." if param else "") + field_name
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param or None)
+
+
+_UNION_HINTS = {"prompt": "a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists",
+                "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts"}
 
 
 def _infill_result(state: ServerState, body: InfillBody, prepared: Prepared, job: Job | None,
@@ -1076,10 +1087,8 @@ def _infill_result(state: ServerState, body: InfillBody, prepared: Prepared, job
         "generation_settings": {"n_predict": body.n_predict, "seed": body.seed if body.seed is not None else -1,
                                 "temperature": body.temperature if body.temperature is not None else 1.0,
                                 "t_max_predict_ms": body.t_max_predict_ms or -1, "n_cmpl": body.n_cmpl},
-        "timings": {"prompt_n": prepared.prompt_tokens, "prompt_ms": prompt_ms,
-                    "prompt_per_second": prepared.prompt_tokens / prompt_ms * 1000 if prompt_ms else 0.0,
-                    "predicted_n": predicted, "predicted_ms": predicted_ms,
-                    "predicted_per_second": predicted / predicted_ms * 1000 if predicted_ms else 0.0},
+        "timings": {**_rates("prompt", prepared.prompt_tokens, prompt_ms), **_rates("predicted", predicted,
+                                                                                      predicted_ms)},
     }
     if body.response_fields is None:
         return result
@@ -1091,6 +1100,12 @@ def _infill_result(state: ServerState, body: InfillBody, prepared: Prepared, job
         if value is not _END:
             picked[name] = value
     return picked
+
+
+def _rates(name: str, n: int, ms: float) -> dict[str, float]:
+    """llama.cpp's timing fields for `n` tokens in `ms` milliseconds."""
+    return {f"{name}_n": n, f"{name}_ms": ms, f"{name}_per_token_ms": ms / n if n else 0.0,
+            f"{name}_per_second": n / ms * 1000 if ms else 0.0}
 
 
 async def _infill_stream(state: ServerState, body: InfillBody, prepared: Prepared, job: Job) -> AsyncIterator[str]:
@@ -1182,7 +1197,7 @@ class Server(uvicorn.Server):
     def __init__(self, app: FastAPI, *, verbose: bool = False, grace: float = SHUTDOWN_GRACE_S,
                  on_started: Callable[[], None] | None = None):
         super().__init__(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
-                                        timeout_graceful_shutdown=max(grace, 1.0), server_header=False))
+                                        timeout_graceful_shutdown=math.ceil(grace) + 1, server_header=False))
         self.dgrun: ServerState = app.state.dgrun
         self.grace, self.on_started = grace, on_started
 

@@ -586,7 +586,7 @@ def _bodies(draw: st.DrawFn) -> tuple[str, Any]:
     return path, body
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(request=_bodies())
 def test_no_request_body_makes_a_500(srv, request):
     path, body = request
