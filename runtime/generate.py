@@ -145,10 +145,11 @@ class Request:
     """One generation, validated and ready to run alone or in a batch (see `Model.request`).
 
     `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
-    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. `time_limit` is a
-    budget in seconds counted from the end of the prompt's encoding, as llama.cpp's `t_max_predict_ms` counts from
-    the first token: once it is spent, the canvas in progress commits its current argmax draft at the end of that
-    step, and generation ends.
+    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
+    backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    `time_limit` is a budget in seconds counted from the end of the prompt's encoding, as llama.cpp's
+    `t_max_predict_ms` counts from the first token: once it is spent, the canvas in progress commits its current
+    argmax draft at the end of that step, and generation ends.
     """
 
     prompt_ids: np.ndarray
