@@ -102,14 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="compute backend (default: auto, the fastest one that works here)")
     parser.add_argument("-t", "--threads", type=int, metavar="N",
                         help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
-    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
-    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
-                      help="apply a LoRA adapter at scale 1 (repeatable)")
-    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
-                      help="apply a LoRA adapter at SCALE (repeatable)")
-    lora.add_argument("--lora-merge", action="store_true",
-                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
-                           "passes, more memory")
+    add_lora_arguments(parser)
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -146,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("-v", "--verbose", action="store_true",
                      help="report load time, steps per canvas, tokens per forward and tokens/s on stderr")
     return parser
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lora, --lora-scaled and --lora-merge (`dgrun` and `dgrun serve`): `args.lora` is [(path, scale)]."""
+    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
+    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
+                      help="apply a LoRA adapter at scale 1 (repeatable)")
+    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
+                      help="apply a LoRA adapter at SCALE (repeatable)")
+    lora.add_argument("--lora-merge", action="store_true",
+                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
+                           "passes, more memory")
 
 
 class _LoraAction(argparse.Action):

@@ -516,6 +516,19 @@ class Model:
         """Set adapter scales as llama.cpp's `POST /lora-adapters` does: `[{"id": 0, "scale": 0.5}, ...]`; an
         adapter left out of the list gets scale 0 (disabled). Only between generations (else ModelBusyError);
         adapters merged at load keep their scales (ValueError)."""
+        scales = self.lora_scales(entries)
+        if self.lora is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is generating: change adapter scales between generations")
+        try:
+            self.lora.set_scales(scales)
+        finally:
+            self._lock.release()
+
+    def lora_scales(self, entries: Sequence[dict[str, Any]]) -> list[float]:
+        """The scale of every loaded adapter that `set_lora_adapters(entries)` would set (checked, not applied):
+        a ValueError names a bad id or scale."""
         count = 0 if self.lora is None else len(self.lora.adapters)
         scales = [0.0] * count
         for entry in entries:
@@ -526,14 +539,7 @@ class Model:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
                 raise ValueError(f"LoRA adapter {index}: scale must be a finite number, got {scale!r}")
             scales[index] = float(scale)
-        if self.lora is None:
-            return
-        if not self._lock.acquire(blocking=False):
-            raise ModelBusyError("this Model is generating: change adapter scales between generations")
-        try:
-            self.lora.set_scales(scales)
-        finally:
-            self._lock.release()
+        return scales
 
     def close(self) -> None:
         """Release the memory maps (model and adapters). The Model is unusable afterwards."""

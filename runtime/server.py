@@ -4,8 +4,9 @@
 
 Endpoints: `GET /health` (`/healthz`, `/v1/health`), `GET /v1/models`, `POST /v1/chat/completions`,
 `POST /v1/completions` (with `suffix`: infill), llama.cpp's `POST /infill`, `GET /props`, `POST /tokenize`,
-`POST /detokenize`, and dgrun's `POST /v1/edit`. Streaming answers are server-sent events in OpenAI's chunk shapes
-(llama.cpp's on `/infill`); `"canvas": true` adds `event: canvas` frames, one per denoising step.
+`POST /detokenize`, `GET`/`POST /lora-adapters`, and dgrun's `POST /v1/edit`. Streaming answers are server-sent
+events in OpenAI's chunk shapes (llama.cpp's on `/infill`); `"canvas": true` adds `event: canvas` frames, one per
+denoising step.
 
 How it runs: a request is parsed and validated on the event loop (FastAPI + pydantic), rendered and tokenized in a
 worker thread, then becomes one Scheduler element per choice (`n`, `n_cmpl`; choice i uses seed + i). The Scheduler
@@ -257,6 +258,14 @@ class TokenizeBody(BaseModel):
 class DetokenizeBody(BaseModel):
     model_config = _BODY
     tokens: TokenIds
+
+
+class LoraScale(BaseModel):
+    """One entry of llama.cpp's `POST /lora-adapters` body."""
+
+    model_config = _BODY
+    id: int = Field(ge=0)
+    scale: float
 
 
 def _check_supported(body: GenerationBody) -> None:
@@ -942,6 +951,28 @@ def create_app(load: Callable[[], Model], settings: Settings | None = None,
             raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
         return {"content": await anyio.to_thread.run_sync(model.detokenize, body.tokens) or ""}
 
+    # -- LoRA adapters (llama.cpp's shapes) ----------------------------------------------------------------------
+
+    def adapters(model: Model) -> list[dict[str, Any]]:
+        return [{**a, "path": Path(a["path"]).name} for a in model.lora_adapters()]  # names, never directories
+
+    @app.get("/lora-adapters")
+    async def lora_adapters() -> list[dict[str, Any]]:
+        model, _ = state.ready()
+        return adapters(model)
+
+    @app.post("/lora-adapters")
+    async def set_lora_adapters(body: list[LoraScale]) -> dict[str, Any]:
+        """New scales for every element from the next decoder pass on; an adapter left out gets 0."""
+        model, scheduler = state.ready()
+        try:
+            await anyio.to_thread.run_sync(scheduler.set_lora_adapters, [e.model_dump() for e in body])
+        except ValueError as e:
+            raise APIError(400, str(e), param="id" if str(e).startswith("no LoRA") else "scale") from None
+        except RuntimeError:  # the scheduler closed: shutting down
+            raise APIError(503, "the server is shutting down") from None
+        return {"success": True}
+
     # -- generation ---------------------------------------------------------------------------------------------
 
     async def start(body: GenerationBody, prepare: Callable[[Model, Any], Prepared]) -> tuple[Prepared, Job]:
@@ -1232,6 +1263,8 @@ class Server(uvicorn.Server):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dgrun.cli import add_lora_arguments
+
     parser = argparse.ArgumentParser(
         prog="dgrun serve", description="Serve a DiffusionGemma model over HTTP: OpenAI's API, llama.cpp's /infill.")
     parser.add_argument("-m", "--model", help="the .dgf file (default: the demo model shipped with dgrun)")
@@ -1250,6 +1283,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser requests from ORIGIN (repeatable; '*' for any); default: no CORS")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request on stderr")
+    add_lora_arguments(parser)
     return parser
 
 
@@ -1266,6 +1300,11 @@ def main(argv: list[str]) -> int:
     path = Path(args.model) if args.model else default_model_path()
     if not path.is_file():
         raise UsageError(f"no model file at {path}")
+    for adapter, _ in args.lora:  # before the port is taken (the model and its adapters load once it is)
+        if not Path(adapter).is_file():
+            raise UsageError(f"no LoRA adapter file at {adapter}")
+    if args.lora_merge and not args.lora:
+        raise UsageError("--lora-merge needs --lora FILE or --lora-scaled FILE SCALE")
     settings = Settings(model_id=args.model_id or path.stem, api_key=args.api_key, max_batch=args.max_batch,
                         max_queue=args.max_queue, cors_origins=args.cors_origin)
     sock = _bind(args.host, args.port)

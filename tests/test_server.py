@@ -470,6 +470,90 @@ def test_a_client_that_disconnects_stops_its_work(srv, stream):
     assert srv.state.steps == steps
 
 
+# -- LoRA adapters --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_file(model_file) -> Path:
+    """A random PEFT adapter on the fixture's checkpoint, made as tests/test_lora.py makes them, converted."""
+    from peft import LoraConfig, get_peft_model
+    from test_lora import SPECS, randomize
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgrun.converters.convert_lora import convert_lora
+
+    hf = model_file.parent / "hf"
+    model = get_peft_model(DiffusionGemmaForBlockDiffusion.from_pretrained(hf), LoraConfig(**SPECS["full"]))
+    randomize(model, seed=0)
+    model.save_pretrained(model_file.parent / "peft")
+    convert_lora(model_file.parent / "peft", hf, model_file.parent / "adapter.dgf", "f32", quiet=True)
+    return model_file.parent / "adapter.dgf"
+
+
+def test_lora_adapters_in_llamacpps_shape(model_file, lora_file):
+    """GET/POST /lora-adapters: scale 0 is the base model token for token, scale 1 the adapted one; left out is 0."""
+    prompt = {"input_prefix": "def add(a, b):", "input_suffix": "return c", "n_predict": 8, "seed": 1,
+              "return_tokens": True, **FAST}
+    with dgrun.load(model_file, backend="numpy") as base:
+        plain = base.infill("def add(a, b):", "return c", fill_length=8, seed=1, **FAST).tokens
+    with dgrun.load(model_file, backend="numpy", lora=[lora_file]) as adapted:
+        changed = adapted.infill("def add(a, b):", "return c", fill_length=8, seed=1, **FAST).tokens
+    assert changed != plain  # the adapter matters on this prompt
+    with running(lambda: dgrun.load(model_file, backend="numpy", lora=[lora_file])) as live:
+        listed = live.get("/lora-adapters").json()
+        assert [(a["id"], a["path"], a["scale"]) for a in listed] == [(0, lora_file.name, 1.0)]  # no directory
+        assert live.post("/infill", prompt).json()["tokens"] == changed
+        assert live.post("/lora-adapters", [{"id": 0, "scale": 0}]).json() == {"success": True}
+        assert live.get("/lora-adapters").json()[0]["scale"] == 0.0
+        assert live.post("/infill", prompt).json()["tokens"] == plain
+        live.post("/lora-adapters", [{"id": 0, "scale": 1.0}])
+        assert live.post("/infill", prompt).json()["tokens"] == changed
+        live.post("/lora-adapters", [])  # llama.cpp's rule: an adapter left out gets 0
+        assert live.post("/infill", prompt).json()["tokens"] == plain
+        assert_error(live.post("/lora-adapters", [{"id": 1, "scale": 1}]), 400, "invalid_request_error", "id")
+        assert_error(live.post("/lora-adapters", [{"id": 0, "scale": "x"}]), 400, "invalid_request_error")
+        assert_error(live.post("/lora-adapters", {"id": 0, "scale": 1}), 400, "invalid_request_error")
+    with running(lambda: dgrun.load(model_file, backend="numpy", lora=[lora_file], merge_lora=True)) as live:
+        assert_error(live.post("/lora-adapters", [{"id": 0, "scale": 0.5}]), 400, "invalid_request_error")
+
+
+def test_adapter_scales_change_between_decoder_passes(model_file, lora_file, monkeypatch):
+    """A scale change waits for the pass in progress: no decoder pass ever runs while the adapter set changes."""
+    import dgrun.scheduler as scheduler_module
+
+    passing = threading.Event()
+    real = scheduler_module.decode_step
+
+    def decode_step(*args: Any) -> Any:
+        passing.set()
+        try:
+            return real(*args)
+        finally:
+            passing.clear()
+
+    monkeypatch.setattr(scheduler_module, "decode_step", decode_step)
+    with dgrun.load(model_file, backend="numpy", lora=[lora_file]) as model, dgrun.Scheduler(model) as scheduler:
+        handle = scheduler.submit(model.request("import os", seed=0, max_new_tokens=240, max_denoising_steps=100_000,
+                                                adaptive_stopping=False))
+        wait_until(passing.is_set, "a decoder pass")
+        seen = []
+        for k in range(10):
+            scheduler.between_steps(lambda: seen.append(passing.is_set()))
+            scheduler.set_lora_adapters([{"id": 0, "scale": k / 10}])
+        assert seen == [False] * 10 and not handle.done
+        assert model.lora_adapters()[0]["scale"] == 0.9
+        with pytest.raises(ValueError, match="id"):
+            scheduler.set_lora_adapters([{"id": 3, "scale": 1.0}])
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.between_steps(lambda: None)
+
+
+def test_a_server_without_adapters_lists_none(srv):
+    assert srv.get("/lora-adapters").json() == []
+    assert srv.post("/lora-adapters", []).json() == {"success": True}
+    assert_error(srv.post("/lora-adapters", [{"id": 0, "scale": 1}]), 400, "invalid_request_error", "id")
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
@@ -547,6 +631,24 @@ def test_api_key(model_file):
             live.client("wrong").models.list()
         assert live.client("s3cret").completions.create(model="m", prompt="x", max_tokens=4, extra_body=FAST).choices
         assert "access-control-allow-origin" not in live.get("/health", headers={"Origin": "http://x"}).headers
+
+
+def test_a_model_without_tokenizer_answers_501(model_file):
+    from dgrun.converters.convert_hf import convert
+
+    bare = model_file.parent / "bare.dgf"
+    convert(model_file.parent / "hf", bare, "f32", with_tokenizer=False, quiet=True)
+    with running(lambda: dgrun.load(bare, backend="numpy")) as live:
+        assert_error(live.post("/v1/completions", {"prompt": [2, 5, 6]}), 501, "not_supported_error")
+        assert_error(live.post("/tokenize", {"content": "x"}), 501, "not_supported_error")
+        assert live.get("/health").status_code == 200
+
+
+def test_only_loopback_counts_as_private():
+    from dgrun.server import _is_loopback
+
+    assert all(_is_loopback(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "localhost"))
+    assert not any(_is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com"))
 
 
 def test_cors_only_when_asked(model_file):
