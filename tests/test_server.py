@@ -548,6 +548,18 @@ def test_adapter_scales_change_between_decoder_passes(model_file, lora_file, mon
         scheduler.between_steps(lambda: None)
 
 
+def test_serve_takes_the_clis_lora_flags(model_file, tmp_path):
+    from dgrun.cli import UsageError
+    from dgrun.server import _parser, main
+
+    args = _parser().parse_args(["--lora", "a.dgf", "--lora-scaled", "b.dgf", "0.5", "--lora-merge"])
+    assert args.lora == [("a.dgf", 1.0), ("b.dgf", 0.5)] and args.lora_merge
+    with pytest.raises(UsageError, match="no LoRA adapter file at"):  # before the port is taken
+        main(["-m", str(model_file), "--lora", str(tmp_path / "none.dgf")])
+    with pytest.raises(UsageError, match="--lora-merge needs"):
+        main(["-m", str(model_file), "--lora-merge"])
+
+
 def test_a_server_without_adapters_lists_none(srv):
     assert srv.get("/lora-adapters").json() == []
     assert srv.post("/lora-adapters", []).json() == {"success": True}
