@@ -485,3 +485,35 @@ def test_cli_images(ckpt, tmp_path):
                           (["--image", str(good), "--prefix", "a", "--suffix", "b"], "--image cannot be combined")):
         result = subprocess.run([*base, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# -- the server ----------------------------------------------------------------------------------------------
+
+
+def test_server_takes_openai_image_parts(ckpt, model):
+    """/v1/chat/completions with an image_url data URI answers what Model.chat answers; remote URLs (without
+    --allow-image-urls), file paths, bad data and other part types are 400/501 errors in OpenAI's shape."""
+    import base64
+
+    from test_server import assert_error, running, visible
+
+    uri = "data:image/png;base64," + base64.b64encode(_png(IMAGES[0])).decode()
+    parts = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "hello"}]
+    messages = [{"role": "user", "content": parts}]
+    expected = model.chat(messages, seed=3, max_new_tokens=16, max_denoising_steps=2)
+    with running(lambda: dgrun.load(ckpt.dgf("f32"), backend="numpy")) as srv:
+        body = {"model": "x", "messages": messages, "seed": 3, "max_tokens": 16, "max_denoising_steps": 2}
+        answer = srv.post("/v1/chat/completions", body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == visible(model, expected.tokens)
+        assert answer.json()["usage"]["prompt_tokens"] == len(model.apply_chat_template(messages, tokenize=True))
+        for part, status, message in (
+                ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, 400, "not fetched"),
+                ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}, 400, "not valid base64"),
+                ({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}, 400, "cannot decode"),
+                ({"type": "image_url", "image_url": {"url": "/etc/passwd"}}, 400, "data: URI"),
+                ({"type": "input_audio", "input_audio": {}}, 501, "not supported")):
+            bad = {**body, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}]}
+            error = assert_error(srv.post("/v1/chat/completions", bad), status,
+                                 "invalid_request_error" if status == 400 else "not_supported_error")
+            assert message in error["message"] and "\n" not in error["message"]
