@@ -724,8 +724,9 @@ def fetch_image(url: str, max_bytes: int = MAX_FETCH_BYTES, timeout: float = FET
 
 def chat_images(messages: Any, allow_paths: bool = True, fetch_urls: bool = False) -> tuple[Any, list[ImageSource]]:
     """The conversation as the chat template sees it, and its images in order. OpenAI `image_url` parts become
-    plain image parts, the kind chat templates place (transformers' own image parts pass through as they are).
-    `allow_paths`, `fetch_urls`: see `image_source`."""
+    image parts holding their decoded data, the kind chat templates place (transformers' own image parts pass
+    through as they are), so the conversation can be read again (`Model.apply_chat_template`) without fetching
+    or checking anything twice. `allow_paths`, `fetch_urls`: see `image_source`."""
     if not isinstance(messages, list):
         return messages, []  # the template's render refuses it with its own message
     conversation, images = [], []
@@ -738,7 +739,8 @@ def chat_images(messages: Any, allow_paths: bool = True, fetch_urls: bool = Fals
         for part in content:
             if isinstance(part, Mapping) and part.get("type") in ("image", "image_url"):
                 images.append(image_source(part, allow_paths, fetch_urls))
-                part = part if part.get("type") == "image" else {"type": "image"}
+                # An image part holding the image it resolved to: reading the conversation again gives the same.
+                part = part if part.get("type") == "image" else {"type": "image", "image": images[-1]}
             parts.append(part)
         conversation.append({**message, "content": parts})
     return conversation, images

@@ -13,6 +13,7 @@ image row carries the tower's error into every later layer — so the bound is t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -289,18 +290,15 @@ def test_image_parts_in_every_accepted_form_give_the_same_prompt(model, tmp_path
     assert len(prompts) == 1
 
 
-def test_remote_image_urls_are_fetched_only_when_allowed(tmp_path):
-    """A local HTTP server stands in for the web: refused by default, fetched with fetch_urls (a server's
-    --allow-image-urls), with errors and oversized bodies as one-line ValueErrors."""
+@contextlib.contextmanager
+def _http_files(folder):
+    """A local HTTP server over `folder` (standing in for the web): yields its base URL."""
     import http.server
     import threading
 
-    png = _png(IMAGES[0])
-    (tmp_path / "cat.png").write_bytes(png)
-
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
+            super().__init__(*args, directory=str(folder), **kwargs)
 
         def log_message(self, *args):
             pass
@@ -308,7 +306,18 @@ def test_remote_image_urls_are_fetched_only_when_allowed(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_image_urls_are_fetched_only_when_allowed(tmp_path):
+    """Refused by default, fetched with fetch_urls (a server's --allow-image-urls), with errors and oversized
+    bodies as one-line ValueErrors."""
+    png = _png(IMAGES[0])
+    (tmp_path / "cat.png").write_bytes(png)
+    with _http_files(tmp_path) as base:
         part = {"type": "image_url", "image_url": {"url": f"{base}/cat.png"}}
         with pytest.raises(ValueError, match="remote image URLs are not fetched"):
             vision.chat_images(_messages(part), allow_paths=False)
@@ -318,9 +327,6 @@ def test_remote_image_urls_are_fetched_only_when_allowed(tmp_path):
             vision.fetch_image(f"{base}/missing.png")
         with pytest.raises(ValueError, match="over 100 bytes"):
             vision.fetch_image(f"{base}/cat.png", max_bytes=100)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_plain_prompts_take_images_at_their_placeholders_or_in_front(model):
@@ -490,9 +496,10 @@ def test_cli_images(ckpt, tmp_path):
 # -- the server ----------------------------------------------------------------------------------------------
 
 
-def test_server_takes_openai_image_parts(ckpt, model):
+def test_server_takes_openai_image_parts(ckpt, model, tmp_path):
     """/v1/chat/completions with an image_url data URI answers what Model.chat answers; remote URLs (without
-    --allow-image-urls), file paths, bad data and other part types are 400/501 errors in OpenAI's shape."""
+    --allow-image-urls, which fetches them), file paths, bad data and other part types are 400/501 errors in
+    OpenAI's shape."""
     import base64
 
     from test_server import assert_error, running, visible
@@ -517,3 +524,11 @@ def test_server_takes_openai_image_parts(ckpt, model):
             error = assert_error(srv.post("/v1/chat/completions", bad), status,
                                  "invalid_request_error" if status == 400 else "not_supported_error")
             assert message in error["message"] and "\n" not in error["message"]
+    (tmp_path / "cat.png").write_bytes(_png(IMAGES[0]))
+    remote = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    with _http_files(tmp_path) as base, running(lambda: dgrun.load(ckpt.dgf("f32"), backend="numpy"),
+                                                allow_image_urls=True) as srv:
+        remote[0]["content"].insert(0, {"type": "image_url", "image_url": {"url": f"{base}/cat.png"}})
+        answer = srv.post("/v1/chat/completions", {**body, "messages": remote})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == visible(model, expected.tokens)
