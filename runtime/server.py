@@ -671,6 +671,9 @@ def _prepare_chat(model: Model, body: ChatBody, fetch_image_urls: bool = False) 
                                     "supported (text and image_url are)", param=f"messages[{i}].content")
             if "image_url" not in kinds:
                 entry["content"] = "\n".join(part.text or "" for part in message.content)
+            elif model.vision is None:
+                raise APIError(501, f"{model.path.name} has no vision tower (serve it with --mmproj FILE to take "
+                                    "images)", param=f"messages[{i}].content")
         messages.append(entry)
     with _as_request_errors("messages"):
         conversation, images = chat_images(messages, allow_paths=False, fetch_urls=fetch_image_urls)
