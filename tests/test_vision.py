@@ -218,24 +218,34 @@ GENERATION = dict(max_new_tokens=32, max_denoising_steps=6, stability_threshold=
                   eos_token_id=None)
 
 
+@pytest.fixture(scope="module")
+def hf_runs(ckpt, processor):
+    """transformers' generation for a prompt with one and with two images: (messages, tokens, draws), run once."""
+    runs = {}
+    for images in (1, 2):
+        parts = [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "def fibonacci(n):"}]
+        if images == 2:
+            parts.append({"type": "image", "image": IMAGES[1]})
+        messages = _messages(*parts)
+        inputs = _hf_prompt(processor, messages)
+        # Seed 1: from seed 0 the two-image prompt meets a sampling decision that float32 rounding decides, where
+        # transformers' own float32 and float64 runs part (at the second token; numpy follows float64, cpu float32).
+        tokens, draws = hf_generate(ckpt.model, inputs["input_ids"][0].tolist(), seed=1,
+                                    pixel_values=inputs["pixel_values"],
+                                    image_position_ids=inputs["image_position_ids"],
+                                    mm_token_type_ids=inputs["mm_token_type_ids"], **GENERATION)
+        runs[images] = messages, tokens, draws
+    return runs
+
+
 @pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-images"])
 @pytest.mark.parametrize("backend", ["numpy", "cpu", "mlx", "cuda"])
-def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, processor, images, backend, request):
+def test_generation_with_images_is_token_exact_with_replayed_draws(ckpt, hf_runs, images, backend, request):
     if backend == "cuda":
         request.getfixturevalue("fake")
     elif backend not in _backends():
         pytest.skip(f"backend {backend} unavailable")
-    parts = [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "def fibonacci(n):"}]
-    if images == 2:
-        parts.append({"type": "image", "image": IMAGES[1]})
-    messages = _messages(*parts)
-    inputs = _hf_prompt(processor, messages)
-    # Seed 1: from seed 0 the two-image prompt meets a sampling decision that float32 rounding decides, where
-    # transformers' own float32 and float64 runs part (at the second token; numpy follows float64, cpu float32).
-    hf_tokens, draws = hf_generate(ckpt.model, inputs["input_ids"][0].tolist(), seed=1,
-                                   pixel_values=inputs["pixel_values"],
-                                   image_position_ids=inputs["image_position_ids"],
-                                   mm_token_type_ids=inputs["mm_token_type_ids"], **GENERATION)
+    messages, hf_tokens, draws = hf_runs[images]
     with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = []
         rng = ReplayRng(draws)
