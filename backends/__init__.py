@@ -1,9 +1,10 @@
 """Compute backends for dgrun, each one module behind one small op interface.
 
 A backend provides `load_weights` (weights stay in their .dgf types), the graph ops (`embed`, `soft_embed`,
-`rms_norm`, `linear`, `gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `concat`, `vector`,
-`asarray`, `to_numpy`), the sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it
-can run. `numpy` is the reference; every other backend is tested against it.
+`rms_norm`, `linear`, `gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `logits`, `concat`,
+`vector`, `asarray`, `to_numpy`), the sampler step (`denoise_step`) and `supported_types`, the ggml tensor
+types it can run. `numpy` is the reference; every other backend is tested against it. `denoise_step` may
+overwrite its `logits` with the processed logits (cpu and cuda do: a canvas x vocab array saved per step).
 """
 
 from __future__ import annotations

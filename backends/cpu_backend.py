@@ -35,13 +35,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import weakref
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import NumpyBackend, Weight
+from dgrun.backends.numpy_backend import (
+    FLOAT32_UNIT_ROUNDOFF,
+    SPARSE_KEEP_LOGIT,
+    SPARSE_MASS_MARGIN,
+    SPARSE_MAX_KEPT,
+    NumpyBackend,
+    Weight,
+)
 from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
 
@@ -59,6 +69,7 @@ def _native_dir() -> Path:
                        "reinstall dgrun from a source checkout")
 
 
+INT8_DEFAULT = "off"  # see the module notes
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
 _POOL_ARRAYS = 8
 _LIBRARY: tuple[Any, Any, Path] | None = None
@@ -93,6 +104,17 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _int8_setting(value: bool | str | None) -> tuple[bool, str]:
+    """(int8 on, the int8 kernel set to ask for) from the `int8=` argument, else $DGRUN_CPU_INT8."""
+    if value is None:
+        value = os.environ.get("DGRUN_CPU_INT8", "").strip().lower() or INT8_DEFAULT
+    if value in (False, "0", "off", "no", "false"):
+        return False, "auto"
+    if value in (True, "1", "on", "yes", "true", "auto"):
+        return True, "auto"
+    return True, str(value)
+
+
 class CpuWeight(Weight):
     """A stored tensor plus what the kernels need: its address in the mapping and bytes per row."""
 
@@ -108,6 +130,33 @@ class CpuWeight(Weight):
     def scale(self) -> float:
         return 1.0 if self.tensor_scale is None else float(self.tensor_scale)
 
+    @cached_property
+    def max_row_norm(self) -> float:
+        """As `Weight.max_row_norm`, decoded natively (one pass over the tensor, the first time it is asked)."""
+        ffi, lib, _ = load_library()
+        out = ffi.new("double *")
+        rc = lib.dg_max_row_norm(self.ggml_type, ffi.cast("const uint8_t *", self.address), self.row_bytes,
+                                 self.shape[-1], self.scale, self.shape[0], out)
+        if rc != 0:
+            raise RuntimeError(f"cpu kernel max_row_norm failed: {_ERRORS.get(rc, rc)}")
+        return float(np.nextafter(out[0], np.inf))
+
+
+@dataclass
+class RowStats:
+    """Per-row softmax statistics of a [rows, vocab] array (`dg_row_stats`): what the soft embedding reads."""
+
+    row_max: np.ndarray  # float32 [rows]
+    row_total: np.ndarray  # float32 [rows]: softmax = exp(x - row_max) / row_total
+    mass: np.ndarray  # float64 [rows]: softmax mass outside the kept tokens
+    kept_n: np.ndarray  # int64 [rows]: tokens within SPARSE_KEEP_LOGIT of the maximum
+    kept: np.ndarray  # int32 [rows, SPARSE_MAX_KEPT]: the first of them, in index order
+
+    @classmethod
+    def empty(cls, rows: int) -> RowStats:
+        return cls(np.empty(rows, np.float32), np.empty(rows, np.float32), np.empty(rows, np.float64),
+                   np.empty(rows, np.int64), np.empty((rows, SPARSE_MAX_KEPT), np.int32))
+
 
 class CpuBackend(NumpyBackend):
     """The op interface on native kernels; anything not worth a kernel is inherited from the numpy reference."""
@@ -115,7 +164,7 @@ class CpuBackend(NumpyBackend):
     name = "cpu"
     supported_types = frozenset(quants.QUANT_TYPES)
 
-    def __init__(self, threads: int | None = None, isa: str | None = None):
+    def __init__(self, threads: int | None = None, isa: str | None = None, int8: bool | str | None = None):
         self.ffi, self.lib, self.library_path = load_library()
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
@@ -125,14 +174,22 @@ class CpuBackend(NumpyBackend):
             raise RuntimeError(f"cpu kernel set {self.isa_request!r} is not available on this CPU or build "
                                "(choose auto, avx512, avx2 or generic)")
         self.isa = self.ffi.string(self.lib.dg_isa()).decode()
+        self.int8, int8_set = _int8_setting(int8)
+        if self.lib.dg_select_int8(int8_set.encode()) != 0:
+            raise RuntimeError(f"int8 kernel set {int8_set!r} is not available on this CPU or build "
+                               "(choose auto, avx512vnni, avxvnni, avx2 or generic)")
+        self.int8_isa = self.ffi.string(self.lib.dg_int8_isa()).decode()
         if not self.lib.dg_has_openmp():
             self.threads = 1
         self._activate(force=True)
-        self._probs: tuple[np.ndarray, np.ndarray] | None = None  # (processed logits, their softmax)
+        # The last step's processed logits (weakly: the backend must not keep them alive) and their statistics.
+        self._stats: tuple[weakref.ref[np.ndarray], RowStats] | None = None
         self._pool: list[np.ndarray] = []
+        self.soft_embed_paths: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return f"CpuBackend(threads={self.threads}, isa={self.isa!r})"
+        int8 = repr(self.int8_isa) if self.int8 else "off"
+        return f"CpuBackend(threads={self.threads}, isa={self.isa!r}, int8={int8})"
 
     # -- plumbing --------------------------------------------------------------------------------------------
 
@@ -141,6 +198,8 @@ class CpuBackend(NumpyBackend):
         if force or _ACTIVE[0] is not self:
             self.lib.dg_set_threads(self.threads)
             self.lib.dg_select_isa(self.isa.encode())
+            self.lib.dg_select_int8(getattr(self, "int8_isa", "auto").encode())
+            self.lib.dg_set_int8(int(getattr(self, "int8", False)))
             _ACTIVE[0] = self
 
     def _p(self, array: np.ndarray, ctype: str = "float *") -> Any:
@@ -198,6 +257,12 @@ class CpuBackend(NumpyBackend):
         self._check(self.lib.dg_softcap(self._p(x), x.size, cap, self._p(out)), "softcap")
         return out
 
+    def logits(self, x: np.ndarray, w: CpuWeight, cap: float) -> np.ndarray:
+        """softcap(x @ W^T, cap), soft-capped in place: one canvas x vocab array."""
+        out = self.linear(x, w)
+        self._check(self.lib.dg_softcap(self._p(out), out.size, cap, self._p(out)), "softcap")
+        return out
+
     # -- embeddings and matmuls -----------------------------------------------------------------------------
 
     def embed(self, table: CpuWeight, ids: np.ndarray, scale: float) -> np.ndarray:
@@ -212,18 +277,33 @@ class CpuBackend(NumpyBackend):
         return out.reshape(*ids.shape, cols)
 
     def soft_embed(self, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
-        """softmax(logits) @ table * scale; the sampler's probabilities when `logits` are its processed logits."""
+        """softmax(logits) @ table * scale, sparse where a row's mass sits on a few tokens (as the reference);
+        the sampler step's row statistics when `logits` are its processed logits, else one pass to make them.
+        `soft_embed_paths` then says per row how many tokens it gathered (-1: the dense product)."""
         self._activate()
-        if self._probs is not None and logits is self._probs[0]:
-            probs = self._probs[1]
+        if self._stats is not None and logits is self._stats[0]():
+            stats = self._stats[1]
         else:
-            probs = self.softmax(logits)
-        probs = self._f32(probs).reshape(-1, table.shape[0])
-        out = np.empty((probs.shape[0], table.shape[1]), dtype=np.float32)
-        self._check(self.lib.dg_matmul_rows(self._p(probs), probs.shape[0], probs.shape[1], table.ggml_type,
-                                            self._w(table), table.row_bytes, table.scale, table.shape[1], scale,
-                                            self._p(out)), "soft_embed")
+            logits = self._f32(logits).reshape(-1, table.shape[0])
+            stats = RowStats.empty(logits.shape[0])
+            self._check(self.lib.dg_row_stats(self._p(logits), logits.shape[0], logits.shape[1], SPARSE_KEEP_LOGIT,
+                                              SPARSE_MAX_KEPT, *self._stats_args(stats)), "row_stats")
+        rows = logits.shape[0]
+        out = np.empty((rows, table.shape[1]), dtype=np.float32)
+        paths = np.empty(rows, dtype=np.int64)
+        # Sparse when mass * (1 + margin) * scale * R <= (u / 2) ||y'||: numpy_backend.sparse_soft_embed_row.
+        rel_tol = 0.5 * FLOAT32_UNIT_ROUNDOFF / SPARSE_MASS_MARGIN
+        norm_bound = float(scale) * table.max_row_norm if (stats.kept_n <= SPARSE_MAX_KEPT).any() else 0.0
+        self._check(self.lib.dg_soft_embed(
+            self._p(logits), rows, table.shape[0], *self._stats_args(stats)[:4], self._p(stats.kept, "int32_t *"),
+            SPARSE_MAX_KEPT, table.ggml_type, self._w(table), table.row_bytes, table.scale, table.shape[1], scale,
+            norm_bound, rel_tol, self._p(out), self._p(paths, "int64_t *")), "soft_embed")
+        self.soft_embed_paths = paths
         return out
+
+    def _stats_args(self, stats: RowStats) -> tuple[Any, ...]:
+        return (self._p(stats.row_max), self._p(stats.row_total), self._p(stats.mass, "double *"),
+                self._p(stats.kept_n, "int64_t *"), self._p(stats.kept, "int32_t *"))
 
     def softmax(self, x: np.ndarray) -> np.ndarray:
         """Row softmax (the reference's `sampler.softmax`)."""
@@ -319,25 +399,28 @@ class CpuBackend(NumpyBackend):
         self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
     ) -> sampler.StepResult:
-        """`dgrun.sampler.denoise_step` with its vocabulary-wide work in one native pass per row.
+        """`dgrun.sampler.denoise_step` with its vocabulary-wide work fused into one native visit per row.
 
-        Draws go through `rng` in the reference's order (categorical, then tokens). A plain `DefaultRng` gives
-        only its uniforms and the inverse CDF runs natively; any other RNG gets the probabilities.
+        In place: a float32 `logits` array becomes the processed logits (logits / temp) and is returned as
+        `processed_logits`, so a step makes no canvas x vocab array (pass a copy to keep the logits). Its row
+        statistics are kept for the soft embedding of those processed logits. Draws go through `rng` in the
+        reference's order (categorical, then tokens): a plain `DefaultRng` gives only its uniforms and the
+        inverse CDF runs natively; any other RNG gets the probabilities.
         """
         self._activate()
-        logits = self._f32(logits)
-        rows, vocab = logits.shape
-        self._probs = None  # the previous step's probabilities are done with: their array can be reused
-        processed, probs = self._empty(logits.shape), self._empty(logits.shape)
+        processed = self._f32(logits)
+        rows, vocab = processed.shape
+        self._stats = None
+        stats = RowStats.empty(rows)
         argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
         token_entropy = np.empty(rows, dtype=np.float32)
         native_draw = isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical
         u = np.ascontiguousarray(rng.uniform(rows), dtype=np.float64) if native_draw else None
         self._check(self.lib.dg_sampler(
-            self._p(logits), rows, vocab, temp, self._p(processed), self._p(probs), self._p(argmax, "int64_t *"),
-            self._p(token_entropy), self.ffi.NULL if u is None else self._p(u, "double *"),
-            self._p(sampled, "int64_t *")), "sampler")
+            self._p(processed), rows, vocab, temp, self._p(argmax, "int64_t *"), self._p(token_entropy),
+            self.ffi.NULL if u is None else self._p(u, "double *"), self._p(sampled, "int64_t *"),
+            SPARSE_KEEP_LOGIT, SPARSE_MAX_KEPT, *self._stats_args(stats)), "sampler")
         if not native_draw:
-            sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
-        self._probs = (processed, probs)
+            sampled = np.asarray(rng.categorical(self.softmax(processed)), dtype=np.int64)
+        self._stats = (weakref.ref(processed), stats)
         return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

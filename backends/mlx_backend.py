@@ -390,6 +390,10 @@ class MlxBackend:
         dense = w.f32()
         return x @ (dense.T if transpose else dense)
 
+    def logits(self, x: mx.array, w: Weight, cap: float) -> mx.array:
+        """softcap(x @ W^T, cap): the decoder's output logits."""
+        return self.softcap(self.linear(x, w), cap)
+
     def gated_mlp(self, x: mx.array, gate: Weight, up: Weight, down: Weight) -> mx.array:
         return self.linear(self._gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 

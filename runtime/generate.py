@@ -152,9 +152,13 @@ def generate_events(
             if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
                 raise FloatingPointError(f"the decoder produced NaN logits (canvas {canvas_index}, step {steps}); "
                                          "the model file or the backend is broken, so no tokens are emitted")
-            canvas, argmax, self_cond = result.canvas, result.argmax, result.processed_logits
-            yield Draft(canvas_index, steps, argmax, result.accepted)
-            if stopper is not None and stopper(argmax, result.mean_entropy):
+            canvas, argmax, accepted, mean_entropy = result.canvas, result.argmax, result.accepted, result.mean_entropy
+            stop = stopper is not None and stopper(argmax, mean_entropy)
+            # The next pass's self-conditioning, made now: then no canvas x vocab array outlives the step.
+            self_cond = model.self_condition(result.processed_logits) if steps_remaining > 1 and not stop else None
+            del logits, result
+            yield Draft(canvas_index, steps, argmax, accepted)
+            if stop:
                 break
         committed = np.asarray(argmax, dtype=np.int64)
         hits = np.flatnonzero(np.isin(committed, eos)) if eos.size else np.zeros(0, dtype=np.int64)

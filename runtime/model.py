@@ -96,6 +96,15 @@ class KVCache:
         return KVCache(list(self.keys), list(self.values), self.length, list(self.positions))
 
 
+@dataclass
+class SelfCondition:
+    """The self-conditioning input of a decoder pass, softmax(processed logits) @ embedding * embed_scale, made
+    as soon as a step ends (`DiffusionGemma.self_condition`) so that the step's canvas x vocab logits need not
+    stay alive until the next pass has made its own."""
+
+    soft_embedding: Any
+
+
 class DiffusionGemma:
     """Encoder and decoder passes over one set of backend weights."""
 
@@ -169,15 +178,25 @@ class DiffusionGemma:
         self._attention(last, x, positions, cache, encoder=True)
         cache.length += len(ids)
 
+    def self_condition(self, processed_logits: Any) -> SelfCondition:
+        """A step's processed logits [canvas, vocab] as the next decoder pass's self-conditioning input."""
+        return SelfCondition(self.ops.soft_embed(processed_logits, self.w["token_embd.weight"], self.cfg.embed_scale))
+
     def decode(self, canvas: np.ndarray, cache: KVCache, self_cond_logits: Any | None) -> Any:
-        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab]."""
+        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab].
+
+        `self_cond_logits`: None on a canvas's first step, else the previous step's processed logits (as
+        transformers takes them) or the `SelfCondition` already made from them.
+        """
         ops, cfg = self.ops, self.cfg
         canvas = np.asarray(canvas, dtype=np.int64)
         positions = np.arange(cache.length, cache.length + len(canvas), dtype=np.int64)
         x = ops.embed(self.w["token_embd.weight"], canvas, cfg.embed_scale)
         if self_cond_logits is not None:
             # Self-conditioning: the previous step's processed logits as a soft embedding through a gated MLP.
-            soft = ops.soft_embed(self_cond_logits, self.w["token_embd.weight"], cfg.embed_scale)
+            if not isinstance(self_cond_logits, SelfCondition):
+                self_cond_logits = self.self_condition(self_cond_logits)
+            soft = self_cond_logits.soft_embedding
             soft = ops.gated_mlp(ops.rms_norm(soft, self.vec["self_cond_pre_norm.weight"], cfg.rms_norm_eps),
                                  self.w["self_cond_gate.weight"], self.w["self_cond_up.weight"],
                                  self.w["self_cond_down.weight"])
@@ -187,4 +206,4 @@ class DiffusionGemma:
         for i in range(cfg.num_hidden_layers):
             x = self._layer(i, x, positions, cache, encoder=False)
         x = ops.rms_norm(x, self.vec["output_norm.weight"], cfg.rms_norm_eps)
-        return ops.softcap(ops.linear(x, self.output), cfg.final_logit_softcapping)
+        return ops.logits(x, self.output, cfg.final_logit_softcapping)

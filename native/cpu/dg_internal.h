@@ -21,8 +21,10 @@ typedef struct {
     const char *name;
     int (*dequant_rows)(int, const uint8_t *, int64_t, int64_t, float, const int64_t *, int64_t, float, float *);
     int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
-    int (*matmul_rows)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float,
-                       float *);
+    int (*soft_embed)(const float *, int64_t, int64_t, const float *, const float *, const double *, const int64_t *,
+                      const int32_t *, int64_t, int, const uint8_t *, int64_t, float, int64_t, float, double, double,
+                      float *, int64_t *);
+    int (*max_row_norm)(int, const uint8_t *, int64_t, int64_t, float, int64_t, double *);
     int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
                const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
                const uint8_t *, int64_t, int64_t, float, float *);
@@ -33,9 +35,20 @@ typedef struct {
     int (*gelu_mul)(const float *, const float *, int64_t, float *);
     int (*rope)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, float *);
     int (*softmax)(const float *, int64_t, int64_t, float *);
-    int (*sampler)(const float *, int64_t, int64_t, float, float *, float *, int64_t *, float *, const double *,
-                   int64_t *);
+    int (*row_stats)(const float *, int64_t, int64_t, float, int64_t, float *, float *, double *, int64_t *, int32_t *);
+    int (*sampler)(float *, int64_t, int64_t, float, int64_t *, float *, const double *, int64_t *, float, int64_t,
+                   float *, float *, double *, int64_t *, int32_t *);
 } dg_kernel_set;
+
+/* One int8 kernel set (dg_int8.c, compiled once per instruction set): matmuls of quantized weights on int8
+ * activations. supports(type): whether it takes that weight type; the others return DG_E_TYPE for it. */
+typedef struct {
+    const char *name;
+    int (*supports)(int);
+    int (*q8_quantize)(const float *, int64_t, int8_t *, float *);
+    int (*codes)(int, const uint8_t *, int64_t, float, uint8_t *, float *, float *);
+    int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
+} dg_int8_set;
 
 /* -- scalar decoding helpers, exact (shared by every ISA) ------------------------------------------------------ */
 
