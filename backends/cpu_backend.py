@@ -8,19 +8,29 @@ What makes it fast, and what it keeps from the reference:
 - The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
   expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
   values) per head and block of queries. The sampler's vocabulary-wide work (temperature, softmax, entropy,
-  argmax, the inverse-CDF draw) is one pass per row, and its probabilities are reused by the next pass's
-  soft embedding instead of a second softmax.
+  argmax, the inverse-CDF draw) is one visit per row.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
   saves their page faults; no decode pass allocates a fresh one after the first.
+- The self-conditioning soft embedding gathers the few embedding rows of a row whose mass sits on a few tokens
+  (exact to float32, see numpy_backend.sparse_soft_embed_row) and multiplies the rest as one product that turns
+  logits into probabilities as it reads them; the sampler step runs fused and in place (no canvas x vocab array
+  besides the logits) and leaves the row statistics that soft embedding reads.
 - Everything runs on `threads` OpenMP threads: the `threads=` argument, else $DGRUN_THREADS, else the CPUs this
   process may run on. The kernel set (avx512 / avx2 / generic) is chosen at run time; `isa=` or
   $DGRUN_CPU_ISA forces one (tests run each one this CPU supports). Both are process-wide settings of the
   library: each backend re-applies its own before its calls, so backends may differ but must not run
   concurrently in two Python threads with different settings.
+- Quantized weights (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4, NVFP4) multiply in integer arithmetic by default, as
+  ggml does (native/cpu/dg_int8.c): activations quantized to int8 per 32 values, int8 x int8 dot products with
+  VNNI (AVX512-VNNI or AVX-VNNI) or AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or
+  $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on: users of a quantized file
+  came for speed, and the activations' rounding (~0.5% per matmul) is small next to the weights' own
+  quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8 product for Q8_0's codes:
+  there, and for any weight of another type, the float32 kernels run.
 
-Accuracy against the numpy backend: float32 throughout (activations are never quantized), only summation
-order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to ~5e-6
-relative, the float32 noise floor; tests/test_cpu_backend.py states the bounds and why.
+Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only
+summation order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to
+~5e-6 relative, the float32 noise floor; tests/test_cpu_backend.py states the bounds and why.
 The sampler draws through the same Rng calls in the same order; with a `DefaultRng` only its uniforms are
 drawn and the float64 inverse CDF runs natively (identical to `DefaultRng.categorical` given identical
 probabilities; the kernels' probabilities differ from numpy's by float32 rounding, which can change a draw only
@@ -69,7 +79,7 @@ def _native_dir() -> Path:
                        "reinstall dgrun from a source checkout")
 
 
-INT8_DEFAULT = "off"  # see the module notes
+INT8_DEFAULT = "on"  # see the module notes
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
 _POOL_ARRAYS = 8
 _LIBRARY: tuple[Any, Any, Path] | None = None

@@ -70,9 +70,16 @@ TYPES = list(quants.QUANT_TYPES)
 REF = NumpyBackend()
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls(monkeypatch):
+    """These tests pin the float32 path: integer arithmetic (on by default for quantized files) has its own
+    tests in test_int8.py."""
+    monkeypatch.setenv("DGRUN_CPU_INT8", "0")
+
+
 @pytest.fixture(params=KERNEL_SETS)
 def cpu(request):
-    return CpuBackend(threads=2, isa=request.param)
+    return CpuBackend(threads=2, isa=request.param, int8=False)
 
 
 def _weight(x: np.ndarray, ggml_type) -> CpuWeight:

@@ -164,6 +164,12 @@ int dg_ffn(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64
            int64_t gate_stride, float gate_scale, int up_type, const uint8_t *up, int64_t up_row_bytes,
            int64_t up_stride, float up_scale, int down_type, const uint8_t *down, int64_t down_row_bytes,
            int64_t down_stride, float down_scale, float *out) {
+    if (int8_on && K8->supports(gate_type) && K8->supports(up_type) && K8->supports(down_type)) {
+        const int rc = K8->ffn(x, n, hidden, inter, index, weights, top_k, n_experts, gate_type, gate, gate_row_bytes,
+                               gate_stride, gate_scale, up_type, up, up_row_bytes, up_stride, up_scale, down_type, down,
+                               down_row_bytes, down_stride, down_scale, out);
+        if (rc != DG_E_TYPE) return rc;
+    }
     return K->ffn(x, n, hidden, inter, index, weights, top_k, n_experts, gate_type, gate, gate_row_bytes, gate_stride,
                   gate_scale, up_type, up, up_row_bytes, up_stride, up_scale, down_type, down, down_row_bytes,
                   down_stride, down_scale, out);

@@ -24,8 +24,8 @@ const char *dg_source_hash(void);
  * 0 or DG_E_ISA. */
 int dg_select_int8(const char *isa);
 const char *dg_int8_isa(void);
-/* On (1): dg_linear multiplies weights of the types dg_int8_supports on activations quantized to int8 per
- * 32 values; off (0, the default): every matmul in float32. */
+/* On (1): dg_linear and dg_ffn multiply weights of the types dg_int8_supports (dg_ffn: all three of its
+ * matrices) on activations quantized to int8 per 32 values; off (0, the default): every matmul in float32. */
 void dg_set_int8(int on);
 int dg_int8_supports(int type);
 /* The activation quantization of the int8 kernels: per 32 values d = amax / 127, q = rint(x / d). n % 32 == 0. */

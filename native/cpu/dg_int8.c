@@ -455,4 +455,117 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
     return failed ? DG_E_NOMEM : 0;
 }
 
-const dg_int8_set SFX8(dg_int8) = {NAME8, SFX8(supports), SFX8(q8_quantize), SFX8(codes), SFX8(linear)};
+/* ---------------------------------------------------------------------------------------------------------------
+ * ffn — dg_ffn (dense gated MLP and mixture of experts) in the integer arithmetic above, per (token t, slot s),
+ * e = index[t, s]:  h = gelu_tanh(gate_e @ x_t) * (up_e @ x_t);  out[t] += weights[t, s] * (down_e @ h).
+ * As the float kernel: tokens grouped per expert; phase 1 splits (expert, panel of R8 gate/up rows) over threads
+ * and writes h per grouped token; h is quantized per token; phase 2 splits panels of R8 output columns (each
+ * thread owns those columns of `out` for every expert: race-free, experts added in ascending order).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static int k_fits(int type, int64_t k) {
+    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
+}
+
+static inline float gelu_mul(float g, float u) {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * (g * g * g)))) * u;
+}
+
+static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index,
+                     const float *weights, int64_t top_k, int64_t n_experts, int gt, const uint8_t *gw, int64_t grb,
+                     int64_t gstride, float gts, int ut, const uint8_t *uw, int64_t urb, int64_t ustride, float uts,
+                     int dt, const uint8_t *dw, int64_t drb, int64_t dstride, float dts, float *out) {
+    if (!SFX8(supports)(gt) || !SFX8(supports)(ut) || !SFX8(supports)(dt) || !k_fits(gt, hidden) ||
+        !k_fits(ut, hidden) || !k_fits(dt, inter))
+        return DG_E_TYPE;
+    memset(out, 0, (size_t)(n * hidden) * sizeof(float));
+    if (n <= 0) return 0;
+    const int64_t ne = index ? n_experts : 1, slots = index ? top_k : 1;
+    dg_groups grp;
+    int rc = dg_group_experts(index, weights, n, slots, ne, TP, &grp);
+    if (rc) return rc;
+    const int64_t np_ = grp.panel0[ne], nbh = hidden / QB, nbi = inter / QB;
+    const int same = gt == ut;
+    uint8_t *xg = alloc8(panel_bytes(nbh) * (size_t)np_), *xu = same ? xg : alloc8(panel_bytes(nbh) * (size_t)np_);
+    uint8_t *hq = alloc8(panel_bytes(nbi) * (size_t)np_);
+    float *h = alloc8((size_t)(grp.start[ne] + 1) * (size_t)inter * sizeof(float));
+    if (!xg || !xu || !hq || !h) {
+        rc = DG_E_NOMEM;
+        goto done;
+    }
+    const int64_t ip = (inter + R8 - 1) / R8, hp = (hidden + R8 - 1) / R8;
+    int failed = 0;
+#pragma omp parallel num_threads(NT8)
+    {
+        rows8 wg, wu;
+        float tg[R8 * TP], tu[R8 * TP];
+        const int ok_g = rows8_alloc(&wg, hidden), ok_u = rows8_alloc(&wu, hidden); /* both: both get freed */
+        if (!ok_g || !ok_u) failed = 1;
+        /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < ne; e++)
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(gt), panel_at(xg + p * panel_bytes(nbh), nbh));
+                if (!same)
+                    pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
+            }
+        /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and panel of R8 hidden units */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < ne * ip; item++) {
+            const int64_t e = item / ip, j0 = (item % ip) * R8, rows = inter - j0 < R8 ? inter - j0 : R8;
+            if (failed || grp.count[e] == 0) continue;
+            rows8_decode(&wg, gt, gw + e * gstride, grb, hidden, gts, j0, rows);
+            rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                micro8(gt, (const uint8_t *const *)wg.u, (const float *const *)wg.s, (const float *const *)wg.o, nbh,
+                       panel_at(xg + p * panel_bytes(nbh), nbh), tg);
+                micro8(ut, (const uint8_t *const *)wu.u, (const float *const *)wu.s, (const float *const *)wu.o, nbh,
+                       panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                for (int64_t c = 0; c < cols; c++)
+                    for (int64_t r = 0; r < rows; r++)
+                        h[(grp.start[e] + c0 + c) * inter + j0 + r] = gelu_mul(tg[r * TP + c], tu[r * TP + c]);
+            }
+        }
+        /* h quantized per grouped token, for the down projection's kind */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < ne; e++)
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                pack_q8(h, inter, NULL, grp.start[e] + c0, cols, kind_of(dt), panel_at(hq + p * panel_bytes(nbi), nbi));
+            }
+        rows8_free(&wg), rows8_free(&wu);
+        rows8 wd;
+        if (!rows8_alloc(&wd, inter)) failed = 1;
+#pragma omp barrier
+        /* phase 2: out[t, j0:j0+R8] += w * (down @ h), experts in ascending order */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t jp = 0; jp < hp; jp++) {
+            if (failed) continue;
+            const int64_t j0 = jp * R8, rows = hidden - j0 < R8 ? hidden - j0 : R8;
+            for (int64_t e = 0; e < ne; e++) {
+                if (grp.count[e] == 0) continue;
+                rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
+                for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                    const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                    micro8(dt, (const uint8_t *const *)wd.u, (const float *const *)wd.s, (const float *const *)wd.o,
+                           nbi, panel_at(hq + p * panel_bytes(nbi), nbi), tg);
+                    for (int64_t c = 0; c < cols; c++) {
+                        float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
+                        const float wc = grp.wt[grp.start[e] + c0 + c];
+                        for (int64_t r = 0; r < rows; r++) dst[r] += tg[r * TP + c] * wc;
+                    }
+                }
+            }
+        }
+        rows8_free(&wd);
+    }
+    if (failed) rc = DG_E_NOMEM;
+done:
+    dg_groups_free(&grp), free(xg), free(hq), free(h);
+    if (!same) free(xu);
+    return rc;
+}
+
+const dg_int8_set SFX8(dg_int8) = {NAME8, SFX8(supports), SFX8(q8_quantize), SFX8(codes), SFX8(linear), SFX8(ffn)};

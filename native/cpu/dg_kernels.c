@@ -523,17 +523,23 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
     {
         float *part = parts + (size_t)TID * m * n;
         memset(part, 0, (size_t)(m * n) * sizeof(float));
-        float *tbuf = scratch(S_W0, (size_t)(KC * n)), *apad = scratch(S_PAD, R * KC), *tile = scratch(S_TILE, R * TW);
-        float *vpad = scratch(S_W1, KC * TW);
-        if (!tbuf || !apad || !tile || !vpad) failed = 1;
+        const int64_t npan = (n + TW - 1) / TW;
+        float *tbuf = scratch(S_W0, (size_t)(KC * npan * TW)), *apad = scratch(S_PAD, R * KC);
+        float *tile = scratch(S_TILE, R * TW), *rowbuf = scratch(S_W1, (size_t)(npan * TW));
+        if (!tbuf || !apad || !tile || !rowbuf) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < nkc; kc++) {
             if (failed) continue;
             const int64_t k0 = kc * KC, kn = k - k0 < KC ? k - k0 : KC;
-            /* decode (F32: copy — a sequential read, faster here than the microkernel's strided one) */
-            for (int64_t r = 0; r < kn; r++) decode_row(type, t + (k0 + r) * row_bytes, n, ts, tbuf + r * n);
-            const float *tt = tbuf;
+            /* decode, laid out as column panels of TW ([panel][row][TW], the last one zero-padded), so the
+             * microkernel reads each panel's rows one after another instead of a row length apart */
+            memset(rowbuf + n, 0, (size_t)(npan * TW - n) * sizeof(float));
+            for (int64_t r = 0; r < kn; r++) {
+                decode_row(type, t + (k0 + r) * row_bytes, n, ts, rowbuf);
+                for (int64_t p = 0; p < npan; p++) st(tbuf + (p * KC + r) * TW, ld(rowbuf + p * TW)),
+                    st(tbuf + (p * KC + r) * TW + VL, ld(rowbuf + p * TW + VL));
+            }
             for (int64_t i0 = 0; i0 < m; i0 += R) {
                 const int64_t nr = m - i0 < R ? m - i0 : R;
                 /* the rows' probabilities for this slice of the vocabulary, side by side (zero-padded to R rows):
@@ -549,13 +555,7 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
                 }
                 for (int64_t j0 = 0; j0 < n; j0 += TW) {
                     const int64_t cols = n - j0 < TW ? n - j0 : TW;
-                    if (cols == TW) {
-                        micro(apad, KC, tt + j0, n, kn, tile);
-                    } else { /* last, partial column panel: through a zero-padded copy */
-                        memset(vpad, 0, KC * TW * sizeof(float));
-                        for (int64_t r = 0; r < kn; r++) memcpy(vpad + r * TW, tt + r * n + j0, (size_t)cols * sizeof(float));
-                        micro(apad, KC, vpad, TW, kn, tile);
-                    }
+                    micro(apad, KC, tbuf + j0 * KC, TW, kn, tile);
                     for (int64_t r = 0; r < nr; r++) {
                         float *dst = part + (i0 + r) * n + j0;
                         for (int64_t j = 0; j < cols; j++) dst[j] += tile[r * TW + j];
@@ -618,28 +618,12 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
     if (n <= 0) return 0;
     const int64_t ne = index ? n_experts : 1, slots = index ? top_k : 1;
     /* Group (token, weight) pairs by expert, in token order; each group padded to whole panels of TW. */
-    int64_t *count = calloc((size_t)ne + 1, sizeof(int64_t)), *start = calloc((size_t)ne + 1, sizeof(int64_t));
-    int64_t *panel0 = calloc((size_t)ne + 1, sizeof(int64_t));
-    int64_t *tok = malloc((size_t)(n * slots) * sizeof(int64_t));
-    float *wt = malloc((size_t)(n * slots) * sizeof(float));
+    dg_groups grp;
+    int rc = dg_group_experts(index, weights, n, slots, ne, TW, &grp);
+    if (rc) return rc;
+    const int64_t *count = grp.count, *start = grp.start, *panel0 = grp.panel0, *tok = grp.tok;
+    const float *wt = grp.wt;
     float *xt = NULL, *ht = NULL;
-    int rc = 0;
-    if (!count || !start || !panel0 || !tok || !wt) { rc = DG_E_NOMEM; goto done; }
-    for (int64_t i = 0; i < n * slots; i++) {
-        int64_t e = index ? index[i] : 0;
-        if (e < 0 || e >= ne) { rc = DG_E_ARG; goto done; }
-        count[e]++;
-    }
-    for (int64_t e = 0; e < ne; e++) {
-        start[e + 1] = start[e] + count[e];
-        panel0[e + 1] = panel0[e] + (count[e] + TW - 1) / TW;
-        count[e] = 0;
-    }
-    for (int64_t i = 0; i < n * slots; i++) {
-        int64_t e = index ? index[i] : 0, at = start[e] + count[e]++;
-        tok[at] = i / slots;
-        wt[at] = weights ? weights[i] : 1.0f;
-    }
     const int64_t npanels = panel0[ne];
     /* (expert, token panel) → [hidden][TW] gathered inputs and [inter][TW] hidden activations */
     xt = alloc_floats((size_t)(npanels * TW * hidden));
@@ -706,7 +690,7 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
     }
     if (failed) rc = DG_E_NOMEM;
 done:
-    free(count), free(start), free(panel0), free(tok), free(wt), free(xt), free(ht);
+    dg_groups_free(&grp), free(xt), free(ht);
     return rc;
 }
 
