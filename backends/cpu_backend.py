@@ -23,9 +23,9 @@ What makes it fast, and what it keeps from the reference:
 - Quantized weights (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4, NVFP4) multiply in integer arithmetic by default, as
   ggml does (native/cpu/dg_int8.c): activations quantized to int8 per 32 values, int8 x int8 dot products with
   VNNI (AVX512-VNNI or AVX-VNNI) or AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or
-  $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on: users of a quantized file
-  came for speed, and the activations' rounding (~0.5% per matmul) is small next to the weights' own
-  quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8 product for Q8_0's codes:
+  $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on:
+  users of a quantized file came for speed, and the activations' rounding (~0.5% per matmul) is small next to
+  the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8 product for Q8_0's codes:
   there, and for any weight of another type, the float32 kernels run.
 
 Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only

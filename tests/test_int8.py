@@ -11,7 +11,8 @@ What is exact and what is not:
 - ffn: the hidden activations come from tanhf (kernel) and numpy's tanh, a few ulp apart, which can move one of
   their int8 codes by one step now and then: 1e-4 relative.
 Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul
-on random data (single outputs up to a few %: checked as < 3% here); tools/quant_quality.py publishes what it does to whole-model logits.
+on random data (single outputs up to a few %: checked as < 3% here); tools/quant_quality.py publishes what it
+does to whole-model logits.
 """
 
 from __future__ import annotations
