@@ -25,8 +25,8 @@ What makes it fast, and what it keeps from the reference:
   VNNI (AVX512-VNNI or AVX-VNNI) or AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or
   $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on:
   users of a quantized file came for speed, and the activations' rounding (~0.5% per matmul) is small next to
-  the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8 product for Q8_0's codes:
-  there, and for any weight of another type, the float32 kernels run.
+  the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8
+  product for Q8_0's codes: there, and for any weight of another type, the float32 kernels run.
 
 Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only
 summation order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to
