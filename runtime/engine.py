@@ -396,14 +396,15 @@ class Model:
 
     @property
     def info(self) -> dict[str, Any]:
-        """Config, generation defaults, quant mix (bytes per tensor type) and backend."""
-        mix: dict[str, int] = {}
-        for t in self._file.tensors.values():
-            mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+        """Config, generation defaults, the preset the file was converted with and its real type mix (tensors and
+        bytes per ggml type: a preset's type falls back where rows do not fit its blocks), and backend."""
+        types = type_mix(self._file)
         return {
             "path": str(self.path), "backend": self.backend.name,
             "config": vars(self.config).copy(), "generation": vars(self.generation_config).copy(),
-            "quant_mix_bytes": mix, "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
+            "outtype": self._file.get("dgrun.outtype"), "types": types,
+            "quant_mix_bytes": {name: t["bytes"] for name, t in types.items()},
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
             "chat_template": self.chat_template is not None,
         }
 
@@ -416,6 +417,16 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def type_mix(gguf: GGUFFile) -> dict[str, dict[str, int]]:
+    """ggml type name → {"tensors": count, "bytes": size} over every tensor of a file."""
+    types: dict[str, dict[str, int]] = {}
+    for tensor in gguf.tensors.values():
+        entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor.nbytes
+    return types
 
 
 def _check_tensors(gguf: GGUFFile, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -5,6 +5,8 @@
     python tools/bench.py --quick                  # smoke run, well under a minute once the model is cached
     python tools/bench.py -m model.dgf [--hf hf_folder]   # any .dgf (transformers only with its HF folder)
     python tools/bench.py --json                   # machine-readable
+    python tools/bench.py --real-shape             # the released model's widths, 2 layers (a 1.6 GiB file)
+    python tools/bench.py --real-shape --layers 30 # the whole released shape (a 15 GiB file)
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -23,6 +25,14 @@ off, no EOS), after one untimed warm-up. Reported per engine and step count (med
 and each as a ratio dgrun ÷ transformers. Both engines use the same thread count (--threads, default: every CPU
 this process may use); transformers runs `generate(..., stability_threshold=None, confidence_threshold=None,
 max_denoising_steps=steps)` under torch.no_grad.
+
+--real-shape writes a random q4_k_m file with the released model's widths (tools/make_random_dgf.py: vocab
+262,144, hidden 2816, 128 experts top-8, --layers layers) under --workdir, and times what a decoder step costs
+there: one decode pass + the sampler step + the next pass's self-conditioning input, on a 256-token canvas after
+a 64-token prompt, against one bare numpy float32 matmul of the output projection's size (256 x 2816 x 262,144)
+measured in the same run (each in its own worker, interleaved); also one encoder pass over a committed canvas,
+tokens/s at 16 steps (256 tokens / (16 steps + one encoder pass)), peak RSS against the file size, and how
+many canvas rows took the sparse soft embedding. --int8 on,off times both settings of the cpu backend.
 """
 
 from __future__ import annotations
@@ -166,8 +176,86 @@ class TransformersEngine:
         return int(out.sequences.shape[-1]) - len(prompt)
 
 
+class StepEngine:
+    """The real-shape bench's dgrun side: one decoder step at a time (decode, sampler, self-conditioning)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import numpy as np
+
+        import dgrun
+        from dgrun.rng import DefaultRng
+
+        self.np = np
+        self.model = dgrun.load(spec["path"], backend=spec["backend"])
+        self.graph, self.ops = self.model.graph, self.model.backend
+        cfg = self.graph.cfg
+        self.cache = self.graph.new_cache()
+        self.graph.encode(np.asarray(bench_prompt(cfg.vocab_size, spec["prompt_tokens"])), self.cache)
+        self.rng = DefaultRng(0)
+        self.canvas = self.rng.tokens((cfg.canvas_length,), cfg.vocab_size)
+        self.self_cond: Any = None
+        self.step()  # warm-up; and every timed step is self-conditioned, as all but a canvas's first
+
+    def info(self) -> dict[str, Any]:
+        backend = self.ops
+        return {"backend": backend.name, "isa": getattr(backend, "isa", None),
+                "int8": getattr(backend, "int8_isa", None) if getattr(backend, "int8", False) else "off",
+                "threads": getattr(backend, "threads", None)}
+
+    def step(self) -> dict[str, Any]:
+        from dgrun.sampler import temperature
+
+        start = time.perf_counter()
+        logits = self.graph.decode(self.canvas, self.cache, self.self_cond)
+        decoded = time.perf_counter()
+        result = self.ops.denoise_step(logits, self.canvas, temperature(8, 16, 0.4, 0.8), 0.1, self.rng)
+        del logits
+        self.canvas = result.canvas
+        self.self_cond = self.graph.self_condition(result.processed_logits)
+        del result
+        done = time.perf_counter()
+        paths = getattr(self.ops, "soft_embed_paths", None)
+        # One encoder pass over a committed canvas, on a copy of the cache (the prompt's stays as it is).
+        cache = self.cache.copy()
+        self.graph.encode(self.canvas, cache)
+        return {"step": done - start, "decode": decoded - start, "enc": time.perf_counter() - done,
+                "sparse_rows": None if paths is None else int((paths >= 0).sum())}
+
+
+def matmul_worker(spec: dict[str, Any]) -> None:
+    """The real-shape bench's yardstick: numpy float32 [256, hidden] @ [hidden, vocab], timed per request."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((spec["rows"], spec["hidden"]), dtype=np.float32)
+    b = rng.standard_normal((spec["vocab"], spec["hidden"]), dtype=np.float32)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if json.loads(line).get("quit"):
+            print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+            return
+        start = time.perf_counter()
+        a @ b.T
+        print(json.dumps({"step": time.perf_counter() - start}), flush=True)
+
+
 def worker(spec: dict[str, Any]) -> None:
     """Load one engine, then answer {"steps", "new_tokens"} requests with timings; {"quit": true} ends."""
+    if spec["engine"] == "matmul":
+        matmul_worker(spec)
+        return
+    if spec["engine"] == "step":
+        os.environ["DGRUN_THREADS"] = str(spec["threads"])
+        if spec.get("int8") is not None:
+            os.environ["DGRUN_CPU_INT8"] = spec["int8"]
+        engine = StepEngine(spec)
+        print(json.dumps({"ready": True, **engine.info()}), flush=True)
+        for line in sys.stdin:
+            if json.loads(line).get("quit"):
+                print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+                return
+            print(json.dumps(engine.step()), flush=True)
+        return
     baseline = current_rss_mb()
     if spec["engine"] == "dgrun":
         os.environ["DGRUN_THREADS"] = str(spec["threads"])
@@ -337,6 +425,76 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -> None:
+    """--real-shape: the released widths' decoder step against the bare output-projection matmul (see above)."""
+    sys.path.insert(0, str(TOOLS))
+    import make_random_dgf
+
+    layers = args.layers
+    path = args.workdir / f"real-{layers}L-q4_k_m.dgf"
+    if args.rebuild or not path.is_file():
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        log(f"writing {path} (q4_k_m, {layers} layers, the released widths) ...")
+        make_random_dgf.write_random_dgf(path, "q4_k_m", layers, make_random_dgf.RELEASED["vocab_size"])
+    file_mb = path.stat().st_size / 2**20
+    hidden, vocab = make_random_dgf.RELEASED["hidden_size"], make_random_dgf.RELEASED["vocab_size"]
+    canvas = make_random_dgf.RELEASED["canvas_length"]
+    settings = [s.strip() for s in args.int8.split(",")] if args.int8 else [None]
+    workers = [Worker(f"dgrun {backend}" + ("" if s is None else f" int8 {s}"),
+                      {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
+                       "prompt_tokens": args.prompt_tokens, "int8": s}, file_mb) for s in settings]
+    if not args.no_matmul:
+        workers.append(Worker("numpy matmul", {"engine": "matmul", "rows": canvas, "hidden": hidden,
+                                               "vocab": vocab, "threads": threads}, None))
+    reps = args.reps or 3
+    try:
+        for w in workers:
+            w.ready()
+        log(f"{len(workers)} workers ready; {reps} interleaved rep(s), {threads} threads")
+        for rep in range(reps):
+            for w in workers[rep % len(workers):] + workers[:rep % len(workers)]:
+                result = w.run(0, 0)
+                log(f"  rep {rep + 1} {w.label:<22} {result['step']:8.2f} s")
+    finally:
+        for w in workers:
+            try:
+                w.quit()
+            except Exception:
+                w.proc.kill()
+
+    def med(w: Worker, key: str) -> float:
+        return statistics.median(r[key] for r in w.runs[0])
+
+    bare = med(workers[-1], "step") if not args.no_matmul else None
+    rows = []
+    for w in workers:
+        if w.spec["engine"] != "step":
+            continue
+        step, enc = med(w, "step"), med(w, "enc")
+        peak = w.peak_rss_mb or 0.0
+        rows.append({"engine": w.label, "info": w.info, "step_s": step, "decode_s": med(w, "decode"), "enc_s": enc,
+                     "step_vs_matmul": None if bare is None else step / bare,
+                     "tok_s_16_steps": canvas / (16 * step + enc), "peak_rss_mb": peak, "file_mb": file_mb,
+                     "rss_over_file_gib": (peak - file_mb) / 1024,
+                     "sparse_rows": w.runs[0][-1].get("sparse_rows"), "steps": [r["step"] for r in w.runs[0]]})
+    machine = {**machine_info(), "threads": threads, "layers": layers, "reps": reps,
+               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if args.json:
+        print(json.dumps({"machine": machine, "matmul_s": bare, "rows": rows}, indent=2))
+        return
+    print(f"# {machine['cpu']}, {threads} threads; real widths, {layers} layers, q4_k_m ({file_mb / 1024:.2f} GiB); "
+          f"{args.prompt_tokens}-token prompt, canvas {canvas}; median of {reps}; load average at the end "
+          f"{machine['load_average'][0] if machine['load_average'] else '?':.1f}")
+    if bare is not None:
+        print(f"bare numpy float32 matmul {canvas} x {hidden} x {vocab}: {bare:.2f} s")
+    for r in rows:
+        ratio = "" if r["step_vs_matmul"] is None else f" = {r['step_vs_matmul']:.2f}x the matmul (goal <= 1.6x)"
+        print(f"{r['engine']} ({r['info'].get('isa')}, int8 {r['info'].get('int8')}): decoder step "
+              f"{r['step_s']:.2f} s{ratio}; decode pass {r['decode_s']:.2f} s; encoder pass {r['enc_s']:.2f} s; "
+              f"{r['tok_s_16_steps']:.1f} tok/s at 16 steps; peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB = file + "
+              f"{r['rss_over_file_gib']:.2f} GiB (goal <= 0.6); sparse soft-embedding rows {r['sparse_rows']}/{canvas}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark dgrun against transformers on the CPU.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -354,6 +512,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bench model and files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 256 tokens, steps 4, f32 and q8_0")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--real-shape", action="store_true",
+                        help="the released model's widths: decoder step vs the bare output-projection matmul")
+    parser.add_argument("--layers", type=int, default=2, help="with --real-shape: layers of the file (default 2)")
+    parser.add_argument("--int8", help="with --real-shape: cpu int8 settings to time side by side, e.g. on,off")
+    parser.add_argument("--no-matmul", action="store_true", help="with --real-shape: skip the numpy matmul")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
@@ -382,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
             log(f"note: {e}; benchmarking the numpy backend instead")
             backend = "numpy"
 
+    if args.real_shape:
+        real_shape(args, backend, threads, log)
+        return
     if args.model:
         files = {args.model.stem: args.model}
         hf = args.hf

@@ -4,6 +4,9 @@ Random weights, but never trivial ones: norms, router scales, per-expert scales 
 buffers (encoder and decoder, deliberately different) get random values, so a runtime that mixes them up or
 skips one cannot match transformers by luck. Embeddings are drawn wide (std 1) so logits are peaked and the
 sampler accepts, stops and emits EOS the way a trained model makes it.
+
+For the tensor types dgrun reads but cannot write (llama-quantize's i-quants, Q5_K), `random_blocks` makes
+valid blocks and `write_retyped` a copy of a converted file with every matrix in one such type.
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ def text_config(**overrides: Any) -> dict[str, Any]:
 
 
 def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, embed_std: float = 1.0,
-               self_cond_std: float = 0.1) -> Any:
+               self_cond_std: float = 0.1, tie_word_embeddings: bool = True) -> Any:
     """A `DiffusionGemmaForBlockDiffusion` with random, non-trivial weights (float32).
+
+    `tie_word_embeddings=False` unties everything transformers ties: lm_head and the encoder's copies of the
+    decoder's weights then get random values of their own.
 
     `self_cond_std` scales the self-conditioning MLP. Random networks are chaotic under their own
     self-conditioning feedback: a 4e-6 float32 rounding difference (transformers' own f32-vs-f64 error on
@@ -66,7 +72,7 @@ def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, emb
         text_config=text,
         vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=2, head_dim=8),
-        canvas_length=canvas_length)
+        canvas_length=canvas_length, tie_word_embeddings=tie_word_embeddings)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
 
@@ -166,3 +172,82 @@ def hf_generate(model: Any, prompt: list[int], seed: int = 0,
     eos = set(kwargs.get("eos_token_id") or [])
     cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
     return new[:cut][: kwargs.get("max_new_tokens", 256)], draws
+
+
+# Byte offsets of the fp16 fields (scales, mins) inside one block of each block-quantized type with such fields.
+FP16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_S": (0,), "IQ2_S": (0,),
+}
+
+
+def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generator,
+                  scale_log2: tuple[int, int] = (-20, 4), std: float | None = None) -> np.ndarray:
+    """Raw uint8 [rows, row_bytes] of random valid blocks: random bytes, with every fp16 field a finite value.
+
+    The way to test decoders of types dgrun cannot write (i-quants): every code, sign, grid index and sub-block
+    scale pattern occurs. The fp16 fields are normal draws times 2^e, e uniform in `scale_log2`: by default
+    normal and subnormal magnitudes of both signs. With `std`, they are then scaled together so the decoded
+    values have that standard deviation (weights of a chosen size for a model).
+    """
+    from dgrun import quants
+
+    qt = quants.get_quant_type(ggml_type)
+    fields = FP16_FIELDS[qt.ggml_type.name]
+    raw = rng.integers(0, 256, (rows, width // qt.block_size, qt.type_size), dtype=np.uint8)
+    for offset in fields:
+        scale = rng.normal(0, 1, raw.shape[:2]) * np.exp2(rng.integers(*scale_log2, raw.shape[:2]))
+        raw[..., offset:offset + 2] = scale.astype("<f2")[..., None].view(np.uint8)
+    if std is not None:
+        factor = np.float32(std / quants.dequantize_tensor(raw.reshape(rows, -1), ggml_type).std())
+        for offset in fields:
+            scale = raw[..., offset:offset + 2].copy().view("<f2").astype(np.float32) * factor
+            raw[..., offset:offset + 2] = scale.astype("<f2").view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+# llama-quantize's type for a matrix whose rows do not split into 256-value super-blocks (llama.cpp's fallback).
+ROW_FALLBACK = {"Q5_K": "Q5_1", "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ2_S": "IQ4_NL"}
+
+
+def write_retyped(src: Path, dst: Path, type_name: str, seed: int = 0) -> dict[str, int]:
+    """Copy the .dgf `src` with every matrix a quantizing preset would quantize stored as `type_name` instead (or
+    its `ROW_FALLBACK` where the row width needs it), everything else as it is. Values: `src`'s quantized
+    when dgrun writes the type, else random valid blocks with the tensor's standard deviation (fixtures are
+    random anyway). Returns the tensor count per type written. For backend parity tests on every read type."""
+    from gguf import GGMLQuantizationType as T
+
+    from dgrun import quants
+    from dgrun.config import ModelConfig
+    from dgrun.converters.convert_hf import add_metadata, atomic_writer, write_file
+    from dgrun.converters.presets import tensor_type
+    from dgrun.format import GGUFFile
+
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    with GGUFFile(src) as f, atomic_writer(dst) as writer:
+        cfg = ModelConfig.from_metadata(f.metadata)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        for key, value in f.metadata.items():
+            if not key.startswith("general."):
+                add_metadata(writer, key, value.tolist() if isinstance(value, np.ndarray) else value)
+        payloads = []
+        for name, info in f.tensors.items():
+            shape = tuple(info.shape)
+            keep = tensor_type(name, shape, "q8_0", cfg.num_hidden_layers, sliding) == T.F32
+            chosen = T[type_name] if shape[-1] % 256 == 0 else T[ROW_FALLBACK.get(type_name, type_name)]
+            if keep or info.ggml_type != T.F32:
+                raw, ggml_type = np.asarray(f.raw(name)), info.ggml_type
+            else:
+                dense = f.array(name).reshape(shape)
+                if quants.can_quantize(chosen, shape[-1]):
+                    raw = quants.quantize_tensor(dense, chosen)[0]
+                else:
+                    rows = int(np.prod(shape[:-1]))
+                    raw = random_blocks(chosen, rows, shape[-1], rng, (0, 1), std=float(dense.std()))
+                ggml_type = chosen
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), raw.nbytes, raw_dtype=ggml_type)
+            payloads.append(np.ascontiguousarray(raw).reshape(-1))
+            counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
+        write_file(writer, payloads)
+    return counts
