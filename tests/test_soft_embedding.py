@@ -186,3 +186,35 @@ def test_cpu_soft_embedding_takes_the_same_paths(cpu, ggml_type):
     processed = logits * np.float32(0.5)
     result = cpu.denoise_step(processed.copy(), np.zeros(len(logits), np.int64), 0.5, 1.0, DefaultRng(0))
     assert_close(cpu.soft_embed(result.processed_logits, table, SCALE), ref, 2e-6, "after the sampler step")
+
+
+@pytest.mark.parametrize("ggml_type", [quants.F32.ggml_type, quants.Q8_0.ggml_type], ids=lambda t: t.name)
+def test_mlx_soft_embedding_takes_the_same_paths(ggml_type):
+    mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
+    from dgrun.backends import mlx_backend
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 1, (VOCAB, WIDTH)).astype(np.float32)
+    x[VOCAB - 7] *= 50
+    raw, scale = quants.quantize_tensor(x, ggml_type)
+    ref_table = Weight(raw, ggml_type, x.shape, scale)
+    if ggml_type == quants.F32.ggml_type:
+        table = mlx_backend.DenseWeight(mx.array(x))
+    else:
+        layout = mlx_backend.LAYOUTS[ggml_type]
+        packed, scales, biases = layout.repack(raw)
+        table = mlx_backend.QuantWeight(mx.array(packed), mx.array(scales), mx.array(biases), layout, x.shape)
+    assert table.max_row_norm == pytest.approx(ref_table.max_row_norm, rel=2e-5)
+    margin = [_row_at_margin(rng, ref_table, kept, f) for kept in (1, 5, 300) for f in (0.5, 2.0)]
+    sharp = (rng.normal(0, 1, (40, VOCAB)) * np.geomspace(1, 300, 40)[:, None]).astype(np.float32)
+    logits = np.concatenate([np.stack(margin), sharp])
+    ours = mlx_backend.MlxBackend()
+    ref = REF.soft_embed(logits, ref_table, SCALE)
+    assert_close(np.array(ours.soft_embed(logits, table, SCALE)), ref, 2e-6, f"mlx soft_embed {ggml_type.name}")
+    ref_paths = [sparse_soft_embed_row(r, p, ref_table, SCALE) is not None
+                 for r, p in zip(logits, sampler.softmax(logits), strict=True)]
+    assert (ours.soft_embed_paths >= 0).tolist() == ref_paths
+    # The step's processed logits, never evaluated whole, serve the soft embedding block by block.
+    result = ours.denoise_step(mx.array(logits * np.float32(0.5)), np.zeros(len(logits), np.int64), 0.5, 1.0,
+                               DefaultRng(0))
+    assert_close(np.array(ours.soft_embed(result.processed_logits, table, SCALE)), ref, 2e-6, "after the step")
