@@ -78,8 +78,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
