@@ -389,6 +389,11 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
  * weight rows; each decodes its rows' codes once and runs them against every token panel.
  * ------------------------------------------------------------------------------------------------------------- */
 
+/* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
+static int k_fits(int type, int64_t k) {
+    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
+}
+
 typedef struct {
     uint8_t *u[R8];
     float *s[R8], *o[R8];
@@ -418,9 +423,7 @@ static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_by
 
 static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
                         int64_t n, float *c) {
-    if (!SFX8(supports)(type) || (k % 256 && (type == T_Q4_K || type == T_Q6_K)) || (k % 64 && type == T_NVFP4) ||
-        k % QB)
-        return DG_E_TYPE;
+    if (!SFX8(supports)(type) || !k_fits(type, k)) return DG_E_TYPE;
     if (m <= 0 || n <= 0) return 0;
     const int64_t nb = k / QB, mp = (m + TP - 1) / TP, np_ = (n + R8 - 1) / R8;
     uint8_t *act = alloc8(panel_bytes(nb) * (size_t)mp);
@@ -462,10 +465,6 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
  * and writes h per grouped token; h is quantized per token; phase 2 splits panels of R8 output columns (each
  * thread owns those columns of `out` for every expert: race-free, experts added in ascending order).
  * ------------------------------------------------------------------------------------------------------------- */
-
-static int k_fits(int type, int64_t k) {
-    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
-}
 
 static inline float gelu_mul(float g, float u) {
     return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * (g * g * g)))) * u;
