@@ -43,6 +43,11 @@ X86_INT8_SETS = {
     "avxvnni": ["-mavxvnni", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
+# ... and on arm64: USDOT (u8 x s8, i8mm) or SDOT (s8 x s8, dotprod).
+ARM_INT8_SETS = {
+    "i8mm": ["-march=armv8.6-a+i8mm+dotprod"],
+    "dotprod": ["-march=armv8.2-a+dotprod"],
+}
 
 
 NO_COMPILER = ("no C compiler found: the cpu backend builds its kernels once with one. Install gcc or clang "
@@ -75,7 +80,8 @@ def kernel_sets() -> dict[str, list[str]]:
 
 def int8_sets() -> dict[str, list[str]]:
     """dg_int8.c's kernel sets → extra compiler flags, as `kernel_sets`."""
-    return {**(X86_INT8_SETS if _x86() else {}), "generic": []}
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    return {**(X86_INT8_SETS if _x86() else ARM_INT8_SETS if arm else {}), "generic": []}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:

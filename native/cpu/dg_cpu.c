@@ -4,6 +4,12 @@
  * each one it built; "auto" picks the widest that this CPU supports (checked with __builtin_cpu_supports).
  */
 #include <string.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#if defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -28,6 +34,12 @@ extern const dg_int8_set dg_int8_avxvnni;
 #ifdef DG_HAVE_INT8_AVX512VNNI
 extern const dg_int8_set dg_int8_avx512vnni;
 #endif
+#ifdef DG_HAVE_INT8_DOTPROD
+extern const dg_int8_set dg_int8_dotprod;
+#endif
+#ifdef DG_HAVE_INT8_I8MM
+extern const dg_int8_set dg_int8_i8mm;
+#endif
 
 int dg_nthreads = 1;
 static const dg_kernel_set *K = &dg_kernels_generic;
@@ -46,13 +58,29 @@ static int cpu_has(const char *isa) {
     if (!strcmp(isa, "avx512vnni"))
         return cpu_has("avx2") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+    if (!strcmp(isa, "dotprod")) return (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  /* HWCAP_ASIMDDP */
+    if (!strcmp(isa, "i8mm")) return cpu_has("dotprod") && (getauxval(AT_HWCAP2) & (1UL << 13)) != 0;  /* HWCAP2_I8MM */
+#elif defined(__aarch64__) && defined(__APPLE__)
+    if (!strcmp(isa, "dotprod") || !strcmp(isa, "i8mm")) {
+        int on = 0;
+        size_t size = sizeof(on);
+        const char *key = strcmp(isa, "i8mm") ? "hw.optional.arm.FEAT_DotProd" : "hw.optional.arm.FEAT_I8MM";
+        return sysctlbyname(key, &on, &size, NULL, 0) == 0 && on;
+    }
+#endif
     return !strcmp(isa, "generic");
 }
 
-/* The int8 kernel sets, best first; "auto" takes the best this CPU runs within the float kernel set's (generic
- * floats: generic integers, so forcing isa=generic tests the portable path end to end). */
+/* The int8 kernel sets, best first; "auto" takes the best this CPU runs. */
 int dg_select_int8(const char *isa) {
     const dg_int8_set *sets[] = {
+#ifdef DG_HAVE_INT8_I8MM
+        &dg_int8_i8mm,
+#endif
+#ifdef DG_HAVE_INT8_DOTPROD
+        &dg_int8_dotprod,
+#endif
 #ifdef DG_HAVE_INT8_AVX512VNNI
         &dg_int8_avx512vnni,
 #endif
@@ -64,10 +92,8 @@ int dg_select_int8(const char *isa) {
 #endif
         &dg_int8_generic,
     };
-    const int simd = strcmp(K->name, "generic") != 0;
     for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
-        const int named = !strcmp(isa, sets[i]->name), automatic = !strcmp(isa, "auto");
-        if ((named || (automatic && (simd || !strcmp(sets[i]->name, "generic")))) && cpu_has(sets[i]->name)) {
+        if ((!strcmp(isa, "auto") || !strcmp(isa, sets[i]->name)) && cpu_has(sets[i]->name)) {
             K8 = sets[i];
             return 0;
         }

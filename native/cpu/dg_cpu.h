@@ -19,9 +19,8 @@ int dg_select_isa(const char *isa);
 const char *dg_isa(void);
 /* Hash of the sources this library was built from (build.py's source_hash). */
 const char *dg_source_hash(void);
-/* Integer arithmetic for quantized weights (dg_int8.c): the int8 kernel set, "auto" (the best this CPU runs
- * within the selected float set; re-select after dg_select_isa), "avx512vnni", "avxvnni", "avx2" or "generic";
- * 0 or DG_E_ISA. */
+/* Integer arithmetic for quantized weights (dg_int8.c): the int8 kernel set, "auto" (the best this CPU runs),
+ * "avx512vnni", "avxvnni", "avx2" (x86-64), "i8mm", "dotprod" (arm64) or "generic"; 0 or DG_E_ISA. */
 int dg_select_int8(const char *isa);
 const char *dg_int8_isa(void);
 /* On (1): dg_linear and dg_ffn multiply weights of the types dg_int8_supports (dg_ffn: all three of its

@@ -1,7 +1,7 @@
 /* dgrun CPU int8 kernels: matmuls of quantized weights in integer arithmetic, as ggml does.
  *
- * build.py compiles this file once per int8 kernel set (x86-64: avx512vnni, avxvnni, avx2; every machine:
- * generic) and dg_cpu.c picks the best one the CPU runs. What they compute, for C[m, n] = A[m, k] @ W[n, k]^T:
+ * build.py compiles this file once per int8 kernel set (x86-64: avx512vnni, avxvnni, avx2; arm64: i8mm, dotprod;
+ * every machine: generic) and dg_cpu.c picks the best one the CPU runs. What they compute, for C[m, n] = A[m, k] @ W[n, k]^T:
  *
  *   activations  each row of A in blocks of 32 values: d = amax / 127, q = rint(x * (1 / d)) (nearest, ties to
  *                even), |q| <= 127 (Q8_0-style, with a float32 scale). q8_quantize below is the definition.
@@ -20,8 +20,9 @@
  * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
  * them by 4 bytes of a weight row broadcast to every lane (u8 x s8, summed into the int32 lane): VNNI's
  * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while a byte pair's sum fits int16: 2 * 255 * 127
- * overflows, so Q8_0's codes need VNNI; every other type's codes are < 64). The float flush happens once per
- * 16-value half.
+ * overflows, so Q8_0's codes need VNNI; every other type's codes are < 64); on arm64 (4 tokens per vector)
+ * USDOT, or SDOT, which takes the codes as signed bytes (so again not Q8_0's). The float flush happens once per
+ * block, or per 16-value half for types with two scales per block.
  */
 #include <math.h>
 #include <stdint.h>
@@ -44,12 +45,21 @@
 #elif defined(DG_INT8_AVX2)
 #define SFX8(x) x##_avx2
 #define NAME8 "avx2"
+#elif defined(DG_INT8_I8MM)
+#define SFX8(x) x##_i8mm
+#define NAME8 "i8mm"
+#elif defined(DG_INT8_DOTPROD)
+#define SFX8(x) x##_dotprod
+#define NAME8 "dotprod"
 #else
 #define SFX8(x) x##_generic
 #define NAME8 "generic"
 #endif
 #if defined(DG_INT8_AVX512VNNI) || defined(DG_INT8_AVXVNNI) || defined(DG_INT8_AVX2)
 #define SIMD8 1
+#elif defined(DG_INT8_I8MM) || defined(DG_INT8_DOTPROD)
+#define NEON8 1
+#include <arm_neon.h>
 #endif
 
 #define QB 32 /* values per activation block */
@@ -162,8 +172,8 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
 static int SFX8(supports)(int type) {
     switch (type) {
     case T_Q4_0: case T_Q5_0: case T_Q4_K: case T_Q6_K: case T_MXFP4: case T_NVFP4: return 1;
-#ifndef DG_INT8_AVX2
-    case T_Q8_0: return 1; /* its codes overflow vpmaddubsw's int16 pair sums: VNNI or generic only */
+#if !defined(DG_INT8_AVX2) && !defined(DG_INT8_DOTPROD)
+    case T_Q8_0: return 1; /* codes to 255: vpmaddubsw's int16 pair sums overflow, SDOT takes signed bytes */
 #endif
     default: return 0;
     }
@@ -345,6 +355,54 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
         _mm256_storeu_ps(tile + r * TP, f[r][0]);
         _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
     }
+}
+#elif defined(NEON8)
+/* arm64: 4 tokens per 128-bit vector; USDOT (u8 codes x s8 activations) or SDOT (codes < 128 as signed). */
+static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
+                                                              const float *const *o, int64_t nb, panel8 p,
+                                                              float *tile, const int split, const int chain,
+                                                              const int ratio) {
+    (void)chain;
+    float32x4_t f[R8][4];
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < 4; v++) f[r][v] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qa = p.q + b * QB * TP;
+        for (int h = 0; h < (split ? 2 : 1); h++) {
+            int32x4_t acc[R8][4];
+            for (int r = 0; r < R8; r++)
+                for (int v = 0; v < 4; v++) acc[r][v] = vdupq_n_s32(0);
+            for (int g = split ? 4 * h : 0; g < (split ? 4 * h + 4 : 8); g++) {
+                int8x16_t a[4];
+                for (int v = 0; v < 4; v++) a[v] = vld1q_s8(qa + g * TP * 4 + 16 * v);
+                for (int r = 0; r < R8; r++) {
+                    uint32_t w4;
+                    memcpy(&w4, u[r] + b * QB + 4 * g, 4);
+                    for (int v = 0; v < 4; v++)
+#if defined(DG_INT8_I8MM)
+                        acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), a[v]);
+#else
+                        acc[r][v] = vdotq_s32(acc[r][v], vreinterpretq_s8_u32(vdupq_n_u32(w4)), a[v]);
+#endif
+                }
+            }
+            const float *lo = split && h ? p.hi : p.lo;
+            for (int v = 0; v < 4; v++) {
+                const float32x4_t d = vld1q_f32(p.d + b * TP + 4 * v), c = vld1q_f32(lo + b * TP + 4 * v);
+                for (int r = 0; r < R8; r++) {
+                    const float32x4_t t = vmulq_f32(vcvtq_f32_s32(acc[r][v]), d);
+                    if (ratio) {
+                        f[r][v] = vfmaq_f32(f[r][v], vsubq_f32(t, c), vdupq_n_f32(s[r][2 * b + h]));
+                    } else {
+                        f[r][v] = vfmaq_f32(f[r][v], t, vdupq_n_f32(s[r][2 * b + h]));
+                        f[r][v] = vfmsq_f32(f[r][v], c, vdupq_n_f32(o[r][2 * b + h]));
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < 4; v++) vst1q_f32(tile + r * TP + 4 * v, f[r][v]);
 }
 #else
 static inline void micro8_kind(const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
