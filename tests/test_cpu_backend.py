@@ -72,13 +72,6 @@ TYPES = sorted(CpuBackend.supported_types)
 REF = NumpyBackend()
 
 
-@pytest.fixture(autouse=True)
-def float32_matmuls(monkeypatch):
-    """These tests pin the float32 path: integer arithmetic (on by default for quantized files) has its own
-    tests in test_int8.py."""
-    monkeypatch.setenv("DGRUN_CPU_INT8", "0")
-
-
 @pytest.fixture(params=KERNEL_SETS)
 def cpu(request):
     return CpuBackend(threads=2, isa=request.param, int8=False)
