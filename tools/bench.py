@@ -7,6 +7,7 @@
     python tools/bench.py --json                   # machine-readable
     python tools/bench.py --real-shape             # the released model's widths, 2 layers (a 1.6 GiB file)
     python tools/bench.py --real-shape --layers 30 # the whole released shape (a 15 GiB file)
+    python tools/bench.py --real-shape --layers 6,12   # ... or extrapolated to 30 from two smaller files
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -425,24 +426,43 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def real_shape_file(workdir: Path, layers: int, rebuild: bool, log: Any) -> Path:
+    """The random q4_k_m file of the released widths with `layers` layers, written on first use."""
+    sys.path.insert(0, str(TOOLS))
+    import make_random_dgf
+
+    path = workdir / f"real-{layers}L-q4_k_m.dgf"
+    if rebuild or not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        log(f"writing {path} (q4_k_m, {layers} layers, the released widths) ...")
+        make_random_dgf.write_random_dgf(path, "q4_k_m", layers, make_random_dgf.RELEASED["vocab_size"])
+    return path
+
+
+def linear_fit(xs: list[float], ys: list[float], at: float) -> float:
+    """The least-squares line through (xs, ys), evaluated at `at`."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y + slope * (at - mean_x)
+
+
 def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -> None:
     """--real-shape: the released widths' decoder step against the bare output-projection matmul (see above)."""
     sys.path.insert(0, str(TOOLS))
     import make_random_dgf
 
-    layers = args.layers
-    path = args.workdir / f"real-{layers}L-q4_k_m.dgf"
-    if args.rebuild or not path.is_file():
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        log(f"writing {path} (q4_k_m, {layers} layers, the released widths) ...")
-        make_random_dgf.write_random_dgf(path, "q4_k_m", layers, make_random_dgf.RELEASED["vocab_size"])
-    file_mb = path.stat().st_size / 2**20
-    hidden, vocab = make_random_dgf.RELEASED["hidden_size"], make_random_dgf.RELEASED["vocab_size"]
-    canvas = make_random_dgf.RELEASED["canvas_length"]
+    released = make_random_dgf.RELEASED
+    hidden, vocab, canvas = released["hidden_size"], released["vocab_size"], released["canvas_length"]
+    layer_counts = [int(x) for x in str(args.layers).split(",")]
     settings = [s.strip() for s in args.int8.split(",")] if args.int8 else [None]
-    workers = [Worker(f"dgrun {backend}" + ("" if s is None else f" int8 {s}"),
-                      {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
-                       "prompt_tokens": args.prompt_tokens, "int8": s}, file_mb) for s in settings]
+    workers = []
+    for layers in layer_counts:
+        path = real_shape_file(args.workdir, layers, args.rebuild, log)
+        for setting in settings:
+            label = f"{layers} layers" + ("" if setting is None else f" int8 {setting}")
+            workers.append(Worker(label, {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
+                                          "prompt_tokens": args.prompt_tokens, "int8": setting, "layers": layers},
+                                  path.stat().st_size / 2**20))
     if not args.no_matmul:
         workers.append(Worker("numpy matmul", {"engine": "matmul", "rows": canvas, "hidden": hidden,
                                                "vocab": vocab, "threads": threads}, None))
@@ -465,34 +485,62 @@ def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -
     def med(w: Worker, key: str) -> float:
         return statistics.median(r[key] for r in w.runs[0])
 
-    bare = med(workers[-1], "step") if not args.no_matmul else None
+    bare = None if args.no_matmul else med(workers[-1], "step")
     rows = []
     for w in workers:
         if w.spec["engine"] != "step":
             continue
-        step, enc = med(w, "step"), med(w, "enc")
-        peak = w.peak_rss_mb or 0.0
-        rows.append({"engine": w.label, "info": w.info, "step_s": step, "decode_s": med(w, "decode"), "enc_s": enc,
+        step, enc, peak, file_mb = med(w, "step"), med(w, "enc"), w.peak_rss_mb or 0.0, w.file_mb or 0.0
+        rows.append({"engine": w.label, "layers": w.spec["layers"], "int8": w.spec["int8"], "info": w.info,
+                     "step_s": step, "decode_s": med(w, "decode"), "enc_s": enc,
                      "step_vs_matmul": None if bare is None else step / bare,
                      "tok_s_16_steps": canvas / (16 * step + enc), "peak_rss_mb": peak, "file_mb": file_mb,
-                     "rss_over_file_gib": (peak - file_mb) / 1024,
-                     "sparse_rows": w.runs[0][-1].get("sparse_rows"), "steps": [r["step"] for r in w.runs[0]]})
-    machine = {**machine_info(), "threads": threads, "layers": layers, "reps": reps,
-               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+                     "rss_over_file_gib": (peak - file_mb) / 1024, "sparse_rows": w.runs[0][-1].get("sparse_rows"),
+                     "steps": [r["step"] for r in w.runs[0]]})
+    target = released["num_hidden_layers"]
+    extrapolated = []
+    for setting in settings:
+        fit = [r for r in rows if r["int8"] == setting]
+        if len({r["layers"] for r in fit}) < 2 or any(r["layers"] == target for r in fit):
+            continue
+        xs = [float(r["layers"]) for r in fit]
+        step = linear_fit(xs, [r["step_s"] for r in fit], target)
+        enc = linear_fit(xs, [r["enc_s"] for r in fit], target)
+        extrapolated.append({
+            "engine": f"{target} layers (fit to {', '.join(str(r['layers']) for r in fit)})"
+                      + ("" if setting is None else f" int8 {setting}"),
+            "step_s": step, "enc_s": enc, "step_vs_matmul": None if bare is None else step / bare,
+            "tok_s_16_steps": canvas / (16 * step + enc),
+            "file_mb": linear_fit(xs, [r["file_mb"] for r in fit], target),
+            "peak_rss_mb": linear_fit(xs, [r["peak_rss_mb"] for r in fit], target)})
+    machine = {**machine_info(), "threads": threads, "reps": reps,
+               "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if args.json:
-        print(json.dumps({"machine": machine, "matmul_s": bare, "rows": rows}, indent=2))
+        print(json.dumps({"machine": machine, "matmul_s": bare, "rows": rows, "extrapolated": extrapolated},
+                         indent=2))
         return
-    print(f"# {machine['cpu']}, {threads} threads; real widths, {layers} layers, q4_k_m ({file_mb / 1024:.2f} GiB); "
+    print(f"# {machine['cpu']}, {threads} threads; the released widths, q4_k_m, random weights; "
           f"{args.prompt_tokens}-token prompt, canvas {canvas}; median of {reps}; load average at the end "
-          f"{machine['load_average'][0] if machine['load_average'] else '?':.1f}")
+          f"{machine['load_average'] or 0:.1f}")
     if bare is not None:
         print(f"bare numpy float32 matmul {canvas} x {hidden} x {vocab}: {bare:.2f} s")
-    for r in rows:
-        ratio = "" if r["step_vs_matmul"] is None else f" = {r['step_vs_matmul']:.2f}x the matmul (goal <= 1.6x)"
-        print(f"{r['engine']} ({r['info'].get('isa')}, int8 {r['info'].get('int8')}): decoder step "
-              f"{r['step_s']:.2f} s{ratio}; decode pass {r['decode_s']:.2f} s; encoder pass {r['enc_s']:.2f} s; "
-              f"{r['tok_s_16_steps']:.1f} tok/s at 16 steps; peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB = file + "
-              f"{r['rss_over_file_gib']:.2f} GiB (goal <= 0.6); sparse soft-embedding rows {r['sparse_rows']}/{canvas}")
+    head = ["file", "GiB", "step s", "x matmul", "decode s", "enc s", "tok/s @16", "peak RSS GiB", "RSS - file",
+            "sparse rows"]
+    lines = [head]
+    for r in rows + extrapolated:
+        ratio = r["step_vs_matmul"]
+        lines.append([r["engine"], f"{r['file_mb'] / 1024:.2f}", f"{r['step_s']:.2f}",
+                      "-" if ratio is None else f"{ratio:.2f}", f"{r['decode_s']:.2f}" if "decode_s" in r else "-",
+                      f"{r['enc_s']:.2f}", f"{r['tok_s_16_steps']:.2f}", f"{r['peak_rss_mb'] / 1024:.2f}",
+                      f"{(r['peak_rss_mb'] - r['file_mb']) / 1024:.2f}",
+                      f"{r['sparse_rows']}/{canvas}" if r.get("sparse_rows") is not None else "-"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for n, line in enumerate(lines):
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
+        if n == 0:
+            print("-" * (sum(widths) + 2 * (len(widths) - 1)))
+    print("(goals on 2 layers: step <= 1.6x the matmul, peak RSS <= file + 0.6 GiB; tok/s @16 = 256 tokens per "
+          "16 steps and one encoder pass)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -514,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--real-shape", action="store_true",
                         help="the released model's widths: decoder step vs the bare output-projection matmul")
-    parser.add_argument("--layers", type=int, default=2, help="with --real-shape: layers of the file (default 2)")
+    parser.add_argument("--layers", default="2", help="with --real-shape: layers of the file, or several "
+                        "(e.g. 6,12: timed side by side, and the released 30 extrapolated; default 2)")
     parser.add_argument("--int8", help="with --real-shape: cpu int8 settings to time side by side, e.g. on,off")
     parser.add_argument("--no-matmul", action="store_true", help="with --real-shape: skip the numpy matmul")
     args = parser.parse_args(argv)
