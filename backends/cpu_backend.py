@@ -7,7 +7,8 @@ What makes it fast, and what it keeps from the reference:
   read straight from the mapping.
 - The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
   expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
-  values) per head and block of queries. The sampler's vocabulary-wide work (temperature, softmax, entropy,
+  values) per head and block of queries, over only the keys that block can see (a sliding layer costs its
+  window, a causal one half the square). The sampler's vocabulary-wide work (temperature, softmax, entropy,
   argmax, the inverse-CDF draw) is one visit per row.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
   saves their page faults; no decode pass allocates a fresh one after the first.
@@ -26,7 +27,9 @@ What makes it fast, and what it keeps from the reference:
   $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on:
   users of a quantized file came for speed, and the activations' rounding (~0.5% per matmul) is small next to
   the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8
-  product for Q8_0's codes: there, and for any weight of another type, the float32 kernels run.
+  product for Q8_0's codes: there, and for any weight of another type (Q5_1, Q5_K, the IQ types, adapters'
+  float halves), the float32 kernels run, the same bits as with int8 off. Row-independent like the float
+  kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.
 
 Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only
 summation order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to
@@ -61,8 +64,8 @@ from dgrun.backends.numpy_backend import (
     SPARSE_MAX_KEPT,
     NumpyBackend,
     Weight,
+    require_ascending,
 )
-from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
 
 _ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
@@ -81,7 +84,7 @@ def _native_dir() -> Path:
 
 INT8_DEFAULT = "on"  # see the module notes
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
-_POOL_ARRAYS = 8
+_POOL_ARRAYS = 48  # a batch of 8 may hold several canvas-sized arrays per element at once
 _LIBRARY: tuple[Any, Any, Path] | None = None
 _ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
 
@@ -192,8 +195,9 @@ class CpuBackend(NumpyBackend):
         if not self.lib.dg_has_openmp():
             self.threads = 1
         self._activate(force=True)
-        # The last step's processed logits (weakly: the backend must not keep them alive) and their statistics.
-        self._stats: tuple[weakref.ref[np.ndarray], RowStats] | None = None
+        # id(processed logits) → (a weak reference to them, their row statistics): each element's self-conditioning
+        # reads its own sampler step's; the entry goes when the processed logits do.
+        self._stats: dict[int, tuple[weakref.ref[np.ndarray], RowStats]] = {}
         self._pool: list[np.ndarray] = []
         self.soft_embed_paths: np.ndarray | None = None
 
@@ -244,9 +248,10 @@ class CpuBackend(NumpyBackend):
             self._pool.pop(0)  # the caller still holding it keeps it alive; the pool just forgets it
         return array.reshape(shape)
 
-    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
-        weights = super().load_weights(gguf, names)
-        return {name: CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale) for name, w in weights.items()}
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> CpuWeight:
+        w = super().weight(raw, ggml_type, shape, tensor_scale)
+        return CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale)
 
     # -- elementwise and normalisation ----------------------------------------------------------------------
 
@@ -291,8 +296,9 @@ class CpuBackend(NumpyBackend):
         the sampler step's row statistics when `logits` are its processed logits, else one pass to make them.
         `soft_embed_paths` then says per row how many tokens it gathered (-1: the dense product)."""
         self._activate()
-        if self._stats is not None and logits is self._stats[0]():
-            stats = self._stats[1]
+        known = self._stats.get(id(logits))
+        if known is not None and known[0]() is logits:
+            stats = known[1]
         else:
             logits = self._f32(logits).reshape(-1, table.shape[0])
             stats = RowStats.empty(logits.shape[0])
@@ -360,11 +366,13 @@ class CpuBackend(NumpyBackend):
         causal: bool,
         window: int | None,
     ) -> np.ndarray:
-        """Fused softmax(q k^T) v with the reference's masks (see NumpyBackend.attention)."""
+        """Fused softmax(q k^T) v with the reference's masks, over each query block's visible key range (see
+        NumpyBackend.attention)."""
         self._activate()
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
         q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
         k_pos = np.ascontiguousarray(k_pos, dtype=np.int64)
+        require_ascending(k_pos)
         n, hq, d = q.shape
         m, hkv, dv = v.shape
         out = np.empty((n, hq, dv), dtype=np.float32)
@@ -405,6 +413,11 @@ class CpuBackend(NumpyBackend):
 
     # -- sampler ----------------------------------------------------------------------------------------------
 
+    def _remember_stats(self, processed: np.ndarray, stats: RowStats) -> None:
+        """Keep `stats` for `soft_embed(processed)` for as long as `processed` lives."""
+        key, table = id(processed), self._stats
+        table[key] = (weakref.ref(processed, lambda _: table.pop(key, None)), stats)
+
     def denoise_step(
         self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
@@ -420,7 +433,6 @@ class CpuBackend(NumpyBackend):
         self._activate()
         processed = self._f32(logits)
         rows, vocab = processed.shape
-        self._stats = None
         stats = RowStats.empty(rows)
         argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
         token_entropy = np.empty(rows, dtype=np.float32)
@@ -432,5 +444,5 @@ class CpuBackend(NumpyBackend):
             SPARSE_KEEP_LOGIT, SPARSE_MAX_KEPT, *self._stats_args(stats)), "sampler")
         if not native_draw:
             sampled = np.asarray(rng.categorical(self.softmax(processed)), dtype=np.int64)
-        self._stats = (weakref.ref(processed), stats)
+        self._remember_stats(processed, stats)
         return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

@@ -539,36 +539,42 @@ class MlxBackend:
             scale = None
             if scale_name in gguf.tensors and scale_name not in names:
                 scale = float(gguf.array(scale_name).reshape(-1)[0])
-            if info.ggml_type in (T.F32, T.F16):
-                weights[name] = DenseWeight(mx.array(np.ascontiguousarray(gguf.array(name))))
-                continue
-            if info.ggml_type == T.BF16:
-                bits = mx.array(np.ascontiguousarray(gguf.array(name)))  # uint16 bit patterns
-                weights[name] = DenseWeight(bits.view(mx.bfloat16))
-                continue
-            raw = gguf.raw(name).reshape(*info.shape[:-1], quants.row_bytes(info.ggml_type, info.shape[-1]))
-            # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
-            layout = LAYOUTS.get(info.ggml_type) if len(info.shape) > 1 else None
-            if layout is not None:
-                try:
-                    packed, scales, biases = _repack_rows(raw, layout)
-                except ValueError:  # a scale byte MLX cannot express: fall through to float32
-                    pass
-                else:
-                    weights[name] = QuantWeight(mx.array(packed), mx.array(scales),
-                                                None if biases is None else mx.array(biases), layout,
-                                                tuple(info.shape), scale)
-                    continue
-            dense = quants.dequantize_tensor(raw, info.ggml_type, scale).reshape(info.shape)
-            weights[name] = DenseWeight(mx.array(dense))
-            kind = info.ggml_type.name
-            dequantized[kind] = dequantized.get(kind, 0) + dense.nbytes
+            weights[name] = w = self.weight(gguf.raw(name), info.ggml_type, info.shape, scale)
+            if isinstance(w, DenseWeight) and info.ggml_type not in (T.F32, T.F16, T.BF16):
+                kind = info.ggml_type.name
+                dequantized[kind] = dequantized.get(kind, 0) + w.nbytes
         if dequantized:
             what = ", ".join(f"{kind} ({size / 2**20:.1f} MiB)" for kind, size in sorted(dequantized.items()))
             print(f"dgrun: mlx has no lossless layout for {what}: dequantized to float32 at load",
                   file=sys.stderr)
+        # Evaluated now (BF16 views are lazy): MLX streams are per thread, and a lazy array made here could not be
+        # evaluated by another thread (a Scheduler's worker).
+        mx.eval([a for w in weights.values() for a in ((w.array,) if isinstance(w, DenseWeight) else
+                                                      (w.packed, w.scales, w.biases)) if a is not None])
         _wire_weights(sum(w.nbytes for w in weights.values()))
         return weights
+
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> Weight:
+        """A tensor from its stored bytes (uint8): F32/F16/BF16 whole as stored, a block type repacked into its MLX
+        layout, else dequantized to float32."""
+        ggml_type = T(ggml_type)
+        if ggml_type in (T.F32, T.F16, T.BF16):
+            dtype = {T.F32: "<f4", T.F16: "<f2", T.BF16: "<u2"}[ggml_type]
+            array = mx.array(np.ascontiguousarray(raw.reshape(-1).view(dtype).reshape(shape)))
+            return DenseWeight(array.view(mx.bfloat16) if ggml_type == T.BF16 else array)  # BF16: uint16 bits
+        raw = raw.reshape(*shape[:-1], quants.row_bytes(ggml_type, shape[-1]))
+        # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
+        layout = LAYOUTS.get(ggml_type) if len(shape) > 1 else None
+        if layout is not None:
+            try:
+                packed, scales, biases = _repack_rows(raw, layout)
+            except ValueError:  # a scale byte MLX cannot express: fall through to float32
+                pass
+            else:
+                return QuantWeight(mx.array(packed), mx.array(scales), None if biases is None else mx.array(biases),
+                                   layout, tuple(shape), tensor_scale)
+        return DenseWeight(mx.array(quants.dequantize_tensor(raw, ggml_type, tensor_scale).reshape(shape)))
 
     # -- elementwise and normalisation --------------------------------------------------------------
 
@@ -580,7 +586,9 @@ class MlxBackend:
 
     def vector(self, w: DenseWeight) -> mx.array:
         """A small 1-D tensor (norm weight, scale) as float32 (the loader keeps 1-D tensors dense)."""
-        return w.f32().reshape(-1)
+        out = w.f32().reshape(-1)
+        mx.eval(out)  # kept for the model's life: usable from any thread (see load_weights)
+        return out
 
     def rms_norm(self, x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, weight, eps)
@@ -588,8 +596,9 @@ class MlxBackend:
     def softcap(self, x: mx.array, cap: float) -> mx.array:
         return self._softcap(x, mx.array(cap, dtype=mx.float32))
 
-    def concat(self, a: mx.array, b: mx.array) -> mx.array:
-        return mx.concatenate([a, b], axis=0)
+    def concat(self, *arrays: mx.array) -> mx.array:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        return arrays[0] if len(arrays) == 1 else mx.concatenate(list(arrays), axis=0)
 
     # -- embeddings and matmuls -----------------------------------------------------------------------
 
@@ -696,8 +705,12 @@ class MlxBackend:
         """softcap(x @ W^T, cap): the decoder's output logits."""
         return self.softcap(self.linear(x, w), cap)
 
+    def gelu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        return self._gelu_mul(gate, up)
+
     def gated_mlp(self, x: mx.array, gate: Weight, up: Weight, down: Weight) -> mx.array:
-        return self.linear(self._gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention ----------------------------------------------------------------------
 

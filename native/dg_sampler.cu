@@ -233,14 +233,16 @@ extern "C" int dg_sample_step(float* logits, int rows, int vocab, const int32_t*
                               float temperature, float entropy_bound, uint64_t seed, uint64_t step,
                               float keep_logit, int max_kept, float* row_max, float* row_total, float* mass,
                               int32_t* kept_n, int32_t* kept, int32_t* host_out) {
+    DG_ENTER();
     DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
     DG_REQUIRE(vocab > 0, "vocab must be positive");
     DG_REQUIRE(max_kept >= 0, "max_kept must be >= 0");
+    DgScratch scratch;  // given back however this function returns
     int32_t *ints, *result;
     float* entropy;
-    DG_TRY(dg_scratch(&ints, 2 * (size_t)rows));
-    DG_TRY(dg_scratch(&entropy, rows));
-    DG_TRY(dg_scratch(&result, 3 * (size_t)rows + 1));
+    DG_SCRATCH(scratch, &ints, 2 * (size_t)rows);
+    DG_SCRATCH(scratch, &entropy, rows);
+    DG_SCRATCH(scratch, &result, 3 * (size_t)rows + 1);
     RowStats st = {row_max, row_total, mass, kept_n, kept, keep_logit, max_kept};
     sample_rows_kernel<<<rows, ROW_THREADS, 0, dg_stream>>>(logits, vocab, temperature, seed, step, ints,
                                                              ints + rows, entropy, st);
@@ -251,15 +253,13 @@ extern "C" int dg_sample_step(float* logits, int rows, int vocab, const int32_t*
     DG_LAUNCHED(accept_kernel);
     DG_TRY(cudaMemcpyAsync(host_out, result, (3 * (size_t)rows + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
                            dg_stream));
-    DG_TRY(cudaFreeAsync(ints, dg_stream));
-    DG_TRY(cudaFreeAsync(entropy, dg_stream));
-    DG_TRY(cudaFreeAsync(result, dg_stream));
     DG_TRY(cudaStreamSynchronize(dg_stream));
     return 0;
 }
 
 extern "C" int dg_row_stats(const float* logits, int rows, int vocab, float keep_logit, int max_kept,
                             float* row_max, float* row_total, float* mass, int32_t* kept_n, int32_t* kept) {
+    DG_ENTER();
     DG_REQUIRE(vocab > 0 && max_kept >= 0, "vocab must be positive and max_kept >= 0");
     if (rows <= 0) return 0;
     RowStats st = {row_max, row_total, mass, kept_n, kept, keep_logit, max_kept};

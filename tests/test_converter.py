@@ -230,7 +230,7 @@ def test_merged_lora_with_separate_encoder_and_decoder_deltas_is_refused(untied,
     result = _cli(str(folder), "--outfile", str(out), "--quiet", "--no-tokenizer")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     for name in ("model.encoder.language_model.layers.0.self_attn.q_proj.weight",
-                 "model.decoder.layers.0.self_attn.q_proj.weight", "load the adapter unmerged (--lora"):
+                 "model.decoder.layers.0.self_attn.q_proj.weight", "convert-lora-to-dgf and load it unmerged"):
         assert name in result.stderr, result.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.dgf.tmp*"))
 
@@ -286,7 +286,7 @@ def test_fallbacks_are_noticed_once_per_kind_and_summarized(checkpoints, tmp_pat
         "256-value blocks"]), result.stderr
     assert "F16 19 tensors" in result.stdout and "Q5_0 2 tensors" in result.stdout, result.stdout
     info = subprocess.run([sys.executable, "-m", "dgrun", "info", str(out)], capture_output=True, text=True)
-    for shown in ("outtype      q4_k_m", "F16: 19 tensors", "Q5_0: 2 tensors", "F32: 30 tensors"):
+    for shown in ("outtype      q4_k_m", "F16: 19 tensors", "Q5_0: 2 tensors", "F32: 31 tensors"):  # 30 + rope_freqs
         assert shown in info.stdout, info.stdout
     with dgrun.load(out, backend="numpy") as model:
         assert model.info["outtype"] == "q4_k_m" and model.info["types"]["F16"]["tensors"] == 19

@@ -200,6 +200,31 @@ def test_attention(cpu, case):
                  REF.attention(q, k, v, q_pos, k_pos, causal, window), MATMUL_RTOL, f"attention {case}")
 
 
+@pytest.mark.parametrize("causal,window", [(True, 7), (True, None), (True, 1), (False, 40)])
+def test_attention_over_visible_key_ranges(cpu, causal, window):
+    """Long key arrays where each query block sees a small range (a window far into a prompt, a causal chunk
+    after a cache), positions with gaps and repeats, ranges that start and end inside a tile of keys."""
+    rng = np.random.default_rng(11)
+    m, n, hq, hkv, d = 700, 61, 4, 2, 32
+    k_pos = np.sort(rng.integers(0, 900, m))
+    q_pos = np.sort(rng.integers(300, 1000, n))
+    q = rng.normal(0, 1, (n, hq, d)).astype(np.float32)
+    k, v = rng.normal(0, 1, (m, hkv, d)).astype(np.float32), rng.normal(0, 1, (m, hkv, d)).astype(np.float32)
+    out = cpu.attention(q, k, v, q_pos, k_pos, causal, window)
+    with np.errstate(invalid="ignore"):  # the reference's softmax over masked keys only
+        ref = REF.attention(q, k, v, q_pos, k_pos, causal, window)
+    # A query whose window holds no key gets NaN (0/0) from both.
+    empty = np.isnan(ref).all(axis=(1, 2))
+    assert np.array_equal(np.isnan(out).all(axis=(1, 2)), empty) and not np.isnan(ref[~empty]).any()
+    assert_close(out[~empty], ref[~empty], MATMUL_RTOL, f"attention causal={causal} window={window}")
+
+
+def test_attention_refuses_unsorted_key_positions(cpu):
+    q, k = np.ones((2, 2, 16), np.float32), np.ones((3, 1, 16), np.float32)
+    with pytest.raises(ValueError, match="ascending"):
+        cpu.attention(q, k, k, np.arange(2), np.array([0, 2, 1]), True, None)
+
+
 # -- elementwise and row kernels ----------------------------------------------------------------------------------
 
 
@@ -275,6 +300,7 @@ def test_fused_sampler_is_in_place_and_draws_as_default_rng(cpu):
     x = logits.copy()
     result = cpu.denoise_step(x, np.zeros(37, np.int64), 0.7, 1.0, DefaultRng(12))
     assert result.processed_logits is x
+    assert cpu._stats[id(x)][0]() is x  # its row statistics, kept for this element's next soft embedding
     np.testing.assert_array_equal(x, logits / np.float32(0.7))
     probs = cpu.softmax(x)
     np.testing.assert_allclose(probs, ref_sampler.softmax(x), rtol=16 * EPS32, atol=1e-37)
@@ -410,14 +436,14 @@ def test_default_rng_generation_matches_numpy_backend(checkpoints):
 
 def test_nan_logits_stop_generation_with_an_error(checkpoints, monkeypatch):
     with dgrun.load(checkpoints["gen"].dgf("f32"), backend="cpu") as model:
-        decode = model.graph.decode
+        decode_batch = model.graph.decode_batch
 
-        def poisoned(canvas, cache, self_cond):
-            logits = decode(canvas, cache, self_cond).copy()
-            logits[3, 5] = np.nan
+        def poisoned(canvases, caches, self_conds):
+            logits = [x.copy() for x in decode_batch(canvases, caches, self_conds)]
+            logits[0][3, 5] = np.nan
             return logits
 
-        monkeypatch.setattr(model.graph, "decode", poisoned)
+        monkeypatch.setattr(model.graph, "decode_batch", poisoned)
         with pytest.raises(FloatingPointError, match="NaN logits"):
             model.generate([2, 3, 4], max_new_tokens=16, max_denoising_steps=2, seed=0)
 

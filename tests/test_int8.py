@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close
+from gguf import GGML_QUANT_SIZES
 
 import dgrun
 from dgrun import quants
@@ -162,6 +163,30 @@ def test_float_files_never_take_the_int8_path():
     for qt in (quants.F32, quants.F16, quants.BF16):
         w = _weight(rng.normal(0, 1, (9, 256)), qt)
         assert_close(CpuBackend(int8=True).linear(a, w), REF.linear(a, w), 2e-6, qt.ggml_type.name)
+
+
+def test_types_without_int8_codes_take_the_float_path_bit_for_bit():
+    """The quantized types the int8 kernels have no codes for (Q5_1, Q5_K, the IQ types; Q8_0 with AVX2 and
+    dotprod) fall back to the float32 kernels: the same bits as int8 off."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(0, 1, (9, 512)).astype(np.float32)
+    for name in INT8_SETS:
+        on, off = CpuBackend(threads=2, int8=name), CpuBackend(threads=2, int8=False)
+        for ggml_type, qt in quants.QUANT_TYPES.items():
+            if qt in (quants.F32, quants.F16, quants.BF16):
+                continue
+            if quants.can_quantize(ggml_type, 512):
+                w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
+            else:  # decode-only here (the IQ types): random blocks, each led by a finite float16 scale
+                block, size = GGML_QUANT_SIZES[ggml_type]
+                raw = rng.integers(0, 256, (7, 512 // block, size), dtype=np.uint8)
+                raw[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)
+                w = CpuWeight(raw.reshape(7, -1), ggml_type, (7, 512))
+            on._activate()  # the library's int8 set is process-wide: ask about `on`'s, not the last one made
+            if not on.lib.dg_int8_supports(ggml_type):
+                assert np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {ggml_type.name}"
+        w = _weight(rng.normal(0, 0.1, (7, 512)), quants.Q4_0)  # and a type it has codes for does take it
+        assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: Q4_0 did not take int8"
 
 
 def test_switch_from_argument_and_environment(monkeypatch, checkpoints):
