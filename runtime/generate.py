@@ -15,12 +15,15 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dgrun.model import DiffusionGemma, KVCache
 from dgrun.rng import Rng
+
+if TYPE_CHECKING:
+    from dgrun.vision import PromptImages
 from dgrun.sampler import StableAndConfident, temperature
 
 MAX_BATCH = 8  # elements per batched pass unless the caller says otherwise: each holds a canvas x vocab of logits
@@ -145,8 +148,9 @@ class Request:
     """One generation, validated and ready to run alone or in a batch (see `Model.request`).
 
     `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
-    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
-    backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. `images` are the
+    prompt's images, embedded by the vision tower when the encoder first reads the prompt. (With the mlx backend a
+    `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
     `time_limit` is a budget in seconds counted from the end of the prompt's encoding, as llama.cpp's
     `t_max_predict_ms` counts from the first token: once it is spent, the canvas in progress commits its current
     argmax draft at the end of that step, and generation ends.
@@ -157,6 +161,7 @@ class Request:
     rng: Rng
     cache: KVCache | None = None
     layout: CanvasLayout | None = None
+    images: PromptImages | None = None
     time_limit: float | None = None
 
 
@@ -178,6 +183,7 @@ class Generation:
         self.canvas: np.ndarray | None = None  # what the next decoder pass reads; None between canvases
         self.self_cond: Any | None = None  # the last step's SelfCondition (None on a canvas's first step)
         self._unencoded = np.asarray(request.prompt_ids, dtype=np.int64)
+        self._images = request.images  # embedded with the prompt's encoder pass, then dropped
         self._eos = np.asarray(self.params.eos_token_ids, dtype=np.int64)
         self._canvas_index = -1
         self._produced = 0
@@ -191,7 +197,9 @@ class Generation:
             return
         cfg, params = self.graph.cfg, self.params
         if len(self._unencoded):
-            self.graph.encode(self._unencoded, self.cache)
+            images, self._images = self._images, None
+            self.graph.encode(self._unencoded, self.cache, None if images is None else images.encoder_input(
+                self._unencoded))
             self.stats.encoder_passes += 1
             self._unencoded = self._unencoded[:0]
         if self._time_limit is not None and self._deadline is None:

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -56,6 +57,7 @@ from dgrun.engine import Model
 from dgrun.generate import MAX_BATCH, Commit, Draft, Request
 from dgrun.scheduler import Handle, Scheduler
 from dgrun.tokenizer import NoTokenizerError
+from dgrun.vision import chat_images
 
 log = logging.getLogger("dgrun.server")
 
@@ -188,6 +190,7 @@ class ContentPart(BaseModel):
     model_config = _BODY
     type: str
     text: Text | None = None
+    image_url: dict[str, Any] | Text | None = None  # {"url": "data:image/...;base64,..."} (OpenAI's image part)
 
 
 class ChatMessage(BaseModel):
@@ -317,6 +320,7 @@ class Settings:
     max_queue: int = MAX_QUEUE
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: Sequence[str] = ()
+    allow_image_urls: bool = False  # fetch http(s) image URLs named in requests (else only data: URIs)
 
 
 class ServerState:
@@ -650,7 +654,10 @@ def _needs_tokenizer(model: Model) -> None:
                             "speaks text")
 
 
-def _prepare_chat(model: Model, body: ChatBody) -> Prepared:
+def _prepare_chat(model: Model, body: ChatBody, fetch_image_urls: bool = False) -> Prepared:
+    """Text parts are joined into one string; a message with images keeps its parts, each image_url part (a data:
+    URI; an http(s) URL only with --allow-image-urls; never a file path) turned into the image part chat templates
+    place, its image decoded once and laid out as `Model.chat` lays it out."""
     _needs_tokenizer(model)
     if model.chat_template is None:
         raise APIError(501, f"{model.path.name} has no chat template: use /v1/completions", param="messages")
@@ -658,16 +665,27 @@ def _prepare_chat(model: Model, body: ChatBody) -> Prepared:
     for i, message in enumerate(body.messages):
         entry = message.model_dump(exclude_none=True)
         if isinstance(message.content, list):
-            if any(part.type != "text" for part in message.content):
-                raise APIError(501, "only text content parts are supported", param=f"messages[{i}].content")
-            entry["content"] = "\n".join(part.text or "" for part in message.content)
+            kinds = {part.type for part in message.content}
+            if not kinds <= {"text", "image_url"}:
+                raise APIError(501, f"content parts of type {sorted(kinds - {'text', 'image_url'})[0]!r} are not "
+                                    "supported (text and image_url are)", param=f"messages[{i}].content")
+            if "image_url" not in kinds:
+                entry["content"] = "\n".join(part.text or "" for part in message.content)
+            elif model.vision is None:
+                raise APIError(501, f"{model.path.name} has no vision tower (serve it with --mmproj FILE to take "
+                                    "images)", param=f"messages[{i}].content")
         messages.append(entry)
     with _as_request_errors("messages"):
-        text = model.apply_chat_template(messages, **(body.chat_template_kwargs or {}))
-        ids = model.tokenize_chat(str(text))
+        conversation, images = chat_images(messages, allow_paths=False, fetch_urls=fetch_image_urls)
+        text = model.apply_chat_template(conversation, **(body.chat_template_kwargs or {}))
+        patches = None
+        if images:
+            ids, patches = model.tokenize_with_images(str(text), images)
+        else:
+            ids = model.tokenize_chat(str(text))
         budget = _budget(model, body.max_completion_tokens or body.max_tokens, len(ids))
         params = _overrides(model, body, budget)
-        requests = [model.request(ids, seed=seed, **params) for seed in _seeds(body.seed, body.n)]
+        requests = [model.request(ids, seed=seed, images=patches, **params) for seed in _seeds(body.seed, body.n)]
     thoughts = str(text) if ThoughtChannel.used_by(model.chat_template) else None
     return Prepared(requests, [ChoiceText(model, body.stop or ()) for _ in requests], len(ids), thoughts)
 
@@ -1001,7 +1019,7 @@ def create_app(load: Callable[[], Model], settings: Settings | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: HTTPRequest) -> Response:
-        prepared, job = await start(body, _prepare_chat)
+        prepared, job = await start(body, partial(_prepare_chat, fetch_image_urls=settings.allow_image_urls))
         splitters = [None if prepared.thought_prompt is None else ThoughtChannel(prepared.thought_prompt)
                      for _ in prepared.choices]
         head = _head(state, "chatcmpl", "chat.completion.chunk" if body.stream else "chat.completion")
@@ -1283,6 +1301,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser requests from ORIGIN (repeatable; '*' for any); default: no CORS")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request on stderr")
+    parser.add_argument("--mmproj", metavar="FILE",
+                        help="the vision tower as a separate mmproj file (convert-hf-to-dgf --mmproj-out)")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs that requests name (default: only data: URIs; the server "
+                             "then downloads whatever URL a client sends, from its own network)")
     add_lora_arguments(parser)
     return parser
 
@@ -1306,7 +1329,8 @@ def main(argv: list[str]) -> int:
     if args.lora_merge and not args.lora:
         raise UsageError("--lora-merge needs --lora FILE or --lora-scaled FILE SCALE")
     settings = Settings(model_id=args.model_id or path.stem, api_key=args.api_key, max_batch=args.max_batch,
-                        max_queue=args.max_queue, cors_origins=args.cors_origin)
+                        max_queue=args.max_queue, cors_origins=args.cors_origin,
+                        allow_image_urls=args.allow_image_urls)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not _is_loopback(args.host) and not args.api_key:
