@@ -2,8 +2,10 @@
 
 A backend provides `load_weights` (weights stay in their .dgf types), the graph ops (`embed`, `soft_embed`,
 `rms_norm`, `linear`, `gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `concat`, `vector`,
-`asarray`, `to_numpy`), the sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it
-can run. `numpy` is the reference; every other backend is tested against it.
+`asarray`, `to_numpy`), the sampler step (`denoise_step`), the two ops of constrained decoding (`mask_rows`:
+forbid the tokens of llguidance bitmasks in a run of rows; `argmax_rows`: a run of rows' argmax, optionally
+over the allowed tokens only) and `supported_types`, the ggml tensor types it can run. `numpy` is the
+reference; every other backend is tested against it.
 
 Every op is row-independent: a row's (token's) result is the same bits whatever other rows share the call, so
 a batch's elements get exactly the tokens they get alone (`DiffusionGemma.decode_batch`). A kernel that

@@ -30,6 +30,8 @@ void dg_host_uniform01(const uint32_t* r, float* out, int64_t n);
 void dg_host_uniform_int(const uint32_t* hi, const uint32_t* lo, uint32_t bound, uint32_t* out, int64_t n);
 void dg_host_visible(const int32_t* q_pos, const int32_t* k_pos, int causal, int window, uint8_t* out,
                      int64_t n);
+/* Whether the bitmask `words` allows each of tokens 0..n-1. */
+void dg_host_token_allowed(const uint32_t* words, int64_t n, uint8_t* out);
 /* </cdef> */
 #ifdef __cplusplus
 }

@@ -252,6 +252,10 @@ DG_HD bool dg_visible(int q_pos, int k_pos, int causal, int window) {
     return (!causal || k_pos <= q_pos) && (window <= 0 || k_pos > q_pos - window);
 }
 
+// Whether an llguidance token bitmask (int32 words, bit i % 32 of word i / 32) allows token i: the grammar
+// masks of constrained decoding (dgrun.constrain).
+DG_HD bool dg_token_allowed(const uint32_t* words, int i) { return (words[i >> 5] >> (i & 31)) & 1u; }
+
 // ---------------------------------------------------------------------------------------------------
 // Softmax statistics and entropy
 // ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,274 @@
+"""Constrained output (dgrun.constrain): JSON Schema, regex and Lark grammars hold on random-weight models.
+
+Validity is checked by the grammar's own judges, never by dgrun: the `jsonschema` package, `re.fullmatch`, and
+llguidance's matcher for Lark. The models are tiny random networks with real tokenizers (the demo's 4096-piece
+SentencePiece with byte fallback, and a byte-level BPE `tokenizer.json`): random weights write no JSON of their
+own, so every valid answer is the constraint's doing. The masking ops are bit-exact across backends (a masked
+logit is a constant and an argmax an index: no tolerance applies).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures import CHAT_TEMPLATE, make_model, save_checkpoint, text_config, train_byte_bpe
+from test_cuda import fake  # noqa: F401  (fixture: the cuda backend on the host stand-in)
+
+import dgrun
+from dgrun import sampler
+from dgrun.backends import available_backends, get_backend
+from dgrun.cli import main as cli_main
+from dgrun.constrain import CanvasGuide, ConstraintError
+from dgrun.converters.convert_hf import convert
+from dgrun.engine import default_model_path
+from dgrun.format import GGUFFile
+from dgrun.tokenizer import SPM_TENSOR
+
+jsonschema = pytest.importorskip("jsonschema")
+
+PERSON = {  # nested objects, an array, an enum, bounded and unbounded strings, integers and numbers
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "address": {"type": "object", "properties": {"city": {"type": "string"},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number"},
+    },
+    "required": ["name", "age", "role", "address", "score"],
+    "additionalProperties": False,
+}
+LONG_REGEX = r"([a-z]{3}-[0-9]{2} ){6}(yes|no)"  # at least 44 characters: longer than a 16-token canvas
+ARITHMETIC = """
+start: expr
+expr: term (("+" | "-") term)*
+term: NUMBER | "(" expr ")"
+NUMBER: /[0-9]{1,3}/
+"""
+CASES = {"json": {"json_schema": PERSON}, "regex": {"regex": LONG_REGEX}, "lark": {"grammar": ARITHMETIC}}
+FAST = dict(max_denoising_steps=6, max_new_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random-weight models (canvas 16) with tokenizers that can write JSON: "spm" and "hf" → .dgf path."""
+    out = {}
+    for kind, vocab in (("spm", 4096), ("hf", 512)):
+        folder = tmp_path_factory.mktemp(f"guided-{kind}") / "hf"
+        model = make_model(text_config(vocab_size=vocab), seed=11)
+        save_checkpoint(model, folder, tokenizer=False)
+        if kind == "spm":
+            with GGUFFile(default_model_path()) as demo:
+                (folder / "tokenizer.model").write_bytes(demo.raw(SPM_TENSOR).tobytes())
+        else:
+            train_byte_bpe(folder, vocab)
+        (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True,
+                                                                  "chat_template": CHAT_TEMPLATE}))
+        out[kind] = folder.parent / f"{kind}.dgf"
+        convert(folder, out[kind], "f32", quiet=True)
+    return out
+
+
+def load_fast(path: Path) -> dgrun.Model:
+    """The cpu backend on one thread where it runs (a tiny model gains nothing from more, and threads that wait
+    on each other crawl on a busy 2-core machine), else numpy."""
+    if "cpu" not in available_backends():
+        return dgrun.load(path, backend="numpy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DGRUN_THREADS", "1")
+        return dgrun.load(path, backend="cpu")
+
+
+@pytest.fixture(scope="module", params=["spm", "hf"])
+def model(request: pytest.FixtureRequest, guided: dict[str, Path]):
+    with load_fast(guided[request.param]) as loaded:
+        yield loaded
+
+
+def answer_text(model: dgrun.Model, tokens: list[int]) -> str:
+    """The answer's text without the EOS that ended it."""
+    assert tokens and tokens[-1] in model.generation_config.eos_token_ids, f"no EOS at the end: {tokens}"
+    return model.detokenize(tokens[:-1]) or ""
+
+
+def check_valid(model: dgrun.Model, case: str, tokens: list[int]) -> str:
+    text = answer_text(model, tokens)
+    if case == "json":
+        jsonschema.validate(json.loads(text), PERSON)
+    elif case == "regex":
+        assert re.fullmatch(LONG_REGEX, text), text
+    assert model.constraint(**CASES[case]).accepts(tokens), text  # llguidance's own check, for every kind
+    return text
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_constrained_answers_are_valid_on_random_models(model, case):
+    for seed in range(3):
+        out = model.generate("Write it:", seed=seed, **FAST, **CASES[case])
+        check_valid(model, case, out.tokens)
+        assert out.stats["constraint"]["masked_rows"] > 0
+        if case == "regex":
+            assert out.stats["canvases"] >= 2  # the answer spans canvases: the matcher carries over
+
+
+def test_answers_vary_with_the_seed(model):
+    texts = {answer_text(model, model.generate("x", seed=s, **FAST, regex=r"[a-z]{2,12}").tokens) for s in range(4)}
+    assert len(texts) > 1, texts
+
+
+def test_a_tight_budget_still_parses_and_a_hopeless_one_stops_at_the_budget(model):
+    minimal = len(model.tokenize('{"name": "", "age": 0, "role": "user", "address": {"city": "", "zip": '
+                                 '"00000"}, "score": 0}', add_bos=False))
+    for seed in range(2):
+        out = model.generate("x", seed=seed, max_denoising_steps=6, max_new_tokens=minimal + 12, json_schema=PERSON)
+        check_valid(model, "json", out.tokens)
+        assert len(out.tokens) <= minimal + 12
+    out = model.generate("x", seed=0, max_denoising_steps=6, max_new_tokens=8, json_schema=PERSON)
+    assert len(out.tokens) == 8 and out.tokens[-1] not in model.generation_config.eos_token_ids
+
+
+def test_forced_tokens_need_no_decoder_pass(model):
+    literal = "0123456789" * 5  # the grammar forces every token: canvases are written without the decoder
+    out = model.generate("x", seed=0, **FAST, regex=re.escape(literal))
+    assert answer_text(model, out.tokens) == literal
+    assert out.stats["decoder_passes"] == 0 and out.stats["canvases"] >= 2
+
+
+def test_batch_and_scheduler_give_each_element_its_answer_alone(model):
+    prompts, seeds = ["a", "bb", "ccc"], [3, 4, 5]
+    kinds = [CASES["json"], CASES["json"], CASES["json"]]
+    alone = [model.generate(p, seed=s, **FAST, **k).tokens for p, s, k in zip(prompts, seeds, kinds, strict=True)]
+    batch = model.generate_batch(prompts, seed=seeds, **FAST, json_schema=PERSON)
+    assert [o.tokens for o in batch] == alone
+    mixed = [CASES["regex"], {}, CASES["lark"]]  # per-request constraints, and none, side by side
+    alone = [model.generate(p, seed=s, **FAST, **k).tokens for p, s, k in zip(prompts, seeds, mixed, strict=True)]
+    with dgrun.Scheduler(model, max_batch=3) as scheduler:
+        handles = [scheduler.submit(model.request(p, seed=s, **FAST, **k))
+                   for p, s, k in zip(prompts, seeds, mixed, strict=True)]
+        assert [h.result(timeout=600).tokens for h in handles] == alone
+
+
+def test_chat_and_chat_session_take_a_constraint(model):
+    out = model.chat([{"role": "user", "content": "hi"}], seed=1, **FAST, json_schema=PERSON)
+    check_valid(model, "json", out.tokens)
+    session = dgrun.ChatSession(model, seed=2, params=dict(FAST))
+    for _ in range(2):
+        assert re.fullmatch("(yes|no)!", session.send("ok?", regex="(yes|no)!").text.removesuffix("</s>"))
+
+
+def test_without_a_constraint_none_of_it_runs(model, monkeypatch):
+    """The unconstrained path never touches the constraint machinery (its token-exactness with transformers is
+    tests/test_reference.py's)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("constraint machinery ran without a constraint")
+
+    for name in ("mask_rows", "argmax_rows"):
+        monkeypatch.setattr(type(model.backend), name, refuse)
+    monkeypatch.setattr(CanvasGuide, "__init__", refuse)
+    out = model.generate("x", seed=0, max_denoising_steps=3, max_new_tokens=20)
+    assert "constraint" not in out.stats
+
+
+def test_bad_constraints_fail_in_one_line(model):
+    cases = [
+        (dict(regex="(("), "regex does not compile"),
+        (dict(grammar="start: missing_rule"), "grammar does not compile"),
+        (dict(json_schema={"type": "wat"}), "json schema does not compile"),
+        (dict(json_schema="{not json"), "not valid JSON"),
+        (dict(json_schema=[1]), "must be a JSON object"),
+        (dict(regex="a", grammar="start: \"a\""), "at most one of"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            model.generate("x", **kwargs)
+        assert "\n" not in str(info.value), str(info.value)
+    with pytest.raises(ConstraintError):
+        model.request("x", regex="[")
+    with pytest.raises(ValueError, match="not infill or edit"):
+        model.infill("a", "b", regex="x")
+
+
+def test_a_missing_llguidance_is_one_line_naming_the_install(model, monkeypatch):
+    monkeypatch.setattr(model, "_grammar_vocab", None)
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    with pytest.raises(ValueError, match="pip install llguidance"):
+        model.generate("x", regex="a")
+
+
+def test_cli_constraints(guided, tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(PERSON))
+    grammar = tmp_path / "arith.lark"
+    grammar.write_text(ARITHMETIC)
+    fast = ["--backend", "cpu", "-t", "1"] if "cpu" in available_backends() else ["--backend", "numpy"]
+    base = ["-m", str(guided["hf"]), "-p", "x", "--steps", "4", "--seed", "1", "--json", "-n", "96", *fast]
+    for extra, case in (([f"--json-schema={schema}"], "json"), (["--json-schema", json.dumps(PERSON)], "json"),
+                        (["--regex", LONG_REGEX], "regex"), (["--grammar", str(grammar)], "lark")):
+        assert cli_main(base + extra) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["finish_reason"] == "eos" and "constraint" in answer["stats"]
+        with load_fast(guided["hf"]) as model:
+            check_valid(model, case, answer["tokens"])
+    for extra, message in ((["--regex", "(("], "regex does not compile"),
+                           (["--json-schema", "missing.json"], "neither a file nor a JSON object"),
+                           (["--regex", "a", "--grammar", str(grammar)], "cannot be combined"),
+                           (["--grammar", str(tmp_path / "nope.lark")], "cannot read the --grammar file")):
+        assert cli_main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_on_the_demo_model():
+    with load_fast(default_model_path()) as demo:
+        schema = {"type": "object", "properties": {"x": {"type": "integer"}, "why": {"type": "string"}},
+                  "required": ["x", "why"], "additionalProperties": False}
+        out = demo.generate("def f(x):", seed=0, max_denoising_steps=4, max_new_tokens=48, json_schema=schema)
+        jsonschema.validate(json.loads(answer_text(demo, out.tokens)), schema)
+
+
+# -- the masking ops: the same bits on every backend -----------------------------------------------------
+
+
+def _op_backends() -> list[str]:
+    return [b for b in ("numpy", "cpu", "mlx") if b in available_backends()] + ["cuda-fake"]
+
+
+@pytest.mark.parametrize("name", _op_backends())
+def test_mask_and_argmax_rows_match_the_reference_bit_for_bit(name, request):
+    if name == "cuda-fake":
+        request.getfixturevalue("fake")
+    ops = get_backend(name.removesuffix("-fake"))
+    rng = np.random.default_rng(0)
+    vocab = 1000  # not a multiple of 32: the last word is partly padding
+    logits = rng.normal(0, 3, (12, vocab)).astype(np.float32)
+    words = (vocab + 31) // 32
+    bitmask = rng.integers(-2**31, 2**31, (5, words), dtype=np.int64).astype(np.int32)
+    bitmask[1] = 0
+    bitmask[1, 3] = 1 << 17  # one token allowed: 3 * 32 + 17
+    expected = sampler.mask_rows(logits.copy(), 4, bitmask)
+    masked = ops.to_numpy(ops.mask_rows(ops.asarray(logits), 4, bitmask))
+    assert np.array_equal(masked, expected)
+    assert (masked[5] == sampler.MASKED_LOGIT).sum() == vocab - 1 and masked[5, 113] == logits[5, 113]
+    for mask in (None, bitmask):
+        assert np.array_equal(ops.argmax_rows(ops.asarray(logits), 3, 8, mask),
+                              sampler.argmax_rows(logits, 3, 8, mask))
+    assert ops.argmax_rows(ops.asarray(logits), 3, 8, bitmask)[1] == 113
+
+
+def test_bitmask_bits_follow_llguidance():
+    """Bit i % 32 of word i // 32 allows token i, as llguidance's numpy helper reads its own masks."""
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    rng = np.random.default_rng(1)
+    bitmask = rng.integers(-2**31, 2**31, (3, 4), dtype=np.int64).astype(np.int32)
+    theirs = np.zeros((3, 100), np.float32)
+    apply_token_bitmask_inplace(theirs, bitmask)
+    assert np.array_equal(sampler.allowed_tokens(bitmask, 100), theirs == 0)
