@@ -107,19 +107,27 @@ class _SentencePieceVocab:
 class GrammarVocab:
     """A model's vocabulary as llguidance sees it (built once per Model), and the constraints compiled for it."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+    def __init__(self, ll_tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]):
         llg = _llguidance()
-        eos = list(eos_ids) or None
-        if tokenizer.kind == "huggingface":
-            self.ll = llg.LLTokenizer(tokenizer.library.to_str(), n_vocab=vocab_size, eos_token=eos)
-        else:
-            wrapper = llg.TokenizerWrapper(_SentencePieceVocab(tokenizer.library, eos_ids))
-            self.ll = llg.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos)
+        self.ll = ll_tokenizer
         self.vocab_size, self.eos_ids = vocab_size, tuple(eos_ids)
         self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
         self.executor = llg.LLExecutor(num_threads=1)  # one matcher per call: more threads would only spin
         self._compiled: dict[tuple[str, str], Constraint] = {}
         self._plan_tokens: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, vocab_size: int, eos_ids: Sequence[int]) -> GrammarVocab:
+        """The vocabulary of a dgrun tokenizer: llguidance reads a `tokenizer.json` itself, and a SentencePiece
+        model through its pieces."""
+        llg = _llguidance()
+        eos = list(eos_ids) or None
+        if tokenizer.kind == "huggingface":
+            ll = llg.LLTokenizer(tokenizer.library.to_str(), n_vocab=vocab_size, eos_token=eos)
+        else:
+            wrapper = llg.TokenizerWrapper(_SentencePieceVocab(tokenizer.library, eos_ids))
+            ll = llg.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos)
+        return cls(ll, vocab_size, eos_ids)
 
     def compile(self, json_schema: dict[str, Any] | str | None = None, regex: str | None = None,
                 grammar: str | None = None) -> Constraint | None:
@@ -358,8 +366,8 @@ class CanvasGuide:
         """How many of the `taken` tokens (all consumed now) leave room for a way to finish; the matcher is left
         after exactly those. A binary search: the state before them had room (or the budget was already lost)."""
         def fits(n: int) -> bool:
-            plan = self._plan(self.left - n - self._eos_cost)
-            return plan is not None
+            room = self.left - n - self._eos_cost
+            return room >= 0 and self._plan(room) is not None
 
         if fits(taken):
             return taken

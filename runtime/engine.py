@@ -198,7 +198,7 @@ class Model:
             raise NoTokenizerError(f"{self.path.name} has no tokenizer: constrained output needs one")
         eos = self.generation_config.eos_token_ids
         if self._grammar_vocab is None or self._grammar_vocab.eos_ids != tuple(eos):
-            self._grammar_vocab = GrammarVocab(self.tokenizer, self.config.vocab_size, eos)
+            self._grammar_vocab = GrammarVocab.of(self.tokenizer, self.config.vocab_size, eos)
         return self._grammar_vocab.compile(json_schema, regex, grammar)
 
     def resolve_params(self, **overrides: Any) -> GenerationParams:

@@ -14,10 +14,11 @@ import re
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from fixtures import CHAT_TEMPLATE, make_model, save_checkpoint, text_config, train_byte_bpe
-from test_cuda import fake  # noqa: F401  (fixture: the cuda backend on the host stand-in)
+from test_cuda import fake, gpu  # noqa: F401  (fixtures: the cuda backend on the host stand-in / a GPU)
 
 import dgrun
 from dgrun import sampler
@@ -28,8 +29,6 @@ from dgrun.converters.convert_hf import convert
 from dgrun.engine import default_model_path
 from dgrun.format import GGUFFile
 from dgrun.tokenizer import SPM_TENSOR
-
-jsonschema = pytest.importorskip("jsonschema")
 
 PERSON = {  # nested objects, an array, an enum, bounded and unbounded strings, integers and numbers
     "type": "object",
@@ -133,6 +132,9 @@ def test_a_tight_budget_still_parses_and_a_hopeless_one_stops_at_the_budget(mode
         assert len(out.tokens) <= minimal + 12
     out = model.generate("x", seed=0, max_denoising_steps=6, max_new_tokens=8, json_schema=PERSON)
     assert len(out.tokens) == 8 and out.tokens[-1] not in model.generation_config.eos_token_ids
+    for seed in range(3):  # a grammar that may end anywhere: the EOS still fits in the budget
+        out = model.generate("x", seed=seed, max_denoising_steps=3, max_new_tokens=5, regex="[a-z ]+")
+        assert len(out.tokens) <= 5 and re.fullmatch("[a-z ]+", answer_text(model, out.tokens))
 
 
 def test_forced_tokens_need_no_decoder_pass(model):
@@ -226,6 +228,17 @@ def test_cli_constraints(guided, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("name", [b for b in ("mlx",) if b in available_backends()] + ["cuda-fake"])
+def test_constrained_generation_on_device_backends(guided, name, request):
+    """The masks applied on the device: logits stay there, only bitmasks go up and indices come back."""
+    backend, _, device = name.partition("-")
+    if device:
+        request.getfixturevalue(device)
+    with dgrun.load(guided["hf"], backend=backend) as model:
+        for seed in range(2):
+            check_valid(model, "json", model.generate("x", seed=seed, **FAST, json_schema=PERSON).tokens)
+
+
 def test_on_the_demo_model():
     with load_fast(default_model_path()) as demo:
         schema = {"type": "object", "properties": {"x": {"type": "integer"}, "why": {"type": "string"}},
@@ -238,14 +251,16 @@ def test_on_the_demo_model():
 
 
 def _op_backends() -> list[str]:
-    return [b for b in ("numpy", "cpu", "mlx") if b in available_backends()] + ["cuda-fake"]
+    """numpy, cpu and mlx where they run; cuda on the host stand-in, and on a GPU (skipped without one)."""
+    return [b for b in ("numpy", "cpu", "mlx") if b in available_backends()] + ["cuda-fake", "cuda-gpu"]
 
 
 @pytest.mark.parametrize("name", _op_backends())
 def test_mask_and_argmax_rows_match_the_reference_bit_for_bit(name, request):
-    if name == "cuda-fake":
-        request.getfixturevalue("fake")
-    ops = get_backend(name.removesuffix("-fake"))
+    backend, _, device = name.partition("-")
+    if device:
+        request.getfixturevalue(device)
+    ops = get_backend(backend)
     rng = np.random.default_rng(0)
     vocab = 1000  # not a multiple of 32: the last word is partly padding
     logits = rng.normal(0, 3, (12, vocab)).astype(np.float32)
