@@ -39,7 +39,8 @@ LIBRARY = "libdgcuda.so"
 HEADER = "dg_cuda.h"
 BUILD_HINT = ("build it with `python native/build.py` (DGRUN_CUDA_ARCH=native builds for this GPU only) or "
               "reinstall dgrun with nvcc on PATH (`pip install .`); DGRUN_CUDA_LIB may name a built library")
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4})
+SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4,
+                             T.NVFP4, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S})
 ENGINE_FP32, ENGINE_TF32 = 0, 1
 MAX_CANVAS = 4096  # the sampler kernel's limit (one block sorts the canvas)
 MAX_EXPERTS = 1024  # the router kernel's limit (one warp per token, experts in shared memory)

@@ -45,7 +45,8 @@ class GenerationOutput:
 
 
 class ModelBusyError(RuntimeError):
-    """A second thread or stream tried to generate with a Model that is already generating."""
+    """A second thread or stream tried to generate with a Model that is already generating (or that an open
+    `dgrun.Scheduler` owns)."""
 
 
 def default_model_path() -> Path:
@@ -66,7 +67,9 @@ class Model:
 
     Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation), `chat` (chat template),
     `infill`/`stream_infill` (text between a prefix and a suffix), `edit`/`stream_edit` (rewrite character
-    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`.
+    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`. Several prompts in one
+    batch, each getting exactly its own tokens: `generate_batch`/`stream_batch`; requests that come and go:
+    `request`/`infill_request`/`edit_request` submitted to a `dgrun.Scheduler`.
     Use as a context manager or call `close()` to release the file mapping.
     """
 
@@ -74,7 +77,7 @@ class Model:
         self.path = Path(path)
         self._file = GGUFFile(self.path)
         try:
-            self.config = ModelConfig.from_metadata(self._file.metadata)
+            self.config = ModelConfig.from_file(self._file)
             self.generation_config = GenerationConfig.from_metadata(self._file.metadata)
             shapes = tensor_shapes(self.config, tied_output="output.weight" not in self._file.tensors)
             _check_tensors(self._file, shapes)
@@ -501,14 +504,15 @@ class Model:
 
     @property
     def info(self) -> dict[str, Any]:
-        """Config, generation defaults, quant mix (bytes per tensor type) and backend."""
-        mix: dict[str, int] = {}
-        for t in self._file.tensors.values():
-            mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+        """Config, generation defaults, the preset the file was converted with and its real type mix (tensors and
+        bytes per ggml type: a preset's type falls back where rows do not fit its blocks), and backend."""
+        types = type_mix(self._file)
         return {
             "path": str(self.path), "backend": self.backend.name,
             "config": vars(self.config).copy(), "generation": vars(self.generation_config).copy(),
-            "quant_mix_bytes": mix, "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
+            "outtype": self._file.get("dgrun.outtype"), "types": types,
+            "quant_mix_bytes": {name: t["bytes"] for name, t in types.items()},
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
             "chat_template": self.chat_template is not None,
         }
 
@@ -521,6 +525,16 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def type_mix(gguf: GGUFFile) -> dict[str, dict[str, int]]:
+    """ggml type name → {"tensors": count, "bytes": size} over every tensor of a file."""
+    types: dict[str, dict[str, int]] = {}
+    for tensor in gguf.tensors.values():
+        entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor.nbytes
+    return types
 
 
 def _check_tensors(gguf: GGUFFile, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -149,7 +149,8 @@ class Request:
     """One generation, validated and ready to run alone or in a batch (see `Model.request`).
 
     `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
-    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit.
+    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
+    backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
     """
 
     prompt_ids: np.ndarray

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_close
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from test_native_host import philox4x32_10
 from test_reference import GENERATION_CASES, replay_case
@@ -41,7 +42,7 @@ from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh, row_pr
 from dgrun.rng import DefaultRng
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+TYPES = sorted(cuda_backend.SUPPORTED_TYPES)
 REF = NumpyBackend()
 
 
@@ -420,10 +421,14 @@ def _never_zero(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np
 
 
 def _weights(ops: CudaBackend, rng: np.random.Generator, ggml_type: T, shape: tuple[int, ...]):
-    """The same random tensor as a CudaWeight and as the numpy backend's Weight."""
-    x = rng.normal(0, 0.5, shape).astype(np.float32)
-    raw, scale = quants.quantize_tensor(x, ggml_type)
+    """The same random tensor as a CudaWeight and as the numpy backend's Weight (random valid blocks with
+    fp16 scales 2^-8..2^-4 for a type dgrun only reads: weights of roughly the same size)."""
     row_bytes = quants.row_bytes(ggml_type, shape[-1])
+    if quants.can_quantize(ggml_type, shape[-1]):
+        raw, scale = quants.quantize_tensor(rng.normal(0, 0.5, shape).astype(np.float32), ggml_type)
+    else:
+        rows = math.prod(shape[:-1])
+        raw, scale = random_blocks(ggml_type, rows, shape[-1], rng, (-8, -4)).reshape(*shape[:-1], -1), None
     ref = Weight(raw.reshape(*shape[:-1], row_bytes), ggml_type, shape, scale)
     return ops.weight(raw, ggml_type, shape, scale), ref
 

@@ -2,7 +2,8 @@
 
 The kernels call exactly these inline functions, so what is pinned here holds on the GPU too:
 - block decoding of every weight type, bit-exact with gguf-py (`dgrun.quants.dequantize_tensor`), on valid
-  quantized blocks and on random bytes (every scale and code pattern; NaN compared as NaN);
+  quantized blocks (random valid blocks for the types dgrun only reads) and on random bytes (every scale and
+  code pattern; NaN compared as NaN); the i-quant tables equal gguf-py's (tools/gen_iq_tables.py --check);
 - the E2M1 / E8M0 / UE4M3 decoders, bit-exact over every code;
 - RoPE (angle and pair rotation) and the attention mask predicate, bit-exact with numpy's float32 arithmetic;
 - softcap within 2 ulp of numpy's operation order with a float64 tanh, and 4 ulp of numpy itself (numpy's
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
@@ -31,7 +34,8 @@ from dgrun import quants, sampler
 from dgrun.backends.numpy_backend import gelu_tanh
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4, T.IQ4_NL,
+         T.IQ4_XS, T.IQ3_S, T.IQ2_S]
 
 
 def _native_build() -> Any:
@@ -106,14 +110,30 @@ def _dequant(host: Any, ggml_type: T, raw: np.ndarray, n: int, scale: float) -> 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_dequant_matches_gguf_on_quantized_blocks(host, ggml_type):
     rng = np.random.default_rng(int(ggml_type))
-    # Rows at very different magnitudes, a zero row, and outliers: every scale path of the quantizers.
-    magnitudes = np.array([1e-3, 0.02, 1, 30, 0, 1e3], np.float32)[:, None]
-    x = rng.normal(0, 1, (6, 512)).astype(np.float32) * magnitudes
-    x[2, ::17] *= 40
-    raw, scale = quants.quantize_tensor(x, ggml_type)
+    if not quants.can_quantize(ggml_type, 512):  # a type dgrun only reads: random bytes, finite fp16 scales
+        raw, scale = random_blocks(ggml_type, 6, 512, rng), None
+    else:
+        # Rows at very different magnitudes, a zero row, and outliers: every scale path of the quantizers.
+        magnitudes = np.array([1e-3, 0.02, 1, 30, 0, 1e3], np.float32)[:, None]
+        x = rng.normal(0, 1, (6, 512)).astype(np.float32) * magnitudes
+        x[2, ::17] *= 40
+        raw, scale = quants.quantize_tensor(x, ggml_type)
     ref = quants.dequantize_tensor(raw, ggml_type, scale).reshape(-1)
-    out = _dequant(host, ggml_type, raw.reshape(-1), x.size, 1.0 if scale is None else scale)
+    out = _dequant(host, ggml_type, raw.reshape(-1), ref.size, 1.0 if scale is None else scale)
     _same_bits(out, ref, f"{ggml_type.name} quantized blocks")
+
+
+def test_cuda_backend_claims_exactly_the_types_decoded_here():
+    from dgrun.backends.cuda_backend import SUPPORTED_TYPES
+
+    assert SUPPORTED_TYPES == set(TYPES)
+
+
+def test_iq_tables_are_gguf_pys():
+    """native/cpu/dg_iq_tables.h (used by the cpu kernels and dg_math.cuh) is what gguf-py's tables generate."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gen_iq_tables.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)

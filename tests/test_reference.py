@@ -8,6 +8,8 @@ logits ≤ 6.5e-6 — the same size as transformers' own float32 error against a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ def _hf_cache(model):
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
-@pytest.mark.parametrize("name", ["base", "top1", "bf16"])
+@pytest.mark.parametrize("name", ["base", "top1", "bf16", "uniform", "odd2600"])
 @pytest.mark.parametrize("prompt_len", [5, 21])
 def test_encoder_kv_and_decoder_logits_match_transformers(checkpoints, name, prompt_len):
     ckpt = checkpoints[name]
@@ -89,10 +91,12 @@ def dgrun_params(params):
     return {**ours, "adaptive_stopping": params.get("stability_threshold", 0) is not None}
 
 
-def replay_generate(ckpt, prompt, params, backend="numpy"):
-    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed)."""
+def replay_generate(ckpt, prompt, params, backend="numpy", path=None):
+    """(transformers' tokens, our GenerationOutput with transformers' recorded draws replayed).
+
+    `ckpt.model` is transformers' model; ours reads `path` (default: our f32 conversion of the checkpoint)."""
     hf_tokens, draws = hf_generate(ckpt.model, prompt, **params)
-    with dgrun.load(ckpt.dgf("f32"), backend=backend) as ours:
+    with dgrun.load(path or ckpt.dgf("f32"), backend=backend) as ours:
         ours.generation_config.eos_token_ids = list(params.get("eos_token_id") or [])
         rng = ReplayRng(draws)
         out = ours.generate(prompt, rng=rng, **dgrun_params(params))
@@ -114,6 +118,14 @@ def test_generation_is_token_exact_with_replayed_draws(checkpoints, case):
         steps = out.stats["steps_per_canvas"]
         assert any(s < GENERATION_CASES[case]["max_denoising_steps"] for s in steps), \
             f"adaptive stopping never fired: {steps}"
+
+
+def test_full_layers_shaped_like_sliding_ones_generate_token_exact(checkpoints):
+    """The checkpoint whose `per_layer_config` is `{}` (once refused as implying 512-wide full layers)."""
+    ckpt = checkpoints["uniform"]
+    assert json.loads((ckpt.folder / "config.json").read_text())["text_config"]["per_layer_config"] == {}
+    hf_tokens, out = replay_generate(ckpt, [2, 17, 33, 5, 60], GENERATION_CASES["fixed_steps"])
+    assert out.tokens == hf_tokens
 
 
 def test_generation_stops_at_one_of_several_eos_ids_inside_a_canvas(checkpoints):

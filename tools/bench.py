@@ -29,6 +29,8 @@ max_denoising_steps=steps)` under torch.no_grad.
 --batch B1,B2,... times dgrun alone (transformers' generate takes one sequence here) on `generate_batch` with B
 different 64-token prompts (seeds 0..B-1), every batch size in one worker per file, interleaved the same way:
   tok/s            all elements' new tokens / wall time, and as a ratio to the first batch size
+  tok/cpu-s        the same per second of the worker's CPU time (all threads): the work batching saves, which a
+                   shared machine's wall clock hides
   ms/pass          mean time of one batched decoder pass (all B canvases), and per element (ms/pass / B)
 """
 
@@ -103,16 +105,19 @@ def bench_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> list[int]:
 
 
 class Timer:
-    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments."""
+    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments, and the process's
+    CPU time per call (all threads: the work done, whatever other tenants of the machine take)."""
 
     def __init__(self, fn: Any, key: Any = None):
         self.fn, self.key = fn, key
         self.calls: list[tuple[Any, float]] = []
+        self.cpu: list[float] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.fn(*args, **kwargs)
         self.calls.append((self.key(*args, **kwargs) if self.key else None, time.perf_counter() - start))
+        self.cpu.append(time.process_time() - cpu)
         return out
 
 
@@ -207,18 +212,21 @@ def worker(spec: dict[str, Any]) -> None:
             print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
             return
         engine.decode.calls.clear()
+        engine.decode.cpu.clear()
         engine.encode.calls.clear()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if request.get("batch"):
             made = engine.run_batch(batch_prompts[:request["batch"]], request["new_tokens"], request["steps"])
         else:
             made = engine.run(prompt, request["new_tokens"], request["steps"])
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         decode = [t for _, t in engine.decode.calls]
         encode = [t for n, t in engine.encode.calls if n == engine.canvas]
         print(json.dumps({
             "tokens": made, "seconds": seconds, "tok_s": made / seconds, "decoder_passes": len(decode),
+            "tok_cpu_s": made / cpu_seconds if cpu_seconds > 0 else None,
             "ms_pass": 1e3 * sum(decode) / max(len(decode), 1),
+            "ms_pass_cpu": 1e3 * sum(engine.decode.cpu) / max(len(decode), 1),
             "ms_enc": 1e3 * sum(encode) / len(encode) if encode else None,
         }), flush=True)
 
@@ -311,6 +319,7 @@ def summarize(worker: Worker, steps: int) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     return {"engine": worker.label, "steps": steps, "tok_s": med("tok_s"), "ms_pass": med("ms_pass"),
+            "tok_cpu_s": med("tok_cpu_s"), "ms_pass_cpu": med("ms_pass_cpu"),
             "ms_enc": med("ms_enc"), "peak_rss_mb": worker.peak_rss_mb, "file_mb": worker.file_mb,
             "tokens": runs[0]["tokens"] if runs else None, "reps": len(runs),
             "tok_s_best": max((r["tok_s"] for r in runs), default=None),
@@ -354,7 +363,9 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
         for b in batches:
             row = {**summarize(w, b), "batch": b, "steps": steps}
             row["tok_s_ratio"] = ratio(row["tok_s"], first["tok_s"])
+            row["tok_cpu_s_ratio"] = ratio(row["tok_cpu_s"], first["tok_cpu_s"])
             row["ms_pass_element"] = None if row["ms_pass"] is None else row["ms_pass"] / b
+            row["ms_pass_cpu_element"] = None if row["ms_pass_cpu"] is None else row["ms_pass_cpu"] / b
             rows.append(row)
     if as_json:
         print(json.dumps({"machine": info, "rows": rows}, indent=2))
@@ -363,11 +374,14 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    head = ["engine", "batch", "tok/s", "", "best", "ms/pass", "ms/pass/elem", "ms/enc", "peak RSS MiB"]
-    lines = [head] + [[r["engine"], str(r["batch"]), num(r["tok_s"], ".1f"), f"({r['tok_s_ratio']:.2f}x)"
-                       if r["tok_s_ratio"] is not None else "", num(r["tok_s_best"], ".1f"), num(r["ms_pass"], ".1f"),
-                       num(r["ms_pass_element"], ".1f"), num(r["ms_enc"], ".1f"), num(r["peak_rss_mb"], ".0f")]
-                      for r in rows]
+    def rat(x: float | None) -> str:
+        return "" if x is None else f"({x:.2f}x)"
+
+    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
+    lines = [head] + [[r["engine"], str(r["batch"]), num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]),
+                       num(r["tok_s_best"], ".1f"), num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]),
+                       num(r["ms_pass"], ".1f"), num(r["ms_pass_element"], ".1f"),
+                       num(r["ms_pass_cpu_element"], ".1f")] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
           f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
@@ -376,7 +390,10 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
         if n == 0:
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))
-    print(f"(tok/s ratio: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases)")
+    peaks = ", ".join(f"{w.label} {num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
+    print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
+          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+          f"peak RSS, reached at the largest batch: {peaks})")
 
 
 def machine_info() -> dict[str, Any]:

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     with GGUFFile(args.model) as f:
-        cfg = ModelConfig.from_metadata(f.metadata)
+        cfg = ModelConfig.from_file(f)  # also the llama.cpp fork's files
     if args.hf_only:
         print(json.dumps(bench_transformers(cfg, args.hf_device, args.prompt, args.new, args.steps)))
         return 0

@@ -197,6 +197,8 @@ static inline vi iota(int start) {
         (v_ ^ neg_) - neg_;                                                                                         \
     })
 
+#include "dg_quants_iq.h"
+
 static void decode_row(int type, const uint8_t *restrict row, int64_t cols, float ts, float *restrict y) {
     switch (type) {
     case T_F32:
@@ -271,15 +273,9 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
             const uint8_t *sc = row + 4, *q = row + 16;
             for (int is = 0; is < 8; is += 2, q += 32) {
                 float dl[2], ml[2];
-                for (int h = 0; h < 2; h++) { /* ggml's get_scale_min_k4 */
-                    int j = is + h, s, m;
-                    if (j < 4) {
-                        s = sc[j] & 63;
-                        m = sc[j + 4] & 63;
-                    } else {
-                        s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
-                        m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-                    }
+                for (int h = 0; h < 2; h++) {
+                    int s, m;
+                    dg_scale_min_k4(sc, is + h, &s, &m);
                     dl[h] = d * (float)s;
                     ml[h] = dmin * (float)m;
                 }
@@ -306,7 +302,8 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
             }
         }
         break;
-    default:
+    default: /* the types read from llama-quantize's files */
+        decode_row_iq(type, row, cols, y);
         break;
     }
 }
