@@ -161,6 +161,26 @@ class GrammarVocab:
         return self._plan_tokens
 
 
+def response_format_args(response_format: Any) -> dict[str, Any]:
+    """OpenAI's `response_format` as the keyword arguments of `Model.generate`: `{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}` → `json_schema=schema`; `{"type": "json_object"}` → any JSON
+    object; `{"type": "text"}` or None → none. Anything else is a one-line ValueError (a server's 400)."""
+    if response_format is None:
+        return {}
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if schema is None:
+            raise ConstraintError("response_format json_schema needs a json_schema.schema object")
+        return {"json_schema": schema}
+    raise ConstraintError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
 def _source(kind: str, value: Any) -> str:
     """The constraint as text, checked for type: the key it is compiled and cached under."""
     if kind == "json_schema":
@@ -329,8 +349,10 @@ class CanvasGuide:
             self.stats.finish_masks += 1
             if self._commit([token]):
                 self.stats.finished_tokens += 1
-            elif not self._close():  # only the budget refuses an allowed token: finish the answer now
-                self.steering = False  # no way to finish in time is known: let the budget cut it
+            elif self.steering:  # only the budget refuses an allowed token: finish the answer now, if it can
+                self.steering = self._close()  # False: no way to finish in time is known; the budget cuts it
+            else:  # the grammar allows no token of this vocabulary here: the answer cannot go on
+                self.ended = True
         self._merge(result, np.ones(self.canvas_length, dtype=bool))
 
     # -- committing -----------------------------------------------------------------------------------------
@@ -438,9 +460,7 @@ class CanvasGuide:
             self.ended = True
             return
         self.stats.forced_tokens += 1
-        self._place([self.eos])
-        if self._pending:  # the canvas is full: the EOS opens the next one
-            self.ended = False
+        self._place([self.eos])  # when the canvas is full, the EOS opens the next one (and ends the answer there)
 
     def _merge(self, result: StepResult, accepted: np.ndarray) -> None:
         """The step's result as the guide left it: committed tokens in canvas and argmax, accepted."""
@@ -463,9 +483,8 @@ class CanvasGuide:
 
         A depth-first search over single-byte tokens (or the tokens the grammar forces), bytes tried in
         `_PLAN_ORDER` (closers first) after those that let the grammar end, visiting at most `limit` +
-        PLAN_BACKTRACK states. Its length bounds the true shortest way
-        (multi-byte tokens can only shorten it); the bytes found are then tokenized canonically if that is
-        shorter and still valid.
+        PLAN_BACKTRACK states. Its length bounds the true shortest way in bytes (multi-byte tokens can only
+        shorten it); the bytes found are then tokenized canonically if that is shorter and still valid.
         """
         limit = max(self.left - self._eos_cost if limit is None else limit, 0)
         if self._plan_cache is not None and self._plan_cache[:2] == (self._version, limit):

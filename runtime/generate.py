@@ -168,6 +168,10 @@ class Generation:
     `Draft` and, when the canvas ends, its `Commit`. The element's random draws go through its own `rng`, in
     the same order whatever else is in the batch. On finishing, `cache` holds every committed canvas except the
     last, exactly like transformers' returned cache.
+
+    With a constraint (`params.constraint`), a `dgrun.constrain.CanvasGuide` masks each pass's logits before
+    the sampler step, commits tokens at its frontier after it, and decides when a canvas is over; without one,
+    none of that code runs.
     """
 
     def __init__(self, graph: DiffusionGemma, request: Request, stats: Stats | None = None):

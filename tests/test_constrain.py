@@ -24,7 +24,7 @@ import dgrun
 from dgrun import sampler
 from dgrun.backends import available_backends, get_backend
 from dgrun.cli import main as cli_main
-from dgrun.constrain import CanvasGuide, ConstraintError
+from dgrun.constrain import CanvasGuide, ConstraintError, response_format_args
 from dgrun.converters.convert_hf import convert
 from dgrun.engine import default_model_path
 from dgrun.format import GGUFFile
@@ -196,6 +196,20 @@ def test_bad_constraints_fail_in_one_line(model):
         model.request("x", regex="[")
     with pytest.raises(ValueError, match="not infill or edit"):
         model.infill("a", "b", regex="x")
+
+
+def test_openai_response_format_maps_to_a_constraint(model):
+    spec = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    assert response_format_args(spec) == {"json_schema": PERSON}
+    assert response_format_args({"type": "json_object"}) == {"json_schema": {"type": "object"}}
+    assert response_format_args({"type": "text"}) == response_format_args(None) == {}
+    for bad, message in (({"type": "xml"}, "must be text, json_object or json_schema"),
+                         ({"type": "json_schema", "json_schema": {"name": "x"}}, "needs a json_schema.schema"),
+                         ("json", "got None")):
+        with pytest.raises(ValueError, match=message):
+            response_format_args(bad)
+    out = model.generate("x", seed=0, **FAST, **response_format_args({"type": "json_object"}))
+    assert isinstance(json.loads(answer_text(model, out.tokens)), dict)
 
 
 def test_a_missing_llguidance_is_one_line_naming_the_install(model, monkeypatch):
