@@ -7,7 +7,8 @@ What makes it fast, and what it keeps from the reference:
   read straight from the mapping.
 - The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
   expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
-  values) per head and block of queries. The sampler's vocabulary-wide work (temperature, softmax, entropy,
+  values) per head and block of queries, over only the keys that block can see (a sliding layer costs its
+  window, a causal one half the square). The sampler's vocabulary-wide work (temperature, softmax, entropy,
   argmax, the inverse-CDF draw) is one pass per row, and its probabilities are reused by the next pass's
   soft embedding instead of a second softmax.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
@@ -42,8 +43,7 @@ from typing import Any
 import numpy as np
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import NumpyBackend, Weight
-from dgrun.format import GGUFFile
+from dgrun.backends.numpy_backend import NumpyBackend, Weight, require_ascending
 from dgrun.rng import DefaultRng, Rng
 
 _ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
@@ -178,9 +178,10 @@ class CpuBackend(NumpyBackend):
             self._pool.pop(0)  # the caller still holding it keeps it alive; the pool just forgets it
         return array.reshape(shape)
 
-    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
-        weights = super().load_weights(gguf, names)
-        return {name: CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale) for name, w in weights.items()}
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> CpuWeight:
+        w = super().weight(raw, ggml_type, shape, tensor_scale)
+        return CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale)
 
     # -- elementwise and normalisation ----------------------------------------------------------------------
 
@@ -271,11 +272,13 @@ class CpuBackend(NumpyBackend):
         causal: bool,
         window: int | None,
     ) -> np.ndarray:
-        """Fused softmax(q k^T) v with the reference's masks (see NumpyBackend.attention)."""
+        """Fused softmax(q k^T) v with the reference's masks, over each query block's visible key range (see
+        NumpyBackend.attention)."""
         self._activate()
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
         q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
         k_pos = np.ascontiguousarray(k_pos, dtype=np.int64)
+        require_ascending(k_pos)
         n, hq, d = q.shape
         m, hkv, dv = v.shape
         out = np.empty((n, hq, dv), dtype=np.float32)

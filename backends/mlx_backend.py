@@ -491,30 +491,10 @@ class MlxBackend:
             scale = None
             if scale_name in gguf.tensors and scale_name not in names:
                 scale = float(gguf.array(scale_name).reshape(-1)[0])
-            if info.ggml_type in (T.F32, T.F16):
-                weights[name] = DenseWeight(mx.array(np.ascontiguousarray(gguf.array(name))))
-                continue
-            if info.ggml_type == T.BF16:
-                bits = mx.array(np.ascontiguousarray(gguf.array(name)))  # uint16 bit patterns
-                weights[name] = DenseWeight(bits.view(mx.bfloat16))
-                continue
-            raw = gguf.raw(name).reshape(*info.shape[:-1], quants.row_bytes(info.ggml_type, info.shape[-1]))
-            # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
-            layout = LAYOUTS.get(info.ggml_type) if len(info.shape) > 1 else None
-            if layout is not None:
-                try:
-                    packed, scales, biases = _repack_rows(raw, layout)
-                except ValueError:  # a scale byte MLX cannot express: fall through to float32
-                    pass
-                else:
-                    weights[name] = QuantWeight(mx.array(packed), mx.array(scales),
-                                                None if biases is None else mx.array(biases), layout,
-                                                tuple(info.shape), scale)
-                    continue
-            dense = quants.dequantize_tensor(raw, info.ggml_type, scale).reshape(info.shape)
-            weights[name] = DenseWeight(mx.array(dense))
-            kind = info.ggml_type.name
-            dequantized[kind] = dequantized.get(kind, 0) + dense.nbytes
+            weights[name] = w = self.weight(gguf.raw(name), info.ggml_type, info.shape, scale)
+            if isinstance(w, DenseWeight) and info.ggml_type not in (T.F32, T.F16, T.BF16):
+                kind = info.ggml_type.name
+                dequantized[kind] = dequantized.get(kind, 0) + w.nbytes
         if dequantized:
             what = ", ".join(f"{kind} ({size / 2**20:.1f} MiB)" for kind, size in sorted(dequantized.items()))
             print(f"dgrun: mlx has no lossless layout for {what}: dequantized to float32 at load",
@@ -525,6 +505,28 @@ class MlxBackend:
                                                       (w.packed, w.scales, w.biases)) if a is not None])
         _wire_weights(sum(w.nbytes for w in weights.values()))
         return weights
+
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> Weight:
+        """A tensor from its stored bytes (uint8): F32/F16/BF16 whole as stored, a block type repacked into its MLX
+        layout, else dequantized to float32."""
+        ggml_type = T(ggml_type)
+        if ggml_type in (T.F32, T.F16, T.BF16):
+            dtype = {T.F32: "<f4", T.F16: "<f2", T.BF16: "<u2"}[ggml_type]
+            array = mx.array(np.ascontiguousarray(raw.reshape(-1).view(dtype).reshape(shape)))
+            return DenseWeight(array.view(mx.bfloat16) if ggml_type == T.BF16 else array)  # BF16: uint16 bits
+        raw = raw.reshape(*shape[:-1], quants.row_bytes(ggml_type, shape[-1]))
+        # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
+        layout = LAYOUTS.get(ggml_type) if len(shape) > 1 else None
+        if layout is not None:
+            try:
+                packed, scales, biases = _repack_rows(raw, layout)
+            except ValueError:  # a scale byte MLX cannot express: fall through to float32
+                pass
+            else:
+                return QuantWeight(mx.array(packed), mx.array(scales), None if biases is None else mx.array(biases),
+                                   layout, tuple(shape), tensor_scale)
+        return DenseWeight(mx.array(quants.dequantize_tensor(raw, ggml_type, tensor_scale).reshape(shape)))
 
     # -- elementwise and normalisation --------------------------------------------------------------
 
@@ -582,8 +584,12 @@ class MlxBackend:
         dense = w.f32()
         return x @ (dense.T if transpose else dense)
 
+    def gelu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        return self._gelu_mul(gate, up)
+
     def gated_mlp(self, x: mx.array, gate: Weight, up: Weight, down: Weight) -> mx.array:
-        return self.linear(self._gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention ----------------------------------------------------------------------
 

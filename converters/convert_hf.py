@@ -57,7 +57,7 @@ class PlannedTensor:
         return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.ggml_type, self.shape[-1])
 
 
-class _StreamedTensor:
+class StreamedTensor:
     """Quacks like the ndarray `GGUFWriter.write_tensor_data` expects, but writes chunk by chunk."""
 
     def __init__(self, nbytes: int, chunks: Callable[[], Iterator[np.ndarray]]):
@@ -90,12 +90,7 @@ def plan(model_dir: Path, outtype: str,
         raise ConversionError(f"{model_dir} is not a directory")
     if not config_path.is_file():
         raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"config.json is not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError("config.json is not a JSON object")
+    hf_config = read_json_object(config_path, "config.json")
     cfg = ModelConfig.from_hf(hf_config)
     tensors = open_checkpoint(model_dir)
     tied = tied_output(hf_config)
@@ -134,6 +129,17 @@ def plan(model_dir: Path, outtype: str,
     return cfg, hf_config, planned, skipped_vision
 
 
+def read_json_object(path: Path, label: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a ConversionError naming `label`."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{label} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{label} is not a JSON object")
+    return value
+
+
 def _unexpected(hf_name: str, name: str, sliding: list[bool]) -> str:
     parts = name.split(".")
     if name.endswith("attn_v.weight") and not sliding[int(parts[1])]:
@@ -163,7 +169,8 @@ def _copies_differ(kept: str, other: str, row: int) -> str:
                 "them (tie_word_embeddings): refusing to drop the output matrix transformers would use")
     return (f"{other} differs from {kept} (first at row {row}): dgrun shares one copy of each weight between "
             "encoder and decoder, so it cannot run this checkpoint merged; if it is a LoRA fine-tune with the adapter "
-            "merged in, convert the base checkpoint and load the adapter unmerged (--lora, issue #19)")
+            "merged in, convert the base checkpoint, convert the adapter with convert-lora-to-dgf and load it unmerged "
+            "(dgrun --lora)")
 
 
 def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
@@ -288,7 +295,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
                         file=sys.stderr)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-            payloads.append(_StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
+            payloads.append(StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
@@ -321,6 +328,22 @@ def _fallbacks(planned: list[PlannedTensor]) -> dict[tuple[T, T], list[PlannedTe
     return out
 
 
+def run_converter(prog: str, conversion: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """Run a conversion as a console script: its summary, or the exit status after one line on stderr (2 for what
+    the user can fix, 130 for Ctrl-C, 1 for the system's errors)."""
+    try:
+        return conversion()
+    except ConversionError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"{prog}: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="convert-hf-to-dgf", description="Convert a DiffusionGemma Hugging Face checkpoint to one .dgf file.")
@@ -334,17 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     args = parser.parse_args(argv)
     outfile = args.outfile or Path(f"{str(args.model_dir).rstrip('/')}-{args.outtype}.dgf")
-    try:
-        summary = convert(args.model_dir, outfile, args.outtype, not args.no_tokenizer, args.quiet, args.strict)
-    except ConversionError as e:
-        print(f"convert-hf-to-dgf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert-hf-to-dgf: interrupted; no output written", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"convert-hf-to-dgf: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
+    summary = run_converter("convert-hf-to-dgf", partial(convert, args.model_dir, outfile, args.outtype,
+                                                         not args.no_tokenizer, args.quiet, args.strict))
+    if isinstance(summary, int):
+        return summary
     mix = ", ".join(f"{k} {summary['type_tensors'][k]} tensors {v / 2**20:.1f} MiB"
                     for k, v in sorted(summary["type_bytes"].items()))
     print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, "

@@ -32,6 +32,12 @@ void dg_host_visible(const int32_t* q_pos, const int32_t* k_pos, int causal, int
                      int64_t n);
 /* Whether the bitmask `words` allows each of tokens 0..n-1. */
 void dg_host_token_allowed(const uint32_t* words, int64_t n, uint8_t* out);
+/* dg_key_range for n query blocks given by their smallest and largest positions, over one key array. */
+void dg_host_key_range(const int32_t* k_pos, int m, const int32_t* q_min, const int32_t* q_max, int causal,
+                       int window, int32_t* lo, int32_t* hi, int64_t n);
+/* A function holding `count` DgScratchSet buffers from a counting malloc whose fail_at-th allocation fails (0:
+ * none): returns its status and sets *live_after to the buffers still allocated once it has returned. */
+int dg_host_scratch_run(int count, int fail_at, int* live_after);
 /* </cdef> */
 #ifdef __cplusplus
 }

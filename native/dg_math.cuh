@@ -353,6 +353,26 @@ DG_HD bool dg_visible(int q_pos, int k_pos, int causal, int window) {
 // masks of constrained decoding (dgrun.constrain).
 DG_HD bool dg_token_allowed(const uint32_t* words, int i) { return (words[i >> 5] >> (i & 31)) & 1u; }
 
+// First index j < m with k_pos[j] > x (m when none), k_pos ascending.
+DG_HD int dg_upper_bound(const int32_t* k_pos, int m, int64_t x) {
+    int lo = 0, hi = m;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (k_pos[mid] <= x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// [*lo, *hi): the keys (positions ascending) some query with a position in [q_min, q_max] may see — causal: none
+// after q_max; a window: none at or before q_min - window (numpy_backend.visible_key_range).
+DG_HD void dg_key_range(const int32_t* k_pos, int m, int q_min, int q_max, int causal, int window, int* lo,
+                        int* hi) {
+    *lo = window > 0 ? dg_upper_bound(k_pos, m, (int64_t)q_min - window) : 0;
+    *hi = causal ? dg_upper_bound(k_pos, m, q_max) : m;
+    if (*hi < *lo) *hi = *lo;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Softmax statistics and entropy
 // ---------------------------------------------------------------------------------------------------
@@ -362,8 +382,8 @@ DG_HD bool dg_token_allowed(const uint32_t* words, int i) { return (words[i >> 5
 DG_HD void dg_entropy_accumulate(float x, float m, float* z, float* s) {
     float t = x - m;
     float e = expf(t);
-    *z += e;
-    *s += e * t;
+    *z = dg_add(*z, e);
+    *s = dg_add(*s, dg_mul(e, t));  // not e * t + s: nvcc would fuse it, the host twin (-ffp-contract=off) not
 }
 
 DG_HD float dg_entropy_finish(float z, float s) { return logf(z) - s / z; }

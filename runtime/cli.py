@@ -7,6 +7,7 @@
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
     dgrun -m model.dgf -p "2 651 4937" --token-ids    # the prompt as token ids (any file, even without tokenizer)
     dgrun -m model.dgf --chat -p "Name a city" --json-schema '{"type": "object"}'
+    dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
     dgrun info model.dgf
 
 Errors a user can cause (a missing or malformed file, an unavailable backend, a bad parameter, a prompt too
@@ -38,6 +39,7 @@ from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig, writt
 from dgrun.engine import Model, default_model_path, load, type_mix
 from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
+from dgrun.lora import describe as describe_adapter
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, HF_JSON_KEY, SPM_TENSOR
 
 EXIT_ERROR = 2  # what argparse uses for usage errors: every mistake a user can make exits with it
@@ -98,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="compute backend (default: auto, the fastest one that works here)")
     parser.add_argument("-t", "--threads", type=int, metavar="N",
                         help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
+    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
+    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
+                      help="apply a LoRA adapter at scale 1 (repeatable)")
+    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
+                      help="apply a LoRA adapter at SCALE (repeatable)")
+    lora.add_argument("--lora-merge", action="store_true",
+                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
+                           "passes, more memory")
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -141,6 +151,19 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("-v", "--verbose", action="store_true",
                      help="report load time, steps per canvas, tokens per forward and tokens/s on stderr")
     return parser
+
+
+class _LoraAction(argparse.Action):
+    """--lora FILE and --lora-scaled FILE SCALE, in the order given, as one list of (path, scale)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        path, scale = (values, "1") if isinstance(values, str) else values
+        try:
+            value = float(scale)
+        except ValueError:
+            parser.error(f"{option_string}: SCALE must be a number, got {scale!r}")
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (path, value)])
 
 
 def _char_range(text: str) -> tuple[int | None, int | None]:
@@ -297,12 +320,18 @@ def _load_model(args: argparse.Namespace) -> Model:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
         os.environ["DGRUN_THREADS"] = str(args.threads)  # read by the cpu backend when it starts
     started = time.perf_counter()
-    model = load(path, backend=args.backend)
+    if args.lora_merge and not args.lora:
+        raise UsageError("--lora-merge needs --lora FILE or --lora-scaled FILE SCALE")
+    model = load(path, backend=args.backend, lora=args.lora, merge_lora=args.lora_merge)
     if args.backend == "auto":
         print(f"dgrun: backend {model.backend.name} (auto)", file=sys.stderr)
     if args.verbose:
         print(f"dgrun: loaded {path} in {time.perf_counter() - started:.2f} s on backend {model.backend.name}",
               file=sys.stderr)
+        for adapter in model.lora_adapters():
+            print(f"dgrun: LoRA adapter {adapter['id']}: {adapter['path']} at scale {adapter['scale']:g} (alpha "
+                  f"{adapter['alpha']:g}, rank {'/'.join(map(str, adapter['ranks']))}, {adapter['deltas']} deltas"
+                  f"{', merged' if adapter['merged'] else ''})", file=sys.stderr)
     return model
 
 
@@ -533,7 +562,9 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "vocab_tokens": len(meta.get("tokenizer.ggml.tokens") or []) or None,
             "chat_template": CHAT_TEMPLATE_KEY in meta,
         }
-        if info["architecture"] == ARCH:
+        if meta.get("general.type") == "adapter":
+            info["adapter"] = describe_adapter(gguf)
+        elif info["architecture"] == ARCH:
             try:
                 config = ModelConfig.from_file(gguf)
             except ConfigError as e:
@@ -566,6 +597,13 @@ def _format_info(info: dict[str, Any]) -> str:
     if info["name"]:
         rows.append(("name", info["name"]))
     rows.append(("tensors", f"{info['tensor_count']} tensors, {info['metadata_count']} metadata keys"))
+    adapter = info.get("adapter")
+    if adapter:
+        alpha = "none (scale as given)" if not adapter["alpha"] else f"{adapter['alpha']:g}"
+        if adapter["use_rslora"]:
+            alpha += f" (rsLoRA: PEFT alpha {adapter['peft_alpha']:g} x sqrt(r))"
+        rows += [("adapter", f"{adapter['adapter_type']}, rank {'/'.join(map(str, adapter['ranks']))}, alpha {alpha}"),
+                 ("deltas", ", ".join(f"{n} {side.replace('_', '-')}" for side, n in adapter["deltas"].items()))]
     cfg = info.get("config")
     if cfg:
         sliding = sum(t == "sliding_attention" for t in cfg["layer_types"])
@@ -585,7 +623,7 @@ def _format_info(info: dict[str, Any]) -> str:
         vocab = f", {info['vocab_tokens']} tokens" if info["vocab_tokens"] else ""
         template = ", chat template" if info["chat_template"] else ", no chat template"
         rows.append(("tokenizer", f"{info['tokenizer'] or 'vocabulary only'}{vocab}{template}"))
-    else:
+    elif not adapter:  # an adapter has no tokenizer of its own: it runs with its model's
         rows.append(("tokenizer", "none (token ids only)"))
     if info["outtype"]:  # the preset asked for; the types below are what each tensor got (fallbacks included)
         rows.append(("outtype", info["outtype"]))

@@ -30,6 +30,7 @@ from dgrun.generate import (
     _is_int,
     batch_events,
 )
+from dgrun.lora import LoraSet, LoraSpec, parse_specs
 from dgrun.model import DiffusionGemma, KVCache, tensor_shapes
 from dgrun.rng import DefaultRng, Rng
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, NoTokenizerError, Tokenizer
@@ -54,12 +55,17 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "models" / "demo.dgf"
 
 
-def load(path: str | Path | None = None, backend: str = "auto") -> Model:
+def load(path: str | Path | None = None, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
+         merge_lora: bool = False) -> Model:
     """Open a .dgf file (memory-mapped) on a backend: "auto", "numpy", "cpu", "cuda" or "mlx".
 
     With no path, the demo model shipped in the package. Bad files raise `dgrun.FormatError`.
+    `lora`: LoRA adapter files (`convert-lora-to-dgf`), each a path (scale 1) or a (path, scale) pair, applied
+    unmerged (y = W x + scale * alpha / r * B(A x)); the encoder's deltas act in encoder passes, the decoder's
+    in decoder passes. `merge_lora=True` adds them into float32 copies of the weights at load instead (float
+    bases only; faster passes, more memory, fixed scales).
     """
-    return Model(default_model_path() if path is None else Path(path), backend)
+    return Model(default_model_path() if path is None else Path(path), backend, lora, merge_lora)
 
 
 class Model:
@@ -73,8 +79,10 @@ class Model:
     Use as a context manager or call `close()` to release the file mapping.
     """
 
-    def __init__(self, path: Path, backend: str = "auto"):
+    def __init__(self, path: Path, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
+                 merge_lora: bool = False):
         self.path = Path(path)
+        lora_specs = parse_specs(lora)
         self._file = GGUFFile(self.path)
         try:
             self.config = ModelConfig.from_file(self._file)
@@ -98,7 +106,14 @@ class Model:
         self.chat_template: str | None = self._file.get(CHAT_TEMPLATE_KEY)
         self._compiled_template: ChatTemplate | None = None
         weights = self.backend.load_weights(self._file, list(shapes))
-        self.graph = DiffusionGemma(self.config, weights, self.backend)
+        self.lora: LoraSet | None = None
+        if lora_specs:
+            try:
+                self.lora = LoraSet.load(lora_specs, self.config, self.backend, weights, self._file, merge_lora)
+            except BaseException:
+                self._file.close()
+                raise
+        self.graph = DiffusionGemma(self.config, weights, self.backend, self.lora)
         self._lock = threading.Lock()
         self._grammar_vocab: GrammarVocab | None = None
 
@@ -514,11 +529,44 @@ class Model:
             "quant_mix_bytes": {name: t["bytes"] for name, t in types.items()},
             "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
             "chat_template": self.chat_template is not None,
+            "lora": self.lora_adapters(),
         }
 
+    # -- LoRA adapters --------------------------------------------------------------------------------
+
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """The adapters loaded with the model, as llama.cpp's server lists them (`GET /lora-adapters`): id, path,
+        scale, plus alpha, ranks, number of deltas and whether they were merged at load."""
+        return [] if self.lora is None else self.lora.describe()
+
+    def set_lora_adapters(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Set adapter scales as llama.cpp's `POST /lora-adapters` does: `[{"id": 0, "scale": 0.5}, ...]`; an
+        adapter left out of the list gets scale 0 (disabled). Only between generations (else ModelBusyError);
+        adapters merged at load keep their scales (ValueError)."""
+        count = 0 if self.lora is None else len(self.lora.adapters)
+        scales = [0.0] * count
+        for entry in entries:
+            index = entry.get("id") if isinstance(entry, dict) else None
+            scale = entry.get("scale") if isinstance(entry, dict) else None
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+                raise ValueError(f"no LoRA adapter with id {index!r} (loaded: {count})")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+                raise ValueError(f"LoRA adapter {index}: scale must be a finite number, got {scale!r}")
+            scales[index] = float(scale)
+        if self.lora is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is generating: change adapter scales between generations")
+        try:
+            self.lora.set_scales(scales)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
-        """Release the memory map. The Model is unusable afterwards."""
+        """Release the memory maps (model and adapters). The Model is unusable afterwards."""
         self._file.close()
+        if self.lora is not None:
+            self.lora.close()
 
     def __enter__(self) -> Model:
         return self

@@ -230,7 +230,7 @@ def test_merged_lora_with_separate_encoder_and_decoder_deltas_is_refused(untied,
     result = _cli(str(folder), "--outfile", str(out), "--quiet", "--no-tokenizer")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     for name in ("model.encoder.language_model.layers.0.self_attn.q_proj.weight",
-                 "model.decoder.layers.0.self_attn.q_proj.weight", "load the adapter unmerged (--lora"):
+                 "model.decoder.layers.0.self_attn.q_proj.weight", "convert-lora-to-dgf and load it unmerged"):
         assert name in result.stderr, result.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.dgf.tmp*"))
 

@@ -200,6 +200,31 @@ def test_attention(cpu, case):
                  REF.attention(q, k, v, q_pos, k_pos, causal, window), MATMUL_RTOL, f"attention {case}")
 
 
+@pytest.mark.parametrize("causal,window", [(True, 7), (True, None), (True, 1), (False, 40)])
+def test_attention_over_visible_key_ranges(cpu, causal, window):
+    """Long key arrays where each query block sees a small range (a window far into a prompt, a causal chunk
+    after a cache), positions with gaps and repeats, ranges that start and end inside a tile of keys."""
+    rng = np.random.default_rng(11)
+    m, n, hq, hkv, d = 700, 61, 4, 2, 32
+    k_pos = np.sort(rng.integers(0, 900, m))
+    q_pos = np.sort(rng.integers(300, 1000, n))
+    q = rng.normal(0, 1, (n, hq, d)).astype(np.float32)
+    k, v = rng.normal(0, 1, (m, hkv, d)).astype(np.float32), rng.normal(0, 1, (m, hkv, d)).astype(np.float32)
+    out = cpu.attention(q, k, v, q_pos, k_pos, causal, window)
+    with np.errstate(invalid="ignore"):  # the reference's softmax over masked keys only
+        ref = REF.attention(q, k, v, q_pos, k_pos, causal, window)
+    # A query whose window holds no key gets NaN (0/0) from both.
+    empty = np.isnan(ref).all(axis=(1, 2))
+    assert np.array_equal(np.isnan(out).all(axis=(1, 2)), empty) and not np.isnan(ref[~empty]).any()
+    assert_close(out[~empty], ref[~empty], MATMUL_RTOL, f"attention causal={causal} window={window}")
+
+
+def test_attention_refuses_unsorted_key_positions(cpu):
+    q, k = np.ones((2, 2, 16), np.float32), np.ones((3, 1, 16), np.float32)
+    with pytest.raises(ValueError, match="ascending"):
+        cpu.attention(q, k, k, np.arange(2), np.array([0, 2, 1]), True, None)
+
+
 # -- elementwise and row kernels ----------------------------------------------------------------------------------
 
 

@@ -6,13 +6,17 @@ The kernels call exactly these inline functions, so what is pinned here holds on
   code pattern; NaN compared as NaN); the i-quant tables equal gguf-py's (tools/gen_iq_tables.py --check);
 - the E2M1 / E8M0 / UE4M3 decoders, bit-exact over every code;
 - RoPE (angle and pair rotation) and the attention mask predicate, bit-exact with numpy's float32 arithmetic;
+  the attention kernel's key range per query block equal to the numpy reference's;
 - softcap within 2 ulp of numpy's operation order with a float64 tanh, and 4 ulp of numpy itself (numpy's
   SIMD float32 tanh is up to 3 ulp off); GELU-tanh within 2 ulp of |x| of float64 and of numpy, 4 ulp for
   x > 0;
 - entropy within 2e-6 relative on short rows (sequential float32 sums vs numpy's pairwise ones);
 - Philox4x32-10 bit-exact with Random123's known answers and a numpy implementation, plus the two maps from
   random words to a uniform float and to a token id;
-- the token-bitmask predicate of constrained decoding, bit-exact with `dgrun.sampler.allowed_tokens`.
+- the token-bitmask predicate of constrained decoding, bit-exact with `dgrun.sampler.allowed_tokens`;
+- the scratch guard every kernel entry point allocates through gives everything back on every error path.
+That nvcc fuses none of this arithmetic into FMAs the host build (-ffp-contract=off) does not have is checked on
+the PTX by tools/check_ptx_fma.py, which tools/check_cuda_compile.sh runs (it needs nvcc, and a minute).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import gelu_tanh
+from dgrun.backends.numpy_backend import gelu_tanh, visible_key_range
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4, T.IQ4_NL,
@@ -251,6 +255,33 @@ def test_token_allowed_reads_llguidance_bitmasks(host):
     assert np.array_equal(out.astype(bool), sampler.allowed_tokens(words.view(np.int32)[None], vocab)[0])
 
 
+def test_key_ranges_match_the_numpy_reference(host):
+    """dg_key_range (the cuda attention kernel's key range per query block) = numpy_backend.visible_key_range."""
+    rng = np.random.default_rng(8)
+    # Ascending positions with gaps and repeats: a cache then a chunk, as the encoder gives them.
+    k_pos = np.sort(rng.integers(0, 400, 300)).astype(np.int32)
+    n = 2000
+    q_min = rng.integers(-20, 450, n).astype(np.int32)
+    q_max = (q_min + rng.integers(0, 40, n)).astype(np.int32)
+    lo, hi = np.empty(n, np.int32), np.empty(n, np.int32)
+    for causal, window in [(0, 0), (1, 0), (1, 8), (0, 8), (1, 1000)]:
+        host.dg_host_key_range(host.ptr("int32_t *", k_pos), len(k_pos), host.ptr("int32_t *", q_min),
+                               host.ptr("int32_t *", q_max), causal, window, host.ptr("int32_t *", lo),
+                               host.ptr("int32_t *", hi), n)
+        ref = [visible_key_range(k_pos, a, b, bool(causal), window or None) for a, b in zip(q_min, q_max,
+                                                                                         strict=True)]
+        assert list(zip(lo.tolist(), hi.tolist(), strict=True)) == ref, (causal, window)
+
+
+def test_scratch_is_given_back_on_every_path(host):
+    """DgScratchSet (what every kernel entry point allocates scratch through) frees everything it holds whether
+    the function returns normally or at a failed allocation: a leak counter stays at 0."""
+    live = np.zeros(1, np.int32)
+    for fail_at in range(11):
+        status = host.dg_host_scratch_run(9, fail_at, host.ptr("int *", live))
+        assert (status != 0) == (1 <= fail_at <= 9) and live[0] == 0, (fail_at, status, int(live[0]))
+
+
 def test_entropy_matches_sampler(host):
     rng = np.random.default_rng(5)
     rows = np.concatenate([
@@ -326,3 +357,4 @@ def test_uniform_maps(host):
         ref = [((int(h) << 32 | int(lo_)) * bound) >> 64 for h, lo_ in zip(hi[:2000], lo[:2000], strict=True)]
         assert tokens[:2000].tolist() == ref
         assert int(tokens.max()) < bound
+
