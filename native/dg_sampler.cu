@@ -197,6 +197,7 @@ __global__ void __launch_bounds__(ROW_THREADS) argmax_rows_kernel(const float* l
 }  // namespace
 
 extern "C" int dg_mask_rows(float* logits, int rows, int vocab, const uint32_t* bitmask, float value) {
+    DG_ENTER();
     DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
     DG_REQUIRE(vocab > 0, "vocab must be positive");
     dim3 grid((vocab + 255) / 256, rows);
@@ -207,14 +208,15 @@ extern "C" int dg_mask_rows(float* logits, int rows, int vocab, const uint32_t* 
 
 extern "C" int dg_argmax_rows(const float* logits, int rows, int vocab, const uint32_t* bitmask,
                               int32_t* host_out) {
+    DG_ENTER();
     DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
     DG_REQUIRE(vocab > 0, "vocab must be positive");
+    DgScratch scratch;  // given back however this function returns
     int32_t* out;
-    DG_TRY(dg_scratch(&out, rows));
+    DG_SCRATCH(scratch, &out, rows);
     argmax_rows_kernel<<<rows, ROW_THREADS, 0, dg_stream>>>(logits, vocab, bitmask, (vocab + 31) / 32, out);
     DG_LAUNCHED(argmax_rows_kernel);
     DG_TRY(cudaMemcpyAsync(host_out, out, (size_t)rows * sizeof(int32_t), cudaMemcpyDeviceToHost, dg_stream));
-    DG_TRY(cudaFreeAsync(out, dg_stream));
     DG_TRY(cudaStreamSynchronize(dg_stream));
     return 0;
 }

@@ -18,6 +18,7 @@ import jsonschema
 import numpy as np
 import pytest
 from fixtures import CHAT_TEMPLATE, make_model, save_checkpoint, text_config, train_byte_bpe
+from fixtures import PERSON_SCHEMA as PERSON
 from test_cuda import fake, gpu  # noqa: F401  (fixtures: the cuda backend on the host stand-in / a GPU)
 
 import dgrun
@@ -30,21 +31,6 @@ from dgrun.engine import default_model_path
 from dgrun.format import GGUFFile
 from dgrun.tokenizer import SPM_TENSOR
 
-PERSON = {  # nested objects, an array, an enum, bounded and unbounded strings, integers and numbers
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 130},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string"},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "score": {"type": "number"},
-    },
-    "required": ["name", "age", "role", "address", "score"],
-    "additionalProperties": False,
-}
 LONG_REGEX = r"([a-z]{3}-[0-9]{2} ){6}(yes|no)"  # at least 44 characters: longer than a 16-token canvas
 ARITHMETIC = """
 start: expr

@@ -381,3 +381,23 @@ def write_retyped(src: Path, dst: Path, type_name: str, seed: int = 0) -> dict[s
             counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
         write_file(writer, payloads)
     return counts
+
+
+# Nested objects, an array, an enum, bounded and unbounded strings, integers and numbers: the JSON schema constrained
+# output is tested (tests/test_constrain.py) and measured (tools/bench_constrained.py) with.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "address": {"type": "object", "properties": {"city": {"type": "string"},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number"},
+        "note": {"type": "string"},
+    },
+    "required": ["name", "age", "role", "address", "score"],
+    "additionalProperties": False,
+}
