@@ -80,7 +80,12 @@ def _one_line(message: str) -> str:
 
 class _SentencePieceVocab:
     """What llguidance's TokenizerWrapper reads from a SentencePiece model: each token's bytes (special tokens
-    marked with a leading 0xFF, as llguidance expects), the special ids, and encoding."""
+    marked with a leading 0xFF, as llguidance expects), the special ids, and encoding.
+
+    llguidance tokenizes text from the middle of an answer (the bytes a grammar forces), so the encoding must give
+    exactly those bytes: without the space a model with `add_dummy_prefix` puts in front, and without <unk> for
+    characters it has no piece for, or whitespace its normalizer collapses (byte-exact pieces instead, longest
+    first)."""
 
     def __init__(self, processor: Any, eos_ids: Sequence[int]):
         self._processor = processor
@@ -97,11 +102,36 @@ class _SentencePieceVocab:
                 self.tokens.append(piece.replace("\u2581", " ").encode())
         self.eos_token_id = eos_ids[0] if eos_ids else processor.eos_id()
         self.bos_token_id = processor.bos_id() if processor.bos_id() >= 0 else None
+        specials = set(self.special_token_ids)
+        self._ids: dict[bytes, int] = {}
+        for i, token in enumerate(self.tokens):
+            if i not in specials and token:
+                self._ids.setdefault(token, i)
+        self._longest = max(map(len, self._ids), default=1)
+        self._dummy_prefix = any(processor.id_to_piece(ids[0]).startswith("\u2581")
+                                 for ids in map(processor.encode, ("a", "x", "0")) if ids)
 
     def __call__(self, text: str | bytes) -> list[int]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        return list(self._processor.encode(text))
+        data = text if isinstance(text, bytes) else text.encode()
+        ids = list(self._processor.encode(data.decode("utf-8", errors="replace")))
+        if self._dummy_prefix and ids and not data.startswith(b" ") and self.tokens[ids[0]].startswith(b" "):
+            ids[:1] = self._exact(self.tokens[ids[0]][1:])
+        return ids if b"".join(self.tokens[i] for i in ids) == data else self._exact(data)
+
+    def _exact(self, data: bytes) -> list[int]:
+        """Pieces spelling `data` byte for byte, longest match first; it stops where no piece fits (the vocabulary
+        cannot write that byte: the grammar then finds the answer cannot go on)."""
+        ids, at = [], 0
+        while at < len(data):
+            for length in range(min(self._longest, len(data) - at), 0, -1):
+                token = self._ids.get(data[at:at + length])
+                if token is not None:
+                    ids.append(token)
+                    at += length
+                    break
+            else:
+                break
+        return ids
 
 
 class GrammarVocab:
@@ -122,7 +152,7 @@ class GrammarVocab:
         model through its pieces."""
         llg = _llguidance()
         eos = list(eos_ids) or None
-        if tokenizer.kind == "huggingface":
+        if tokenizer.kind != "sentencepiece":  # a tokenizers.Tokenizer: read from a tokenizer.json, or built
             ll = llg.LLTokenizer(tokenizer.library.to_str(), n_vocab=vocab_size, eos_token=eos)
         else:
             wrapper = llg.TokenizerWrapper(_SentencePieceVocab(tokenizer.library, eos_ids))
@@ -427,8 +457,11 @@ class CanvasGuide:
         """Commit what the grammar forces: its fast-forward tokens, EOS after a complete answer, and the way to
         finish when the budget leaves no room for anything else."""
         while not self.ended and not self._pending and self.left > 0:
-            if self.matcher.is_stopped():  # the grammar is complete: only EOS may follow
-                self._end()
+            if self.matcher.is_stopped():  # the grammar is complete (only EOS may follow), or it failed
+                if self.matcher.is_accepting():
+                    self._end()
+                else:
+                    self.ended = True
                 return
             forced = self.matcher.compute_ff_tokens()
             if not forced:
@@ -437,10 +470,12 @@ class CanvasGuide:
                     if plan is not None and len(plan) + self._eos_cost >= self.left:
                         self._close()
                 return
-            self.matcher.consume_tokens(forced)
+            taken = self.matcher.try_consume_tokens(forced)
             self._version += 1
-            self.stats.forced_tokens += len(forced)
-            self._place(forced)
+            self.stats.forced_tokens += taken
+            self._place(forced[:taken])
+            if taken < len(forced):  # the vocabulary cannot spell what the grammar forces: the answer cannot go on
+                self.ended = True
 
     def _close(self) -> bool:
         """Force the shortest known way to finish, then EOS. False when none is known."""

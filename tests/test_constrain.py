@@ -198,6 +198,34 @@ def test_openai_response_format_maps_to_a_constraint(model):
     assert isinstance(json.loads(answer_text(model, out.tokens)), dict)
 
 
+def test_a_sentencepiece_with_a_dummy_prefix_and_no_byte_fallback(tmp_path):
+    """The fixtures' 128-piece tokenizer puts a space before what it encodes and has no piece for "{": text the
+    grammar forces mid-answer is still spelt byte for byte, and a grammar this vocabulary cannot write ends the
+    answer unfinished (no EOS), never with a false complete answer."""
+    save_checkpoint(make_model(text_config(), seed=3), tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "plain.dgf", "f32", quiet=True)
+    line = r"def [a-z]{1,6}\(x\): return x"
+    with load_fast(tmp_path / "plain.dgf") as model:
+        for seed in range(2):
+            text = answer_text(model, model.generate("x", seed=seed, **FAST, regex=line).tokens)
+            assert re.fullmatch(line, text), text
+        for regex in ("[{]x", "x[{]"):
+            out = model.generate("x", seed=0, **FAST, regex=regex)
+            assert not out.tokens or out.tokens[-1] not in model.generation_config.eos_token_ids, out.tokens
+            assert (model.detokenize(out.tokens) or "") in ("", "x")
+
+
+def test_a_peer_gguf_whose_tokenizer_dgrun_rebuilds():
+    """The llama.cpp fork's files carry their tokenizer as tokenizer.ggml.* arrays only (dgrun rebuilds a
+    `tokenizers.Tokenizer` from them): llguidance reads that one as it reads a tokenizer.json."""
+    regex = r"[a-z]{2,5} [0-9]{1,3}!"
+    with load_fast(Path(__file__).parent / "data" / "peer" / "gen-f32.gguf") as model:
+        assert model.tokenizer.kind == "gemma4"
+        for seed in range(2):
+            text = answer_text(model, model.generate("x", seed=seed, **FAST, regex=regex).tokens)
+            assert re.fullmatch(regex, text), text
+
+
 def test_a_missing_llguidance_is_one_line_naming_the_install(model, monkeypatch):
     monkeypatch.setattr(model, "_grammar_vocab", None)
     monkeypatch.setitem(sys.modules, "llguidance", None)
