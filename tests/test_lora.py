@@ -225,7 +225,7 @@ def test_generation_is_token_exact_on_other_backends(checkpoints, adapters, hf_r
     specs = [("full", 1.0), ("rslora", 0.5)]
     hf_tokens, draws = hf_runs(specs)
     out = replay(checkpoints["gen"], PROMPT, GENERATION_CASES["fixed_steps"], draws, backend,
-                 dgrun_lora(adapters, "gen", specs))
+                 lora=dgrun_lora(adapters, "gen", specs))
     assert out.tokens == hf_tokens
 
 
