@@ -9,6 +9,7 @@
     dgrun -m model.dgf --chat -p "Name a city" --json-schema '{"type": "object"}'
     dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
     dgrun info model.dgf
+    dgrun serve -m model.dgf --port 8080               # OpenAI- and llama.cpp-compatible HTTP server
 
 Errors a user can cause (a missing or malformed file, an unavailable backend, a bad parameter, a prompt too
 long for the context) print one line, `dgrun: error: ...`, and exit with status 2. Ctrl-C stops generation,
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["info"]:
             return _info_command(argv[1:])
+        if argv[:1] == ["serve"]:
+            return _serve_command(argv[1:])
         return _generate_command(argv)
     except (UsageError, ValueError, BackendUnavailable, OSError) as e:
         # ValueError covers FormatError, ConfigError, NoTokenizerError, ChatTemplateError and bad parameters.
@@ -100,14 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="compute backend (default: auto, the fastest one that works here)")
     parser.add_argument("-t", "--threads", type=int, metavar="N",
                         help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
-    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
-    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
-                      help="apply a LoRA adapter at scale 1 (repeatable)")
-    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
-                      help="apply a LoRA adapter at SCALE (repeatable)")
-    lora.add_argument("--lora-merge", action="store_true",
-                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
-                           "passes, more memory")
+    add_lora_arguments(parser)
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -151,6 +147,18 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("-v", "--verbose", action="store_true",
                      help="report load time, steps per canvas, tokens per forward and tokens/s on stderr")
     return parser
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lora, --lora-scaled and --lora-merge (`dgrun` and `dgrun serve`): `args.lora` is [(path, scale)]."""
+    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
+    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
+                      help="apply a LoRA adapter at scale 1 (repeatable)")
+    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
+                      help="apply a LoRA adapter at SCALE (repeatable)")
+    lora.add_argument("--lora-merge", action="store_true",
+                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
+                           "passes, more memory")
 
 
 class _LoraAction(argparse.Action):
@@ -532,6 +540,23 @@ class TextPrinter:
                 rows, column = rows + 1, 0
             column += width
         return rows, column
+
+
+# -- dgrun serve ------------------------------------------------------------------------------------------
+
+
+SERVER_MODULES = {"fastapi", "uvicorn", "starlette", "pydantic", "anyio"}
+
+
+def _serve_command(argv: list[str]) -> int:
+    try:
+        from dgrun.server import main as serve
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        raise UsageError(f"dgrun serve needs the server extra ({e.name} is missing): pip install 'dgrun[server]'") \
+            from None
+    return serve(argv)
 
 
 # -- dgrun info ------------------------------------------------------------------------------------------

@@ -188,15 +188,16 @@ class Model:
         return self._compiled_template
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
+                            tokenize: bool = False, **variables: Any) -> str | list[int]:
         """Render OpenAI-style messages ({"role", "content"} dicts) with the chat template.
 
         The text is exactly what transformers' `apply_chat_template(messages, tokenize=False)` renders; with
-        `tokenize=True`, its token ids (see `tokenize_chat`). The template is the file's; assign another source
-        to `Model.chat_template` to use that instead. Raises `ChatTemplateError` (a ValueError) when there is
-        no template or the template refuses the conversation.
+        `tokenize=True`, its token ids (see `tokenize_chat`). `variables` reach the template as transformers
+        passes its extra keyword arguments (e.g. `enable_thinking=True`). The template is the file's; assign
+        another source to `Model.chat_template` to use that instead. Raises `ChatTemplateError` (a ValueError)
+        when there is no template or the template refuses the conversation.
         """
-        text = self._compiled_chat_template().render(messages, add_generation_prompt)
+        text = self._compiled_chat_template().render(messages, add_generation_prompt, **variables)
         return self.tokenize_chat(text) if tokenize else text
 
     def chat(self, messages: list[Message], **params: Any) -> GenerationOutput:
@@ -394,10 +395,10 @@ class Model:
         """Events of `infill`; its one `Commit` holds the gap's tokens. Bad arguments raise ValueError at once."""
         return self._stream(self.infill_request(prefix, suffix, fill_length, seed=seed, rng=rng, **params), stats)
 
-    def infill_request(self, prefix: str, suffix: str, fill_length: int | None = None, *, seed: int | None = None,
-                       rng: Rng | None = None, **params: Any) -> Request:
-        """The `infill` as a validated request, e.g. for `dgrun.Scheduler.submit`."""
-        prompt = self.tokenize(prefix)
+    def infill_request(self, prefix: str | list[int], suffix: str, fill_length: int | None = None, *,
+                       seed: int | None = None, rng: Rng | None = None, **params: Any) -> Request:
+        """The `infill` as a validated request, e.g. for `dgrun.Scheduler.submit`; the prefix may be token ids."""
+        prompt = self.tokenize(prefix) if isinstance(prefix, str) else prefix
         suffix_ids = self.tokenize(suffix, add_bos=False)
         canvas_length = self.config.canvas_length
         if len(suffix_ids) >= canvas_length:
@@ -543,6 +544,19 @@ class Model:
         """Set adapter scales as llama.cpp's `POST /lora-adapters` does: `[{"id": 0, "scale": 0.5}, ...]`; an
         adapter left out of the list gets scale 0 (disabled). Only between generations (else ModelBusyError);
         adapters merged at load keep their scales (ValueError)."""
+        scales = self.lora_scales(entries)
+        if self.lora is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is generating: change adapter scales between generations")
+        try:
+            self.lora.set_scales(scales)
+        finally:
+            self._lock.release()
+
+    def lora_scales(self, entries: Sequence[dict[str, Any]]) -> list[float]:
+        """The scale of every loaded adapter that `set_lora_adapters(entries)` would set (checked, not applied):
+        a ValueError names a bad id or scale."""
         count = 0 if self.lora is None else len(self.lora.adapters)
         scales = [0.0] * count
         for entry in entries:
@@ -553,14 +567,7 @@ class Model:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
                 raise ValueError(f"LoRA adapter {index}: scale must be a finite number, got {scale!r}")
             scales[index] = float(scale)
-        if self.lora is None:
-            return
-        if not self._lock.acquire(blocking=False):
-            raise ModelBusyError("this Model is generating: change adapter scales between generations")
-        try:
-            self.lora.set_scales(scales)
-        finally:
-            self._lock.release()
+        return scales
 
     def close(self) -> None:
         """Release the memory maps (model and adapters). The Model is unusable afterwards."""

@@ -151,6 +151,9 @@ class Request:
     `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
     `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
     backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    `time_limit` is a budget in seconds counted from the end of the prompt's encoding, as llama.cpp's
+    `t_max_predict_ms` counts from the first token: once it is spent, the canvas in progress commits its current
+    argmax draft at the end of that step, and generation ends.
     """
 
     prompt_ids: np.ndarray
@@ -158,6 +161,7 @@ class Request:
     rng: Rng
     cache: KVCache | None = None
     layout: CanvasLayout | None = None
+    time_limit: float | None = None
 
 
 class Generation:
@@ -189,6 +193,8 @@ class Generation:
         self._canvas_index = -1
         self._produced = 0
         self._started = time.perf_counter()
+        self._time_limit = request.time_limit
+        self._deadline: float | None = None  # set once the prompt is read: the time limit counts from there
 
     def prepare(self) -> list[Draft | Commit]:
         """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas.
@@ -201,6 +207,8 @@ class Generation:
             self.graph.encode(self._unencoded, self.cache)
             self.stats.encoder_passes += 1
             self._unencoded = self._unencoded[:0]
+        if self._time_limit is not None and self._deadline is None:
+            self._deadline = time.perf_counter() + self._time_limit
         self._canvas_index += 1
         self._clamp: np.ndarray | None = None
         if self.layout is not None:  # a layout is one canvas, the first
@@ -240,29 +248,30 @@ class Generation:
         self.canvas, self._argmax, self.self_cond = result.canvas, result.argmax, result.processed_logits
         events: list[Draft | Commit] = [Draft(self._canvas_index, self._steps, result.argmax, result.accepted)]
         stop = self._stopper is not None and self._stopper(result.argmax, result.mean_entropy)
+        out_of_time = self._deadline is not None and time.perf_counter() >= self._deadline
         if guide is None:
-            if stop or self._steps == params.max_denoising_steps:
-                events.append(self._commit())
+            if stop or out_of_time or self._steps == params.max_denoising_steps:
+                events.append(self._commit(last=out_of_time))
             return events
-        if not guide.canvas_done and (stop or self._steps == params.max_denoising_steps):
+        if not guide.canvas_done and (stop or out_of_time or self._steps == params.max_denoising_steps):
             guide.finish(ops, result)
         if guide.canvas_done:
-            events.append(self._commit())
+            events.append(self._commit(last=out_of_time))
         return events
 
-    def _commit(self) -> Commit:
+    def _commit(self, last: bool = False) -> Commit:
         committed = np.asarray(self._argmax, dtype=np.int64)
         if self.layout is not None:
             tokens, finished = self.layout.result(committed), True
         elif self.guide is not None:
             committed = self.guide.canvas
-            tokens, finished = self.guide.committed(), self.guide.finished
+            tokens, finished = self.guide.committed(), last or self.guide.finished
             self.stats.constraint = self.guide.stats.as_dict()
         else:
             hits = np.flatnonzero(np.isin(committed, self._eos)) if self._eos.size else np.zeros(0, np.int64)
             cut = committed[: hits[0] + 1] if hits.size else committed
             tokens = cut[: self.params.max_new_tokens - self._produced].tolist()
-            finished = hits.size > 0 or self._produced + len(tokens) >= self.params.max_new_tokens
+            finished = last or hits.size > 0 or self._produced + len(tokens) >= self.params.max_new_tokens
         self._produced += len(tokens)
         stats = self.stats
         stats.canvases += 1

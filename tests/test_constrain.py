@@ -198,6 +198,43 @@ def test_openai_response_format_maps_to_a_constraint(model):
     assert isinstance(json.loads(answer_text(model, out.tokens)), dict)
 
 
+def test_the_server_takes_response_format_regex_and_grammar(guided):
+    """dgrun serve through the openai client: OpenAI's response_format on both endpoints, the extra regex / grammar
+    fields, in a stream too; each answer is the one the Python API gives with the same seed. One that does not
+    compile, or two at once, is a 400 naming the field."""
+    import openai
+    from test_server import running
+
+    steps = {"max_denoising_steps": 6}
+    with load_fast(guided["hf"]) as ref, running(lambda: load_fast(guided["hf"]), max_batch=4) as srv:
+        client = srv.client()
+        messages = [{"role": "user", "content": "hi"}]
+        spec = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+        chat = client.chat.completions.create(model="m", messages=messages, seed=1, max_tokens=96, extra_body=steps,
+                                              response_format=spec)  # type: ignore[arg-type]
+        expected = ref.chat(messages, seed=1, max_new_tokens=96, json_schema=PERSON, **steps)
+        assert chat.choices[0].message.content == check_valid(ref, "json", expected.tokens)
+        assert chat.choices[0].finish_reason == "stop"
+        # The SDK's completions.create has no response_format argument: it travels in extra_body.
+        plain = client.completions.create(model="m", prompt="x", seed=2, max_tokens=64,
+                                          extra_body={**steps, "response_format": {"type": "json_object"}})
+        assert isinstance(json.loads(plain.choices[0].text), dict)
+        for seed, extra, case in ((3, {"regex": LONG_REGEX}, "regex"), (4, {"grammar": ARITHMETIC}, "lark")):
+            expected = ref.generate("x", seed=seed, max_new_tokens=96, **steps, **CASES[case])
+            stream = client.completions.create(model="m", prompt="x", seed=seed, max_tokens=96, stream=True,
+                                               extra_body={**steps, **extra})
+            assert "".join(c.choices[0].text for c in stream if c.choices) == check_valid(ref, case, expected.tokens)
+        for body, param in (({"response_format": {"type": "xml"}}, "response_format"),
+                            ({"regex": "(("}, "regex"), ({"grammar": "start: nothing"}, "grammar"),
+                            ({"regex": "a", "grammar": 'start: "a"'}, "grammar")):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.completions.create(model="m", prompt="x", max_tokens=8, extra_body=body)
+            error = info.value.body
+            assert info.value.status_code == 400 and error["param"] == param and "\n" not in error["message"], error
+        with pytest.raises(openai.BadRequestError):  # an infill takes no constraint
+            client.completions.create(model="m", prompt="x", suffix="y", extra_body={"regex": "a"})
+
+
 def test_a_sentencepiece_with_a_dummy_prefix_and_no_byte_fallback(tmp_path):
     """The fixtures' 128-piece tokenizer puts a space before what it encodes and has no piece for "{": text the
     grammar forces mid-answer is still spelt byte for byte, and a grammar this vocabulary cannot write ends the
