@@ -322,7 +322,7 @@ def _load_model(args: argparse.Namespace) -> Model:
         path = default_model_path()
         if not path.is_file():
             raise UsageError(f"no model given (-m MODEL) and the demo model is not installed (expected {path})")
-        print(f"dgrun: no -m given: using the demo model {path}", file=sys.stderr)
+        sys.stderr.write(f"dgrun: no -m given: using the demo model {path}\n")  # one write: `serve` prints meanwhile
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")

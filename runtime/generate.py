@@ -184,7 +184,7 @@ class Generation:
         self.stats = stats if stats is not None else Stats()
         self.finished = False
         self.canvas: np.ndarray | None = None  # what the next decoder pass reads; None between canvases
-        self.self_cond: Any | None = None  # the last step's processed logits (None on a canvas's first step)
+        self.self_cond: Any | None = None  # the last step's SelfCondition (None on a canvas's first step)
         self._unencoded = np.asarray(request.prompt_ids, dtype=np.int64)
         self._eos = np.asarray(self.params.eos_token_ids, dtype=np.int64)
         constraint = self.params.constraint
@@ -233,7 +233,7 @@ class Generation:
                            params.t_max)
         self._steps += 1
         self.stats.decoder_passes += 1
-        self.self_cond = None  # spent by this pass: a backend may reuse its arrays for this step's
+        self.self_cond = None  # spent by this pass
         guide, ops = self.guide, self.graph.ops
         if guide is not None:
             logits = guide.mask(ops, logits)
@@ -245,18 +245,20 @@ class Generation:
         if guide is not None:
             guide.after_step(result, self.rng)
             self._clamp = guide.clamp()
-        self.canvas, self._argmax, self.self_cond = result.canvas, result.argmax, result.processed_logits
+        self.canvas, self._argmax = result.canvas, result.argmax
         events: list[Draft | Commit] = [Draft(self._canvas_index, self._steps, result.argmax, result.accepted)]
         stop = self._stopper is not None and self._stopper(result.argmax, result.mean_entropy)
         out_of_time = self._deadline is not None and time.perf_counter() >= self._deadline
-        if guide is None:
-            if stop or out_of_time or self._steps == params.max_denoising_steps:
-                events.append(self._commit(last=out_of_time))
-            return events
-        if not guide.canvas_done and (stop or out_of_time or self._steps == params.max_denoising_steps):
-            guide.finish(ops, result)
-        if guide.canvas_done:
+        ended = stop or out_of_time or self._steps == params.max_denoising_steps
+        if guide is not None:  # a constrained canvas ends when its frontier does; one cut short is finished first
+            if ended and not guide.canvas_done:
+                guide.finish(ops, result)
+            ended = guide.canvas_done
+        if ended:
             events.append(self._commit(last=out_of_time))
+        else:
+            # The next pass's self-conditioning, made now: then no canvas x vocab array outlives the step.
+            self.self_cond = self.graph.self_condition(result.processed_logits)
         return events
 
     def _commit(self, last: bool = False) -> Commit:

@@ -100,6 +100,15 @@ class KVCache:
         return KVCache(list(self.keys), list(self.values), self.length, list(self.positions))
 
 
+@dataclass
+class SelfCondition:
+    """The self-conditioning input of a decoder pass, softmax(processed logits) @ embedding * embed_scale, made
+    as soon as a step ends (`DiffusionGemma.self_condition`) so that the step's canvas x vocab logits need not
+    stay alive until the next pass has made its own."""
+
+    soft_embedding: Any
+
+
 def _last_rows(ops: Any, x: Any, keep: int) -> Any:
     """The last `keep` rows of x in an array of their own. A view (`x[-keep:]`) would keep all of x alive: for a
     sliding layer, every row the chunk concatenated, where the window needs only window-1."""
@@ -238,8 +247,16 @@ class DiffusionGemma:
         self._attention(last, x, positions, [cache], [len(ids)], encoder=True, output=False)
         cache.length += len(ids)
 
+    def self_condition(self, processed_logits: Any) -> SelfCondition:
+        """A step's processed logits [canvas, vocab] as the next decoder pass's self-conditioning input."""
+        return SelfCondition(self.ops.soft_embed(processed_logits, self.w["token_embd.weight"], self.cfg.embed_scale))
+
     def decode(self, canvas: np.ndarray, cache: KVCache, self_cond_logits: Any | None) -> Any:
-        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab]."""
+        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab].
+
+        `self_cond_logits`: None on a canvas's first step, else the previous step's processed logits (as
+        transformers takes them) or the `SelfCondition` already made from them.
+        """
         return self.decode_batch([canvas], [cache], [self_cond_logits])[0]
 
     def decode_batch(self, canvases: Sequence[np.ndarray], caches: Sequence[KVCache],
@@ -249,7 +266,8 @@ class DiffusionGemma:
         The canvases' rows are concatenated, so every matmul (projections, dense MLP, router, MoE, output) reads
         its weights once for the whole batch; attention runs per element against that element's cache, and
         elements may be at different positions. Every op is row-independent, so each element's logits are
-        bit-identical to a pass of its own. An element's self-conditioning logits are None on its first step.
+        bit-identical to a pass of its own. An element's self-conditioning input is None on its first step, else
+        as `decode` takes it.
         """
         ops, cfg = self.ops, self.cfg
         canvases = [np.asarray(c, dtype=np.int64) for c in canvases]
@@ -264,20 +282,21 @@ class DiffusionGemma:
         for i in range(cfg.num_hidden_layers):
             x = self._layer(i, x, positions, caches, sizes, encoder=False)
         x = ops.rms_norm(x, self.vec["output_norm.weight"], cfg.rms_norm_eps)
-        logits = ops.softcap(ops.linear(x, self.output), cfg.final_logit_softcapping)
+        logits = ops.logits(x, self.output, cfg.final_logit_softcapping)
         ends = np.cumsum(sizes).tolist()
         return [logits[end - size:end] for size, end in zip(sizes, ends, strict=True)]
 
-    def _self_condition(self, x: Any, sizes: list[int], self_cond_logits: list[Any | None]) -> Any:
+    def _self_condition(self, x: Any, sizes: list[int], self_cond: list[Any | None]) -> Any:
         """Add each element's self-conditioning signal to its embedded rows (elements without one keep theirs).
 
-        The soft embedding runs per element: it contracts over the vocabulary, so batching it saves nothing but
-        the table's decoding, and per element it reads the sampler's own probabilities (the cpu backend keeps
-        them). The gated MLP then runs over all those elements' rows at once.
+        The soft embedding runs per element (`self_condition`, unless the caller made it as its step ended): it
+        contracts over the vocabulary, so batching it saves nothing but the table's decoding, and per element it
+        reads the sampler step's own row statistics (the cpu backend keeps them). The gated MLP then runs over
+        all those elements' rows at once.
         """
         ops, cfg = self.ops, self.cfg
-        signals = [ops.soft_embed(logits, self.w["token_embd.weight"], cfg.embed_scale)
-                   for logits in self_cond_logits if logits is not None]
+        signals = [(s if isinstance(s, SelfCondition) else self.self_condition(s)).soft_embedding
+                   for s in self_cond if s is not None]
         if not signals:
             return x
         soft = ops.concat(*signals)
@@ -286,9 +305,9 @@ class DiffusionGemma:
         # Element by element, so a first-step element's rows stay exactly as embedded (no + 0.0 turning -0.0 to
         # +0.0): the same arithmetic as a pass of its own.
         pieces, row, signal_row = [], 0, 0
-        for size, logits in zip(sizes, self_cond_logits, strict=True):
+        for size, s in zip(sizes, self_cond, strict=True):
             piece = x[row:row + size]
-            if logits is not None:
+            if s is not None:
                 piece = piece + soft[signal_row:signal_row + size]
                 signal_row += size
             pieces.append(piece)

@@ -1342,8 +1342,14 @@ def main(argv: list[str]) -> int:
 
     app = create_app(lambda: _load_model(args), settings, on_load_error=failed)
     shown = f"[{host}]" if ":" in host else host
-    server = Server(app, verbose=args.verbose, on_started=lambda: print(
-        f"dgrun: listening on http://{shown}:{port}", file=sys.stderr, flush=True))
+
+    def announce() -> None:
+        # One write: the loading thread prints to stderr meanwhile, and print() writes text and newline apart,
+        # so two print()s can interleave into a line that a client waiting for this one never sees.
+        sys.stderr.write(f"dgrun: listening on http://{shown}:{port}\n")
+        sys.stderr.flush()
+
+    server = Server(app, verbose=args.verbose, on_started=announce)
     server.run(sockets=[sock])
     error = app.state.dgrun.load_error
     if error is not None:

@@ -72,6 +72,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def float32_cpu_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test compares backends with the numpy reference in float32: the cpu backend's integer arithmetic
+    (on by default for quantized files) has tests of its own, which turn it on (test_int8.py, test_quantized.py)."""
+    monkeypatch.setenv("DGRUN_CPU_INT8", "0")
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoint]:
     """Lazily built checkpoints by name."""

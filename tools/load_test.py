@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -52,8 +53,9 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     assert server.stderr is not None
     for _ in range(20):
         line = server.stderr.readline()
-        if line.startswith("dgrun: listening on "):
-            url = line.split()[-1]
+        found = re.search(r"dgrun: listening on (http://\S+)", line)
+        if found:
+            url = found.group(1)
             break
         if not line:
             sys.exit(f"load_test: the server did not start (exit status {server.wait()})")
@@ -61,15 +63,21 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
         sys.exit("load_test: the server did not say where it listens")
     threading.Thread(target=server.stderr.read, daemon=True).start()  # keep draining its log
     deadline = time.monotonic() + 300
+    last = "no answer"
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
+            # trust_env=False: a proxy named in the environment must not stand between us and loopback.
+            answer = httpx.get(url + "/health", timeout=5, trust_env=False)
+            if answer.status_code == 200:
                 return server, url
-        except httpx.HTTPError:
-            pass
+            last = f"{answer.status_code} {answer.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        if server.poll() is not None:
+            sys.exit(f"load_test: the server exited with status {server.returncode} before the model loaded")
         time.sleep(0.2)
     server.kill()
-    sys.exit("load_test: the model did not load within 300 s")
+    sys.exit(f"load_test: the model did not load within 300 s (last /health: {last})")
 
 
 def run_level(url: str, clients: int, seconds: float, max_tokens: int, seed_base: int) -> dict[str, Any]:
@@ -79,7 +87,7 @@ def run_level(url: str, clients: int, seconds: float, max_tokens: int, seed_base
     stop_at = time.monotonic() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=600, trust_env=False) as http:
             n = 0
             while time.monotonic() < stop_at:
                 body = {"prompt": PROMPTS[(k + n) % len(PROMPTS)], "max_tokens": max_tokens,
