@@ -716,6 +716,43 @@ class CudaBackend:
         return sampler.StepResult(out[:rows].astype(np.int64), out[rows:2 * rows].astype(np.int64), logits,
                                   out[2 * rows:3 * rows].astype(bool), mean_entropy)
 
+    # -- constrained decoding (dgrun.constrain) -----------------------------------------------------------
+
+    def _bitmask_rows(self, logits: DeviceArray, start: int, stop: int, bitmask: np.ndarray | None) -> Any:
+        """Check a run of rows of [canvas, vocab] logits and upload its bitmask: the device pointer (NULL when
+        there is none) and the buffer that must live until the kernel has run."""
+        if logits.ndim != 2 or not 0 <= start < stop <= min(logits.shape[0], MAX_CANVAS):
+            raise ValueError(f"rows {start}..{stop} are not rows of the [canvas, vocab] logits {logits.shape}")
+        n = self.native
+        if bitmask is None:
+            return n.ptr("uint32_t *", 0), None
+        words = (logits.shape[1] + 31) // 32
+        if bitmask.shape != (stop - start, words):
+            raise ValueError(f"a bitmask for {stop - start} rows of {logits.shape[1]} tokens is "
+                             f"[{stop - start}, {words}] int32, not {bitmask.shape}")
+        buffer = _upload_bytes(np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8))
+        return n.ptr("uint32_t *", buffer.address), buffer
+
+    def mask_rows(self, logits: DeviceArray | np.ndarray, start: int, bitmask: np.ndarray) -> DeviceArray:
+        """`dgrun.sampler.mask_rows` on the device (in place): only the bitmask is uploaded."""
+        logits = self._device_f32(logits)
+        stop = start + len(bitmask)
+        mask, _buffer = self._bitmask_rows(logits, start, stop, bitmask)
+        self.native.call("dg_mask_rows", _f(logits[start:stop]), stop - start, logits.shape[1], mask,
+                         float(sampler.MASKED_LOGIT))
+        return logits
+
+    def argmax_rows(self, logits: DeviceArray | np.ndarray, start: int, stop: int,
+                    bitmask: np.ndarray | None = None) -> np.ndarray:
+        """`dgrun.sampler.argmax_rows` on the device; only the row indices come back."""
+        logits = self._device_f32(logits)
+        mask, _buffer = self._bitmask_rows(logits, start, stop, bitmask)
+        out = np.empty(stop - start, np.int32)
+        n = self.native
+        n.call("dg_argmax_rows", _f(logits[start:stop]), stop - start, logits.shape[1], mask,
+               n.host("int32_t *", out))
+        return out.astype(np.int64)
+
 
 def _upload_bytes(data: np.ndarray) -> _Buffer:
     """A uint8 host array copied to a fresh device buffer."""

@@ -508,6 +508,12 @@ def _attend(q: mx.array, kt: mx.array, v: mx.array, visible: mx.array | None) ->
     return mx.softmax(scores, axis=-1) @ v
 
 
+def _allowed(bitmask: mx.array, vocab: int) -> mx.array:
+    """bool [rows, vocab] from int32 llguidance bitmasks: bit i % 32 of word i // 32 allows token i."""
+    token = mx.arange(vocab, dtype=mx.int32)
+    return ((bitmask[:, token >> 5] >> (token & 31)) & 1) == 1  # arithmetic shift, but only bit 0 is kept
+
+
 class MlxBackend:
     """The op interface (see `dgrun.backends`) on mlx.core arrays: float32 compute, weights in MLX layouts."""
 
@@ -861,3 +867,22 @@ class MlxBackend:
         processed = logits / temp_array
         self._processed = (weakref.ref(processed), logits, temp_array)
         return sampler.finish_step(processed, drawn, argmax, entropy, canvas, entropy_bound, rng, clamp)
+
+    # -- constrained decoding (dgrun.constrain) -------------------------------------------------------------
+
+    def mask_rows(self, logits: mx.array | np.ndarray, start: int, bitmask: np.ndarray) -> mx.array:
+        """`dgrun.sampler.mask_rows` on the device: only the bitmask ([rows, vocab/32] int32) is uploaded."""
+        logits = mx.array(logits) if isinstance(logits, np.ndarray) else logits
+        stop = start + bitmask.shape[0]
+        allowed = _allowed(mx.array(np.ascontiguousarray(bitmask, dtype=np.int32)), logits.shape[-1])
+        logits[start:stop] = mx.where(allowed, logits[start:stop], mx.array(sampler.MASKED_LOGIT))
+        return logits
+
+    def argmax_rows(self, logits: mx.array | np.ndarray, start: int, stop: int,
+                    bitmask: np.ndarray | None = None) -> np.ndarray:
+        """`dgrun.sampler.argmax_rows` on the device; only the row indices come back."""
+        rows = (mx.array(logits) if isinstance(logits, np.ndarray) else logits)[start:stop]
+        if bitmask is not None:
+            allowed = _allowed(mx.array(np.ascontiguousarray(bitmask, dtype=np.int32)), rows.shape[-1])
+            rows = mx.where(allowed, rows, mx.array(-math.inf, dtype=mx.float32))
+        return np.array(mx.argmax(rows, axis=-1)).astype(np.int64)

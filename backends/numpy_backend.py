@@ -292,3 +292,14 @@ class NumpyBackend:
         clamp: np.ndarray | None = None,
     ) -> sampler.StepResult:
         return sampler.denoise_step(logits, canvas, temp, entropy_bound, rng, clamp)
+
+    # -- constrained decoding (dgrun.constrain) ---------------------------------------------------------
+
+    def mask_rows(self, logits: np.ndarray, start: int, bitmask: np.ndarray) -> np.ndarray:
+        """Forbid, in rows start.. of the logits (in place), the tokens each llguidance bitmask row forbids."""
+        return sampler.mask_rows(logits, start, bitmask)
+
+    def argmax_rows(self, logits: np.ndarray, start: int, stop: int,
+                    bitmask: np.ndarray | None = None) -> np.ndarray:
+        """Host int64 argmax of rows start..stop-1, over the tokens `bitmask` allows if given."""
+        return sampler.argmax_rows(logits, start, stop, bitmask)

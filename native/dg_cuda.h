@@ -2,8 +2,8 @@
  *
  * Conventions:
  * - every function returns 0 on success or a nonzero status; dg_last_error() then says what failed;
- * - all work is queued on one stream in order; only dg_upload, dg_download, dg_sample_step and dg_synchronize
- *   wait for it;
+ * - all work is queued on one stream in order; only dg_upload, dg_download, dg_sample_step, dg_argmax_rows and
+ *   dg_synchronize wait for it;
  * - pointers are device pointers unless the name says host; activations are float32, row-major, contiguous;
  * - weights are raw ggml blocks (`type` is the ggml type id, `row_bytes` the bytes of one row, `tensor_scale`
  *   the NVFP4 per-tensor scale, 1 for other types);
@@ -107,6 +107,13 @@ int dg_sample_step(float* logits, int rows, int vocab, const int32_t* canvas, co
                    float temperature, float entropy_bound, uint64_t seed, uint64_t step, float keep_logit,
                    int max_kept, float* row_max, float* row_total, float* mass, int32_t* kept_n, int32_t* kept,
                    int32_t* host_out);
+/* Constrained decoding: in `rows` rows of logits [rows, vocab] (a view starting at the first row to mask), set
+ * every token the llguidance bitmask row (int32 words, bit i % 32 of word i / 32; (vocab + 31) / 32 words per
+ * row) forbids to `value`. */
+int dg_mask_rows(float* logits, int rows, int vocab, const uint32_t* bitmask, float value);
+/* Each row's argmax (first index on ties) of logits [rows, vocab], over the tokens the bitmask row allows
+ * (bitmask NULL: all); a row that allows none gives 0. Waits, then writes rows int32 to host_out. */
+int dg_argmax_rows(const float* logits, int rows, int vocab, const uint32_t* bitmask, int32_t* host_out);
 /* </cdef> */
 #ifdef __cplusplus
 }

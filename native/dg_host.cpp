@@ -134,4 +134,8 @@ void dg_host_visible(const int32_t* q_pos, const int32_t* k_pos, int causal, int
     for (int64_t i = 0; i < n; ++i) out[i] = dg_visible(q_pos[i], k_pos[i], causal, window) ? 1 : 0;
 }
 
+void dg_host_token_allowed(const uint32_t* words, int64_t n, uint8_t* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = dg_token_allowed(words, (int)i) ? 1 : 0;
+}
+
 }  // extern "C"

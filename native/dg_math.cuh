@@ -349,6 +349,10 @@ DG_HD bool dg_visible(int q_pos, int k_pos, int causal, int window) {
     return (!causal || k_pos <= q_pos) && (window <= 0 || k_pos > q_pos - window);
 }
 
+// Whether an llguidance token bitmask (int32 words, bit i % 32 of word i / 32) allows token i: the grammar
+// masks of constrained decoding (dgrun.constrain).
+DG_HD bool dg_token_allowed(const uint32_t* words, int i) { return (words[i >> 5] >> (i & 31)) & 1u; }
+
 // First index j < m with k_pos[j] > x (m when none), k_pos ascending.
 DG_HD int dg_upper_bound(const int32_t* k_pos, int m, int64_t x) {
     int lo = 0, hi = m;

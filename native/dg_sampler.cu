@@ -227,7 +227,55 @@ __global__ void __launch_bounds__(ROW_THREADS) accept_kernel(const float* entrop
     }
 }
 
+// Constrained decoding: forbidden tokens of a run of rows set to `value`; grid (vocab blocks, rows).
+__global__ void mask_rows_kernel(float* logits, int vocab, const uint32_t* bitmask, int words, float value) {
+    int row = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < vocab && !dg_token_allowed(bitmask + (int64_t)row * words, i)) logits[(int64_t)row * vocab + i] = value;
+}
+
+// One block per row: the argmax over the allowed tokens (all without a bitmask), first index on ties.
+__global__ void __launch_bounds__(ROW_THREADS) argmax_rows_kernel(const float* logits, int vocab,
+                                                                  const uint32_t* bitmask, int words,
+                                                                  int32_t* out) {
+    __shared__ float red_v[32];
+    __shared__ int red_i[32];
+    int row = blockIdx.x;
+    const float* x = logits + (int64_t)row * vocab;
+    const uint32_t* allowed = bitmask ? bitmask + (int64_t)row * words : nullptr;
+    float best = -INFINITY;
+    int best_i = INT32_MAX;
+    for (int i = threadIdx.x; i < vocab; i += ROW_THREADS)
+        if (!allowed || dg_token_allowed(allowed, i)) dg_argmax_merge(best, best_i, x[i], i);
+    dg_block_argmax(best, best_i, red_v, red_i);
+    if (threadIdx.x == 0) out[row] = best_i < vocab ? best_i : 0;
+}
+
 }  // namespace
+
+extern "C" int dg_mask_rows(float* logits, int rows, int vocab, const uint32_t* bitmask, float value) {
+    DG_ENTER();
+    DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
+    DG_REQUIRE(vocab > 0, "vocab must be positive");
+    dim3 grid((vocab + 255) / 256, rows);
+    mask_rows_kernel<<<grid, 256, 0, dg_stream>>>(logits, vocab, bitmask, (vocab + 31) / 32, value);
+    DG_LAUNCHED(mask_rows_kernel);
+    return 0;
+}
+
+extern "C" int dg_argmax_rows(const float* logits, int rows, int vocab, const uint32_t* bitmask,
+                              int32_t* host_out) {
+    DG_ENTER();
+    DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
+    DG_REQUIRE(vocab > 0, "vocab must be positive");
+    DgScratch scratch;  // given back however this function returns
+    int32_t* out;
+    DG_SCRATCH(scratch, &out, rows);
+    argmax_rows_kernel<<<rows, ROW_THREADS, 0, dg_stream>>>(logits, vocab, bitmask, (vocab + 31) / 32, out);
+    DG_LAUNCHED(argmax_rows_kernel);
+    DG_TRY(cudaMemcpyAsync(host_out, out, (size_t)rows * sizeof(int32_t), cudaMemcpyDeviceToHost, dg_stream));
+    DG_TRY(cudaStreamSynchronize(dg_stream));
+    return 0;
+}
 
 extern "C" int dg_sample_step(float* logits, int rows, int vocab, const int32_t* canvas, const uint8_t* clamp,
                               float temperature, float entropy_bound, uint64_t seed, uint64_t step,

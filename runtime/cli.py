@@ -7,6 +7,7 @@
     dgrun -m model.dgf -p "def add(a, b):<FILL>return c"
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
     dgrun -m model.dgf -p "2 651 4937" --token-ids    # the prompt as token ids (any file, even without tokenizer)
+    dgrun -m model.dgf --chat -p "Name a city" --json-schema '{"type": "object"}'
     dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
     dgrun info model.dgf
     dgrun serve -m model.dgf --port 8080               # OpenAI- and llama.cpp-compatible HTTP server
@@ -125,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-adaptive-stopping", action="store_true", help="always run every denoising step")
     gen.add_argument("--seed", type=int, metavar="N", help="random seed, for reproducible output")
 
+    constrained = parser.add_argument_group("constrained output (at most one; not with infill or edit)")
+    constrained.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                             help="the answer is JSON valid under this schema (a file, or the schema's JSON text)")
+    constrained.add_argument("--regex", metavar="PATTERN", help="the answer matches this regular expression")
+    constrained.add_argument("--grammar", metavar="FILE", help="the answer follows this Lark grammar "
+                                                               "(llguidance's dialect)")
+
     modes = parser.add_argument_group("modes")
     modes.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     modes.add_argument("--system", metavar="TEXT", help="system message for --chat and --interactive")
@@ -193,6 +201,7 @@ def _generate_command(argv: list[str]) -> int:
         "max_new_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
         "confidence_threshold")}
     params["adaptive_stopping"] = not args.no_adaptive_stopping
+    params.update(_constraint_args(args))
     with model:
         if mode == "interactive":
             return _interactive(model, args, prompt, params)
@@ -235,10 +244,7 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
     if args.prompt is not None:
         return args.prompt
     if args.file is not None:
-        try:
-            return Path(args.file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read the prompt file {args.file}: {getattr(e, 'strerror', None) or e}") from None
+        return _read_text(Path(args.file), "prompt")
     # stdin is the prompt only where one is expected: -i reads its turns there, infill and edit have their text.
     takes_prompt = not (args.interactive or args.prefix is not None or args.suffix is not None or args.edit is not None)
     if takes_prompt and not sys.stdin.isatty():
@@ -278,6 +284,12 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
                                          ("--interactive", args.interactive)) if on]
     if args.image and image_modes:
         raise UsageError(f"--image cannot be combined with {image_modes[0]}: images go in a prompt (plain or --chat)")
+    given = [flag for flag, value in (("--json-schema", args.json_schema), ("--regex", args.regex),
+                                      ("--grammar", args.grammar)) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} cannot be combined: give one constraint")
+    if given and (args.edit is not None or infill_flags or markers):
+        raise UsageError(f"{given[0]} constrains generation and chat, not infill or edit")
     if args.token_ids:
         return "ids"
     if args.edit is not None:
@@ -289,6 +301,26 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
     if prompt is None:
         raise UsageError("no prompt: give -p TEXT, -f FILE or pipe text on stdin")
     return "chat" if args.chat else "plain"
+
+
+def _constraint_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--json-schema (a file or JSON text), --regex, --grammar (a file) as the API's keyword arguments."""
+    if args.json_schema is not None:
+        if args.json_schema.lstrip().startswith("{"):
+            return {"json_schema": args.json_schema}
+        if not Path(args.json_schema).is_file():
+            raise UsageError(f"--json-schema {args.json_schema!r} is neither a file nor a JSON object")
+        return {"json_schema": _read_text(Path(args.json_schema), "--json-schema")}
+    if args.grammar is not None:
+        return {"grammar": _read_text(Path(args.grammar), "--grammar")}
+    return {} if args.regex is None else {"regex": args.regex}
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the {flag} file {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _parse_token_ids(prompt: str | None) -> list[int]:

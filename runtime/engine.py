@@ -16,6 +16,7 @@ from gguf import TokenType
 from dgrun.backends import get_backend
 from dgrun.chat import ChatTemplate, ChatTemplateError, Message
 from dgrun.config import ConfigError, GenerationConfig, ModelConfig
+from dgrun.constrain import Constraint, GrammarVocab
 from dgrun.format import FormatError, GGUFFile
 from dgrun.generate import (
     MAX_BATCH,
@@ -132,6 +133,7 @@ class Model:
             self.close()
             raise
         self._lock = threading.Lock()
+        self._grammar_vocab: GrammarVocab | None = None
 
     def _vision_config(self, file: GGUFFile, mmproj: str | Path | None) -> VisionConfig | None:
         """The vision tower's config (its tensors checked), or None for a text-only file."""
@@ -259,14 +261,31 @@ class Model:
 
     # -- generation ----------------------------------------------------------------------------------
 
+    def constraint(self, json_schema: dict[str, Any] | str | None = None, regex: str | None = None,
+                   grammar: str | None = None) -> Constraint | None:
+        """Compile at most one of `json_schema` (a dict or JSON text), `regex` and `grammar` (Lark, in llguidance's
+        dialect) for this model's vocabulary; None when none is given. Compiled constraints are kept, so a
+        schema used again costs nothing. One that cannot compile raises `ConstraintError` (a ValueError)."""
+        if json_schema is None and regex is None and grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise NoTokenizerError(f"{self.path.name} has no tokenizer: constrained output needs one")
+        eos = self.generation_config.eos_token_ids
+        if self._grammar_vocab is None or self._grammar_vocab.eos_ids != tuple(eos):
+            self._grammar_vocab = GrammarVocab.of(self.tokenizer, self.config.vocab_size, eos)
+        return self._grammar_vocab.compile(json_schema, regex, grammar)
+
     def resolve_params(self, **overrides: Any) -> GenerationParams:
-        """Caller's values over the file's generation_config over transformers' global defaults."""
+        """Caller's values over the file's generation_config over transformers' global defaults; `json_schema`,
+        `regex` or `grammar` compile into the params' constraint (see `constraint`)."""
         values = self.generation_config.resolved()
         adaptive = overrides.pop("adaptive_stopping", True)
+        constraint = self.constraint(*(overrides.pop(kind, None) for kind in ("json_schema", "regex", "grammar")))
         for name, value in overrides.items():
             if value is not None:
                 values[name] = value
-        params = GenerationParams(**values, eos_token_ids=list(self.generation_config.eos_token_ids))
+        params = GenerationParams(**values, eos_token_ids=list(self.generation_config.eos_token_ids),
+                                  constraint=constraint)
         if not adaptive:
             params.stability_threshold = params.confidence_threshold = None
         params.validate()
@@ -402,6 +421,9 @@ class Model:
         rng: Rng | None = None,
         adaptive_stopping: bool = True,
         images: Sequence[ImageSource] | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> GenerationOutput:
         """Generate after `prompt` (text, tokenized with BOS per the file, or token ids used verbatim).
 
@@ -411,12 +433,15 @@ class Model:
         `images` (paths, encoded bytes or PIL images) go where a text prompt writes the model's image token, in
         order, or before the text when it writes none; a token-id prompt must already hold each image's run of
         image tokens. Bad images raise ValueError.
+        At most one of `json_schema` (a dict or JSON text), `regex` and `grammar` (Lark, llguidance's dialect)
+        constrains the answer: it matches whenever `max_new_tokens` leaves room (see `dgrun.constrain`).
         """
         stats = Stats()
         events = self.stream(prompt, seed=seed, rng=rng, stats=stats, images=images, max_new_tokens=max_new_tokens,
                              max_denoising_steps=max_denoising_steps, t_min=t_min, t_max=t_max,
                              entropy_bound=entropy_bound, stability_threshold=stability_threshold,
-                             confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping)
+                             confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping,
+                             json_schema=json_schema, regex=regex, grammar=grammar)
         return self._collect(events, stats)
 
     # -- batches ---------------------------------------------------------------------------------------
@@ -552,6 +577,9 @@ class Model:
         """One canvas whose non-`free` positions are clamped; its result is the non-special tokens of `output`."""
         if params.get("max_new_tokens") is not None:
             raise ValueError("infill and edit write exactly one canvas: max_new_tokens does not apply")
+        for kind in ("json_schema", "regex", "grammar"):
+            if params.get(kind) is not None:
+                raise ValueError(f"{kind} constrains generate, stream, chat and generate_batch, not infill or edit")
         request = self.request(prompt, seed=seed, rng=rng, **{**params, "max_new_tokens": self.config.canvas_length})
         dropped = frozenset(t for t in (*self.generation_config.eos_token_ids, self._pad_id) if t is not None)
         request.layout = CanvasLayout(canvas, free, output, dropped)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dgrun.constrain import CanvasGuide, Constraint
 from dgrun.model import DiffusionGemma, KVCache
 from dgrun.rng import Rng
 
@@ -41,6 +42,7 @@ class GenerationParams:
     stability_threshold: int | None
     confidence_threshold: float | None
     eos_token_ids: list[int] = field(default_factory=list)
+    constraint: Constraint | None = None  # a JSON schema, regex or grammar the answer must match (dgrun.constrain)
 
     def validate(self) -> None:
         """Refuse values transformers refuses, with one-line messages naming the parameter."""
@@ -103,6 +105,7 @@ class Stats:
     new_tokens: int = 0
     seconds: float = 0.0
     steps_per_canvas: list[int] = field(default_factory=list)
+    constraint: dict[str, Any] | None = None  # what a constraint did (`dgrun.constrain.GuideStats`), if any
 
     @property
     def tokens_per_forward(self) -> float:
@@ -118,6 +121,7 @@ class Stats:
             "decoder_passes": self.decoder_passes, "new_tokens": self.new_tokens,
             "tokens_per_forward": self.tokens_per_forward, "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second, "steps_per_canvas": list(self.steps_per_canvas),
+            **({} if self.constraint is None else {"constraint": dict(self.constraint)}),
         }
 
 
@@ -173,6 +177,10 @@ class Generation:
     `Draft` and, when the canvas ends, its `Commit`. The element's random draws go through its own `rng`, in
     the same order whatever else is in the batch. On finishing, `cache` holds every committed canvas except the
     last, exactly like transformers' returned cache.
+
+    With a constraint (`params.constraint`), a `dgrun.constrain.CanvasGuide` masks each pass's logits before
+    the sampler step, commits tokens at its frontier after it, and decides when a canvas is over; without one,
+    none of that code runs.
     """
 
     def __init__(self, graph: DiffusionGemma, request: Request, stats: Stats | None = None):
@@ -185,16 +193,21 @@ class Generation:
         self._unencoded = np.asarray(request.prompt_ids, dtype=np.int64)
         self._images = request.images  # embedded with the prompt's encoder pass, then dropped
         self._eos = np.asarray(self.params.eos_token_ids, dtype=np.int64)
+        constraint = self.params.constraint
+        self.guide = None if constraint is None else CanvasGuide(
+            constraint, graph.cfg.canvas_length, self.params.max_new_tokens, self.params.eos_token_ids)
         self._canvas_index = -1
         self._produced = 0
         self._started = time.perf_counter()
         self._time_limit = request.time_limit
         self._deadline: float | None = None  # set once the prompt is read: the time limit counts from there
 
-    def prepare(self) -> None:
-        """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas."""
+    def prepare(self) -> list[Draft | Commit]:
+        """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas.
+
+        Returns the canvas's Commit when it needs no pass (a constraint forced all of it), else nothing."""
         if self.canvas is not None:
-            return
+            return []
         cfg, params = self.graph.cfg, self.params
         if len(self._unencoded):
             images, self._images = self._images, None
@@ -213,6 +226,12 @@ class Generation:
         self._stopper = (StableAndConfident(params.stability_threshold, params.confidence_threshold)
                          if params.adaptive_stopping else None)
         self.self_cond, self._argmax, self._steps = None, self.canvas, 0
+        if self.guide is not None:
+            self.canvas = self._argmax = self.guide.start_canvas(self.canvas)
+            self._clamp = self.guide.clamp()
+            if self.guide.canvas_done:
+                return [self._commit()]
+        return []
 
     def advance(self, logits: Any) -> list[Draft | Commit]:
         """One sampler step on this element's logits of the pass: a Draft, then a Commit if the canvas ended."""
@@ -223,17 +242,27 @@ class Generation:
         self._steps += 1
         self.stats.decoder_passes += 1
         self.self_cond = None  # spent by this pass
-        result = self.graph.ops.denoise_step(logits, self.canvas, temp, params.entropy_bound, self.rng,
-                                             self._clamp)
+        guide, ops = self.guide, self.graph.ops
+        if guide is not None:
+            logits = guide.mask(ops, logits)
+        result = ops.denoise_step(logits, self.canvas, temp, params.entropy_bound, self.rng, self._clamp)
         if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
             raise FloatingPointError(f"the decoder produced NaN logits (canvas {self._canvas_index}, step "
                                      f"{self._steps}); the model file or the backend is broken, so no tokens are "
                                      "emitted")
+        if guide is not None:
+            guide.after_step(result, self.rng)
+            self._clamp = guide.clamp()
         self.canvas, self._argmax = result.canvas, result.argmax
         events: list[Draft | Commit] = [Draft(self._canvas_index, self._steps, result.argmax, result.accepted)]
         stop = self._stopper is not None and self._stopper(result.argmax, result.mean_entropy)
         out_of_time = self._deadline is not None and time.perf_counter() >= self._deadline
-        if stop or out_of_time or self._steps == params.max_denoising_steps:
+        ended = stop or out_of_time or self._steps == params.max_denoising_steps
+        if guide is not None:  # a constrained canvas ends when its frontier does; one cut short is finished first
+            if ended and not guide.canvas_done:
+                guide.finish(ops, result)
+            ended = guide.canvas_done
+        if ended:
             events.append(self._commit(last=out_of_time))
         else:
             # The next pass's self-conditioning, made now: then no canvas x vocab array outlives the step.
@@ -244,6 +273,10 @@ class Generation:
         committed = np.asarray(self._argmax, dtype=np.int64)
         if self.layout is not None:
             tokens, finished = self.layout.result(committed), True
+        elif self.guide is not None:
+            committed = self.guide.canvas
+            tokens, finished = self.guide.committed(), last or self.guide.finished
+            self.stats.constraint = self.guide.stats.as_dict()
         else:
             hits = np.flatnonzero(np.isin(committed, self._eos)) if self._eos.size else np.zeros(0, np.int64)
             cut = committed[: hits[0] + 1] if hits.size else committed
@@ -271,10 +304,14 @@ def decode_step(graph: DiffusionGemma,
     ready = []
     for j, generation in enumerate(generations):
         try:
-            generation.prepare()
-            ready.append(j)
+            events = generation.prepare()
         except Exception as e:  # this element's failure: reported to its caller, the others go on
             outcomes[j] = e
+            continue
+        if events:  # a canvas that needed no decoder pass
+            outcomes[j] = events
+        else:
+            ready.append(j)
     if ready:
         chosen = [generations[j] for j in ready]
         logits = graph.decode_batch([g.canvas for g in chosen], [g.cache for g in chosen],

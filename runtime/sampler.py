@@ -14,6 +14,10 @@ import numpy as np
 
 from dgrun.rng import Rng
 
+# A forbidden token's logit under a grammar mask (dgrun.constrain). Finite on purpose: exp() of it underflows to
+# exactly 0 after any temperature, and p·log p stays 0 in every backend's entropy, where -inf would give NaN.
+MASKED_LOGIT = np.float32(-1e30)
+
 
 def temperature(steps_remaining: int, max_steps: int, t_min: float, t_max: float) -> float:
     """Linear schedule: t_max on the first step (steps_remaining == max_steps), falling towards t_min."""
@@ -124,3 +128,26 @@ def finish_step(
     mean_entropy = float(token_entropy[free].mean()) if free.any() else 0.0
     return StepResult(new_canvas.astype(np.int64), np.asarray(argmax, dtype=np.int64), processed, accepted,
                       mean_entropy)
+
+
+def allowed_tokens(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """bool [rows, vocab] from llguidance's int32 [rows, ceil(vocab/32)] bitmasks: bit i % 32 of word i // 32
+    allows token i."""
+    words = np.ascontiguousarray(bitmask, dtype="<i4")
+    return np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size].astype(bool)
+
+
+def mask_rows(logits: np.ndarray, start: int, bitmask: np.ndarray) -> np.ndarray:
+    """Rows start.. of [canvas, vocab] logits, one per bitmask row, with every forbidden token set to
+    MASKED_LOGIT (in place); returns the logits."""
+    rows = logits[start:start + len(bitmask)]
+    rows[~allowed_tokens(bitmask, logits.shape[-1])] = MASKED_LOGIT
+    return logits
+
+
+def argmax_rows(logits: np.ndarray, start: int, stop: int, bitmask: np.ndarray | None = None) -> np.ndarray:
+    """Each row's argmax over rows start..stop-1, among the tokens `bitmask` (one row each) allows if given."""
+    rows = np.asarray(logits[start:stop])
+    if bitmask is not None:
+        rows = np.where(allowed_tokens(bitmask, rows.shape[-1]), rows, -np.inf)
+    return rows.argmax(axis=-1).astype(np.int64)

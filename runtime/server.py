@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgrun._version import __version__
 from dgrun.chat import ThoughtChannel
+from dgrun.constrain import ConstraintError, response_format_args
 from dgrun.engine import Model
 from dgrun.generate import MAX_BATCH, Commit, Draft, Request
 from dgrun.scheduler import Handle, Scheduler
@@ -87,7 +88,8 @@ _PARAM_OF_MESSAGE = {
     "max_new_tokens": "max_tokens", "fill_length": "max_tokens", "max_denoising_steps": "max_denoising_steps",
     "t_min": "t_min", "t_max": "t_max", "entropy_bound": "entropy_bound", "stability_threshold":
     "stability_threshold", "confidence_threshold": "confidence_threshold", "the suffix": "suffix", "span": "rewrite",
-    "no span": "rewrite", "the text": "text",
+    "no span": "rewrite", "the text": "text", "json_schema": "response_format", "regex": "regex",
+    "grammar": "grammar",
 }
 
 
@@ -183,7 +185,10 @@ class GenerationBody(BaseModel):
     confidence_threshold: float | None = Field(None, gt=0)
     adaptive_stopping: bool = True
     t_max_predict_ms: int | None = Field(None, ge=-1, description="time budget; when spent, the canvas commits")
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, description="OpenAI's: text, json_object or json_schema")
+    json_schema: dict[str, Any] | None = Field(None, description="llama.cpp's: the answer is JSON under this schema")
+    regex: str | None = Field(None, description="the answer matches this regular expression")
+    grammar: str | None = Field(None, description="the answer follows this Lark grammar (llguidance's dialect)")
 
 
 class ContentPart(BaseModel):
@@ -273,7 +278,6 @@ class LoraScale(BaseModel):
 
 def _check_supported(body: GenerationBody) -> None:
     """Refuse what this server cannot honour (rather than silently answering something else)."""
-    _constraint(body)
     if getattr(body, "tools", None) and body.tool_choice != "none":  # type: ignore[attr-defined]
         raise APIError(501, "tool calling is not supported", param="tools")
     if getattr(body, "functions", None):
@@ -290,12 +294,28 @@ def _check_supported(body: GenerationBody) -> None:
         _warn_once(f"ignoring the unknown request field {name!r}")
 
 
-def _constraint(body: GenerationBody) -> None:
-    """The one place that reads `response_format`: structured output waits for constrained generation."""
-    fmt = body.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet: dgrun cannot constrain its "
-                            "output to a schema", param="response_format", type="not_supported_error")
+def _constraint(model: Model, body: GenerationBody) -> dict[str, Any]:
+    """The request's constraint as the engine's keywords (see dgrun.constrain): OpenAI's `response_format`, or
+    one of the extra fields `json_schema` (llama.cpp's), `regex` and `grammar`. Compiled here, so that an error
+    names the field it is about; the engine finds it compiled."""
+    given = [name for name in ("json_schema", "regex", "grammar") if getattr(body, name) is not None]
+    try:
+        kwargs = response_format_args(body.response_format)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    if kwargs:
+        given.insert(0, "response_format")
+    if len(given) > 1:
+        raise APIError(400, f"give at most one of response_format, json_schema, regex and grammar (got "
+                            f"{' and '.join(given)})", param=given[1])
+    if not given:
+        return {}
+    kwargs = kwargs or {given[0]: getattr(body, given[0])}
+    try:
+        model.constraint(**kwargs)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param=given[0]) from None
+    return kwargs
 
 
 _warned: set[str] = set()
@@ -600,6 +620,7 @@ def _overrides(model: Model, body: GenerationBody, max_tokens: int | None) -> di
         for name in ("t_min", "t_max"):
             params[name] = (params[name] if params[name] is not None else defaults[name]) * scale
     params["max_new_tokens"] = max_tokens
+    params.update(_constraint(model, body))
     return params
 
 

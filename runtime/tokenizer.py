@@ -69,6 +69,11 @@ class Tokenizer:
             raise FormatError(f"{gguf.path}: the tokenizer cannot be built: {message}") from None
         return None
 
+    @property
+    def library(self) -> Any:
+        """The underlying `tokenizers.Tokenizer` or `sentencepiece.SentencePieceProcessor` (see `kind`)."""
+        return self._backend
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS prepended as the file says (or as `add_bos` overrides)."""
         add_bos = self.add_bos if add_bos is None else add_bos

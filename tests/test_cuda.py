@@ -301,6 +301,14 @@ class FakeNative:
         host_out[2 * rows:3 * rows] = result.accepted
         host_out[3 * rows:] = np.array([result.mean_entropy], np.float32).view(np.int32)
 
+    def _dg_mask_rows(self, logits, rows, vocab, bitmask, value) -> None:
+        x = self.f32(logits, rows, vocab)
+        x[~sampler.allowed_tokens(self.i32(bitmask, rows, (vocab + 31) // 32), vocab)] = np.float32(value)
+
+    def _dg_argmax_rows(self, logits, rows, vocab, bitmask, host_out) -> None:
+        mask = None if bitmask == 0 else self.i32(bitmask, rows, (vocab + 31) // 32)
+        host_out[:] = sampler.argmax_rows(self.f32(logits, rows, vocab), 0, rows, mask)
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeNative:

@@ -14,6 +14,7 @@ The kernels call exactly these inline functions, so what is pinned here holds on
 - the sparse soft embedding's keep / probability / accept rules against the numpy reference's;
 - Philox4x32-10 bit-exact with Random123's known answers and a numpy implementation, plus the two maps from
   random words to a uniform float and to a token id;
+- the token-bitmask predicate of constrained decoding, bit-exact with `dgrun.sampler.allowed_tokens`;
 - the scratch guard every kernel entry point allocates through gives everything back on every error path.
 That nvcc fuses none of this arithmetic into FMAs the host build (-ffp-contract=off) does not have is checked on
 the PTX by tools/check_ptx_fma.py, which tools/check_cuda_compile.sh runs (it needs nvcc, and a minute).
@@ -242,6 +243,17 @@ def test_visibility_matches_numpy_masks(host):
         if window:
             ref &= k_pos > q_pos - window
         assert (out.astype(bool) == ref).all(), (causal, window)
+
+
+def test_token_allowed_reads_llguidance_bitmasks(host):
+    """The predicate dg_mask_rows / dg_argmax_rows use, bit for bit against dgrun.sampler.allowed_tokens."""
+    rng = np.random.default_rng(6)
+    vocab = 1000
+    words = rng.integers(0, 2**32, (vocab + 31) // 32, dtype=np.uint64).astype(np.uint32)
+    words[3] = 0xFFFFFFFF
+    out = np.empty(vocab, np.uint8)
+    host.dg_host_token_allowed(host.ptr("uint32_t *", words), vocab, host.ptr("uint8_t *", out))
+    assert np.array_equal(out.astype(bool), sampler.allowed_tokens(words.view(np.int32)[None], vocab)[0])
 
 
 def test_key_ranges_match_the_numpy_reference(host):

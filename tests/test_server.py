@@ -594,9 +594,9 @@ def test_the_error_table(srv, ref):
     assert_error(post("/v1/completions", {"prompt": "x", "stop": 5}), 400, "invalid_request_error", "stop")
     too_long = post("/v1/completions", {"prompt": "x = [1, 2, 3]\n" * 60, "max_tokens": 16})
     assert assert_error(too_long, 400, "invalid_request_error", "prompt")["code"] == "context_length_exceeded"
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}  # does not compile
     assert_error(post("/v1/chat/completions", {"messages": MESSAGES, "response_format": schema}), 400,
-                 "not_supported_error", "response_format")
+                 "invalid_request_error", "response_format")
     assert_error(post("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}), 501,
                  "not_supported_error", "tools")
     assert_error(post("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True}), 501, "not_supported_error")

@@ -152,17 +152,34 @@ def train_sentencepiece(out_dir: Path, vocab_size: int) -> Path:
     return out_dir / "tokenizer.model"
 
 
-def train_bpe_tokenizer(out_dir: Path, vocab_size: int, special_tokens: list[str]) -> Path:
-    """A tiny HF tokenizer.json (BPE, Metaspace) whose first ids are `special_tokens`."""
+# Training text for the byte-level BPE tokenizer of constrained-output tests: code, prose and JSON.
+JSON_TEXT = [
+    '{"name": "Ada", "age": 36, "tags": ["math", "code"], "address": {"city": "London", "zip": "10115"}}',
+    '{"id": 7, "ok": true, "score": -1.5e3, "items": [], "note": null}', '[1, 2, 3]', '{"a": {"b": {"c": [0]}}}',
+] * 8
+
+
+def train_bpe_tokenizer(out_dir: Path, vocab_size: int, special_tokens: list[str], byte_level: bool = False) -> Path:
+    """A tiny HF tokenizer.json (BPE) whose first ids are `special_tokens`, trained in well under a second.
+
+    Metaspace pre-tokenization (SentencePiece-like) by default; `byte_level=True` makes the kind GPT-2 and Llama 3
+    ship (every byte also a token of its own), trained on JSON too, for constrained-output tests."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    tokenizer = Tokenizer(models.BPE())
+    if byte_level:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        text, alphabet = SAMPLE_TEXT + JSON_TEXT, pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+        text, alphabet = [*SAMPLE_TEXT, "\n"], []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(text, trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-    tok.decoder = decoders.Metaspace(prepend_scheme="never")
-    tok.train_from_iterator([*SAMPLE_TEXT, "\n"], trainers.BpeTrainer(vocab_size=vocab_size,
-                                                                     special_tokens=special_tokens))
-    tok.save(str(out_dir / "tokenizer.json"))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     return out_dir / "tokenizer.json"
 
 
@@ -454,3 +471,23 @@ def write_retyped(src: Path, dst: Path, type_name: str, seed: int = 0) -> dict[s
             counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
         write_file(writer, payloads)
     return counts
+
+
+# Nested objects, an array, an enum, bounded and unbounded strings, integers and numbers: the JSON schema constrained
+# output is tested (tests/test_constrain.py) and measured (tools/bench_constrained.py) with.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 130},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "address": {"type": "object", "properties": {"city": {"type": "string"},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "score": {"type": "number"},
+        "note": {"type": "string"},
+    },
+    "required": ["name", "age", "role", "address", "score"],
+    "additionalProperties": False,
+}
