@@ -157,7 +157,7 @@ class DgrunEngine:
         self.canvas = graph.cfg.canvas_length
         self.vocab = graph.cfg.vocab_size
         self.decode = graph.decode_batch = Timer(graph.decode_batch)
-        self.encode = graph.encode = Timer(graph.encode, key=lambda ids, cache: len(ids))
+        self.encode = graph.encode = Timer(graph.encode, key=lambda ids, *_: len(ids))
 
     def info(self) -> dict[str, Any]:
         backend = self.model.backend
