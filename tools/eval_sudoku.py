@@ -15,6 +15,7 @@ a generator seed the training pool never uses, in three bands of givens: 36-46 (
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,31 @@ def solve_with(model: dgrun.Model, puzzle: list[int], seed: int, **params: Any) 
     return grid is not None and train_sudoku.is_valid_solution(grid, puzzle), out.text or "", out.stats
 
 
-def cli_text(model_path: str, puzzle: list[int], seed: int, backend: str) -> str:
+def show_steps(model: dgrun.Model, puzzle: list[int], seed: int, **params: Any) -> str:
+    """The drafts of one solve side by side, as `--show-canvas` draws them on a terminal: accepted cells as digits,
+    still-noisy ones as `.` (dimmed digits there). Givens are accepted from the start (they are clamped)."""
+    frames = []
+    for event in model.stream_edit(train_sudoku.format_grid(puzzle), blank="0", seed=seed, **params):
+        if isinstance(event, dgrun.Draft):
+            text = "".join(model.detokenize([int(t)]) if ok else "." for t, ok in
+                           zip(event.tokens[:train_sudoku.GRID_TOKENS], event.accepted[:train_sudoku.GRID_TOKENS],
+                               strict=True))
+            frames.append((event.step, text.split("\n")))
+    columns = [("puzzle", train_sudoku.format_grid(puzzle).replace("0", ".").split("\n"))]
+    columns += [(f"step {step}", rows) for step, rows in frames]
+    lines = ["   ".join(f"{title:<9}" for title, _ in columns)]
+    lines += ["   ".join(f"{rows[r]:<9}" for _, rows in columns) for r in range(9)]
+    return "\n".join(lines)
+
+
+def cli_text(model_path: str, puzzle: list[int], seed: int, backend: str, **params: Any) -> str:
     """What `dgrun -m MODEL --edit "$(cat puzzle.txt)" --blank 0` prints (its trailing newline removed)."""
     command = [sys.executable, "-m", "dgrun", "-m", model_path, "--edit", train_sudoku.format_grid(puzzle),
                "--blank", "0", "--seed", str(seed), "--backend", backend]
+    flags = {"max_denoising_steps": "--steps", "t_min": "--t-min", "t_max": "--t-max",
+             "entropy_bound": "--entropy-bound"}
+    for name, value in params.items():
+        command += [flags[name], str(value)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"dgrun failed: {result.stderr.strip()}")
@@ -81,12 +103,12 @@ def cli_text(model_path: str, puzzle: list[int], seed: int, backend: str) -> str
 
 
 def evaluate(model: dgrun.Model, pairs: list[tuple[list[int], list[int]]], per_band: int, seed: int = 0,
-             **params: Any) -> dict[tuple[int, int], dict[str, float]]:
+             bands: list[tuple[int, int]] = BANDS, **params: Any) -> dict[tuple[int, int], dict[str, float]]:
     """Band → {solved, puzzles, steps, seconds} (means per puzzle) over the first `per_band` puzzles of each band."""
-    results: dict[tuple[int, int], list[tuple[bool, int, float]]] = {band: [] for band in BANDS}
+    results: dict[tuple[int, int], list[tuple[bool, int, float]]] = {band: [] for band in bands}
     for index, (puzzle, _) in enumerate(pairs):
         band = band_of(puzzle)
-        if len(results[band]) >= per_band:
+        if band not in results or len(results[band]) >= per_band:
             continue
         solved, _, stats = solve_with(model, puzzle, seed + index, **params)
         results[band].append((solved, stats["steps_per_canvas"][0], stats["seconds"]))
@@ -114,17 +136,23 @@ def open_model(spec: str, backend: str, workdir: Path) -> tuple[dgrun.Model, str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sudoku", help="shipped model name, .dgf file or checkpoint folder")
-    parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="cpu backend threads (one: on a loaded machine, more threads wait on each other)")
     parser.add_argument("--per-band", type=int, default=100, help="puzzles per band (the first N of the set)")
     parser.add_argument("--seed", type=int, default=0, help="puzzle i is solved with seed + i")
+    parser.add_argument("--bands", nargs="+", default=[f"{low}-{high}" for low, high in BANDS],
+                        help="bands of givens to evaluate (default: all three)")
     parser.add_argument("--steps", type=int, dest="max_denoising_steps")
     parser.add_argument("--t-min", type=float)
     parser.add_argument("--t-max", type=float)
     parser.add_argument("--entropy-bound", type=float)
     parser.add_argument("--cli", type=int, default=0, metavar="N",
                         help="also run the first N puzzles of each band through the dgrun command and compare")
+    parser.add_argument("--show", type=int, metavar="INDEX", help="print the drafts of puzzle INDEX and exit")
     parser.add_argument("--make-set", action="store_true", help="write the held-out set and exit")
     args = parser.parse_args(argv)
+    os.environ["DGRUN_THREADS"] = str(args.threads)  # read by the cpu backend when it starts
     if args.make_set:
         make_set(args.per_band)
         return 0
@@ -134,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, spec = open_model(args.model, args.backend, Path(tmp))
         with model:
+            if args.show is not None:
+                print(show_steps(model, pairs[args.show][0], args.seed + args.show, **params))
+                return 0
             started = time.time()
-            table = evaluate(model, pairs, args.per_band, args.seed, **params)
+            bands = [tuple(map(int, band.split("-"))) for band in args.bands]
+            table = evaluate(model, pairs, args.per_band, args.seed, bands, **params)  # type: ignore[arg-type]
             print(f"{args.model} ({model.backend.name} backend, {params or 'the file defaults'}), "
                   f"{time.time() - started:.0f} s")
             print("| givens | solved | puzzles | steps per puzzle | seconds per puzzle |")
@@ -146,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.cli:
                 checked = 0
                 for band in BANDS:
-                    for index, (puzzle, _) in enumerate(pairs):
-                        if band_of(puzzle) == band and checked < args.cli * (BANDS.index(band) + 1):
-                            _, text, _ = solve_with(model, puzzle, args.seed + index, **params)
-                            if cli_text(spec, puzzle, args.seed + index, args.backend) != text:
-                                raise RuntimeError(f"puzzle {index}: the dgrun command printed another grid")
-                            checked += 1
+                    for index in [i for i, (puzzle, _) in enumerate(pairs) if band_of(puzzle) == band][:args.cli]:
+                        puzzle = pairs[index][0]
+                        _, text, _ = solve_with(model, puzzle, args.seed + index, **params)
+                        if cli_text(spec, puzzle, args.seed + index, args.backend, **params) != text:
+                            raise RuntimeError(f"puzzle {index}: the dgrun command printed another grid")
+                        checked += 1
                 print(f"dgrun --edit ... --blank 0 printed the same grid as Model.edit on {checked} puzzles")
     return 0
 
