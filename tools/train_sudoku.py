@@ -333,13 +333,14 @@ def softcapped_logits(model: Any, hidden: Any) -> Any:
     return torch.tanh(model.lm_head(hidden).float() / cap) * cap
 
 
-def noised_canvas(canvas: Any, free: Any, gen: Any, vocab: int, full_noise: float = 0.25) -> tuple[Any, Any]:
+def noised_canvas(canvas: Any, free: Any, gen: Any, vocab: int, full_noise: float = 0.25,
+                  min_noise: float = 0.0) -> tuple[Any, Any]:
     """(noisy canvas, noised mask): free cells replaced by uniform tokens at a per-example rate (see docstring)."""
     import torch
 
     batch = canvas.shape[0]
     rate = torch.where(torch.rand(batch, 1, generator=gen) < full_noise, torch.ones(batch, 1),
-                       1.0 - torch.rand(batch, 1, generator=gen))
+                       1.0 - (1.0 - min_noise) * torch.rand(batch, 1, generator=gen))
     noised = free & (torch.rand(canvas.shape, generator=gen) < rate)
     noise = torch.randint(0, vocab, canvas.shape, generator=gen)
     return torch.where(noised, noise, canvas), noised
@@ -359,13 +360,13 @@ def bos_cache(model: Any, batch: int) -> Any:
 
 
 def loss_and_accuracy(model: Any, canvas: Any, free: Any, gen: Any, self_condition: bool,
-                      full_noise: float = 0.25) -> tuple[Any, float]:
+                      full_noise: float = 0.25, min_noise: float = 0.0) -> tuple[Any, float]:
     """(cross-entropy over free cells, argmax accuracy on noised cells) of one batch."""
     import torch
     import torch.nn.functional as F
 
     vocab = model.config.text_config.vocab_size
-    canvas_in, noised = noised_canvas(canvas, free, gen, vocab, full_noise)
+    canvas_in, noised = noised_canvas(canvas, free, gen, vocab, full_noise, min_noise)
     cache = bos_cache(model, canvas.shape[0])
     sc_logits = None
     if self_condition:
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="over this fraction of the run, start at the easiest third of --givens and widen")
     parser.add_argument("--full-noise", type=float, default=0.25,
                         help="share of examples with every free cell noised (the first denoising step)")
+    parser.add_argument("--min-noise", type=float, default=0.0,
+                        help="the other examples' noise rate is uniform in (MIN, 1]")
     parser.add_argument("--pool", type=int, default=2000, help="base grids to permute")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=25)
@@ -531,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in optim.param_groups:
             group["lr"] = lr
         canvas, free = map(torch.from_numpy, sampler.next(args.batch, givens_now(p)))
-        loss, accuracy = loss_and_accuracy(model, canvas, free, gen, bool(flips.random() < 0.5), args.full_noise)
+        loss, accuracy = loss_and_accuracy(model, canvas, free, gen, bool(flips.random() < 0.5), args.full_noise,
+                                           args.min_noise)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
