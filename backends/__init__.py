@@ -1,9 +1,19 @@
 """Compute backends for dgrun, each one module behind one small op interface.
 
-A backend provides `load_weights` (weights stay in their .dgf types), the graph ops (`embed`, `soft_embed`,
-`rms_norm`, `linear`, `gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `concat`, `vector`,
-`asarray`, `to_numpy`), the sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it
-can run. `numpy` is the reference; every other backend is tested against it.
+A backend provides `load_weights` (weights stay in their .dgf types) and `weight` (one tensor from its stored
+bytes: LoRA halves, merged weights), the graph ops (`embed`, `soft_embed`, `rms_norm`, `linear`, `gelu_mul`,
+`gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `concat`, `vector`, `asarray`, `to_numpy`), the
+sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it can run; optionally `k_multiple`,
+what every matmul's reduced dimension must be a multiple of (LoRA ranks are padded to it). `numpy` is the
+reference; every other backend is tested against it. `attention` takes key positions in ascending order (the
+model's cache always is) and may visit only the keys each block of queries can see.
+
+Every op is row-independent: a row's (token's) result is the same bits whatever other rows share the call, so
+a batch's elements get exactly the tokens they get alone (`DiffusionGemma.decode_batch`). A kernel that
+switches code paths, blocking or split-K on the number of rows, or lets one row's expert grouping change the
+order of another's sums, breaks that; tests/test_batch.py checks each op with rows in calls of several sizes.
+`attention`, `soft_embed` and `denoise_step` are called per element (one canvas), so they need only be
+deterministic.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ What makes it fast, and what it keeps from the reference:
   read straight from the mapping.
 - The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
   expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
-  values) per head and block of queries. The sampler's vocabulary-wide work (temperature, softmax, entropy,
+  values) per head and block of queries, over only the keys that block can see (a sliding layer costs its
+  window, a causal one half the square). The sampler's vocabulary-wide work (temperature, softmax, entropy,
   argmax, the inverse-CDF draw) is one pass per row, and its probabilities are reused by the next pass's
   soft embedding instead of a second softmax.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
@@ -35,14 +36,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import NumpyBackend, Weight
-from dgrun.format import GGUFFile
+from dgrun.backends.numpy_backend import NumpyBackend, Weight, require_ascending
 from dgrun.rng import DefaultRng, Rng
 
 _ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
@@ -60,7 +61,7 @@ def _native_dir() -> Path:
 
 
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
-_POOL_ARRAYS = 8
+_POOL_ARRAYS = 48  # a batch of 8 holds ~4 canvas-sized arrays per element (logits, processed, probs) at once
 _LIBRARY: tuple[Any, Any, Path] | None = None
 _ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
 
@@ -128,7 +129,9 @@ class CpuBackend(NumpyBackend):
         if not self.lib.dg_has_openmp():
             self.threads = 1
         self._activate(force=True)
-        self._probs: tuple[np.ndarray, np.ndarray] | None = None  # (processed logits, their softmax)
+        # id(processed logits) → (a weak reference to them, their softmax): each element's self-conditioning reads
+        # its sampler's probabilities; the entry goes when the processed logits do.
+        self._probs: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
         self._pool: list[np.ndarray] = []
 
     def __repr__(self) -> str:
@@ -175,9 +178,10 @@ class CpuBackend(NumpyBackend):
             self._pool.pop(0)  # the caller still holding it keeps it alive; the pool just forgets it
         return array.reshape(shape)
 
-    def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
-        weights = super().load_weights(gguf, names)
-        return {name: CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale) for name, w in weights.items()}
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> CpuWeight:
+        w = super().weight(raw, ggml_type, shape, tensor_scale)
+        return CpuWeight(w.raw, w.ggml_type, w.shape, w.tensor_scale)
 
     # -- elementwise and normalisation ----------------------------------------------------------------------
 
@@ -214,10 +218,8 @@ class CpuBackend(NumpyBackend):
     def soft_embed(self, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
         """softmax(logits) @ table * scale; the sampler's probabilities when `logits` are its processed logits."""
         self._activate()
-        if self._probs is not None and logits is self._probs[0]:
-            probs = self._probs[1]
-        else:
-            probs = self.softmax(logits)
+        known = self._probs.get(id(logits))
+        probs = known[1] if known is not None and known[0]() is logits else self.softmax(logits)
         probs = self._f32(probs).reshape(-1, table.shape[0])
         out = np.empty((probs.shape[0], table.shape[1]), dtype=np.float32)
         self._check(self.lib.dg_matmul_rows(self._p(probs), probs.shape[0], probs.shape[1], table.ggml_type,
@@ -270,11 +272,13 @@ class CpuBackend(NumpyBackend):
         causal: bool,
         window: int | None,
     ) -> np.ndarray:
-        """Fused softmax(q k^T) v with the reference's masks (see NumpyBackend.attention)."""
+        """Fused softmax(q k^T) v with the reference's masks, over each query block's visible key range (see
+        NumpyBackend.attention)."""
         self._activate()
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
         q_pos = np.ascontiguousarray(q_pos, dtype=np.int64)
         k_pos = np.ascontiguousarray(k_pos, dtype=np.int64)
+        require_ascending(k_pos)
         n, hq, d = q.shape
         m, hkv, dv = v.shape
         out = np.empty((n, hq, dv), dtype=np.float32)
@@ -315,6 +319,11 @@ class CpuBackend(NumpyBackend):
 
     # -- sampler ----------------------------------------------------------------------------------------------
 
+    def _remember_probs(self, processed: np.ndarray, probs: np.ndarray) -> None:
+        """Keep `probs` for `soft_embed(processed)` for as long as `processed` lives (then the pool reuses it)."""
+        key, table = id(processed), self._probs
+        table[key] = (weakref.ref(processed, lambda _: table.pop(key, None)), probs)
+
     def denoise_step(
         self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
@@ -327,7 +336,6 @@ class CpuBackend(NumpyBackend):
         self._activate()
         logits = self._f32(logits)
         rows, vocab = logits.shape
-        self._probs = None  # the previous step's probabilities are done with: their array can be reused
         processed, probs = self._empty(logits.shape), self._empty(logits.shape)
         argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
         token_entropy = np.empty(rows, dtype=np.float32)
@@ -339,5 +347,5 @@ class CpuBackend(NumpyBackend):
             self._p(sampled, "int64_t *")), "sampler")
         if not native_draw:
             sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
-        self._probs = (processed, probs)
+        self._remember_probs(processed, probs)
         return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

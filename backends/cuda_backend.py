@@ -12,6 +12,10 @@ so an F32 file matches the numpy reference up to summation order; quantized/BF16
 cores (10-bit mantissa inputs, float32 sums), far below their own quantization error. DGRUN_CUDA_MATMUL=fp32
 or tf32 forces one engine for every matmul.
 
+Threads: the library runs on the device DGRUN_CUDA_DEVICE named at first use, whichever host thread calls it
+(each call switches that thread to the device and back). DGRUN_CUDA_SYNC=1 waits after every kernel so a fault
+names the kernel that caused it.
+
 Randomness: with dgrun's `DefaultRng` the whole sampler step runs on the device, its draws from Philox4x32-10
 keyed by the RNG's seed; any other `Rng` (e.g. `ReplayRng` in tests) gets the logits on the host and the numpy
 sampler, so recorded draws replay exactly.
@@ -19,9 +23,9 @@ sampler, so recorded draws replay exactly.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,11 +43,13 @@ LIBRARY = "libdgcuda.so"
 HEADER = "dg_cuda.h"
 BUILD_HINT = ("build it with `python native/build.py` (DGRUN_CUDA_ARCH=native builds for this GPU only) or "
               "reinstall dgrun with nvcc on PATH (`pip install .`); DGRUN_CUDA_LIB may name a built library")
-SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4})
+SUPPORTED_TYPES = frozenset({T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4,
+                             T.NVFP4, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S})
 ENGINE_FP32, ENGINE_TF32 = 0, 1
 MAX_CANVAS = 4096  # the sampler kernel's limit (one block sorts the canvas)
 MAX_EXPERTS = 1024  # the router kernel's limit (one warp per token, experts in shared memory)
 MAX_HEAD_DIM = 512  # the attention kernel's limit (a warp holds one head row in registers)
+K_SLICE = 32  # the matmul kernels' step through the reduced dimension, which must be a multiple of it
 
 
 def library_candidates() -> list[Path]:
@@ -89,9 +95,21 @@ class Native:
         return self.ffi.cast(ctype, self.ffi.from_buffer(array))
 
 
-@functools.cache
+_NATIVE: list[Native] = []  # the loaded library, once per process
+_NATIVE_LOCK = threading.Lock()
+
+
 def native() -> Native:
-    """The process-wide library handle (loaded once); RuntimeError saying how to build it when unavailable."""
+    """The process-wide library handle, loaded and its device initialised once even when several threads ask at
+    the same time; RuntimeError saying how to build it when unavailable."""
+    if not _NATIVE:
+        with _NATIVE_LOCK:
+            if not _NATIVE:
+                _NATIVE.append(_load_native())
+    return _NATIVE[0]
+
+
+def _load_native() -> Native:
     for path in library_candidates():
         if path.is_file():
             break
@@ -107,13 +125,14 @@ def native() -> Native:
 class _Buffer:
     """One device allocation, freed (stream-ordered, back to the pool) when the last view of it dies."""
 
-    __slots__ = ("address", "lib", "ffi", "__weakref__")
+    __slots__ = ("address", "nbytes", "lib", "ffi", "__weakref__")
 
     def __init__(self, nbytes: int):
         n = native()
         out = n.ffi.new("void **")
         n.call("dg_malloc", out, nbytes, what=f"allocation of {nbytes} bytes")
         self.address = int(n.ffi.cast("uintptr_t", out[0]))
+        self.nbytes = nbytes
         self.lib, self.ffi = n.lib, n.ffi
 
     def __del__(self) -> None:
@@ -269,9 +288,9 @@ def _require_float(*arrays: Any) -> None:
 
 
 def _require_k_slices(what: str, k: int) -> None:
-    """The matmul kernels step through the reduced dimension 32 values at a time."""
-    if k % 32:
-        raise ValueError(f"the cuda backend needs a {what} that is a multiple of 32, not {k}")
+    """The matmul kernels step through the reduced dimension K_SLICE values at a time."""
+    if k % K_SLICE:
+        raise ValueError(f"the cuda backend needs a {what} that is a multiple of {K_SLICE}, not {k}")
 
 
 @dataclass
@@ -300,6 +319,7 @@ class CudaBackend:
 
     name = "cuda"
     supported_types = SUPPORTED_TYPES
+    k_multiple = K_SLICE  # what a matmul's reduced dimension must be a multiple of (LoRA ranks are padded to it)
 
     def __init__(self, poison_outputs: bool = False):
         self.native = native()
@@ -307,6 +327,12 @@ class CudaBackend:
         self.matmul = os.environ.get("DGRUN_CUDA_MATMUL", "auto")
         if self.matmul not in ("auto", "fp32", "tf32"):
             raise RuntimeError(f"DGRUN_CUDA_MATMUL must be auto, fp32 or tf32, not {self.matmul!r}")
+        sync = os.environ.get("DGRUN_CUDA_SYNC", "0").strip() or "0"
+        if sync not in ("0", "1"):
+            raise RuntimeError(f"DGRUN_CUDA_SYNC must be 0 or 1, not {sync!r}")
+        # 1: every kernel is waited for as it is queued, so an asynchronous fault is reported under its own name
+        # instead of the next call's (slow: for a first run on a new GPU or driver). Process-wide.
+        self.native.call("dg_set_launch_sync", int(sync))
         # DefaultRng → [Philox key, next step]; weak so a finished generation's state goes with its RNG.
         self._philox: weakref.WeakKeyDictionary[DefaultRng, list[int]] = weakref.WeakKeyDictionary()
         # Recent position uploads (the same few arrays serve every layer of a pass).
@@ -390,7 +416,7 @@ class CudaBackend:
         cached = self._positions.get(key)
         if cached is None:
             cached = self._positions[key] = DeviceArray.from_numpy(pos32)
-            if len(self._positions) > 8:
+            if len(self._positions) > 64:  # a batched pass uses 1 + 3 per element (rope; queries, two key sets)
                 self._positions.popitem(last=False)
         else:
             self._positions.move_to_end(key)
@@ -418,13 +444,20 @@ class CudaBackend:
         self.native.call("dg_softcap", _f(x), x.size, float(cap), _f(out))
         return out
 
-    def concat(self, a: DeviceArray, b: DeviceArray) -> DeviceArray:
-        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-            raise ValueError(f"cannot concatenate {a.shape} {a.dtype} and {b.shape} {b.dtype}")
-        out = DeviceArray.empty((a.shape[0] + b.shape[0], *a.shape[1:]), a.dtype)
-        n = self.native
-        n.call("dg_copy", n.ptr("void *", out.address), n.ptr("void *", a.address), a.nbytes)
-        n.call("dg_copy", n.ptr("void *", out.address + a.nbytes), n.ptr("void *", b.address), b.nbytes)
+    def concat(self, *arrays: DeviceArray) -> DeviceArray:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        first = arrays[0]
+        for a in arrays[1:]:
+            if a.shape[1:] != first.shape[1:] or a.dtype != first.dtype:
+                raise ValueError(f"cannot concatenate {first.shape} {first.dtype} and {a.shape} {a.dtype}")
+        if len(arrays) == 1:
+            return first
+        out = DeviceArray.empty((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype)
+        n, offset = self.native, 0
+        for a in arrays:
+            if a.nbytes:
+                n.call("dg_copy", n.ptr("void *", out.address + offset), n.ptr("void *", a.address), a.nbytes)
+            offset += a.nbytes
         return out
 
     # -- embeddings and matmuls ----------------------------------------------------------------------
@@ -468,11 +501,17 @@ class CudaBackend:
                          int(w.ggml_type), w.row_bytes, w.scale_arg, w.shape[0], _f(out), self._engine(w))
         return out
 
+    def gelu_mul(self, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        _require_float(gate, up)
+        if gate.shape != up.shape:
+            raise ValueError(f"gelu_mul: gate {gate.shape} and up {up.shape} differ")
+        out = DeviceArray.empty(gate.shape)
+        self.native.call("dg_gelu_mul", _f(gate), _f(up), gate.size, _f(out))
+        return out
+
     def gated_mlp(self, x: DeviceArray, gate: CudaWeight, up: CudaWeight, down: CudaWeight) -> DeviceArray:
-        g, u = self.linear(x, gate), self.linear(x, up)
-        act = DeviceArray.empty(g.shape)
-        self.native.call("dg_gelu_mul", _f(g), _f(u), g.size, _f(act))
-        return self.linear(act, down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention ---------------------------------------------------------------------
 

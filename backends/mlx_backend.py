@@ -5,21 +5,75 @@ exactly the value MLX's `dequantize` gives for the repacked codes, so the only d
 reference are summation order inside matmuls (float32 compute throughout).
 
 - Q8_0, Q4_0, Q5_0: affine 8/4/5-bit, group 32, scale d, bias -128·d / -8·d / -16·d (the zero point).
-- Q4_K: affine 4-bit, group 32 (its 32-value sub-blocks): scale d·sc, bias -dmin·m.
+- Q5_1: affine 5-bit, group 32, scale d, bias m.
+- Q4_K, Q5_K: affine 4/5-bit, group 32 (their 32-value sub-blocks): scale d·sc, bias -dmin·m.
+- IQ4_NL, IQ4_XS: affine 8-bit, group 32: the code is the table value + 127 (0..240), scale d (IQ4_XS: d·(ls-32)),
+  bias -127 times the scale; 8 bits for 4, but exact (float32 would be 32).
+- IQ3_S: affine 4-bit, group 32: its signed grid magnitudes are the 16 odd numbers -15..15, so the code is
+  (sign·magnitude + 15) / 2, scale 2·db, bias -15·db.
 - MXFP4: MLX `mxfp4` (group 32, the same E8M0 byte, the same E2M1 codes once ggml's nibble order is undone).
 - NVFP4: MLX `nvfp4` (group 16, the same UE4M3 byte: ggml's half-valued scale times its doubled codes is the
-  plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul.
-- Q6_K (16-value sub-blocks, below MLX's smallest group of 32): dequantized to float32 at load, with a
-  one-line notice on stderr. F32/F16/BF16 stay as stored and are widened to float32 where used.
+  plain E4M3 x E2M1 product); the per-tensor `<name>.scale` multiplies each result after the matmul. Needs
+  mlx >= 0.30.3: before it (MLX commit 1eef1d1, "Metal/CPU nvfp4 and mxfp8") Metal had no nvfp4 kernels and
+  the CPU build ran every non-affine mode as mxfp4 (mlx/backend/cpu/quantized.cpp in v0.30.1). The extra
+  asks for 0.30.4, the first with `mx.device_info`.
+- Q6_K and IQ2_S (16-value sub-blocks, below MLX's smallest group of 32; IQ2_S's magnitudes 8, 25, 43 are not
+  evenly spaced either): dequantized to float32 at load, with a one-line notice on stderr saying how much memory
+  that took.
+- F32/F16/BF16 stay as stored. F16/BF16 are widened to float32 on every use (`DenseWeight.f32`), which keeps
+  them exact (float32 activations times the file's values, as the reference computes) at a price in memory
+  traffic: each use reads 2 bytes, writes 4 and the matmul reads those 4 again, 5x what a kernel reading
+  the 16-bit values would move. For the released model in BF16 that is ~26 G weight values widened per
+  decoder pass (all 128 experts of every layer, the 262,144-row table twice: soft embedding and output),
+  ~260 GB of traffic against ~52 GB, plus ~3 GB of transient float32 experts per layer (on `mlx[cpu]`, at a
+  decoder pass's 16 rows per expert: 1.2x (BF16) and 1.3x (F16) the F32 time). Running them as bf16
+  matmuls instead would round the activations to bf16 too (~4e-3 relative per matmul), far outside the
+  2e-5 parity bound. So F16/BF16 files are exact but slow here: on a Mac use `q8_0` or a `*_moe` preset,
+  whose layouts MLX multiplies without widening.
+
+How MLX's Metal kernels differ from the CPU build that the Linux tests run (checked against MLX's sources):
+- Precision: on M5-class GPUs (macOS 26.2+), float32 matmul, quantized matmul, gather matmul and attention
+  run at TF32-class precision unless MLX_ENABLE_TF32=0 (`env::enable_tf32()`, mlx/utils.h, default 1, read
+  once at the first such op; MLX's docs/src/usage/precision.rst; measured ~7.7e-4 relative in MLX issue
+  #3860, 40x the 2e-5 parity bound). This module sets it to 0 at import unless the user has set it.
+- Quantized matrix-vector products (`qmv`, `gather_qmv`: few rows, e.g. a short prompt's encoder pass, or
+  few tokens per expert) compute each thread's 8-32 values of a group as scale·Σ(x·q) + bias·Σx (`qdot`,
+  mlx/backend/metal/kernels/quantized.h), never forming the weight scale·q + bias that the CPU build
+  (mlx/backend/cpu/quantized.cpp) and Metal's matrix-matrix kernels form: another rounding, not just another
+  order. For the affine layouts the bias term is large (-128·d for Q8_0) and partly cancels. Known: a float32
+  numpy emulation of that formula on random Q8_0/Q4_0/Q5_0/Q4_K rows of 256 and 2816 values measures
+  2e-7..5e-7 relative per matmul against float64, no worse than the dequantized form (3e-7..1e-6), so it fits
+  the 2e-5 parity bound. Untested: the kernel itself, which only a Mac runs (the macOS CI job's parity tests
+  cover it on whatever GPU the runner has). mxfp4/nvfp4 have no bias term: order differences only.
+- Sums are parallel on Metal (SIMD/tree reductions) and left to right on the CPU build, so the per-row
+  entropies differ in their last bits between the two (as numpy's differ from torch's). The canvas-sized
+  end of each step (the entropy-bound cut-off's cumulative sum, the mean entropy, acceptance, renoising)
+  therefore runs on the host in `dgrun.sampler.finish_step`, the reference's own code, as the cpu backend
+  does: given the same entropies it decides exactly as the reference.
+- `mx.softmax` uses Metal's fast exp (mlx/backend/metal/kernels/softmax.h `softmax_exp`); `mx.exp` is
+  `metal::precise::exp`. The router (whose top-k is a discrete choice) and the soft embedding therefore write
+  exp(x - max) / sum as the reference does. Attention keeps `mx.softmax`: one kernel that holds one score
+  matrix where the written-out form holds three (the scores stay alive until the last op that reads them),
+  and its weights are continuous, so the fast exp's few-ulp error near each row's maximum lands inside the
+  2e-5 bound (untested on Metal: the macOS job's parity tests are what would show otherwise).
+- MLX's fused attention kernels do not take the full layers' head dim 512, and for the sliding layers' 256
+  MLX routes more than 8 queries to its unfused ops anyway (`has_fused_kernel` / `use_fallback`,
+  mlx/backend/metal/scaled_dot_product_attention.cpp). So attention is written unfused here, for memory:
+  query chunks of `_ATTENTION_CHUNK` rows, each evaluated before the next is built (MLX would otherwise
+  schedule every chunk of a long prompt together and hold all their scores at once).
 
 Arrays stay lazy; each layer's MoE output is scheduled with `mx.async_eval`, so the graph never spans more
-than a layer and the device works while Python builds the next one. The sampler step runs on the device too:
-only canvas-sized arrays (and, with a non-default RNG, the probabilities) reach the host.
+than a layer and the device works while Python builds the next one. The sampler's vocabulary-wide work runs
+on the device; only canvas-sized arrays (and, with a non-default RNG, the probabilities) reach the host.
+On Apple silicon the weights are wired (kept resident) up to the GPU's recommended working set, and MLX's
+buffer cache is emptied after every encoder pass, whose buffers (sized for the prompt) the decoder never
+reuses.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +82,16 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 
-from dgrun import quants
+from dgrun import quants, sampler
 from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
-from dgrun.sampler import StepResult
+
+# Full float32 matmuls on M5-class GPUs (see the module notes). MLX reads the variable once, at the first
+# matmul-family op the process runs, so this must happen before any: a process that ran one already keeps
+# its setting. A user's own value (MLX_ENABLE_TF32=1 for speed) wins.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 Packed = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (codes as uint32 words, scales, biases or None)
 
@@ -90,23 +149,35 @@ def repack_q4_0(raw: np.ndarray) -> Packed:
     return _pack(_nibbles(blocks[:, 2:]), 4, lead), d.reshape(*lead, -1), bias.reshape(*lead, -1)
 
 
+def _five_bit_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 codes: nibbles (ggml's split order) | fifth bit << 4, bit j of the u32 `qh` for value j."""
+    bits = np.ascontiguousarray(qh).view("<u4")
+    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _nibbles(qs) | (high << 4)
+
+
 def repack_q5_0(raw: np.ndarray) -> Packed:
     """Q5_0 → affine 5-bit, group 32: nibble | high bit << 4 is the code, scale d, bias -16·d."""
     blocks, lead = _blocks(raw, quants.Q5_0)
     d = _fp16(blocks[:, :2])
-    qh = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")  # bit j is the fifth bit of value j
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    codes = _nibbles(blocks[:, 6:]) | (high << 4)
+    codes = _five_bit_codes(blocks[:, 2:6], blocks[:, 6:])
     return _pack(codes, 5, lead), d.reshape(*lead, -1), (np.float32(-16) * d).reshape(*lead, -1)
 
 
-def repack_q4_k(raw: np.ndarray) -> Packed:
-    """Q4_K → affine 4-bit, group 32: each 32-value sub-block gets scale d·sc and bias -dmin·m.
+def repack_q5_1(raw: np.ndarray) -> Packed:
+    """Q5_1 → affine 5-bit, group 32: the 5-bit value is the code, scale d, bias m (d·q + m exactly as ggml)."""
+    blocks, lead = _blocks(raw, quants.Q5_1)
+    d, m = _fp16(blocks[:, :2]), _fp16(blocks[:, 2:4])
+    codes = _five_bit_codes(blocks[:, 4:8], blocks[:, 8:])
+    return _pack(codes, 5, lead), d.reshape(*lead, -1), m.reshape(*lead, -1)
 
-    d·sc and dmin·m are exact in float32 (11 + 6 significant bits), and so is scale·code, so MLX's
-    scale·code + bias rounds once, exactly where ggml's d·sc·q - dmin·m does.
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K per sub-block scale d·sc and bias -dmin·m [n, 8] from a block's first 16 bytes.
+
+    d·sc and dmin·m are exact in float32 (11 + 6 significant bits), and so is scale·code (at most 5 more), so
+    MLX's scale·code + bias rounds once, exactly where ggml's d·sc·q - dmin·m does.
     """
-    blocks, lead = _blocks(raw, quants.Q4_K)
     d, dmin = _fp16(blocks[:, 0:2]), _fp16(blocks[:, 2:4])
     packed = blocks[:, 4:16].reshape(-1, 3, 4)
     lo, hi, extra = packed[:, 0], packed[:, 1], packed[:, 2]
@@ -114,10 +185,85 @@ def repack_q4_k(raw: np.ndarray) -> Packed:
     # (low 4 bits) and the spare top 2 bits of bytes 0-7 (ggml's get_scale_min_k4).
     sc = np.concatenate([lo & 0x3F, (extra & 0x0F) | ((lo >> 2) & 0x30)], axis=-1).astype(np.float32)
     m = np.concatenate([hi & 0x3F, (extra >> 4) | ((hi >> 2) & 0x30)], axis=-1).astype(np.float32)
-    # Byte l of each 32-byte chunk c holds value l of sub-block 2c (low) and of sub-block 2c + 1 (high).
-    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2)
-    return _pack(codes, 4, lead), (d * sc).reshape(*lead, -1), (-(dmin * m)).reshape(*lead, -1)
+    return d * sc, -(dmin * m)
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """The 128 nibble bytes of Q4_K / Q5_K as [n, 8, 32] low 4 bits per sub-block: byte l of each 32-byte chunk
+    c holds value l of sub-block 2c (low nibble) and of sub-block 2c + 1 (high)."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def repack_q4_k(raw: np.ndarray) -> Packed:
+    """Q4_K → affine 4-bit, group 32: each 32-value sub-block gets scale d·sc and bias -dmin·m."""
+    blocks, lead = _blocks(raw, quants.Q4_K)
+    scales, biases = _k_scales(blocks)
+    return _pack(_k_nibbles(blocks[:, 16:]), 4, lead), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+
+
+def repack_q5_k(raw: np.ndarray) -> Packed:
+    """Q5_K → affine 5-bit, group 32: Q4_K's nibbles, each with its fifth bit (bit s of qh[l] for value l of
+    sub-block s), scale d·sc and bias -dmin·m."""
+    blocks, lead = _blocks(raw, quants.Q5_K)
+    scales, biases = _k_scales(blocks)
+    high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    codes = _k_nibbles(blocks[:, 48:]) | (high << 4)
+    return _pack(codes, 5, lead), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+
+
+# IQ4_NL's table values shifted to unsigned 8-bit codes: kvalue = code - 127.
+_IQ4_CODES = (np.array(gguf_quants.IQ4_NL.kvalues, dtype=np.int16) + 127).astype(np.uint8)
+
+
+def repack_iq4_nl(raw: np.ndarray) -> Packed:
+    """IQ4_NL → affine 8-bit, group 32: code kvalue + 127, scale d, bias -127·d.
+
+    d·code (11 + 8 significant bits) and 127·d are exact in float32, and so is their difference d·kvalue.
+    """
+    blocks, lead = _blocks(raw, quants.IQ4_NL)
+    d = _fp16(blocks[:, :2])
+    codes = _IQ4_CODES[_nibbles(blocks[:, 2:])]
+    return _pack(codes, 8, lead), d.reshape(*lead, -1), (np.float32(-127) * d).reshape(*lead, -1)
+
+
+def repack_iq4_xs(raw: np.ndarray) -> Packed:
+    """IQ4_XS → affine 8-bit, group 32: code kvalue + 127, scale dl = d·(ls - 32), bias -127·dl.
+
+    dl has at most 16 significant bits, so dl·code (at most 24) and 127·dl are exact, as is dl·kvalue.
+    """
+    blocks, lead = _blocks(raw, quants.IQ4_XS)
+    d = _fp16(blocks[:, :2])
+    sub = np.arange(8)
+    scales_h = np.ascontiguousarray(blocks[:, 2:4]).view("<u2")  # 2 bits per 32 values
+    low = (blocks[:, 4 + sub // 2] >> (4 * (sub % 2)).astype(np.uint8)) & 0x0F
+    high = (scales_h >> (2 * sub).astype(np.uint16)) & 3
+    dl = d * ((low | (high << 4)).astype(np.float32) - np.float32(32))
+    codes = _IQ4_CODES[_nibbles(blocks[:, 8:].reshape(-1, 8, 16))]
+    return _pack(codes, 8, lead), dl.reshape(*lead, -1), (np.float32(-127) * dl).reshape(*lead, -1)
+
+
+def _iq3s_grid() -> np.ndarray:
+    gguf_quants.IQ3_S.init_grid()
+    return np.asarray(gguf_quants.IQ3_S.grid).reshape(512, 4).astype(np.int16)
+
+
+_IQ3S_GRID = _iq3s_grid()
+
+
+def repack_iq3_s(raw: np.ndarray) -> Packed:
+    """IQ3_S → affine 4-bit, group 32: a signed magnitude v in {-15, -13, ..., 15} is code (v + 15) / 2, scale
+    2·db, bias -15·db with db = d·(1 + 2s) per 32 values: 2·db·code - 15·db = db·v, every step exact."""
+    blocks, lead = _blocks(raw, quants.IQ3_S)
+    d = _fp16(blocks[:, :2])
+    qh = (blocks[:, 66:74, None] >> np.arange(8, dtype=np.uint8)) & 1  # bit g % 8 of qh[g / 8], group g
+    index = blocks[:, 2:66].astype(np.int32) | (qh.reshape(-1, 64).astype(np.int32) << 8)
+    negative = np.unpackbits(blocks[:, 74:106], axis=-1, bitorder="little")  # bit j % 8 of signs[j / 8]
+    signed = _IQ3S_GRID[index].reshape(-1, 256) * (1 - 2 * negative.astype(np.int16))
+    codes = ((signed + 15) // 2).astype(np.uint8)
+    s = (blocks[:, 106:110, None] >> np.array([0, 4], dtype=np.uint8)) & 0x0F
+    db = d * (1 + 2 * s.reshape(-1, 8)).astype(np.float32)
+    return _pack(codes, 4, lead), (np.float32(2) * db).reshape(*lead, -1), (np.float32(-15) * db).reshape(*lead, -1)
 
 
 def repack_mxfp4(raw: np.ndarray) -> Packed:
@@ -164,7 +310,12 @@ LAYOUTS: dict[T, Layout] = {
     T.Q8_0: Layout(repack_q8_0, "affine", 32, 8),
     T.Q4_0: Layout(repack_q4_0, "affine", 32, 4),
     T.Q5_0: Layout(repack_q5_0, "affine", 32, 5),
+    T.Q5_1: Layout(repack_q5_1, "affine", 32, 5),
     T.Q4_K: Layout(repack_q4_k, "affine", 32, 4),
+    T.Q5_K: Layout(repack_q5_k, "affine", 32, 5),
+    T.IQ4_NL: Layout(repack_iq4_nl, "affine", 32, 8),
+    T.IQ4_XS: Layout(repack_iq4_xs, "affine", 32, 8),
+    T.IQ3_S: Layout(repack_iq3_s, "affine", 32, 4),
     T.MXFP4: Layout(repack_mxfp4, "mxfp4", 32, 4),
     T.NVFP4: Layout(repack_nvfp4, "nvfp4", 16, 4),
 }
@@ -183,6 +334,10 @@ class DenseWeight:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
     def f32(self, index: mx.array | None = None) -> mx.array:
         """The tensor (or its rows at `index`) as float32: F16/BF16 widen lazily where used."""
         array = self.array if index is None else self.array[index]
@@ -200,6 +355,10 @@ class QuantWeight:
     shape: tuple[int, ...]
     tensor_scale: float | None = None  # NVFP4's per-tensor scale, applied to every result
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.packed, self.scales, self.biases) if a is not None)
+
     def kwargs(self) -> dict[str, Any]:  # Any: mypy cannot match a mixed dict to the keyword parameters
         return {"group_size": self.layout.group_size, "bits": self.layout.bits, "mode": self.layout.mode}
 
@@ -213,7 +372,7 @@ Weight = DenseWeight | QuantWeight
 def _repack_rows(raw: np.ndarray, layout: Layout) -> Packed:
     """`layout.repack` over a [..., row_bytes] tensor in row chunks, so temporaries stay small."""
     rows = raw.reshape(-1, raw.shape[-1])
-    step = max(1, _REPACK_CHUNK_VALUES // (rows.shape[1] * 2))  # no layout packs more than 2 values a byte
+    step = max(1, _REPACK_CHUNK_VALUES // (rows.shape[1] * 3))  # no layout packs more than 3 values a byte
     parts = [layout.repack(rows[i:i + step]) for i in range(0, rows.shape[0], step)]
     lead = raw.shape[:-1]
     packed, scales = (np.concatenate([p[k] for p in parts]).reshape(*lead, -1) for k in (0, 1))
@@ -265,25 +424,39 @@ def _inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
     return mx.minimum(index, last)
 
 
-def _accept(
-    entropy: mx.array, sampled: mx.array, argmax: mx.array, canvas: mx.array, noise: mx.array,
-    clamp: mx.array, bound: mx.array,
-) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """Entropy-bound acceptance and renoising as in `dgrun.sampler`: (canvas, argmax, accepted, mean entropy).
+def _exp_shifted(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(exp(x - max), its sum) over the last axis: softmax's parts with `mx.exp`, which is precise on Metal where
+    `mx.softmax`'s exp is not (see the module notes)."""
+    exp = mx.exp(x - x.max(axis=-1, keepdims=True))
+    return exp, exp.sum(axis=-1, keepdims=True)
 
-    Clamped positions sort last as +inf (inf - inf is NaN, never <= bound), so the free positions' running
-    sums are exactly those over the free subset.
+
+def _wire_weights(weight_bytes: int) -> None:
+    """On Apple silicon, keep up to the GPU's recommended working set wired (resident), as mlx-lm does
+    (mlx_lm/generate.py `wired_limit`, mlx_lm/server.py), so the weights are not paged out between passes.
+
+    Process-wide and kept after the model is closed, as mlx-lm's server keeps it; a larger limit already set
+    is left alone. A no-op without Metal (Linux, `mlx[cpu]`), where `device_info` has no working-set size.
     """
-    key = mx.where(clamp, mx.inf, entropy)
-    # The reference sorts stably; MLX's sort keeps tied entries in index order too (exact ties only).
-    order = mx.argsort(key)
-    ordered = key[order]
-    selected = (mx.cumsum(ordered) - ordered) <= bound
-    accepted = selected[mx.argsort(order)] & ~clamp
-    new_canvas = mx.where(clamp, canvas, mx.where(accepted, sampled, noise))
-    free = (~clamp).sum()
-    mean = mx.where(clamp, 0.0, entropy).sum() / mx.maximum(free, 1)
-    return new_canvas, mx.where(clamp, canvas, argmax), accepted | clamp, mean
+    if not mx.metal.is_available():
+        return
+    limit = int(mx.device_info()["max_recommended_working_set_size"])
+    if weight_bytes > 0.9 * limit:
+        print(f"dgrun: the weights take {weight_bytes / 2**30:.1f} GiB of this GPU's recommended working set of "
+              f"{limit / 2**30:.1f} GiB: expect paging (a smaller preset, e.g. mxfp4_moe, would fit)",
+              file=sys.stderr)
+    previous = mx.set_wired_limit(limit)
+    if previous > limit:
+        mx.set_wired_limit(previous)
+
+
+def _attend(q: mx.array, kt: mx.array, v: mx.array, visible: mx.array | None) -> mx.array:
+    """softmax(q k^T) v for one chunk of query rows, hidden keys at -inf; a function of its own so that no name
+    keeps the chunk's scores alive once the chunk is evaluated."""
+    scores = q @ kt
+    if visible is not None:
+        scores = mx.where(visible, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
 
 
 class MlxBackend:
@@ -299,7 +472,8 @@ class MlxBackend:
         self._rope = mx.compile(_rope)
         self._step_core = mx.compile(_step_core)
         self._inverse_cdf = mx.compile(_inverse_cdf)
-        self._accept = mx.compile(_accept)
+        self._exp_shifted = mx.compile(_exp_shifted)
+        self._encoder_ran = False  # an encoder pass ran since the decoder's last (see `_after_encoder`)
 
     def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
         """Every named tensor on the device: repacked into an MLX layout, or whole (see the module notes)."""
@@ -311,35 +485,42 @@ class MlxBackend:
             scale = None
             if scale_name in gguf.tensors and scale_name not in names:
                 scale = float(gguf.array(scale_name).reshape(-1)[0])
-            if info.ggml_type in (T.F32, T.F16):
-                weights[name] = DenseWeight(mx.array(np.ascontiguousarray(gguf.array(name))))
-                continue
-            if info.ggml_type == T.BF16:
-                bits = mx.array(np.ascontiguousarray(gguf.array(name)))  # uint16 bit patterns
-                weights[name] = DenseWeight(bits.view(mx.bfloat16))
-                continue
-            raw = gguf.raw(name).reshape(*info.shape[:-1], quants.row_bytes(info.ggml_type, info.shape[-1]))
-            # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
-            layout = LAYOUTS.get(info.ggml_type) if len(info.shape) > 1 else None
-            if layout is not None:
-                try:
-                    packed, scales, biases = _repack_rows(raw, layout)
-                except ValueError:  # a scale byte MLX cannot express: fall through to float32
-                    pass
-                else:
-                    weights[name] = QuantWeight(mx.array(packed), mx.array(scales),
-                                                None if biases is None else mx.array(biases), layout,
-                                                tuple(info.shape), scale)
-                    continue
-            dense = quants.dequantize_tensor(raw, info.ggml_type, scale).reshape(info.shape)
-            weights[name] = DenseWeight(mx.array(dense))
-            kind = info.ggml_type.name
-            dequantized[kind] = dequantized.get(kind, 0) + dense.nbytes
+            weights[name] = w = self.weight(gguf.raw(name), info.ggml_type, info.shape, scale)
+            if isinstance(w, DenseWeight) and info.ggml_type not in (T.F32, T.F16, T.BF16):
+                kind = info.ggml_type.name
+                dequantized[kind] = dequantized.get(kind, 0) + w.nbytes
         if dequantized:
             what = ", ".join(f"{kind} ({size / 2**20:.1f} MiB)" for kind, size in sorted(dequantized.items()))
             print(f"dgrun: mlx has no lossless layout for {what}: dequantized to float32 at load",
                   file=sys.stderr)
+        # Evaluated now (BF16 views are lazy): MLX streams are per thread, and a lazy array made here could not be
+        # evaluated by another thread (a Scheduler's worker).
+        mx.eval([a for w in weights.values() for a in ((w.array,) if isinstance(w, DenseWeight) else
+                                                      (w.packed, w.scales, w.biases)) if a is not None])
+        _wire_weights(sum(w.nbytes for w in weights.values()))
         return weights
+
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> Weight:
+        """A tensor from its stored bytes (uint8): F32/F16/BF16 whole as stored, a block type repacked into its MLX
+        layout, else dequantized to float32."""
+        ggml_type = T(ggml_type)
+        if ggml_type in (T.F32, T.F16, T.BF16):
+            dtype = {T.F32: "<f4", T.F16: "<f2", T.BF16: "<u2"}[ggml_type]
+            array = mx.array(np.ascontiguousarray(raw.reshape(-1).view(dtype).reshape(shape)))
+            return DenseWeight(array.view(mx.bfloat16) if ggml_type == T.BF16 else array)  # BF16: uint16 bits
+        raw = raw.reshape(*shape[:-1], quants.row_bytes(ggml_type, shape[-1]))
+        # 1-D tensors (norms and scales, F32 in every preset) are read whole by `vector`: never packed.
+        layout = LAYOUTS.get(ggml_type) if len(shape) > 1 else None
+        if layout is not None:
+            try:
+                packed, scales, biases = _repack_rows(raw, layout)
+            except ValueError:  # a scale byte MLX cannot express: fall through to float32
+                pass
+            else:
+                return QuantWeight(mx.array(packed), mx.array(scales), None if biases is None else mx.array(biases),
+                                   layout, tuple(shape), tensor_scale)
+        return DenseWeight(mx.array(quants.dequantize_tensor(raw, ggml_type, tensor_scale).reshape(shape)))
 
     # -- elementwise and normalisation --------------------------------------------------------------
 
@@ -351,7 +532,9 @@ class MlxBackend:
 
     def vector(self, w: DenseWeight) -> mx.array:
         """A small 1-D tensor (norm weight, scale) as float32 (the loader keeps 1-D tensors dense)."""
-        return w.f32().reshape(-1)
+        out = w.f32().reshape(-1)
+        mx.eval(out)  # kept for the model's life: usable from any thread (see load_weights)
+        return out
 
     def rms_norm(self, x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, weight, eps)
@@ -359,8 +542,9 @@ class MlxBackend:
     def softcap(self, x: mx.array, cap: float) -> mx.array:
         return self._softcap(x, mx.array(cap, dtype=mx.float32))
 
-    def concat(self, a: mx.array, b: mx.array) -> mx.array:
-        return mx.concatenate([a, b], axis=0)
+    def concat(self, *arrays: mx.array) -> mx.array:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        return arrays[0] if len(arrays) == 1 else mx.concatenate(list(arrays), axis=0)
 
     # -- embeddings and matmuls -----------------------------------------------------------------------
 
@@ -375,9 +559,13 @@ class MlxBackend:
         return table.rescale(rows) * scale
 
     def soft_embed(self, logits: mx.array | np.ndarray, table: Weight, scale: float) -> mx.array:
-        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H])."""
-        probs = mx.softmax(mx.array(logits) if isinstance(logits, np.ndarray) else logits, axis=-1)
-        return self._matmul(probs, table, transpose=False) * scale
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H]).
+
+        Normalised after the matmul (exp(l - max) @ table / sum), so the only canvas x vocab array it makes is the
+        exponentials; the reference divides first, which differs by float32 rounding only.
+        """
+        exp, total = self._exp_shifted(mx.array(logits) if isinstance(logits, np.ndarray) else logits)
+        return self._matmul(exp, table, transpose=False) / total * scale
 
     def linear(self, x: mx.array, w: Weight) -> mx.array:
         """x @ W^T for a [out, in] weight."""
@@ -390,8 +578,12 @@ class MlxBackend:
         dense = w.f32()
         return x @ (dense.T if transpose else dense)
 
+    def gelu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        return self._gelu_mul(gate, up)
+
     def gated_mlp(self, x: mx.array, gate: Weight, up: Weight, down: Weight) -> mx.array:
-        return self.linear(self._gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention ----------------------------------------------------------------------
 
@@ -412,26 +604,50 @@ class MlxBackend:
         """Softmax(q k^T) v with scaling 1.0, grouped KV heads and the reference's position masks.
 
         q [n, Hq, d], k/v [m, Hkv, d]. A key is visible when (not causal or k_pos <= q_pos) and
-        (window is None or k_pos > q_pos - window); MLX's fused attention takes the KV heads ungrouped.
+        (window is None or k_pos > q_pos - window). Unfused (see the module notes): per chunk of query rows,
+        scores [Hkv, group, rows, m] (query head h reads KV head h // group, as the reference's repeat does),
+        -inf where hidden, softmax, times v. With more rows than one chunk, each chunk is evaluated before the
+        next is built, so only one chunk's scores are ever alive; one chunk (every decoder pass) stays lazy.
         """
-        qh = q.transpose(1, 0, 2)[None]
-        kh, vh = k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]
+        if causal:
+            self._encoder_ran = True
+        elif self._encoder_ran:
+            self._after_encoder(k, v)
+        n, heads, d = q.shape
+        kv_heads = k.shape[1]
+        qh = q.transpose(1, 0, 2).reshape(kv_heads, heads // kv_heads, n, d)
+        kt = k.transpose(1, 2, 0)[:, None]  # [Hkv, 1, d, m]: broadcast over the group
+        vh = v.transpose(1, 0, 2)[:, None]  # [Hkv, 1, m, d_v]
         kp = mx.array(np.asarray(k_pos, dtype=np.int32))[None, :]
         chunks = []
-        for start in range(0, q.shape[0], _ATTENTION_CHUNK):
-            stop = min(start + _ATTENTION_CHUNK, q.shape[0])
-            mask = None
+        for start in range(0, n, _ATTENTION_CHUNK):
+            stop = min(start + _ATTENTION_CHUNK, n)
+            visible = None
             if causal or window is not None:
                 qp = mx.array(np.asarray(q_pos[start:stop], dtype=np.int32))[:, None]
-                if causal:
-                    mask = kp <= qp
+                visible = kp <= qp if causal else mx.array(True)
                 if window is not None:
-                    in_window = kp > qp - window
-                    mask = in_window if mask is None else mask & in_window
-            chunks.append(mx.fast.scaled_dot_product_attention(qh[:, :, start:stop], kh, vh, scale=1.0,
-                                                               mask=mask))
+                    visible = visible & (kp > qp - window)
+            chunks.append(_attend(qh[:, :, start:stop], kt, vh, visible))
+            if n > _ATTENTION_CHUNK:
+                mx.eval(chunks[-1])
         out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
-        return out[0].transpose(1, 0, 2)
+        return out.reshape(heads, n, -1).transpose(1, 0, 2)
+
+    def _after_encoder(self, k: mx.array, v: mx.array) -> None:
+        """The decoder's first attention after an encoder pass: let the encoder finish, then empty MLX's cache.
+
+        The encoder's buffers are sized for its rows (a long prompt's score matrices alone reach GBs, each chunk's
+        of another size), and the decoder's canvas-sized passes never reuse them: MLX takes a cached buffer only
+        of nearly the requested size (`reuse_from_cache`, mlx/backend/common/buffer_cache.h), and on Metal the
+        cache may grow to 1.5x the recommended working set before it returns any (mlx/backend/metal/allocator.cpp).
+        Evaluating k/v (the cache they read) first waits for the encoder's work, so its buffers are back in the
+        cache when it is cleared. Once per encoder pass, i.e. per canvas: the decoder's own buffers are then
+        allocated afresh once every (up to 48) steps, as mlx-lm clears every 256 tokens.
+        """
+        mx.eval(k, v)
+        mx.clear_cache()
+        self._encoder_ran = False
 
     # -- mixture of experts -----------------------------------------------------------------------------
 
@@ -440,7 +656,8 @@ class MlxBackend:
     ) -> tuple[mx.array, mx.array]:
         """Router: unscaled RMSNorm, * scale * hidden^-0.5, softmax, top-k renormalised, per-expert scale."""
         h = self.rms_norm(x, None, eps) * scale * (x.shape[-1] ** -0.5)
-        probs = mx.softmax(self.linear(h, proj), axis=-1)
+        exp, total = self._exp_shifted(self.linear(h, proj))
+        probs = exp / total
         index = mx.argsort(-probs, axis=-1)[:, :top_k]  # exact ties keep index order, as numpy's stable sort
         weights = mx.take_along_axis(probs, index, axis=-1)
         weights = weights / weights.sum(axis=-1, keepdims=True)
@@ -480,26 +697,25 @@ class MlxBackend:
     def denoise_step(
         self, logits: mx.array | np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
-    ) -> StepResult:
-        """`dgrun.sampler.denoise_step` on the device; `processed_logits` stays an mx.array.
+    ) -> sampler.StepResult:
+        """`dgrun.sampler.denoise_step`: the vocabulary-wide work on the device, the canvas-sized rest on the host.
 
-        Draws go through `rng` in the reference's order (categorical, then tokens). A `DefaultRng` gives only
-        its uniforms and the inverse CDF runs here (float32 cdf, see `_inverse_cdf`); any other RNG gets the
-        probabilities on the host, which costs a canvas x vocab copy (replay in tests).
+        The device computes temperature, softmax, per-row entropy and argmax (and, for a plain `DefaultRng`, the
+        categorical draw from its uniforms by a float32 inverse CDF, see `_inverse_cdf`; any other RNG gets the
+        probabilities, a canvas x vocab copy). Entropies, argmax and draws (a few KiB) then go through
+        `sampler.finish_step`, the reference's own acceptance, renoising, clamp and mean entropy, as the cpu
+        backend does: Metal's parallel sums could otherwise flip an acceptance or the stop rule (module notes).
+        Draws go through `rng` in the reference's order (categorical, then tokens); `processed_logits` stays an
+        mx.array for the next pass's self-conditioning.
         """
         logits = mx.array(logits) if isinstance(logits, np.ndarray) else logits
-        canvas = np.asarray(canvas, dtype=np.int64)
         processed, probs, argmax, entropy = self._step_core(logits, mx.array(temp, dtype=mx.float32))
-        if isinstance(rng, DefaultRng):
-            sampled = self._inverse_cdf(probs, mx.array(rng.uniform(canvas.shape[0]).astype(np.float32)))
+        if isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical:
+            sampled = self._inverse_cdf(probs, mx.array(rng.uniform(logits.shape[0]).astype(np.float32)))
+            mx.eval(processed, sampled, argmax, entropy)
+            drawn = np.array(sampled)
         else:
-            sampled = mx.array(np.asarray(rng.categorical(np.array(probs)), dtype=np.int32))
-        noise = rng.tokens(canvas.shape, logits.shape[-1])  # a full canvas every step, as transformers does
-        no_clamp = np.zeros(canvas.shape, dtype=bool)
-        new_canvas, argmax, accepted, mean = self._accept(
-            entropy, sampled.astype(mx.int32), argmax.astype(mx.int32), mx.array(canvas.astype(np.int32)),
-            mx.array(np.asarray(noise, dtype=np.int32)), mx.array(no_clamp if clamp is None else clamp),
-            mx.array(entropy_bound, dtype=mx.float32))
-        mx.eval(processed, new_canvas, argmax, accepted, mean)
-        return StepResult(np.array(new_canvas).astype(np.int64), np.array(argmax).astype(np.int64), processed,
-                          np.array(accepted), float(np.array(mean)))
+            mx.eval(processed, probs, argmax, entropy)
+            drawn = np.asarray(rng.categorical(np.array(probs)))
+        return sampler.finish_step(processed, drawn, np.array(argmax), np.array(entropy), canvas, entropy_bound,
+                                   rng, clamp)

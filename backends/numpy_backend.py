@@ -2,6 +2,11 @@
 
 Weights stay memory-mapped in their .dgf types and are dequantized on use, so loading a file copies nothing.
 Readability wins over speed here; the fast CPU path is a separate backend.
+
+Every op computes each row (token) on its own, so a row's result never depends on which other rows share the
+call: that is what makes a batch's elements get the tokens they get alone. Matrix products therefore go
+through `row_products`, one BLAS matrix-vector product per row, and never one GEMM over all rows — OpenBLAS's
+GEMM gives a row different bits in calls of 16 and 48 rows (its kernels and blocking follow the shape).
 """
 
 from __future__ import annotations
@@ -15,6 +20,24 @@ from dgrun.format import GGUFFile
 from dgrun.rng import Rng
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+ATTENTION_BLOCK = 256  # query rows per block of the reference attention
+
+
+def require_ascending(k_pos: np.ndarray) -> None:
+    """Key positions must not decrease: attention finds each query block's keys by binary search."""
+    if len(k_pos) > 1 and bool((np.diff(k_pos) < 0).any()):
+        raise ValueError("attention: key positions must be in ascending order")
+
+
+def visible_key_range(k_pos: np.ndarray, q_min: int, q_max: int, causal: bool, window: int | None) -> tuple[int, int]:
+    """[lo, hi): the keys (positions ascending) that some query with a position in [q_min, q_max] may see.
+
+    Causal: nothing after q_max; a window: nothing at or before q_min - window. Keys inside the range can still
+    be masked for one query of the block; keys outside it are masked for all of them.
+    """
+    lo = int(np.searchsorted(k_pos, q_min - window, side="right")) if window is not None else 0
+    hi = int(np.searchsorted(k_pos, q_max, side="right")) if causal else len(k_pos)
+    return lo, max(lo, hi)
 
 
 @dataclass
@@ -36,6 +59,12 @@ class Weight:
         return out.reshape((len(index), *self.shape[1:]))
 
 
+def row_products(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
+    """x @ w_t for x [..., k] and w_t [k, n], computed row by row: each row is its own matrix-vector product of
+    the same shape, so its sums are the same whatever else is in `x` (see the module notes)."""
+    return (x[..., None, :] @ w_t)[..., 0, :]
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`)."""
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x**3)))
@@ -55,10 +84,14 @@ class NumpyBackend:
             scale = None
             if scale_name in gguf.tensors and scale_name not in names:
                 scale = float(gguf.array(scale_name).reshape(-1)[0])
-            raw = gguf.raw(name)
-            row_bytes = quants.row_bytes(info.ggml_type, info.shape[-1])
-            weights[name] = Weight(raw.reshape((*info.shape[:-1], row_bytes)), info.ggml_type, info.shape, scale)
+            weights[name] = self.weight(gguf.raw(name), info.ggml_type, info.shape, scale)
         return weights
+
+    def weight(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, ...],
+               tensor_scale: float | None = None) -> Weight:
+        """A tensor from its stored bytes (uint8, memory-mapped or made in memory), kept in its type."""
+        row_bytes = quants.row_bytes(ggml_type, shape[-1])
+        return Weight(raw.reshape((*shape[:-1], row_bytes)), ggml_type, tuple(shape), tensor_scale)
 
     # -- elementwise and normalisation ------------------------------------------------------------
 
@@ -80,8 +113,9 @@ class NumpyBackend:
     def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / np.float32(cap)) * np.float32(cap)
 
-    def concat(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.concatenate([a, b], axis=0)
+    def concat(self, *arrays: np.ndarray) -> np.ndarray:
+        """The arrays one after another along the first axis (a single array is returned as is)."""
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
 
     # -- embeddings and matmuls ---------------------------------------------------------------------
 
@@ -94,10 +128,14 @@ class NumpyBackend:
 
     def linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x @ W^T for a [out, in] weight."""
-        return x @ w.dense().T
+        return row_products(x, w.dense().T)
+
+    def gelu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """gelu_tanh(gate) * up: the gated MLP's middle."""
+        return gelu_tanh(gate) * up
 
     def gated_mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
-        return self.linear(gelu_tanh(self.linear(x, gate)) * self.linear(x, up), down)
+        return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
 
     # -- positions and attention --------------------------------------------------------------------
 
@@ -122,26 +160,33 @@ class NumpyBackend:
     ) -> np.ndarray:
         """Softmax(q k^T) v with scaling 1.0 (q/k norms replace it), grouped KV heads, position masks.
 
-        q [n, Hq, d], k/v [m, Hkv, d]. A key is visible when (not causal or k_pos <= q_pos) and
-        (window is None or k_pos > q_pos - window). Query rows go in chunks so long prompts never
-        materialise an n x m score matrix per head.
+        q [n, Hq, d], k/v [m, Hkv, d], k_pos ascending. A key is visible when (not causal or k_pos <= q_pos) and
+        (window is None or k_pos > q_pos - window). Query rows go in blocks, each over only the range of keys
+        some query of the block can see (`visible_key_range`), so long prompts never materialise an n x m
+        score matrix per head and a sliding layer costs its window, not the prompt.
         """
+        require_ascending(k_pos)
         n, n_heads, d = q.shape
         groups = n_heads // k.shape[1]
         out = np.empty((n, n_heads, v.shape[-1]), dtype=np.float32)
         kh = np.repeat(k, groups, axis=1).transpose(1, 2, 0)  # [H, d, m]
         vh = np.repeat(v, groups, axis=1).transpose(1, 0, 2)  # [H, m, d]
-        for start in range(0, n, 256):
-            stop = min(start + 256, n)
-            scores = q[start:stop].transpose(1, 0, 2) @ kh  # [H, c, m]
-            visible = np.ones((stop - start, k.shape[0]), dtype=bool)
+        for start in range(0, n, ATTENTION_BLOCK):
+            stop = min(start + ATTENTION_BLOCK, n)
             qp = q_pos[start:stop, None]
+            lo, hi = visible_key_range(k_pos, int(qp.min()), int(qp.max()), causal, window)
+            if lo == hi:  # no visible key: the 0/0 a softmax over masked keys only gives
+                out[start:stop] = np.nan
+                continue
+            kp = k_pos[None, lo:hi]
+            scores = q[start:stop].transpose(1, 0, 2) @ kh[:, :, lo:hi]  # [H, c, keys]
+            visible = np.ones((stop - start, hi - lo), dtype=bool)
             if causal:
-                visible &= k_pos[None, :] <= qp
+                visible &= kp <= qp
             if window is not None:
-                visible &= k_pos[None, :] > qp - window
+                visible &= kp > qp - window
             scores = np.where(visible[None], scores, -np.inf)
-            out[start:stop] = (sampler.softmax(scores) @ vh).transpose(1, 0, 2)
+            out[start:stop] = (sampler.softmax(scores) @ vh[:, lo:hi]).transpose(1, 0, 2)
         return out
 
     # -- mixture of experts ---------------------------------------------------------------------------
@@ -164,9 +209,9 @@ class NumpyBackend:
         out = np.zeros_like(x)
         for expert in np.unique(index):
             token, slot = np.nonzero(index == expert)
-            gu = x[token] @ gate_up.rows(np.array([expert]))[0].T
+            gu = row_products(x[token], gate_up.rows(np.array([expert]))[0].T)
             gate, up = np.split(gu, 2, axis=-1)
-            y = (gelu_tanh(gate) * up) @ down.rows(np.array([expert]))[0].T
+            y = row_products(gelu_tanh(gate) * up, down.rows(np.array([expert]))[0].T)
             np.add.at(out, token, y * weights[token, slot][:, None])
         return out
 

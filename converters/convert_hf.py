@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,9 +24,9 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
-from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
+from dgrun.config import ARCH, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
 from dgrun.converters.names import VISION_PREFIXES, dgf_name
-from dgrun.converters.presets import PRESETS, PresetError, tensor_type
+from dgrun.converters.presets import PRESETS, PresetError, recipe_type, tensor_type
 from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, open_checkpoint
 from dgrun.converters.tokenizer_pack import TokenizerError, pack_tokenizer
 from dgrun.model import tensor_shapes
@@ -41,10 +41,15 @@ class ConversionError(ValueError):
 
 @dataclass
 class PlannedTensor:
+    """One .dgf tensor: where its values come from, its shape, the type it is stored as and the type the preset's
+    recipe wanted (they differ after a row-width fallback), and the other stored copies that must equal it."""
+
     name: str
     source: SafeTensor
     shape: tuple[int, ...]
     ggml_type: T
+    recipe_type: T
+    copies: list[SafeTensor] = field(default_factory=list)
     tensor_scale: float | None = None
 
     @property
@@ -52,7 +57,7 @@ class PlannedTensor:
         return int(np.prod(self.shape[:-1], dtype=np.int64)) * row_bytes(self.ggml_type, self.shape[-1])
 
 
-class _StreamedTensor:
+class StreamedTensor:
     """Quacks like the ndarray `GGUFWriter.write_tensor_data` expects, but writes chunk by chunk."""
 
     def __init__(self, nbytes: int, chunks: Callable[[], Iterator[np.ndarray]]):
@@ -68,7 +73,14 @@ class _StreamedTensor:
             raise ConversionError(f"internal error: wrote {written} bytes for a {self.nbytes}-byte tensor")
 
 
-def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], int]:
+def tied_output(hf_config: dict[str, Any]) -> bool:
+    """Whether lm_head is the embedding: the top-level `tie_word_embeddings`, the flag transformers' tying reads
+    for `DiffusionGemmaForBlockDiffusion` (the text config's own flag is not consulted)."""
+    return bool(hf_config.get("tie_word_embeddings", True))
+
+
+def plan(model_dir: Path, outtype: str,
+         strict: bool = False) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], int]:
     """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data.
 
     Returns the config, the raw config.json, the tensors to write, and how many vision tensors are skipped.
@@ -78,19 +90,15 @@ def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], li
         raise ConversionError(f"{model_dir} is not a directory")
     if not config_path.is_file():
         raise ConversionError(f"{model_dir} has no config.json: not a Hugging Face checkpoint folder")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"config.json is not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise ConversionError("config.json is not a JSON object")
+    hf_config = read_json_object(config_path, "config.json")
     cfg = ModelConfig.from_hf(hf_config)
     tensors = open_checkpoint(model_dir)
-    tied = hf_config.get("tie_word_embeddings", True) and hf_config.get("text_config", {}).get(
-        "tie_word_embeddings", True)
+    tied = tied_output(hf_config)
     expected = tensor_shapes(cfg, tied_output=tied)
     sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
-    planned: dict[str, PlannedTensor] = {}
+    # Every stored copy of each .dgf tensor: encoder and decoder each store the weights they share when untied (or
+    # when a tool wrote both), and a tied lm_head may be stored too. The first is written, the others compared.
+    stored: dict[str, list[SafeTensor]] = {}
     skipped_vision = 0
     for hf_name, source in tensors.items():
         if hf_name.startswith(VISION_PREFIXES):
@@ -101,31 +109,82 @@ def plan(model_dir: Path, outtype: str) -> tuple[ModelConfig, dict[str, Any], li
         except KeyError:
             raise ConversionError(f"unexpected tensor {hf_name} (not part of DiffusionGemma)") from None
         if name == "output.weight" and tied:
-            continue  # lm_head is the tied embedding
-        if name in planned:
-            continue  # a shared weight stored under both encoder and decoder prefixes
+            name = "token_embd.weight"  # transformers would use a stored lm_head: it must be the embedding
         if name not in expected:
-            raise ConversionError(f"tensor {hf_name} is not expected by this config")
+            raise ConversionError(_unexpected(hf_name, name, sliding))
         if tuple(source.shape) != expected[name]:
             raise ConversionError(
                 f"tensor {hf_name} has shape {tuple(source.shape)}, but config.json implies {expected[name]}")
-        planned[name] = PlannedTensor(name, source, expected[name],
-                                      tensor_type(name, expected[name], outtype, cfg.num_hidden_layers, sliding))
-    missing = [n for n in expected if n not in planned]
+        stored.setdefault(name, []).append(source)
+    missing = [n for n in expected if n not in stored]
     if missing:
         raise ConversionError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")
-    return cfg, hf_config, [planned[n] for n in expected], skipped_vision
+    planned = []
+    for name, shape in expected.items():
+        # A tied lm_head is only compared: the embedding is what gets written.
+        source, *copies = sorted(stored[name], key=lambda t: t.name == "lm_head.weight")
+        ggml_type = tensor_type(name, shape, outtype, cfg.num_hidden_layers, sliding, strict)
+        planned.append(PlannedTensor(name, source, shape, ggml_type,
+                                     recipe_type(name, shape, outtype, cfg.num_hidden_layers, sliding), copies))
+    return cfg, hf_config, planned, skipped_vision
+
+
+def read_json_object(path: Path, label: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a ConversionError naming `label`."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{label} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{label} is not a JSON object")
+    return value
+
+
+def _unexpected(hf_name: str, name: str, sliding: list[bool]) -> str:
+    parts = name.split(".")
+    if name.endswith("attn_v.weight") and not sliding[int(parts[1])]:
+        return (f"tensor {hf_name}: DiffusionGemma's full-attention layers use K as V and have no v_proj "
+                "(transformers 5.23.0 would drop this weight), so this checkpoint is not one dgrun can run")
+    return f"tensor {hf_name} is not expected by this config"
+
+
+def _compared_chunks(t: PlannedTensor) -> Iterator[np.ndarray]:
+    """The source's float32 chunks, each checked bit for bit against the same rows of every other stored copy:
+    copies are read in step with the source, so differing copies cost no extra pass and no whole tensor."""
+    others = [copy.chunks() for copy in t.copies]
+    row = 0
+    for chunk in t.source.chunks():
+        for copy, stream in zip(t.copies, others, strict=True):
+            other = next(stream)
+            if not np.array_equal(chunk.view(np.uint32), other.view(np.uint32)):
+                first = row + int(np.argmax((chunk.view(np.uint32) != other.view(np.uint32)).any(axis=1)))
+                raise ConversionError(_copies_differ(t.source.name, copy.name, first))
+        row += len(chunk)
+        yield chunk
+
+
+def _copies_differ(kept: str, other: str, row: int) -> str:
+    if other == "lm_head.weight":
+        return (f"lm_head.weight differs from the embedding {kept} (first at row {row}) although config.json ties "
+                "them (tie_word_embeddings): refusing to drop the output matrix transformers would use")
+    return (f"{other} differs from {kept} (first at row {row}): dgrun shares one copy of each weight between "
+            "encoder and decoder, so it cannot run this checkpoint merged; if it is a LoRA fine-tune with the adapter "
+            "merged in, convert the base checkpoint, convert the adapter with convert-lora-to-dgf and load it unmerged "
+            "(dgrun --lora)")
 
 
 def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
     quant = get_quant_type(t.ggml_type)
-    for chunk in t.source.chunks():
+    for chunk in _compared_chunks(t):
         if not np.isfinite(chunk).all():
             raise ConversionError(f"tensor {t.source.name} contains NaN or Inf")
         if t.tensor_scale is not None:
             chunk = chunk / np.float32(t.tensor_scale)
-        yield quant.quantize(chunk)
-        progress.update(chunk.size * (4 if t.source.dtype == "F32" else 2))
+        try:
+            yield quant.quantize(chunk)
+        except ValueError as e:  # F16's range
+            raise ConversionError(f"tensor {t.source.name}: {e}") from None
+        progress.update(sum(x.nbytes for x in (t.source, *t.copies)) * len(chunk) // t.source.n_rows)
 
 
 def _nvfp4_scale(t: PlannedTensor) -> float:
@@ -157,6 +216,14 @@ def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
         raise TypeError(f"cannot store metadata {key}={value!r}")
 
 
+def add_rope_freqs(writer: GGUFWriter, cfg: ModelConfig, payloads: list[Any]) -> None:
+    """The `rope_freqs.weight` tensor llama.cpp's Gemma 4 graphs read for proportional RoPE (beside dgrun's
+    `rope.partial_rotary_factor` key, which says the same)."""
+    freqs = cfg.rope_freqs()
+    writer.add_tensor_info(ROPE_FREQS_TENSOR, freqs.shape, freqs.dtype, freqs.nbytes)
+    payloads.append(freqs)
+
+
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[GGUFWriter]:
     """A GGUFWriter (dgrun's architecture and alignment) on a temporary file beside `path`, moved onto `path` only
@@ -186,10 +253,13 @@ def write_file(writer: GGUFWriter, payloads: list[Any]) -> None:
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenizer: bool = True,
-            quiet: bool = False) -> dict[str, Any]:
-    """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix)."""
+            quiet: bool = False, strict: bool = False) -> dict[str, Any]:
+    """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix, fallbacks).
+
+    A tensor the preset's type cannot store falls back to the next type that can (see `presets`), with one notice
+    per kind of fallback on stderr (unless `quiet`); `strict` refuses instead of falling back to F16."""
     try:
-        cfg, hf_config, planned, skipped_vision = plan(model_dir, outtype)
+        cfg, hf_config, planned, skipped_vision = plan(model_dir, outtype, strict)
         tokenizer_meta, spm_bytes = pack_tokenizer(model_dir, cfg, hf_config) if with_tokenizer else ({}, None)
         gen_path = model_dir / "generation_config.json"
         gen_json = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -198,8 +268,16 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
     except json.JSONDecodeError as e:
         raise ConversionError(f"generation_config.json is not valid JSON ({e})") from None
     generation = GenerationConfig.from_hf(gen_json, hf_config.get("text_config", {}))
-    if skipped_vision and not quiet:
-        print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)", file=sys.stderr)
+    fallbacks = _fallbacks(planned)
+    if not quiet:
+        if skipped_vision:
+            print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)",
+                  file=sys.stderr)
+        for (wanted, got), tensors in fallbacks.items():
+            widths = ", ".join(str(w) for w in sorted({t.shape[-1] for t in tensors}))
+            print(f"note: {len(tensors)} tensor(s) stored as {got.name} instead of {wanted.name}: rows of {widths} "
+                  f"values are not a multiple of {wanted.name}'s {get_quant_type(wanted).block_size}-value blocks",
+                  file=sys.stderr)
 
     for t in planned:
         if t.ggml_type == T.NVFP4:
@@ -212,16 +290,17 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         for key, value in {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta}.items():
             add_metadata(writer, key, value)
         payloads: list[Any] = []
-        total_source = sum(t.source.nbytes for t in planned)
+        total_source = sum(x.nbytes for t in planned for x in (t.source, *t.copies))
         progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype}", disable=quiet,
                         file=sys.stderr)
         for t in planned:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
-            payloads.append(_StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
+            payloads.append(StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
                 payloads.append(scale)
+        add_rope_freqs(writer, cfg, payloads)
         if spm_bytes is not None:
             blob = np.frombuffer(spm_bytes, dtype=np.int8)
             writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
@@ -229,12 +308,40 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         write_file(writer, payloads)
         progress.close()
     mix: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for t in planned:
         mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+        counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
     n_weights = sum(math.prod(t.shape) for t in planned)
     size = outfile.stat().st_size
     return {"outfile": str(outfile), "bytes": size, "bits_per_weight": 8 * sum(mix.values()) / n_weights,
-            "parameters": n_weights, "type_bytes": mix}
+            "parameters": n_weights, "type_bytes": mix, "type_tensors": counts,
+            "fallbacks": {f"{wanted.name}->{got.name}": len(ts) for (wanted, got), ts in fallbacks.items()}}
+
+
+def _fallbacks(planned: list[PlannedTensor]) -> dict[tuple[T, T], list[PlannedTensor]]:
+    """(recipe type, stored type) → the tensors stored as another type than their recipe's, for their row width."""
+    out: dict[tuple[T, T], list[PlannedTensor]] = {}
+    for t in planned:
+        if t.ggml_type != t.recipe_type:
+            out.setdefault((t.recipe_type, t.ggml_type), []).append(t)
+    return out
+
+
+def run_converter(prog: str, conversion: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """Run a conversion as a console script: its summary, or the exit status after one line on stderr (2 for what
+    the user can fix, 130 for Ctrl-C, 1 for the system's errors)."""
+    try:
+        return conversion()
+    except ConversionError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no output written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"{prog}: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,21 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outtype", default="q8_0", choices=list(PRESETS), help="quantization preset")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="allow a checkpoint without tokenizer files (the model then takes token ids only)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a tensor the outtype cannot store instead of falling back to F16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     args = parser.parse_args(argv)
     outfile = args.outfile or Path(f"{str(args.model_dir).rstrip('/')}-{args.outtype}.dgf")
-    try:
-        summary = convert(args.model_dir, outfile, args.outtype, not args.no_tokenizer, args.quiet)
-    except ConversionError as e:
-        print(f"convert-hf-to-dgf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("convert-hf-to-dgf: interrupted; no output written", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"convert-hf-to-dgf: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}", file=sys.stderr)
-        return 1
-    mix = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(summary["type_bytes"].items()))
+    summary = run_converter("convert-hf-to-dgf", partial(convert, args.model_dir, outfile, args.outtype,
+                                                         not args.no_tokenizer, args.quiet, args.strict))
+    if isinstance(summary, int):
+        return summary
+    mix = ", ".join(f"{k} {summary['type_tensors'][k]} tensors {v / 2**20:.1f} MiB"
+                    for k, v in sorted(summary["type_bytes"].items()))
     print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, "
           f"{summary['bits_per_weight']:.2f} bits/weight ({mix})")
     return 0

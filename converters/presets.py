@@ -3,16 +3,20 @@
 Norms, the router, scales and every 1-D tensor stay F32 in all presets. `q4_k_m` adapts llama.cpp's recipe:
 Q4_K by default, Q6_K for the tied embedding and for attn_v / ffn_down on the "more-bits" layers. Two
 DiffusionGemma-specific choices: on full-attention layers K is also V, so attn_k gets attn_v's bits; and
-the expert down projections count as ffn_down. K-quants need rows divisible by 256 — the released model's
-ffn_down (2112) and expert down (704) are not — so those fall back to a block-32 type of similar or more bits,
-as llama.cpp does (Q4_K → Q5_0, Q6_K → Q8_0).
+the expert down projections count as ffn_down.
+
+A type stores rows whose width is a multiple of its block (256 for K-quants, 32 for Q8_0 / Q5_0 / MXFP4, 64 for
+NVFP4). A tensor whose rows do not fit falls back as llama.cpp does: `llama-quantize` moves a K-quant to the
+legacy block-32 type of similar or more bits (Q4_K → Q5_0, Q6_K → Q8_0: the released model's ffn_down, 2112
+wide, and expert down, 704 wide, take this path), and whatever still does not fit goes to F16, which stores
+any width (`convert_hf_to_gguf.py`'s fallback). `strict=True` stops before F16 and refuses instead.
 """
 
 from __future__ import annotations
 
 from gguf import GGMLQuantizationType as T
 
-from dgrun.quants import can_quantize
+from dgrun.quants import can_quantize, get_quant_type
 
 PRESETS: dict[str, T] = {
     "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0,
@@ -20,6 +24,7 @@ PRESETS: dict[str, T] = {
 }
 EXPERT_TYPES = {"mxfp4_moe": T.MXFP4, "nvfp4_moe": T.NVFP4}
 K_QUANT_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
+WIDTH_FALLBACK = T.F16  # the last resort: any row width
 _KEEP_F32_SUFFIXES = ("_norm.weight", ".scale", "ffn_gate_inp.weight", "layer_output_scale.weight")
 
 
@@ -32,8 +37,8 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, sliding: list[bool]) -> T:
-    """The ggml type `name` gets under `preset`; PresetError when the row width does not fit it."""
+def recipe_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, sliding: list[bool]) -> T:
+    """The ggml type the preset's recipe gives `name`, before any fallback for its row width."""
     if preset not in PRESETS:
         raise PresetError(f"unknown outtype {preset!r} (choose from {', '.join(PRESETS)})")
     if len(shape) == 1 or name.endswith(_KEEP_F32_SUFFIXES):
@@ -46,9 +51,22 @@ def tensor_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, s
         down = name.endswith(("ffn_down.weight", "ffn_down_exps.weight", "attn_v.weight")) or k_is_v
         if name in ("token_embd.weight", "output.weight") or (down and use_more_bits(layer, n_layers)):
             chosen = T.Q6_K
-        if not can_quantize(chosen, shape[-1]) and chosen in K_QUANT_FALLBACK:
-            chosen = K_QUANT_FALLBACK[chosen]
-    if not can_quantize(chosen, shape[-1]):
-        raise PresetError(f"outtype {preset} cannot store {name}: its rows of {shape[-1]} values are not a "
-                          f"multiple of {chosen.name}'s block size")
     return chosen
+
+
+def tensor_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, sliding: list[bool],
+                strict: bool = False) -> T:
+    """The ggml type `name` is stored as under `preset`: the recipe's, or the first fallback that stores its rows.
+
+    With `strict`, a tensor that only F16 could store is a PresetError (the K-quant fallbacks are part of the
+    recipe and still apply)."""
+    chosen = recipe_type(name, shape, preset, n_layers, sliding)
+    candidates = [chosen, *([K_QUANT_FALLBACK[chosen]] if chosen in K_QUANT_FALLBACK else [])]
+    if not strict:
+        candidates.append(WIDTH_FALLBACK)
+    for candidate in candidates:
+        if can_quantize(candidate, shape[-1]):
+            return candidate
+    raise PresetError(f"outtype {preset} cannot store {name}: its rows of {shape[-1]} values are not a multiple of "
+                      f"{candidates[-1].name}'s block size ({get_quant_type(candidates[-1]).block_size}); without "
+                      "--strict it would fall back to F16")

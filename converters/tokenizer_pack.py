@@ -102,6 +102,9 @@ def pack_tokenizer(model_dir: Path, cfg: ModelConfig, hf_config: dict[str, Any])
     spm_bytes = spm.read_bytes() if spm.is_file() else None
     if hf_json.is_file():
         meta = _from_hf_json(hf_json)
+        # tokenizer.json is what dgrun tokenizes with; a tokenizer.model beside it would only be an extra tensor,
+        # which llama.cpp's loaders refuse ("wrong number of tensors").
+        spm_bytes = None
     elif spm_bytes is not None:
         meta = _from_sentencepiece(spm_bytes)
     else:
@@ -118,6 +121,11 @@ def pack_tokenizer(model_dir: Path, cfg: ModelConfig, hf_config: dict[str, Any])
             value = value[0] if value else None
         if isinstance(value, int) and 0 <= value < cfg.vocab_size:
             meta[f"tokenizer.ggml.{key}_token_id"] = value
+    # The mask token, which llama.cpp's diffusion runtimes require (the fork's llama-diffusion-cli asserts it).
+    mask = tokenizer_config.get("mask_token")
+    mask = mask.get("content") if isinstance(mask, dict) else mask
+    if isinstance(mask, str) and mask in meta["tokenizer.ggml.tokens"]:
+        meta["tokenizer.ggml.mask_token_id"] = meta["tokenizer.ggml.tokens"].index(mask)
     meta["tokenizer.ggml.add_bos_token"] = bool(
         tokenizer_config.get("add_bos_token", "tokenizer.ggml.bos_token_id" in meta))
     template = _chat_template(model_dir, tokenizer_config)

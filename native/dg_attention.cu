@@ -3,7 +3,9 @@
 // Reference: numpy_backend.attention (scores masked by positions, softmax, @ v). Here no score matrix
 // exists: one warp owns one (query, head) and walks the keys in tiles with an online softmax (running
 // max m, running sum l, running output acc rescaled whenever m grows). The warps of a block share the
-// query head, so each K/V tile is staged in shared memory once for all of them.
+// query head, so each K/V tile is staged in shared memory once for all of them. Key positions ascend, so a
+// block walks only the range of keys its queries can see (dg_key_range: the window's start to the last query),
+// not the whole prompt; tiles outside it would contribute exactly nothing.
 #include "dg_common.cuh"
 
 namespace {
@@ -42,15 +44,25 @@ __global__ void __launch_bounds__(WARPS * 32) attention_kernel(const float* q, c
     int qp = active ? q_pos[query] : 0;
     float run_max = -INFINITY, run_sum = 0.0f;
 
-    for (int key0 = 0; key0 < m; key0 += KT) {
+    // The block's key range, from its queries' smallest and largest positions (every thread, same answer).
+    int first = blockIdx.x * WARPS, last = min(n, first + WARPS) - 1;
+    int q_min = q_pos[first], q_max = q_min;
+    for (int i = first + 1; i <= last; ++i) {
+        q_min = min(q_min, q_pos[i]);
+        q_max = max(q_max, q_pos[i]);
+    }
+    int key_lo, key_hi;
+    dg_key_range(k_pos, m, q_min, q_max, causal, window, &key_lo, &key_hi);
+
+    for (int key0 = key_lo; key0 < key_hi; key0 += KT) {
         __syncthreads();  // every warp is done with the previous tile
         for (int idx = threadIdx.x; idx < KT * d; idx += blockDim.x) {
             int j = idx / d, e = idx % d, key = key0 + j;
             int64_t src = ((int64_t)key * kv_heads + kv_head) * d + e;
-            ks[idx] = key < m ? k[src] : 0.0f;
-            vs[idx] = key < m ? v[src] : 0.0f;
+            ks[idx] = key < key_hi ? k[src] : 0.0f;
+            vs[idx] = key < key_hi ? v[src] : 0.0f;
         }
-        if (threadIdx.x < KT) kp[threadIdx.x] = key0 + (int)threadIdx.x < m ? k_pos[key0 + threadIdx.x] : 0;
+        if (threadIdx.x < KT) kp[threadIdx.x] = key0 + (int)threadIdx.x < key_hi ? k_pos[key0 + threadIdx.x] : 0;
         __syncthreads();
         if (!active) continue;
 
@@ -65,14 +77,14 @@ __global__ void __launch_bounds__(WARPS * 32) attention_kernel(const float* q, c
                 if (e < d) dot = fmaf(qv[t], ks[j * d + e], dot);
             }
             dot = dg_warp_sum(dot);
-            bool visible = key0 + j < m && dg_visible(qp, kp[j], causal, window);
+            bool visible = key0 + j < key_hi && dg_visible(qp, kp[j], causal, window);
             score[j] = visible ? dot : -INFINITY;
             tile_max = fmaxf(tile_max, score[j]);
         }
         float new_max = fmaxf(run_max, tile_max);
         if (new_max == -INFINITY) continue;  // nothing visible yet
         float correction = expf(run_max - new_max);  // 0 on the first visible tile
-        run_sum *= correction;
+        run_sum = dg_mul(run_sum, correction);  // not fused with the "+= p" below
 #pragma unroll
         for (int t = 0; t < DPL; ++t) acc[t] *= correction;
 #pragma unroll
@@ -112,6 +124,7 @@ int launch(const float* q, const float* k, const float* v, const int32_t* q_pos,
 extern "C" int dg_attention(const float* q, const float* k, const float* v, const int32_t* q_pos,
                             const int32_t* k_pos, int n, int m, int q_heads, int kv_heads, int head_dim, int causal,
                             int window, float* out) {
+    DG_ENTER();
     DG_REQUIRE(head_dim > 0 && head_dim <= 512, "head_dim must be in 1..512");
     DG_REQUIRE(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads must be a multiple of kv_heads");
     DG_REQUIRE(q_heads <= 65535, "too many heads");

@@ -7,14 +7,21 @@
 
 #include "dg_cuda.h"
 #include "dg_math.cuh"
+#include "dg_scratch.h"
 
-// The one stream every kernel and copy is queued on (created by dg_init), and device facts kernels size by.
+// The one stream every kernel and copy is queued on (created by dg_init), the device it belongs to, and device
+// facts kernels size by.
 extern cudaStream_t dg_stream;
+extern int dg_device;
 extern int dg_sm_count;
+// Nonzero under DGRUN_CUDA_SYNC=1 (dg_set_launch_sync): wait after every launch, so a fault names its kernel.
+extern int dg_launch_sync;
 
 // Record a message for dg_last_error() and return a nonzero status (defined in dg_runtime.cu).
 int dg_fail(int status, const char* where, const char* what);
 int dg_check_cuda(cudaError_t err, const char* where);
+// After a launch or copy named `what`: its configuration error, or under dg_launch_sync its execution error.
+int dg_after_launch(const char* what);
 
 // Return early from a dg_ function when a CUDA call fails.
 #define DG_TRY(call)                                             \
@@ -23,11 +30,12 @@ int dg_check_cuda(cudaError_t err, const char* where);
         if (dg_status_) return dg_status_;                       \
     } while (0)
 
-// After a launch: configuration errors surface here (execution errors surface at the next wait).
-#define DG_LAUNCHED(kernel)                                              \
-    do {                                                                 \
-        int dg_status_ = dg_check_cuda(cudaGetLastError(), "launch " #kernel); \
-        if (dg_status_) return dg_status_;                               \
+// After a launch: configuration errors surface here (execution errors at the next wait, or here under
+// DGRUN_CUDA_SYNC=1).
+#define DG_LAUNCHED(kernel)                                      \
+    do {                                                         \
+        int dg_status_ = dg_after_launch("launch " #kernel);     \
+        if (dg_status_) return dg_status_;                       \
     } while (0)
 
 #define DG_REQUIRE(cond, what)                                   \
@@ -35,11 +43,43 @@ int dg_check_cuda(cudaError_t err, const char* where);
         if (!(cond)) return dg_fail(1, __func__, what);          \
     } while (0)
 
-// Stream-ordered scratch memory from the caching pool (16 spare bytes: a zero count is still a valid pointer).
-template <typename T>
-inline cudaError_t dg_scratch(T** out, size_t count) {
-    return cudaMallocAsync((void**)out, count * sizeof(T) + 16, dg_stream);
-}
+// The calling host thread on dgrun's device for one dg_ call, then back on the device it had: cudaSetDevice is
+// per host thread, and a Model may be used (and its buffers freed) from any thread.
+class DgDeviceScope {
+   public:
+    DgDeviceScope() {
+        if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+        if (previous_ == dg_device) previous_ = -1;  // already there: nothing to switch or restore
+        else status_ = cudaSetDevice(dg_device);
+    }
+    DgDeviceScope(const DgDeviceScope&) = delete;
+    DgDeviceScope& operator=(const DgDeviceScope&) = delete;
+    ~DgDeviceScope() {
+        if (previous_ >= 0) cudaSetDevice(previous_);
+    }
+    cudaError_t status() const { return status_; }
+
+   private:
+    int previous_ = -1;
+    cudaError_t status_ = cudaSuccess;
+};
+
+// First statement of every dg_ function that touches the device (tests/test_cuda.py checks that each has it).
+#define DG_ENTER()                                                                 \
+    if (!dg_stream) return dg_fail(1, __func__, "dg_init has not been called");    \
+    DgDeviceScope dg_device_scope_;                                                \
+    DG_TRY(dg_device_scope_.status())
+
+// Stream-ordered scratch from the caching pool, counted (dg_scratch_live) so tests see leaks; a test can make
+// the n-th allocation fail (dg_debug_fail_scratch) to walk the error paths.
+struct DgDevicePool {
+    static int allocate(void** out, size_t bytes);
+    static void release(void* p);
+};
+using DgScratch = DgScratchSet<DgDevicePool>;
+
+// Return early when a scratch allocation fails.
+#define DG_SCRATCH(set, out, count) DG_TRY((cudaError_t)(set).get((out), (count)))
 
 inline unsigned dg_blocks(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 

@@ -24,8 +24,20 @@ extern "C" {
 enum { DG_ENGINE_FP32 = 0, DG_ENGINE_TF32 = 1 };
 
 const char* dg_last_error(void);
-/* Select the device, create the stream and the caching memory pool. Idempotent. */
+/* Select the device, create the stream and the caching memory pool. Idempotent and thread-safe; fails (with the
+ * driver's and the runtime's CUDA versions in the message) when the device or the driver cannot run dgrun, e.g.
+ * without stream-ordered memory pools. Every other dg_ function runs on this device whatever host thread calls
+ * it (the thread's own current device is restored on return). */
 int dg_init(int device);
+/* Nonzero: wait for every kernel and copy right after queueing it and report its execution error under its own
+ * name (DGRUN_CUDA_SYNC=1; slow, for a first run on a new GPU or driver). */
+void dg_set_launch_sync(int on);
+/* How many scratch buffers dg_ calls hold right now (0 between calls: every path gives them back). */
+int dg_scratch_live(int64_t* count);
+/* Tests: make the nth scratch allocation from now fail as out of memory (0 turns it off). */
+void dg_debug_fail_scratch(int64_t nth);
+/* Wait for the queue, then return every freed block of the memory pool to the driver (for other processes). */
+int dg_release_pool(void);
 int dg_device_info(char* name, int name_len, int* cc_major, int* cc_minor, int* sm_count, int64_t* total_bytes);
 int dg_malloc(void** out, size_t bytes);
 int dg_free(void* ptr);
@@ -61,7 +73,8 @@ int dg_rms_norm(const float* x, const float* weight, int rows, int width, float 
 int dg_rope(const float* x, const int32_t* positions, const float* inv_freq, int n, int heads, int head_dim,
             float* out);
 /* Softmax(q k^T) v with scaling 1.0, grouped KV heads and position masks (window 0 = none), never
- * materialising scores: q [n, q_heads, d], k/v [m, kv_heads, d], out [n, q_heads, d]; d <= 512. */
+ * materialising scores: q [n, q_heads, d], k/v [m, kv_heads, d], out [n, q_heads, d]; d <= 512. k_pos must
+ * ascend: each block of queries visits only the keys it can see. */
 int dg_attention(const float* q, const float* k, const float* v, const int32_t* q_pos, const int32_t* k_pos,
                  int n, int m, int q_heads, int kv_heads, int head_dim, int causal, int window, float* out);
 int dg_softcap(const float* x, int64_t n, float cap, float* out);

@@ -28,7 +28,7 @@ __global__ void rms_norm_kernel(const float* x, const float* weight, int width, 
     const float* row = x + (int64_t)blockIdx.x * width;
     float* dst = out + (int64_t)blockIdx.x * width;
     float ss = 0.0f;
-    for (int c = threadIdx.x; c < width; c += blockDim.x) ss += row[c] * row[c];
+    for (int c = threadIdx.x; c < width; c += blockDim.x) ss = dg_add(ss, dg_mul(row[c], row[c]));  // no FMA
     ss = dg_block_sum(ss, partial);
     float r = powf(ss / (float)width + eps, -0.5f);
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
@@ -77,6 +77,7 @@ extern "C" {
 
 int dg_embed(const void* table, int type, int64_t row_bytes, float tensor_scale, int width, const int32_t* ids,
              int n, float scale, float* out) {
+    DG_ENTER();
     if (n <= 0) return 0;
     embed_kernel<<<n, 256, 0, dg_stream>>>((const uint8_t*)table, type, row_bytes, tensor_scale, width, ids, n,
                                             scale, out);
@@ -85,6 +86,7 @@ int dg_embed(const void* table, int type, int64_t row_bytes, float tensor_scale,
 }
 
 int dg_rms_norm(const float* x, const float* weight, int rows, int width, float eps, float* out) {
+    DG_ENTER();
     if (rows <= 0) return 0;
     rms_norm_kernel<<<rows, 256, 0, dg_stream>>>(x, weight, width, eps, out);
     DG_LAUNCHED(rms_norm_kernel);
@@ -93,6 +95,7 @@ int dg_rms_norm(const float* x, const float* weight, int rows, int width, float 
 
 int dg_rope(const float* x, const int32_t* positions, const float* inv_freq, int n, int heads, int head_dim,
             float* out) {
+    DG_ENTER();
     DG_REQUIRE(head_dim % 2 == 0, "head_dim must be even");
     int64_t pairs = (int64_t)n * heads * (head_dim / 2);
     if (pairs <= 0) return 0;
@@ -102,6 +105,7 @@ int dg_rope(const float* x, const int32_t* positions, const float* inv_freq, int
 }
 
 int dg_softcap(const float* x, int64_t n, float cap, float* out) {
+    DG_ENTER();
     if (n <= 0) return 0;
     softcap_kernel<<<grid_for(n), 256, 0, dg_stream>>>(x, n, cap, out);
     DG_LAUNCHED(softcap_kernel);
@@ -109,6 +113,7 @@ int dg_softcap(const float* x, int64_t n, float cap, float* out) {
 }
 
 int dg_gelu_mul(const float* gate, const float* up, int64_t n, float* out) {
+    DG_ENTER();
     if (n <= 0) return 0;
     gelu_mul_kernel<<<grid_for(n), 256, 0, dg_stream>>>(gate, up, n, out);
     DG_LAUNCHED(gelu_mul_kernel);
@@ -116,6 +121,7 @@ int dg_gelu_mul(const float* gate, const float* up, int64_t n, float* out) {
 }
 
 int dg_add(const float* a, const float* b, int64_t n, float* out) {
+    DG_ENTER();
     if (n <= 0) return 0;
     add_kernel<<<grid_for(n), 256, 0, dg_stream>>>(a, b, n, out);
     DG_LAUNCHED(add_kernel);
@@ -123,6 +129,7 @@ int dg_add(const float* a, const float* b, int64_t n, float* out) {
 }
 
 int dg_mul_bcast(const float* a, const float* b, int64_t n, int64_t period, float* out) {
+    DG_ENTER();
     DG_REQUIRE(period > 0, "period must be positive");
     if (n <= 0) return 0;
     mul_bcast_kernel<<<grid_for(n), 256, 0, dg_stream>>>(a, b, n, period, out);
@@ -131,6 +138,7 @@ int dg_mul_bcast(const float* a, const float* b, int64_t n, int64_t period, floa
 }
 
 int dg_scale(const float* a, float alpha, int64_t n, float* out) {
+    DG_ENTER();
     if (n <= 0) return 0;
     scale_kernel<<<grid_for(n), 256, 0, dg_stream>>>(a, alpha, n, out);
     DG_LAUNCHED(scale_kernel);

@@ -2,7 +2,44 @@
 // Built with g++ -ffp-contract=off so the host never fuses what numpy rounds separately.
 #include "dg_host.h"
 
+#include <stdlib.h>
+
 #include "dg_math.cuh"
+#include "dg_scratch.h"
+
+namespace {
+
+// A malloc that counts what is live and fails the nth allocation, for DgScratchSet's error paths.
+struct CountingPool {
+    static int live, fail_at, calls;
+    static int allocate(void** out, size_t bytes) {
+        if (++calls == fail_at) return 2;  // cudaErrorMemoryAllocation's value; any nonzero would do
+        *out = malloc(bytes);
+        if (!*out) return 2;
+        ++live;
+        return 0;
+    }
+    static void release(void* p) {
+        free(p);
+        --live;
+    }
+};
+int CountingPool::live = 0, CountingPool::fail_at = 0, CountingPool::calls = 0;
+
+// The shape of every kernel entry point that takes scratch: allocate `count` buffers, return at the first
+// failure, else "launch" and return.
+int uses_scratch(int count) {
+    DgScratchSet<CountingPool> scratch;
+    for (int i = 0; i < count; ++i) {
+        float* p;
+        int status = scratch.get(&p, 1000);
+        if (status) return status;
+        p[0] = 1.0f;
+    }
+    return 0;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -63,6 +100,20 @@ void dg_host_uniform01(const uint32_t* r, float* out, int64_t n) {
 
 void dg_host_uniform_int(const uint32_t* hi, const uint32_t* lo, uint32_t bound, uint32_t* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = dg_uniform_int(hi[i], lo[i], bound);
+}
+
+void dg_host_key_range(const int32_t* k_pos, int m, const int32_t* q_min, const int32_t* q_max, int causal,
+                       int window, int32_t* lo, int32_t* hi, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dg_key_range(k_pos, m, q_min[i], q_max[i], causal, window, &lo[i], &hi[i]);
+}
+
+int dg_host_scratch_run(int count, int fail_at, int* live_after) {
+    CountingPool::live = 0;
+    CountingPool::calls = 0;
+    CountingPool::fail_at = fail_at;
+    int status = uses_scratch(count);
+    *live_after = CountingPool::live;
+    return status;
 }
 
 void dg_host_visible(const int32_t* q_pos, const int32_t* k_pos, int causal, int window, uint8_t* out,

@@ -30,6 +30,12 @@ void dg_host_uniform01(const uint32_t* r, float* out, int64_t n);
 void dg_host_uniform_int(const uint32_t* hi, const uint32_t* lo, uint32_t bound, uint32_t* out, int64_t n);
 void dg_host_visible(const int32_t* q_pos, const int32_t* k_pos, int causal, int window, uint8_t* out,
                      int64_t n);
+/* dg_key_range for n query blocks given by their smallest and largest positions, over one key array. */
+void dg_host_key_range(const int32_t* k_pos, int m, const int32_t* q_min, const int32_t* q_max, int causal,
+                       int window, int32_t* lo, int32_t* hi, int64_t n);
+/* A function holding `count` DgScratchSet buffers from a counting malloc whose fail_at-th allocation fails (0:
+ * none): returns its status and sets *live_after to the buffers still allocated once it has returned. */
+int dg_host_scratch_run(int count, int fail_at, int* live_after);
 /* </cdef> */
 #ifdef __cplusplus
 }

@@ -13,6 +13,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "cpu/dg_iq_tables.h"  // the i-quant tables, generated from gguf-py (shared with the cpu kernels)
+
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define DG_HD __host__ __device__ __forceinline__
@@ -22,8 +24,9 @@
 
 // ggml type ids (gguf GGMLQuantizationType).
 enum {
-    DG_F32 = 0, DG_F16 = 1, DG_Q4_0 = 2, DG_Q5_0 = 6, DG_Q8_0 = 8, DG_Q4_K = 12, DG_Q6_K = 14,
-    DG_BF16 = 30, DG_MXFP4 = 39, DG_NVFP4 = 40,
+    DG_F32 = 0, DG_F16 = 1, DG_Q4_0 = 2, DG_Q5_0 = 6, DG_Q5_1 = 7, DG_Q8_0 = 8, DG_Q4_K = 12, DG_Q5_K = 13,
+    DG_Q6_K = 14, DG_IQ4_NL = 20, DG_IQ3_S = 21, DG_IQ2_S = 22, DG_IQ4_XS = 23, DG_BF16 = 30, DG_MXFP4 = 39,
+    DG_NVFP4 = 40,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -178,13 +181,95 @@ DG_HD float dg_nvfp4_value(const uint8_t* b, int j) {
     return dg_mul(dg_ue4m3_half(b[s]), (float)dg_e2m1_doubled(code));
 }
 
+// Q5_1 (24 bytes): fp16 d, fp16 m, u32 high bits (bit j for value j), nibbles as Q4_0. x = d * q + m.
+DG_HD float dg_q5_1_value(const uint8_t* b, int j) {
+    int lo = (b[8 + (j & 15)] >> ((j >> 4) * 4)) & 0xF;
+    int hi = (int)((dg_load_u32(b + 4) >> j) & 1u);
+    return dg_add(dg_mul(dg_f16_to_f32(dg_load_u16(b)), (float)(lo | (hi << 4))), dg_f16_to_f32(dg_load_u16(b + 2)));
+}
+
+// Q5_K (176 bytes): fp16 d, fp16 dmin, Q4_K's 12 scale bytes, qh[32], ql[128]. Value j is in sub-block
+// s = j / 32: its low 4 bits are Q4_K's nibble (ql byte (j / 64) * 32 + j % 32, high nibble for odd s), its
+// fifth bit is bit s of qh[j % 32]. x = (d * sc) * q - dmin * mn.
+DG_HD float dg_q5_k_value(const uint8_t* b, int j) {
+    int s = j >> 5, sc, mn;
+    dg_q4_k_scale_min(b + 4, s, &sc, &mn);
+    int lo = (b[48 + (j >> 6) * 32 + (j & 31)] >> ((s & 1) * 4)) & 0xF;
+    int hi = (b[16 + (j & 31)] >> s) & 1;
+    float d = dg_mul(dg_f16_to_f32(dg_load_u16(b)), (float)sc);
+    float m = dg_mul(dg_f16_to_f32(dg_load_u16(b + 2)), (float)mn);
+    return dg_add(dg_mul(d, (float)(lo | (hi << 4))), -m);
+}
+
+// The i-quant tables (cpu/dg_iq_tables.h) in the memory of whichever side runs the code.
+#ifdef __CUDACC__
+static __device__ const int8_t dg_kvalues_iq4nl_dev[16] = DG_KVALUES_IQ4NL_INIT;
+static __device__ const uint32_t dg_iq3s_grid_dev[512] = DG_IQ3S_GRID_INIT;
+static __device__ const uint64_t dg_iq2s_grid_dev[1024] = DG_IQ2S_GRID_INIT;
+#endif
+static const int8_t dg_kvalues_iq4nl_host[16] = DG_KVALUES_IQ4NL_INIT;
+static const uint32_t dg_iq3s_grid_host[512] = DG_IQ3S_GRID_INIT;
+static const uint64_t dg_iq2s_grid_host[1024] = DG_IQ2S_GRID_INIT;
+
+#ifdef __CUDA_ARCH__
+#define DG_IQ_TABLE(name) name##_dev
+#else
+#define DG_IQ_TABLE(name) name##_host
+#endif
+
+// IQ4_NL's non-uniform value of a 4-bit code (also IQ4_XS's).
+DG_HD int dg_kvalue_iq4nl(int code) { return DG_IQ_TABLE(dg_kvalues_iq4nl)[code]; }
+
+// Magnitude e of IQ3_S grid entry i (4 per entry) and of IQ2_S grid entry i (8 per entry).
+DG_HD int dg_iq3s_magnitude(int i, int e) { return (int)((DG_IQ_TABLE(dg_iq3s_grid)[i] >> (8 * e)) & 0xFFu); }
+DG_HD int dg_iq2s_magnitude(int i, int e) { return (int)((DG_IQ_TABLE(dg_iq2s_grid)[i] >> (8 * e)) & 0xFFu); }
+
+// IQ4_NL (18 bytes): fp16 d, nibbles as Q4_0. x = d * kvalues[q].
+DG_HD float dg_iq4_nl_value(const uint8_t* b, int j) {
+    int q = (b[2 + (j & 15)] >> ((j >> 4) * 4)) & 0xF;
+    return dg_mul(dg_f16_to_f32(dg_load_u16(b)), (float)dg_kvalue_iq4nl(q));
+}
+
+// IQ4_XS (136 bytes): fp16 d, u16 scales_h (2 bits per 32 values), scales_l[4] (a nibble per 32 values), then
+// 16 nibble bytes per 32 values in IQ4_NL's order. x = (d * (ls - 32)) * kvalues[q], ls the 6-bit scale.
+DG_HD float dg_iq4_xs_value(const uint8_t* b, int j) {
+    int ib = j >> 5, t = j & 31;
+    int ls = ((b[4 + (ib >> 1)] >> ((ib & 1) * 4)) & 0xF) | (((int)(dg_load_u16(b + 2) >> (2 * ib)) & 3) << 4);
+    int q = (b[8 + 16 * ib + (t & 15)] >> ((t >> 4) * 4)) & 0xF;
+    float dl = dg_mul(dg_f16_to_f32(dg_load_u16(b)), (float)(ls - 32));
+    return dg_mul(dl, (float)dg_kvalue_iq4nl(q));
+}
+
+// IQ3_S (110 bytes): fp16 d, qs[64], qh[8], signs[32], scales[4]. Value j is magnitude j % 4 of grid entry
+// qs[g] | (bit g % 8 of qh[g / 8]) << 8 with g = j / 4; its sign is bit j % 8 of signs[j / 8]; the 4-bit
+// scale s of its 32 values gives db = d * (1 + 2 s). x = (db * magnitude) * sign.
+DG_HD float dg_iq3_s_value(const uint8_t* b, int j) {
+    int g = j >> 2, ib = j >> 5;
+    int index = b[2 + g] | (((b[66 + ib] >> (g & 7)) & 1) << 8);
+    float db = dg_mul(dg_f16_to_f32(dg_load_u16(b)), (float)(1 + 2 * ((b[106 + (ib >> 1)] >> ((ib & 1) * 4)) & 0xF)));
+    float v = dg_mul(db, (float)dg_iq3s_magnitude(index, j & 3));
+    return ((b[74 + (j >> 3)] >> (j & 7)) & 1) ? -v : v;
+}
+
+// IQ2_S (82 bytes): fp16 d, qs[32], signs[32], qh[8], scales[8]. Value j is magnitude j % 8 of grid entry
+// qs[g] | (bits 2 (g % 4) of qh[g / 4]) << 8 with g = j / 8; its sign is bit j % 8 of signs[g]; the 4-bit
+// scale s of its 16 values gives db = d * (0.5 + s) * 0.25. x = (db * magnitude) * sign.
+DG_HD float dg_iq2_s_value(const uint8_t* b, int j) {
+    int g = j >> 3;
+    int index = b[2 + g] | (((b[66 + (g >> 2)] >> (2 * (g & 3))) & 3) << 8);
+    int s = (b[74 + (j >> 5)] >> (((j >> 4) & 1) * 4)) & 0xF;
+    float db = dg_mul(dg_mul(dg_f16_to_f32(dg_load_u16(b)), dg_add(0.5f, (float)s)), 0.25f);
+    float v = dg_mul(db, (float)dg_iq2s_magnitude(index, j & 7));
+    return ((b[34 + g] >> (j & 7)) & 1) ? -v : v;
+}
+
 // Values per block and bytes per block; 0 for a type the kernels do not know.
 DG_HD int dg_block_size(int type) {
     switch (type) {
         case DG_F32: case DG_F16: case DG_BF16: return 1;
-        case DG_Q8_0: case DG_Q4_0: case DG_Q5_0: case DG_MXFP4: return 32;
+        case DG_Q8_0: case DG_Q4_0: case DG_Q5_0: case DG_Q5_1: case DG_MXFP4: case DG_IQ4_NL: return 32;
         case DG_NVFP4: return 64;
-        case DG_Q4_K: case DG_Q6_K: return 256;
+        case DG_Q4_K: case DG_Q5_K: case DG_Q6_K: case DG_IQ4_XS: case DG_IQ3_S: case DG_IQ2_S: return 256;
         default: return 0;
     }
 }
@@ -196,10 +281,16 @@ DG_HD int dg_type_size(int type) {
         case DG_Q8_0: return 34;
         case DG_Q4_0: return 18;
         case DG_Q5_0: return 22;
+        case DG_Q5_1: return 24;
         case DG_MXFP4: return 17;
         case DG_NVFP4: return 36;
         case DG_Q4_K: return 144;
+        case DG_Q5_K: return 176;
         case DG_Q6_K: return 210;
+        case DG_IQ4_NL: return 18;
+        case DG_IQ4_XS: return 136;
+        case DG_IQ3_S: return 110;
+        case DG_IQ2_S: return 82;
         default: return 0;
     }
 }
@@ -218,6 +309,12 @@ DG_HD float dg_row_value(int type, const uint8_t* row, int k, float tensor_scale
         case DG_NVFP4: return dg_mul(dg_nvfp4_value(row + (k >> 6) * 36, k & 63), tensor_scale);
         case DG_Q4_K: return dg_q4_k_value(row + (k >> 8) * 144, k & 255);
         case DG_Q6_K: return dg_q6_k_value(row + (k >> 8) * 210, k & 255);
+        case DG_Q5_1: return dg_q5_1_value(row + (k >> 5) * 24, k & 31);
+        case DG_Q5_K: return dg_q5_k_value(row + (k >> 8) * 176, k & 255);
+        case DG_IQ4_NL: return dg_iq4_nl_value(row + (k >> 5) * 18, k & 31);
+        case DG_IQ4_XS: return dg_iq4_xs_value(row + (k >> 8) * 136, k & 255);
+        case DG_IQ3_S: return dg_iq3_s_value(row + (k >> 8) * 110, k & 255);
+        case DG_IQ2_S: return dg_iq2_s_value(row + (k >> 8) * 82, k & 255);
         default: return 0.0f;  // unreachable: the Python side refuses unknown types before any call
     }
 }
@@ -252,6 +349,26 @@ DG_HD bool dg_visible(int q_pos, int k_pos, int causal, int window) {
     return (!causal || k_pos <= q_pos) && (window <= 0 || k_pos > q_pos - window);
 }
 
+// First index j < m with k_pos[j] > x (m when none), k_pos ascending.
+DG_HD int dg_upper_bound(const int32_t* k_pos, int m, int64_t x) {
+    int lo = 0, hi = m;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (k_pos[mid] <= x) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// [*lo, *hi): the keys (positions ascending) some query with a position in [q_min, q_max] may see — causal: none
+// after q_max; a window: none at or before q_min - window (numpy_backend.visible_key_range).
+DG_HD void dg_key_range(const int32_t* k_pos, int m, int q_min, int q_max, int causal, int window, int* lo,
+                        int* hi) {
+    *lo = window > 0 ? dg_upper_bound(k_pos, m, (int64_t)q_min - window) : 0;
+    *hi = causal ? dg_upper_bound(k_pos, m, q_max) : m;
+    if (*hi < *lo) *hi = *lo;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Softmax statistics and entropy
 // ---------------------------------------------------------------------------------------------------
@@ -261,8 +378,8 @@ DG_HD bool dg_visible(int q_pos, int k_pos, int causal, int window) {
 DG_HD void dg_entropy_accumulate(float x, float m, float* z, float* s) {
     float t = x - m;
     float e = expf(t);
-    *z += e;
-    *s += e * t;
+    *z = dg_add(*z, e);
+    *s = dg_add(*s, dg_mul(e, t));  // not e * t + s: nvcc would fuse it, the host twin (-ffp-contract=off) not
 }
 
 DG_HD float dg_entropy_finish(float z, float s) { return logf(z) - s / z; }

@@ -196,9 +196,13 @@ __global__ void sum_splits_kernel(const float* partial, int splits, int64_t coun
 }
 
 // Split K so that small-M products still fill the device (a 256 x 2816 output is only 176 tiles), keeping
-// at least 256 values of K per split.
-int choose_splits(int64_t tiles, int k) {
-    int64_t target = 4LL * dg_sm_count;
+// at least 256 values of K per split. The count depends on the output width and K only, never on the rows:
+// a row's sums must be the same whatever else shares the call (batch invariance), so it is sized for the rows
+// of one 256-token canvas, the smallest decoder pass, whatever the call's M.
+constexpr int64_t kSplitRowTiles = 256 / TM;
+
+int choose_splits(int n, int k) {
+    int64_t tiles = kSplitRowTiles * dg_blocks(n, TN), target = 4LL * dg_sm_count;
     int splits = 1;
     while (tiles * splits < target && k / (2 * splits) >= 256 && splits < 64) splits *= 2;
     return splits;
@@ -212,9 +216,10 @@ int run_gemm(GemmArgs g, unsigned grid_y, int engine, int splits, float scale) {
     float* final_y = g.y;
     int64_t rows = g.tiles ? 0 : g.m;
     float* partial = nullptr;
+    DgScratch scratch;
     if (splits > 1) {
         DG_REQUIRE(!g.tiles, "split-K is only for plain GEMMs");
-        DG_TRY(dg_scratch(&partial, (size_t)splits * rows * g.n));
+        DG_SCRATCH(scratch, &partial, (size_t)splits * rows * g.n);
         g.y = partial;
         g.y_split_stride = rows * g.n;
     }
@@ -232,7 +237,6 @@ int run_gemm(GemmArgs g, unsigned grid_y, int engine, int splits, float scale) {
         sum_splits_kernel<<<blocks < 65535u ? blocks : 65535u, 256, 0, dg_stream>>>(partial, splits, count, scale,
                                                                                       final_y);
         DG_LAUNCHED(sum_splits_kernel);
-        DG_TRY(cudaFreeAsync(partial, dg_stream));
     }
     return 0;
 }
@@ -265,7 +269,7 @@ __global__ void softmax_stats_kernel(const float* x, int cols, float* row_max, f
     for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
     m = dg_block_max(m, partial);
     float z = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) z += expf(row[c] - m);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) z = dg_add(z, expf(row[c] - m));  // no FMA
     z = dg_block_sum(z, partial);
     if (threadIdx.x == 0) {
         row_max[blockIdx.x] = m;
@@ -401,37 +405,35 @@ extern "C" {
 
 int dg_linear(const float* x, int n, int k, const void* w, int type, int64_t row_bytes, float tensor_scale,
               int out_features, float* y, int engine) {
+    DG_ENTER();
     DG_REQUIRE(k % TK == 0, "k must be a multiple of 32");
     DG_REQUIRE(dg_block_size(type) > 0, "unsupported weight type");
     if (n <= 0 || out_features <= 0) return 0;
     GemmArgs g = plain_args(x, n, k, w, type, row_bytes, tensor_scale, out_features, y);
-    unsigned grid_y = dg_blocks(n, TM);
-    int splits = choose_splits((int64_t)grid_y * dg_blocks(out_features, TN), k);
-    return run_gemm(g, grid_y, engine, splits, 1.0f);
+    return run_gemm(g, dg_blocks(n, TM), engine, choose_splits(out_features, k), 1.0f);
 }
 
 int dg_soft_embed(const float* logits, int rows, int vocab, const void* table, int type, int64_t row_bytes,
                   float tensor_scale, int width, float scale, float* out, int engine) {
+    DG_ENTER();
     DG_REQUIRE(vocab % TK == 0, "vocab must be a multiple of 32");
     DG_REQUIRE(dg_block_size(type) > 0, "unsupported weight type");
     if (rows <= 0) return 0;
+    DgScratch scratch;
     float* stats;
-    DG_TRY(dg_scratch(&stats, 2 * (size_t)rows));
+    DG_SCRATCH(scratch, &stats, 2 * (size_t)rows);
     softmax_stats_kernel<<<rows, 1024, 0, dg_stream>>>(logits, vocab, stats, stats + rows);
     DG_LAUNCHED(softmax_stats_kernel);
     GemmArgs g = plain_args(logits, rows, vocab, table, type, row_bytes, tensor_scale, width, out);
     g.row_max = stats;
     g.row_sum = stats + rows;
     g.w_kn = 1;
-    unsigned grid_y = dg_blocks(rows, TM);
-    int splits = choose_splits((int64_t)grid_y * dg_blocks(width, TN), vocab);
-    int status = run_gemm(g, grid_y, engine, splits, scale);
-    DG_TRY(cudaFreeAsync(stats, dg_stream));
-    return status;
+    return run_gemm(g, dg_blocks(rows, TM), engine, choose_splits(width, vocab), scale);
 }
 
 int dg_route_topk(const float* logits, int n, int n_experts, int top_k, const float* per_expert_scale,
                   float* weights, int32_t* index) {
+    DG_ENTER();
     DG_REQUIRE(n_experts > 0 && n_experts <= 1024, "n_experts must be in 1..1024");
     DG_REQUIRE(top_k > 0 && top_k <= 32 && top_k <= n_experts, "top_k must be in 1..min(32, n_experts)");
     if (n <= 0) return 0;
@@ -445,6 +447,7 @@ int dg_experts(const float* x, int n, int hidden, const float* weights, const in
                int n_experts, const void* gate_up, int gate_up_type, int64_t gate_up_row_bytes,
                float gate_up_scale, int inter, const void* down, int down_type, int64_t down_row_bytes,
                float down_scale, float* out, int engine) {
+    DG_ENTER();
     DG_REQUIRE(hidden % TK == 0 && inter % TK == 0, "hidden and inter must be multiples of 32");
     DG_REQUIRE(top_k > 0 && top_k <= 32, "top_k must be in 1..32");
     DG_REQUIRE(dg_block_size(gate_up_type) > 0 && dg_block_size(down_type) > 0, "unsupported weight type");
@@ -456,15 +459,16 @@ int dg_experts(const float* x, int n, int hidden, const float* weights, const in
     int4* tiles;
     int32_t *sorted_token, *item_pos;
     float *gu, *act, *y;
-    DG_TRY(dg_scratch(&counts, n_experts));
-    DG_TRY(dg_scratch(&offsets, n_experts + 1));
-    DG_TRY(dg_scratch(&n_tiles, 1));
-    DG_TRY(dg_scratch(&tiles, max_tiles));
-    DG_TRY(dg_scratch(&sorted_token, items));
-    DG_TRY(dg_scratch(&item_pos, items));
-    DG_TRY(dg_scratch(&gu, (size_t)items * 2 * inter));
-    DG_TRY(dg_scratch(&act, (size_t)items * inter));
-    DG_TRY(dg_scratch(&y, (size_t)items * hidden));
+    DgScratch scratch;  // every buffer goes back to the pool however this function returns
+    DG_SCRATCH(scratch, &counts, n_experts);
+    DG_SCRATCH(scratch, &offsets, n_experts + 1);
+    DG_SCRATCH(scratch, &n_tiles, 1);
+    DG_SCRATCH(scratch, &tiles, max_tiles);
+    DG_SCRATCH(scratch, &sorted_token, items);
+    DG_SCRATCH(scratch, &item_pos, items);
+    DG_SCRATCH(scratch, &gu, (size_t)items * 2 * inter);
+    DG_SCRATCH(scratch, &act, (size_t)items * inter);
+    DG_SCRATCH(scratch, &y, (size_t)items * hidden);
 
     moe_count_kernel<<<n_experts, 32, 0, dg_stream>>>(index, items, counts);
     DG_LAUNCHED(moe_count_kernel);
@@ -495,9 +499,6 @@ int dg_experts(const float* x, int n, int hidden, const float* weights, const in
 
     moe_combine_kernel<<<n, 256, 0, dg_stream>>>(y, weights, index, item_pos, top_k, n_experts, hidden, out);
     DG_LAUNCHED(moe_combine_kernel);
-
-    void* scratch[] = {counts, offsets, n_tiles, tiles, sorted_token, item_pos, gu, act, y};
-    for (void* p : scratch) DG_TRY(cudaFreeAsync(p, dg_stream));
     return 0;
 }
 

@@ -176,13 +176,15 @@ __global__ void __launch_bounds__(ROW_THREADS) accept_kernel(const float* entrop
 extern "C" int dg_sample_step(float* logits, int rows, int vocab, const int32_t* canvas, const uint8_t* clamp,
                               float temperature, float entropy_bound, uint64_t seed, uint64_t step,
                               int32_t* host_out) {
+    DG_ENTER();
     DG_REQUIRE(rows > 0 && rows <= MAX_ROWS, "rows must be in 1..4096");
     DG_REQUIRE(vocab > 0, "vocab must be positive");
+    DgScratch scratch;  // given back however this function returns
     int32_t *ints, *result;
     float* entropy;
-    DG_TRY(dg_scratch(&ints, 2 * (size_t)rows));
-    DG_TRY(dg_scratch(&entropy, rows));
-    DG_TRY(dg_scratch(&result, 3 * (size_t)rows + 1));
+    DG_SCRATCH(scratch, &ints, 2 * (size_t)rows);
+    DG_SCRATCH(scratch, &entropy, rows);
+    DG_SCRATCH(scratch, &result, 3 * (size_t)rows + 1);
     sample_rows_kernel<<<rows, ROW_THREADS, 0, dg_stream>>>(logits, vocab, temperature, seed, step, ints,
                                                              ints + rows, entropy);
     DG_LAUNCHED(sample_rows_kernel);
@@ -192,9 +194,6 @@ extern "C" int dg_sample_step(float* logits, int rows, int vocab, const int32_t*
     DG_LAUNCHED(accept_kernel);
     DG_TRY(cudaMemcpyAsync(host_out, result, (3 * (size_t)rows + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
                            dg_stream));
-    DG_TRY(cudaFreeAsync(ints, dg_stream));
-    DG_TRY(cudaFreeAsync(entropy, dg_stream));
-    DG_TRY(cudaFreeAsync(result, dg_stream));
     DG_TRY(cudaStreamSynchronize(dg_stream));
     return 0;
 }

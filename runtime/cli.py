@@ -6,6 +6,8 @@
     dgrun -m model.dgf -p "def add(a, b):<FILL>return c"
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
     dgrun -m sudoku --edit "$(cat puzzle.txt)" --blank 0   # a shipped model by name; fill every 0
+    dgrun -m model.dgf -p "2 651 4937" --token-ids    # the prompt as token ids (any file, even without tokenizer)
+    dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
     dgrun info model.dgf
 
 Errors a user can cause (a missing or malformed file, an unavailable backend, a bad parameter, a prompt too
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -27,13 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from gguf import LlamaFileType
+
 from dgrun._version import __version__
 from dgrun.backends import BackendUnavailable
 from dgrun.chat import ChatSession
-from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig
-from dgrun.engine import Model, load, resolve_model
+from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig, written_by_dgrun
+from dgrun.engine import Model, load, resolve_model, type_mix
 from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
+from dgrun.lora import describe as describe_adapter
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, HF_JSON_KEY, SPM_TENSOR
 
 EXIT_ERROR = 2  # what argparse uses for usage errors: every mistake a user can make exits with it
@@ -88,10 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-p", "--prompt", metavar="TEXT",
                         help="the prompt; a single <FILL> marker in it asks for an infill")
     source.add_argument("-f", "--file", help="read the prompt from FILE (default: stdin, when it is not a terminal)")
+    parser.add_argument("--token-ids", action="store_true",
+                        help="the prompt (-p, -f or stdin) is whitespace-separated token ids, used as they are; a "
+                             "model without tokenizer then prints the new ids")
     parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "cpu", "cuda", "mlx"],
                         help="compute backend (default: auto, the fastest one that works here)")
     parser.add_argument("-t", "--threads", type=int, metavar="N",
                         help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
+    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
+    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
+                      help="apply a LoRA adapter at scale 1 (repeatable)")
+    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
+                      help="apply a LoRA adapter at SCALE (repeatable)")
+    lora.add_argument("--lora-merge", action="store_true",
+                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
+                           "passes, more memory")
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -132,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LoraAction(argparse.Action):
+    """--lora FILE and --lora-scaled FILE SCALE, in the order given, as one list of (path, scale)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        path, scale = (values, "1") if isinstance(values, str) else values
+        try:
+            value = float(scale)
+        except ValueError:
+            parser.error(f"{option_string}: SCALE must be a number, got {scale!r}")
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (path, value)])
+
+
 def _char_range(text: str) -> tuple[int | None, int | None]:
     start, sep, end = text.partition(":")
     try:
@@ -146,6 +176,7 @@ def _generate_command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     prompt = _read_prompt(args)
     mode = _check_mode(args, prompt)
+    token_ids = _parse_token_ids(prompt) if mode == "ids" else None
     model = _load_model(args)
     params = {name: getattr(args, name) for name in (
         "max_new_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
@@ -169,6 +200,11 @@ def _generate_command(argv: list[str]) -> int:
                 messages = [] if args.system is None else [{"role": "system", "content": args.system}]
                 prompt_ids = model.apply_chat_template([*messages, {"role": "user", "content": prompt}],
                                                        tokenize=True)
+            elif token_ids is not None:
+                prompt_ids = token_ids  # checked against the vocabulary by stream
+            elif model.tokenizer is None:
+                raise UsageError(f"{model.path.name} has no tokenizer (converted with --no-tokenizer): give the "
+                                 "prompt as token ids with --token-ids")
             else:
                 prompt_ids = model.tokenize(prompt)
             events = model.stream(prompt_ids, seed=args.seed, stats=stats, **params)
@@ -194,9 +230,17 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
-    """Which of plain / chat / interactive / infill / edit the arguments ask for, refusing conflicting ones."""
+    """Which of plain / ids / chat / interactive / infill / edit the arguments ask for, refusing conflicting ones."""
     infill_flags = args.prefix is not None or args.suffix is not None
-    markers = 0 if prompt is None else prompt.count(FILL_MARKER)
+    if args.token_ids:
+        # Token ids are a whole prompt, already tokenized: nothing can wrap them in a template or split them.
+        for flag, on in (("--chat", args.chat), ("--interactive", args.interactive),
+                         ("--prefix/--suffix", infill_flags), ("--edit", args.edit is not None)):
+            if on:
+                raise UsageError(f"--token-ids cannot be combined with {flag}: the ids are the whole prompt")
+        if prompt is None:
+            raise UsageError("--token-ids needs a prompt: -p IDS, -f FILE or ids on stdin")
+    markers = 0 if prompt is None or args.token_ids else prompt.count(FILL_MARKER)
     if markers > 1:
         raise UsageError(f"the prompt has {markers} {FILL_MARKER} markers; an infill takes exactly one")
     if infill_flags and prompt is not None:
@@ -215,6 +259,8 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
         raise UsageError("--fill-length applies to infills only (--prefix/--suffix or a <FILL> marker)")
     if args.system is not None and not (args.chat or args.interactive):
         raise UsageError("--system needs --chat or --interactive")
+    if args.token_ids:
+        return "ids"
     if args.edit is not None:
         return "edit"
     if infill_flags or markers:
@@ -224,6 +270,17 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
     if prompt is None:
         raise UsageError("no prompt: give -p TEXT, -f FILE or pipe text on stdin")
     return "chat" if args.chat else "plain"
+
+
+def _parse_token_ids(prompt: str | None) -> list[int]:
+    """Whitespace-separated integers; anything else is a UsageError (the vocabulary is checked once loaded)."""
+    words = (prompt or "").split()
+    if not words:
+        raise UsageError("--token-ids: the prompt has no token ids")
+    bad = next((w for w in words if not re.fullmatch(r"-?[0-9]+", w)), None)
+    if bad is not None:
+        raise UsageError(f"--token-ids: {bad[:40]!r} is not a token id (expected whitespace-separated integers)")
+    return [int(w) for w in words]
 
 
 def _load_model(args: argparse.Namespace) -> Model:
@@ -237,12 +294,18 @@ def _load_model(args: argparse.Namespace) -> Model:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
         os.environ["DGRUN_THREADS"] = str(args.threads)  # read by the cpu backend when it starts
     started = time.perf_counter()
-    model = load(path, backend=args.backend)
+    if args.lora_merge and not args.lora:
+        raise UsageError("--lora-merge needs --lora FILE or --lora-scaled FILE SCALE")
+    model = load(path, backend=args.backend, lora=args.lora, merge_lora=args.lora_merge)
     if args.backend == "auto":
         print(f"dgrun: backend {model.backend.name} (auto)", file=sys.stderr)
     if args.verbose:
         print(f"dgrun: loaded {path} in {time.perf_counter() - started:.2f} s on backend {model.backend.name}",
               file=sys.stderr)
+        for adapter in model.lora_adapters():
+            print(f"dgrun: LoRA adapter {adapter['id']}: {adapter['path']} at scale {adapter['scale']:g} (alpha "
+                  f"{adapter['alpha']:g}, rank {'/'.join(map(str, adapter['ranks']))}, {adapter['deltas']} deltas"
+                  f"{', merged' if adapter['merged'] else ''})", file=sys.stderr)
     return model
 
 
@@ -259,7 +322,10 @@ def _run(model: Model, events: Iterator[Draft | Commit], args: argparse.Namespac
     """Consume one answer's events: stream its text (or draw its drafts), report canvases, survive Ctrl-C."""
     answer = Answer()
     eos = set(model.generation_config.eos_token_ids)
-    printer = None if args.json else TextPrinter(model, sys.stdout, eos, args.show_canvas and sys.stdout.isatty())
+    printer: TextPrinter | IdsPrinter | None = None
+    if not args.json:
+        printer = (IdsPrinter(sys.stdout) if model.tokenizer is None
+                   else TextPrinter(model, sys.stdout, eos, args.show_canvas and sys.stdout.isatty()))
     try:
         for event in events:
             if isinstance(event, Draft):
@@ -334,6 +400,29 @@ def _interactive(model: Model, args: argparse.Namespace, prompt: str | None, par
         if answer.finish_reason == "interrupted":
             return EXIT_INTERRUPTED
     return 0
+
+
+class IdsPrinter:
+    """For a model without tokenizer: an answer's token ids as `Model.generate` returns them (an EOS that ended
+    it included), space separated on one line, streamed canvas by canvas."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.started = False
+
+    def draft(self, event: Draft) -> None:
+        """Drafts are not shown: ids of noisy tokens say nothing."""
+
+    def commit(self, tokens: list[int]) -> None:
+        if tokens:
+            self.stream.write((" " if self.started else "") + " ".join(map(str, tokens)))
+            self.stream.flush()
+            self.started = True
+
+    def close(self, answered: bool = True) -> None:
+        if answered or self.started:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 class TextPrinter:
@@ -436,23 +525,22 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `dgrun info` shows, as data: any GGUF file's header, plus DiffusionGemma's details when it is one."""
     with GGUFFile(path) as gguf:
         meta = gguf.metadata
-        types: dict[str, dict[str, int]] = {}
-        for tensor in gguf.tensors.values():
-            entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
-            entry["tensors"] += 1
-            entry["bytes"] += tensor.nbytes
         info: dict[str, Any] = {
             "path": str(path), "file_bytes": gguf.file_size, "gguf_version": gguf.version,
             "architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
-            "tensor_count": len(gguf.tensors), "metadata_count": len(meta), "types": types,
+            "origin": file_origin(meta),
+            "tensor_count": len(gguf.tensors), "metadata_count": len(meta), "types": type_mix(gguf),
+            "outtype": meta.get("dgrun.outtype"),
             "tokenizer": ("huggingface" if HF_JSON_KEY in meta else "sentencepiece" if SPM_TENSOR in gguf.tensors
                           else meta.get("tokenizer.ggml.model")),
             "vocab_tokens": len(meta.get("tokenizer.ggml.tokens") or []) or None,
             "chat_template": CHAT_TEMPLATE_KEY in meta,
         }
-        if info["architecture"] == ARCH:
+        if meta.get("general.type") == "adapter":
+            info["adapter"] = describe_adapter(gguf)
+        elif info["architecture"] == ARCH:
             try:
-                config = ModelConfig.from_metadata(meta)
+                config = ModelConfig.from_file(gguf)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
             generation = GenerationConfig.from_metadata(meta)
@@ -462,12 +550,34 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
+def file_origin(meta: dict[str, Any]) -> str:
+    """Which tool wrote the file, from the keys each writes: dgrun's converter or llama.cpp's (with its file type,
+    which llama-quantize sets to the preset it ran, e.g. Q4_K_M)."""
+    if written_by_dgrun(meta):
+        outtype = meta.get("dgrun.outtype")
+        return "dgrun (convert-hf-to-dgf" + (f", {outtype})" if isinstance(outtype, str) else ")")
+    if "general.quantization_version" in meta or "general.file_type" in meta:
+        try:
+            file_type = LlamaFileType(meta.get("general.file_type")).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            file_type = "unknown"
+        return f"llama.cpp (convert_hf_to_gguf.py / llama-quantize), file type {file_type}"
+    return "unknown writer"
+
+
 def _format_info(info: dict[str, Any]) -> str:
     rows = [("file", f"{info['path']} ({_size(info['file_bytes'])}, GGUF v{info['gguf_version']})"),
-            ("architecture", info["architecture"] or "(not set)")]
+            ("origin", info["origin"]), ("architecture", info["architecture"] or "(not set)")]
     if info["name"]:
         rows.append(("name", info["name"]))
     rows.append(("tensors", f"{info['tensor_count']} tensors, {info['metadata_count']} metadata keys"))
+    adapter = info.get("adapter")
+    if adapter:
+        alpha = "none (scale as given)" if not adapter["alpha"] else f"{adapter['alpha']:g}"
+        if adapter["use_rslora"]:
+            alpha += f" (rsLoRA: PEFT alpha {adapter['peft_alpha']:g} x sqrt(r))"
+        rows += [("adapter", f"{adapter['adapter_type']}, rank {'/'.join(map(str, adapter['ranks']))}, alpha {alpha}"),
+                 ("deltas", ", ".join(f"{n} {side.replace('_', '-')}" for side, n in adapter["deltas"].items()))]
     cfg = info.get("config")
     if cfg:
         sliding = sum(t == "sliding_attention" for t in cfg["layer_types"])
@@ -487,8 +597,10 @@ def _format_info(info: dict[str, Any]) -> str:
         vocab = f", {info['vocab_tokens']} tokens" if info["vocab_tokens"] else ""
         template = ", chat template" if info["chat_template"] else ", no chat template"
         rows.append(("tokenizer", f"{info['tokenizer'] or 'vocabulary only'}{vocab}{template}"))
-    else:
+    elif not adapter:  # an adapter has no tokenizer of its own: it runs with its model's
         rows.append(("tokenizer", "none (token ids only)"))
+    if info["outtype"]:  # the preset asked for; the types below are what each tensor got (fallbacks included)
+        rows.append(("outtype", info["outtype"]))
     total = sum(t["bytes"] for t in info["types"].values()) or 1
     for index, (name, t) in enumerate(sorted(info["types"].items(), key=lambda kv: -kv[1]["bytes"])):
         rows.append(("types" if index == 0 else "", f"{name}: {t['tensors']} tensors, {_size(t['bytes'])} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +17,19 @@ from dgrun.backends import get_backend
 from dgrun.chat import ChatTemplate, ChatTemplateError, Message
 from dgrun.config import ConfigError, GenerationConfig, ModelConfig
 from dgrun.format import FormatError, GGUFFile
-from dgrun.generate import Commit, Draft, GenerationParams, Stats, generate_events
+from dgrun.generate import (
+    MAX_BATCH,
+    CanvasLayout,
+    Commit,
+    Draft,
+    Generation,
+    GenerationParams,
+    Request,
+    Stats,
+    _is_int,
+    batch_events,
+)
+from dgrun.lora import LoraSet, LoraSpec, parse_specs
 from dgrun.model import DiffusionGemma, KVCache, tensor_shapes
 from dgrun.rng import DefaultRng, Rng
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, NoTokenizerError, Tokenizer
@@ -33,7 +45,8 @@ class GenerationOutput:
 
 
 class ModelBusyError(RuntimeError):
-    """A second thread or stream tried to generate with a Model that is already generating."""
+    """A second thread or stream tried to generate with a Model that is already generating (or that an open
+    `dgrun.Scheduler` owns)."""
 
 
 _SHIPPED_DIR = Path(__file__).parent / "models"
@@ -68,13 +81,18 @@ def resolve_model(model: str | Path | None) -> Path:
     raise FormatError(f"cannot open {model}: no such file, and no shipped model of that name (shipped: {names})")
 
 
-def load(path: str | Path | None = None, backend: str = "auto") -> Model:
+def load(path: str | Path | None = None, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
+         merge_lora: bool = False) -> Model:
     """Open a .dgf file (memory-mapped) on a backend: "auto", "numpy", "cpu", "cuda" or "mlx".
 
     `path` is a file, or the name of a model shipped in the package (`shipped_models()`: "demo", "sudoku");
     with no path, the demo model. A file that exists wins over a name. Bad files raise `dgrun.FormatError`.
+    `lora`: LoRA adapter files (`convert-lora-to-dgf`), each a path (scale 1) or a (path, scale) pair, applied
+    unmerged (y = W x + scale * alpha / r * B(A x)); the encoder's deltas act in encoder passes, the decoder's
+    in decoder passes. `merge_lora=True` adds them into float32 copies of the weights at load instead (float
+    bases only; faster passes, more memory, fixed scales).
     """
-    return Model(resolve_model(path), backend)
+    return Model(resolve_model(path), backend, lora, merge_lora)
 
 
 class Model:
@@ -82,15 +100,19 @@ class Model:
 
     Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation), `chat` (chat template),
     `infill`/`stream_infill` (text between a prefix and a suffix), `edit`/`stream_edit` (rewrite character
-    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`.
+    ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`. Several prompts in one
+    batch, each getting exactly its own tokens: `generate_batch`/`stream_batch`; requests that come and go:
+    `request`/`infill_request`/`edit_request` submitted to a `dgrun.Scheduler`.
     Use as a context manager or call `close()` to release the file mapping.
     """
 
-    def __init__(self, path: Path, backend: str = "auto"):
+    def __init__(self, path: Path, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
+                 merge_lora: bool = False):
         self.path = Path(path)
+        lora_specs = parse_specs(lora)
         self._file = GGUFFile(self.path)
         try:
-            self.config = ModelConfig.from_metadata(self._file.metadata)
+            self.config = ModelConfig.from_file(self._file)
             self.generation_config = GenerationConfig.from_metadata(self._file.metadata)
             shapes = tensor_shapes(self.config, tied_output="output.weight" not in self._file.tensors)
             _check_tensors(self._file, shapes)
@@ -111,7 +133,14 @@ class Model:
         self.chat_template: str | None = self._file.get(CHAT_TEMPLATE_KEY)
         self._compiled_template: ChatTemplate | None = None
         weights = self.backend.load_weights(self._file, list(shapes))
-        self.graph = DiffusionGemma(self.config, weights, self.backend)
+        self.lora: LoraSet | None = None
+        if lora_specs:
+            try:
+                self.lora = LoraSet.load(lora_specs, self.config, self.backend, weights, self._file, merge_lora)
+            except BaseException:
+                self._file.close()
+                raise
+        self.graph = DiffusionGemma(self.config, weights, self.backend, self.lora)
         self._lock = threading.Lock()
 
     # -- text ----------------------------------------------------------------------------------------
@@ -234,6 +263,20 @@ class Model:
             raise ValueError(f"prompt ({used} tokens) plus {canvases} canvas(es) of {self.config.canvas_length} "
                              f"exceeds the model's context of {self.config.max_position_embeddings} tokens")
 
+    def request(self, prompt: str | list[int], *, seed: int | None = None, rng: Rng | None = None,
+                cache: KVCache | None = None, **params: Any) -> Request:
+        """A validated generation, ready for `dgrun.Scheduler.submit` (bad arguments raise ValueError here).
+
+        Arguments as in `stream`; for a chat, pass `apply_chat_template(messages, tokenize=True)` as the prompt.
+        """
+        return self._request(prompt, self.resolve_params(**params), rng or DefaultRng(seed), cache)
+
+    def _request(self, prompt: str | list[int], params: GenerationParams, rng: Rng,
+                 cache: KVCache | None) -> Request:
+        ids = self._prompt_ids(prompt)
+        self._check_context((0 if cache is None else cache.length) + len(ids), params)
+        return Request(ids, params, rng, cache)
+
     def stream(
         self,
         prompt: str | list[int],
@@ -241,26 +284,33 @@ class Model:
         seed: int | None = None,
         rng: Rng | None = None,
         cache: KVCache | None = None,
-        start_canvas: np.ndarray | None = None,
-        clamp: np.ndarray | None = None,
         stats: Stats | None = None,
         **params: Any,
     ) -> Iterator[Draft | Commit]:
         """Generator of events: a `Draft` after every denoising step, a `Commit` after every canvas.
 
         Parameters as in `generate`. `cache` continues from an earlier encoder cache (multi-turn); the prompt
-        is then only the new, uncached tokens.
+        is then only the new, uncached tokens. Bad arguments raise ValueError at once.
         """
-        ids = self._prompt_ids(prompt)
-        resolved = self.resolve_params(**params)
-        cache = self.graph.new_cache() if cache is None else cache
-        self._check_context(cache.length + len(ids), resolved)
-        if not self._lock.acquire(blocking=False):
-            raise ModelBusyError("this Model is already generating (another thread or an unfinished stream); "
-                                 "use one Model per thread")
+        return self._stream(self.request(prompt, seed=seed, rng=rng, cache=cache, **params), stats)
+
+    def _stream(self, request: Request, stats: Stats | None) -> Iterator[Draft | Commit]:
+        """One request's events: a batch of one."""
+        events = self._run([request], [stats if stats is not None else Stats()])
         try:
-            yield from generate_events(self.graph, ids, resolved, rng or DefaultRng(seed), cache,
-                                       stats if stats is not None else Stats(), start_canvas, clamp)
+            for _, event in events:
+                yield event
+        finally:
+            events.close()
+
+    def _run(self, requests: list[Request], stats: list[Stats]) -> Generator[tuple[int, Draft | Commit], None, None]:
+        """Run requests as one batch to its end, holding the model (ModelBusyError if it is already running)."""
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is already generating (another thread, an unfinished stream or a "
+                                 "running Scheduler); use one Model per thread")
+        try:
+            yield from batch_events(self.graph, [Generation(self.graph, r, s) for r, s in zip(requests, stats,
+                                                                                               strict=True)])
         finally:
             self._lock.release()
 
@@ -291,11 +341,65 @@ class Model:
                              confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping)
         return self._collect(events, stats)
 
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def stream_batch(self, prompts: Sequence[str | list[int]], *, seed: int | Sequence[int | None] | None = None,
+                     rng: Sequence[Rng | None] | None = None, max_batch: int = MAX_BATCH,
+                     **params: Any) -> Iterator[tuple[int, Draft | Commit]]:
+        """Generate after several prompts at once: (element index, event) pairs, each event as `stream` gives it.
+
+        Every element gets exactly the tokens `generate(prompt, seed=s)` gives it alone. Prompts are texts or
+        token-id lists of any lengths; `seed` is one int for all or one per element; `rng` one Rng (or None)
+        per element. The other parameters are shared. Elements leave the batch as they finish. At most
+        `max_batch` elements: each holds a canvas x vocabulary of logits in the batched pass. Bad input (an
+        empty list, a bad element, named by its index) raises ValueError before anything runs.
+        """
+        requests = self._batch_requests(prompts, seed, rng, max_batch, params)
+        return self._run(requests, [Stats() for _ in requests])
+
+    def generate_batch(self, prompts: Sequence[str | list[int]], *,
+                       seed: int | Sequence[int | None] | None = None, rng: Sequence[Rng | None] | None = None,
+                       max_batch: int = MAX_BATCH, **params: Any) -> list[GenerationOutput]:
+        """`generate` for several prompts in one batch (see `stream_batch`): one output per prompt, in order."""
+        requests = self._batch_requests(prompts, seed, rng, max_batch, params)
+        stats = [Stats() for _ in requests]
+        tokens: list[list[int]] = [[] for _ in requests]
+        for j, event in self._run(requests, stats):
+            if isinstance(event, Commit):
+                tokens[j].extend(event.tokens)
+        return [GenerationOutput(t, self.detokenize(t), s.as_dict()) for t, s in zip(tokens, stats, strict=True)]
+
+    def _batch_requests(self, prompts: Sequence[str | list[int]], seed: int | Sequence[int | None] | None,
+                        rng: Sequence[Rng | None] | None, max_batch: int, params: dict[str, Any]) -> list[Request]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of prompts (texts or token-id lists)")
+        n = len(prompts)
+        if not (_is_int(max_batch) and max_batch >= 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if n > max_batch:
+            raise ValueError(f"{n} prompts exceed max_batch={max_batch}")
+        seeds = _per_element("seed", seed, n, lambda s: s is None or (_is_int(s) and s >= 0))
+        rngs = _per_element("rng", rng, n, lambda r: r is None or callable(getattr(r, "tokens", None)),
+                            broadcast=False)
+        resolved = self.resolve_params(**params)  # shared: refused once, not per element
+        requests = []
+        for j, (prompt, s, r) in enumerate(zip(prompts, seeds, rngs, strict=True)):
+            try:
+                requests.append(self._request(prompt, resolved, r or DefaultRng(s), None))
+            except ValueError as e:
+                raise ValueError(f"prompt {j}: {e}") from None
+        return requests
+
     # -- infill and edit: one canvas, some positions clamped -----------------------------------------
 
     def stream_infill(self, prefix: str, suffix: str, fill_length: int | None = None, *, seed: int | None = None,
                       rng: Rng | None = None, stats: Stats | None = None, **params: Any) -> Iterator[Draft | Commit]:
         """Events of `infill`; its one `Commit` holds the gap's tokens. Bad arguments raise ValueError at once."""
+        return self._stream(self.infill_request(prefix, suffix, fill_length, seed=seed, rng=rng, **params), stats)
+
+    def infill_request(self, prefix: str, suffix: str, fill_length: int | None = None, *, seed: int | None = None,
+                       rng: Rng | None = None, **params: Any) -> Request:
+        """The `infill` as a validated request, e.g. for `dgrun.Scheduler.submit`."""
         prompt = self.tokenize(prefix)
         suffix_ids = self.tokenize(suffix, add_bos=False)
         canvas_length = self.config.canvas_length
@@ -310,7 +414,7 @@ class Model:
         canvas = np.concatenate([np.zeros(fill_length, dtype=np.int64), np.asarray(suffix_ids, dtype=np.int64),
                                  self._end_padding(room - fill_length)])
         free = np.arange(canvas_length) < fill_length
-        return self._stream_one_canvas(prompt, canvas, free, range(fill_length), seed, rng, stats, params)
+        return self._canvas_request(prompt, canvas, free, range(fill_length), seed, rng, params)
 
     def infill(self, prefix: str, suffix: str, fill_length: int | None = None, **params: Any) -> GenerationOutput:
         """Write the text between `prefix` and `suffix`, in one canvas.
@@ -328,6 +432,13 @@ class Model:
                     *, blank: str | None = None, seed: int | None = None, rng: Rng | None = None,
                     stats: Stats | None = None, **params: Any) -> Iterator[Draft | Commit]:
         """Events of `edit`; its one `Commit` holds the edited text's tokens. Bad arguments raise ValueError at once."""
+        return self._stream(self.edit_request(text, spans, context, blank=blank, seed=seed, rng=rng, **params),
+                            stats)
+
+    def edit_request(self, text: str, spans: Sequence[tuple[int, int]] = (), context: str | list[int] | None = None,
+                     *, blank: str | None = None, seed: int | None = None, rng: Rng | None = None,
+                     **params: Any) -> Request:
+        """The `edit` as a validated request, e.g. for `dgrun.Scheduler.submit`."""
         ids, blanks = self._edit_tokens(text, blank)
         canvas_length = self.config.canvas_length
         if not ids:
@@ -347,7 +458,7 @@ class Model:
                              f"the text has no blank {blank!r} to fill")
         canvas = np.concatenate([np.asarray(ids, dtype=np.int64), self._end_padding(canvas_length - len(ids))])
         prompt = self.tokenize("") if context is None else context
-        return self._stream_one_canvas(prompt, canvas, free, range(len(ids)), seed, rng, stats, params)
+        return self._canvas_request(prompt, canvas, free, range(len(ids)), seed, rng, params)
 
     def edit(self, text: str, spans: Sequence[tuple[int, int]] = (), context: str | list[int] | None = None, *,
              blank: str | None = None, **params: Any) -> GenerationOutput:
@@ -389,29 +500,15 @@ class Model:
                              f"decodes to {decoded!r})")
         return ids, np.asarray(blanks, dtype=bool)
 
-    def _stream_one_canvas(self, prompt: str | list[int], canvas: np.ndarray, free: np.ndarray, output: range,
-                           seed: int | None, rng: Rng | None, stats: Stats | None,
-                           params: dict[str, Any]) -> Iterator[Draft | Commit]:
-        """Denoise one canvas whose non-`free` positions are clamped; commit the non-special tokens of `output`."""
+    def _canvas_request(self, prompt: str | list[int], canvas: np.ndarray, free: np.ndarray, output: range,
+                        seed: int | None, rng: Rng | None, params: dict[str, Any]) -> Request:
+        """One canvas whose non-`free` positions are clamped; its result is the non-special tokens of `output`."""
         if params.get("max_new_tokens") is not None:
             raise ValueError("infill and edit write exactly one canvas: max_new_tokens does not apply")
-        params["max_new_tokens"] = self.config.canvas_length
-        rng = rng or DefaultRng(seed)
-        stats = stats if stats is not None else Stats()
-        start = np.where(free, rng.tokens(canvas.shape, self.config.vocab_size), canvas)
-        dropped = {t for t in (*self.generation_config.eos_token_ids, self._pad_id) if t is not None}
-        last_draft = None
-        for event in self.stream(prompt, rng=rng, stats=stats, start_canvas=start, clamp=~free, **params):
-            if isinstance(event, Draft):
-                last_draft = event
-                yield event
-                continue
-            # The Commit is cut at the canvas's first EOS, which may be padding: read the whole final canvas.
-            assert last_draft is not None, "a canvas is always denoised at least once before its commit"
-            final = last_draft.tokens
-            tokens = [int(final[i]) for i in output if not (free[i] and final[i] in dropped)]
-            stats.new_tokens = len(tokens)
-            yield Commit(event.canvas_index, tokens, event.steps, True)
+        request = self.request(prompt, seed=seed, rng=rng, **{**params, "max_new_tokens": self.config.canvas_length})
+        dropped = frozenset(t for t in (*self.generation_config.eos_token_ids, self._pad_id) if t is not None)
+        request.layout = CanvasLayout(canvas, free, output, dropped)
+        return request
 
     @property
     def _pad_id(self) -> int | None:
@@ -453,26 +550,70 @@ class Model:
 
     @property
     def info(self) -> dict[str, Any]:
-        """Config, generation defaults, quant mix (bytes per tensor type) and backend."""
-        mix: dict[str, int] = {}
-        for t in self._file.tensors.values():
-            mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+        """Config, generation defaults, the preset the file was converted with and its real type mix (tensors and
+        bytes per ggml type: a preset's type falls back where rows do not fit its blocks), and backend."""
+        types = type_mix(self._file)
         return {
             "path": str(self.path), "backend": self.backend.name,
             "config": vars(self.config).copy(), "generation": vars(self.generation_config).copy(),
-            "quant_mix_bytes": mix, "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
+            "outtype": self._file.get("dgrun.outtype"), "types": types,
+            "quant_mix_bytes": {name: t["bytes"] for name, t in types.items()},
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
             "chat_template": self.chat_template is not None,
+            "lora": self.lora_adapters(),
         }
 
+    # -- LoRA adapters --------------------------------------------------------------------------------
+
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """The adapters loaded with the model, as llama.cpp's server lists them (`GET /lora-adapters`): id, path,
+        scale, plus alpha, ranks, number of deltas and whether they were merged at load."""
+        return [] if self.lora is None else self.lora.describe()
+
+    def set_lora_adapters(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Set adapter scales as llama.cpp's `POST /lora-adapters` does: `[{"id": 0, "scale": 0.5}, ...]`; an
+        adapter left out of the list gets scale 0 (disabled). Only between generations (else ModelBusyError);
+        adapters merged at load keep their scales (ValueError)."""
+        count = 0 if self.lora is None else len(self.lora.adapters)
+        scales = [0.0] * count
+        for entry in entries:
+            index = entry.get("id") if isinstance(entry, dict) else None
+            scale = entry.get("scale") if isinstance(entry, dict) else None
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+                raise ValueError(f"no LoRA adapter with id {index!r} (loaded: {count})")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+                raise ValueError(f"LoRA adapter {index}: scale must be a finite number, got {scale!r}")
+            scales[index] = float(scale)
+        if self.lora is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is generating: change adapter scales between generations")
+        try:
+            self.lora.set_scales(scales)
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
-        """Release the memory map. The Model is unusable afterwards."""
+        """Release the memory maps (model and adapters). The Model is unusable afterwards."""
         self._file.close()
+        if self.lora is not None:
+            self.lora.close()
 
     def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def type_mix(gguf: GGUFFile) -> dict[str, dict[str, int]]:
+    """ggml type name → {"tensors": count, "bytes": size} over every tensor of a file."""
+    types: dict[str, dict[str, int]] = {}
+    for tensor in gguf.tensors.values():
+        entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor.nbytes
+    return types
 
 
 def _check_tensors(gguf: GGUFFile, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -483,3 +624,20 @@ def _check_tensors(gguf: GGUFFile, shapes: dict[str, tuple[int, ...]]) -> None:
             raise ConfigError(f"tensor {name} is missing")
         if tuple(info.shape) != tuple(shape):
             raise ConfigError(f"tensor {name} has shape {tuple(info.shape)}, the config implies {tuple(shape)}")
+
+
+def _per_element(name: str, value: Any, n: int, valid: Callable[[Any], bool], broadcast: bool = True) -> list[Any]:
+    """`value` as one entry per batch element: None for all, a single value for all (if `broadcast`), or a list
+    of exactly n; an entry that `valid` refuses raises ValueError naming its index."""
+    if value is None:
+        return [None] * n
+    if broadcast and not isinstance(value, (list, tuple)):
+        values = [value] * n
+    elif isinstance(value, (list, tuple)) and len(value) == n:
+        values = list(value)
+    else:
+        raise ValueError(f"{name} must be {'one value or ' if broadcast else ''}a list of one per prompt ({n})")
+    for j, v in enumerate(values):
+        if not valid(v):
+            raise ValueError(f"{name} {j} is not valid: {v!r}")
+    return values

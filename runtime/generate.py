@@ -1,14 +1,19 @@
-"""Block diffusion generation as a generator of events, the loop of transformers' `generate` for batch size 1.
+"""Block diffusion generation: the loop of transformers' `generate`, one element at a time or many in a batch.
 
 Per canvas: a random canvas; up to `max_denoising_steps` decoder passes, each followed by one sampler step;
 commit the argmax canvas; stop at an EOS id or `max_new_tokens`; else re-encode the committed canvas.
+
+That loop is written once, as `Generation`: one element's state, advanced by one decoder pass at a time.
+`decode_step` advances several of them with one batched decoder pass; `batch_events` runs a fixed batch to the
+end (elements leave as they finish), and a lone generation is a batch of one. `dgrun.Scheduler` drives the same
+`decode_step` while elements come and go.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +22,8 @@ import numpy as np
 from dgrun.model import DiffusionGemma, KVCache
 from dgrun.rng import Rng
 from dgrun.sampler import StableAndConfident, temperature
+
+MAX_BATCH = 8  # elements per batched pass unless the caller says otherwise: each holds a canvas x vocab of logits
 
 
 @dataclass
@@ -111,64 +118,166 @@ class Stats:
         }
 
 
-def generate_events(
-    model: DiffusionGemma,
-    new_ids: np.ndarray,
-    params: GenerationParams,
-    rng: Rng,
-    cache: KVCache,
-    stats: Stats,
-    start_canvas: np.ndarray | None = None,
-    clamp: np.ndarray | None = None,
-) -> Iterator[Draft | Commit]:
-    """Encode `new_ids` into `cache`, then denoise canvas after canvas, yielding Draft and Commit events.
+@dataclass
+class CanvasLayout:
+    """One canvas the caller lays out (infill, edit): fixed tokens, free positions, and what the result is.
 
-    `start_canvas`/`clamp` replace the first canvas's random tokens and fix the clamped positions (infill, edit).
-    On return `cache` holds every committed canvas except the last, exactly like transformers' returned cache.
+    The free positions start as random tokens and the model writes them; the others are clamped (never change,
+    always accepted). The result is the final canvas's tokens at `output`, without the `dropped` ids (EOS, pad)
+    that the model wrote in free positions to leave them empty.
     """
-    cfg, ops = model.cfg, model.ops
-    started = time.perf_counter()
-    canvas_length = cfg.canvas_length
-    eos = np.asarray(params.eos_token_ids, dtype=np.int64)
-    if len(new_ids):
-        model.encode(new_ids, cache)
-        stats.encoder_passes += 1
-    produced = 0
-    for canvas_index in range(math.ceil(params.max_new_tokens / canvas_length)):
-        canvas = rng.tokens((canvas_length,), cfg.vocab_size)
-        canvas_clamp = None
-        if canvas_index == 0 and start_canvas is not None:
-            canvas = np.asarray(start_canvas, dtype=np.int64)
-            canvas_clamp = clamp
-        stopper = (StableAndConfident(params.stability_threshold, params.confidence_threshold)
-                   if params.adaptive_stopping else None)
-        self_cond, argmax, steps = None, canvas, 0
-        for steps_remaining in range(params.max_denoising_steps, 0, -1):
-            logits = model.decode(canvas, cache, self_cond)
-            stats.decoder_passes += 1
-            steps += 1
-            temp = temperature(steps_remaining, params.max_denoising_steps, params.t_min, params.t_max)
-            result = ops.denoise_step(logits, canvas, temp, params.entropy_bound, rng, canvas_clamp)
-            if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
-                raise FloatingPointError(f"the decoder produced NaN logits (canvas {canvas_index}, step {steps}); "
-                                         "the model file or the backend is broken, so no tokens are emitted")
-            canvas, argmax, self_cond = result.canvas, result.argmax, result.processed_logits
-            yield Draft(canvas_index, steps, argmax, result.accepted)
-            if stopper is not None and stopper(argmax, result.mean_entropy):
-                break
-        committed = np.asarray(argmax, dtype=np.int64)
-        hits = np.flatnonzero(np.isin(committed, eos)) if eos.size else np.zeros(0, dtype=np.int64)
-        finished = hits.size > 0
-        tokens = committed[: hits[0] + 1] if finished else committed
-        tokens = tokens[: params.max_new_tokens - produced].tolist()
-        produced += len(tokens)
-        finished = finished or produced >= params.max_new_tokens
-        stats.canvases += 1
-        stats.new_tokens = produced
-        stats.steps_per_canvas.append(steps)
-        stats.seconds = time.perf_counter() - started
-        yield Commit(canvas_index, tokens, steps, finished)
-        if finished:
+
+    tokens: np.ndarray
+    free: np.ndarray
+    output: range
+    dropped: frozenset[int]
+
+    def start(self, rng: Rng, vocab_size: int) -> np.ndarray:
+        """The first canvas: the layout with its free positions drawn at random (one full-canvas draw)."""
+        return np.where(self.free, rng.tokens(self.tokens.shape, vocab_size), self.tokens).astype(np.int64)
+
+    def result(self, final: np.ndarray) -> list[int]:
+        return [int(final[i]) for i in self.output if not (self.free[i] and final[i] in self.dropped)]
+
+
+@dataclass
+class Request:
+    """One generation, validated and ready to run alone or in a batch (see `Model.request`).
+
+    `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
+    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
+    backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    """
+
+    prompt_ids: np.ndarray
+    params: GenerationParams
+    rng: Rng
+    cache: KVCache | None = None
+    layout: CanvasLayout | None = None
+
+
+class Generation:
+    """One element's canvas loop as a state machine: `prepare`, one decoder pass, `advance`; until `finished`.
+
+    `prepare` runs the encoder on what the cache has not read (the prompt, then each committed canvas) and draws
+    the next canvas; `advance` takes that pass's logits for this element and does one sampler step, returning a
+    `Draft` and, when the canvas ends, its `Commit`. The element's random draws go through its own `rng`, in
+    the same order whatever else is in the batch. On finishing, `cache` holds every committed canvas except the
+    last, exactly like transformers' returned cache.
+    """
+
+    def __init__(self, graph: DiffusionGemma, request: Request, stats: Stats | None = None):
+        self.graph, self.params, self.rng, self.layout = graph, request.params, request.rng, request.layout
+        self.cache = request.cache if request.cache is not None else graph.new_cache()
+        self.stats = stats if stats is not None else Stats()
+        self.finished = False
+        self.canvas: np.ndarray | None = None  # what the next decoder pass reads; None between canvases
+        self.self_cond: Any | None = None  # the last step's processed logits (None on a canvas's first step)
+        self._unencoded = np.asarray(request.prompt_ids, dtype=np.int64)
+        self._eos = np.asarray(self.params.eos_token_ids, dtype=np.int64)
+        self._canvas_index = -1
+        self._produced = 0
+        self._started = time.perf_counter()
+
+    def prepare(self) -> None:
+        """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas."""
+        if self.canvas is not None:
             return
-        model.encode(committed, cache)
-        stats.encoder_passes += 1
+        cfg, params = self.graph.cfg, self.params
+        if len(self._unencoded):
+            self.graph.encode(self._unencoded, self.cache)
+            self.stats.encoder_passes += 1
+            self._unencoded = self._unencoded[:0]
+        self._canvas_index += 1
+        self._clamp: np.ndarray | None = None
+        if self.layout is not None:  # a layout is one canvas, the first
+            self.canvas, self._clamp = self.layout.start(self.rng, cfg.vocab_size), ~self.layout.free
+        else:
+            self.canvas = self.rng.tokens((cfg.canvas_length,), cfg.vocab_size)
+        self._stopper = (StableAndConfident(params.stability_threshold, params.confidence_threshold)
+                         if params.adaptive_stopping else None)
+        self.self_cond, self._argmax, self._steps = None, self.canvas, 0
+
+    def advance(self, logits: Any) -> list[Draft | Commit]:
+        """One sampler step on this element's logits of the pass: a Draft, then a Commit if the canvas ended."""
+        assert self.canvas is not None, "prepare() comes before every decoder pass"
+        params = self.params
+        temp = temperature(params.max_denoising_steps - self._steps, params.max_denoising_steps, params.t_min,
+                           params.t_max)
+        self._steps += 1
+        self.stats.decoder_passes += 1
+        self.self_cond = None  # spent by this pass: a backend may reuse its arrays for this step's
+        result = self.graph.ops.denoise_step(logits, self.canvas, temp, params.entropy_bound, self.rng,
+                                             self._clamp)
+        if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
+            raise FloatingPointError(f"the decoder produced NaN logits (canvas {self._canvas_index}, step "
+                                     f"{self._steps}); the model file or the backend is broken, so no tokens are "
+                                     "emitted")
+        self.canvas, self._argmax, self.self_cond = result.canvas, result.argmax, result.processed_logits
+        events: list[Draft | Commit] = [Draft(self._canvas_index, self._steps, result.argmax, result.accepted)]
+        stop = self._stopper is not None and self._stopper(result.argmax, result.mean_entropy)
+        if stop or self._steps == params.max_denoising_steps:
+            events.append(self._commit())
+        return events
+
+    def _commit(self) -> Commit:
+        committed = np.asarray(self._argmax, dtype=np.int64)
+        if self.layout is not None:
+            tokens, finished = self.layout.result(committed), True
+        else:
+            hits = np.flatnonzero(np.isin(committed, self._eos)) if self._eos.size else np.zeros(0, np.int64)
+            cut = committed[: hits[0] + 1] if hits.size else committed
+            tokens = cut[: self.params.max_new_tokens - self._produced].tolist()
+            finished = hits.size > 0 or self._produced + len(tokens) >= self.params.max_new_tokens
+        self._produced += len(tokens)
+        stats = self.stats
+        stats.canvases += 1
+        stats.new_tokens = self._produced
+        stats.steps_per_canvas.append(self._steps)
+        stats.seconds = time.perf_counter() - self._started
+        self.canvas, self.self_cond = None, None
+        self.finished = finished
+        if not finished:
+            self._unencoded = committed  # the next canvas attends to this one: encoded before it starts
+        return Commit(self._canvas_index, tokens, self._steps, finished)
+
+
+def decode_step(graph: DiffusionGemma,
+                generations: Sequence[Generation]) -> list[list[Draft | Commit] | Exception]:
+    """Advance every generation by one step: encoder passes where one is due, one batched decoder pass, one
+    sampler step each. Returns each one's events, or the exception its own work raised (its encoder pass or
+    sampler step; it must then leave the batch); a failure of the shared decoder pass raises."""
+    outcomes: list[list[Draft | Commit] | Exception] = [[] for _ in generations]
+    ready = []
+    for j, generation in enumerate(generations):
+        try:
+            generation.prepare()
+            ready.append(j)
+        except Exception as e:  # this element's failure: reported to its caller, the others go on
+            outcomes[j] = e
+    if ready:
+        chosen = [generations[j] for j in ready]
+        logits = graph.decode_batch([g.canvas for g in chosen], [g.cache for g in chosen],
+                                    [g.self_cond for g in chosen])
+        for j, element_logits in zip(ready, logits, strict=True):
+            try:
+                outcomes[j] = generations[j].advance(element_logits)
+            except Exception as e:
+                outcomes[j] = e
+    return outcomes
+
+
+def batch_events(graph: DiffusionGemma, generations: Sequence[Generation]) -> Iterator[tuple[int, Draft | Commit]]:
+    """Run a batch to its end, yielding (element index, event); each element leaves the pass when it finishes.
+
+    An element's failure raises here (the batch stops): a caller that must keep the others going uses
+    `decode_step` itself, as `dgrun.Scheduler` does.
+    """
+    active = [j for j, g in enumerate(generations) if not g.finished]
+    while active:
+        for j, outcome in zip(active, decode_step(graph, [generations[j] for j in active]), strict=True):
+            if isinstance(outcome, Exception):
+                raise outcome
+            for event in outcome:
+                yield j, event
+        active = [j for j in active if not generations[j].finished]

@@ -7,11 +7,16 @@ GGML type id, the block geometry, and two class methods::
     y = Q4_K.dequantize(raw)    # uint8 [..., n_bytes]     -> float32 [..., n]
 
 Where gguf-py already has a quantizer that is bit-exact with ggml's C reference (Q8_0, Q4_0, Q5_0,
-MXFP4, BF16) we delegate to it, so files we write are byte-identical to what llama.cpp's tools would
-write. gguf-py has no quantizer for Q4_K, Q6_K and NVFP4, so those are vectorised numpy ports of
+Q5_1, MXFP4, BF16) we delegate to it, so files we write are byte-identical to what llama.cpp's tools would
+write. gguf-py has no quantizer for Q4_K, Q5_K, Q6_K and NVFP4, so those are vectorised numpy ports of
 ggml's ``quantize_row_*_ref`` (see ``ggml/src/ggml-quants.c``). Dequantization of every quantized
 type delegates to ``gguf.quants.dequantize``, which mirrors ggml's ``dequantize_row_*`` and is fast
 enough (~10 ms per 2M values) that a private copy would only be a second thing to keep right.
+
+Some types dgrun reads but does not write (:class:`DecodeOnlyType`: the i-quants IQ4_NL, IQ4_XS, IQ3_S and
+IQ2_S): they occur in GGUF files made by llama.cpp's ``llama-quantize``, whose quantizers for them search
+value grids, best against an importance matrix. Their ``quantize`` raises ValueError and
+:func:`can_quantize` is False for them.
 
 NVFP4 additionally needs a per-tensor float32 scale (stored by the converter as ``<name>.scale``,
 as llama.cpp does): its per-16-value UE4M3 scales cannot go below 2**-9, so without a tensor scale
@@ -36,10 +41,17 @@ __all__ = [
     "MXFP4",
     "NVFP4",
     "Q4_0",
+    "IQ2_S",
+    "IQ3_S",
+    "IQ4_NL",
+    "IQ4_XS",
     "Q4_K",
     "Q5_0",
+    "Q5_1",
+    "Q5_K",
     "Q6_K",
     "Q8_0",
+    "DecodeOnlyType",
     "QuantType",
     "can_quantize",
     "dequantize_tensor",
@@ -104,6 +116,15 @@ class QuantType:
     def _dequantize_rows(cls, rows: np.ndarray) -> np.ndarray:
         """uint8 [R, n_bytes] (validated, C-contiguous) -> float32 [R, n]."""
         return gguf_quants.dequantize(rows, cls.ggml_type)
+
+
+class DecodeOnlyType(QuantType):
+    """A type dgrun reads (dequantizes with gguf-py, bit-exact with ggml) but does not write."""
+
+    @classmethod
+    def quantize(cls, x: np.ndarray) -> np.ndarray:
+        raise ValueError(f"{cls.ggml_type.name}: dgrun reads this type but cannot write it "
+                         "(llama.cpp's llama-quantize can)")
 
 
 class _BlockQuantType(QuantType):
@@ -180,12 +201,20 @@ class Q5_0(QuantType, ggml_type=GGMLQuantizationType.Q5_0):
     """32 5-bit values with one fp16 scale (5.5 bits/weight)."""
 
 
+class Q5_1(QuantType, ggml_type=GGMLQuantizationType.Q5_1):
+    """32 5-bit values with an fp16 scale and an fp16 min (6 bits/weight): x = d·q + m.
+
+    Layout (24 bytes): fp16 d, fp16 m, 4 bytes of fifth bits (bit j for value j), 16 bytes of nibbles
+    (byte j: value j low, value j + 16 high). llama-quantize's fallback for Q5_K on rows not divisible by 256.
+    """
+
+
 class MXFP4(QuantType, ggml_type=GGMLQuantizationType.MXFP4):
     """OCP MXFP4: 32 E2M1 values with one E8M0 (power of two) scale (4.25 bits/weight)."""
 
 
 # ----------------------------------------------------------------------------------------------
-# K-quants: vectorised ports of quantize_row_q4_K_ref / quantize_row_q6_K_ref
+# K-quants: vectorised ports of quantize_row_q4_K_ref / quantize_row_q5_K_ref / quantize_row_q6_K_ref
 # ----------------------------------------------------------------------------------------------
 
 
@@ -269,6 +298,57 @@ def _make_qx_quants(x: np.ndarray, nmax: int) -> np.ndarray:
     return np.where(zero, 0.0, scale)
 
 
+def _k_quant_blocks(
+    blocks: np.ndarray, nmax: int, rmin: float, nstep: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's quantize_row_q4_K_ref / quantize_row_q5_K_ref up to the packing of the levels.
+
+    float32 [nb, 256] -> (fp16 d [nb, 1], fp16 dmin [nb, 1], the 12 packed (scale, min) bytes [nb, 12],
+    levels in [0, nmax] as uint8 [nb, 8, 32]).
+    """
+    nb = blocks.shape[0]
+    x = blocks.reshape(nb, 8, 32)
+    # ggml's weighting: large-magnitude values matter more, with the sub-block RMS as a floor.
+    av_x = np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+    scales, mins = _make_qkx2_quants(x, av_x + np.abs(x), nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep)
+
+    # Second level: the 8 scales and 8 mins are themselves quantized to 6 bits against the
+    # super-block maxima, stored as fp16 d and dmin.
+    max_scale = scales.max(axis=-1, keepdims=True)
+    max_min = mins.max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, np.float32(63) / max_scale, np.float32(0))
+        inv_min = np.where(max_min > 0, np.float32(63) / max_min, np.float32(0))
+    ls = np.clip(np.rint(inv_scale * scales), 0, 63).astype(np.uint8)
+    lm = np.clip(np.rint(inv_min * mins), 0, 63).astype(np.uint8)
+    d = (max_scale / np.float32(63)).astype(np.float16)
+    dmin = (max_min / np.float32(63)).astype(np.float16)
+
+    # Re-derive the levels against the scales as they will actually be decoded.
+    d_sub = d.astype(np.float32) * ls.astype(np.float32)
+    m_sub = dmin.astype(np.float32) * lm.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = np.clip(np.rint((x + m_sub[..., None]) / d_sub[..., None]), 0, nmax)
+    # A zero sub-block scale decodes to -min whatever the level; store 0 there, as ggml does for
+    # constant sub-blocks (it keeps its search's levels in the rare other cases).
+    levels = np.where(d_sub[..., None] == 0, 0, levels).astype(np.uint8)
+
+    packed_scales = np.empty((nb, 12), dtype=np.uint8)
+    # Sub-blocks 0-3 keep their 6 bits in bytes 0-7; sub-blocks 4-7 put their low 4 bits in
+    # bytes 8-11 and their top 2 bits in the spare top bits of bytes 0-7 (ggml's get_scale_min_k4).
+    packed_scales[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed_scales[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed_scales[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    return d, dmin, packed_scales, levels
+
+
+def _k_quant_nibbles(levels: np.ndarray) -> np.ndarray:
+    """Low 4 bits of [nb, 8, 32] levels as Q4_K/Q5_K's 128 bytes: byte l of each 32-byte group holds value l of
+    sub-block 2c in the low and of sub-block 2c + 1 in the high nibble."""
+    pairs = (levels & 0x0F).reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(-1, 128)
+
+
 class Q4_K(_BlockQuantType, ggml_type=GGMLQuantizationType.Q4_K):
     """Super-blocks of 256 = 8 x 32 values, 4-bit levels with 6-bit scale and min per 32 (4.5 bits/weight).
 
@@ -278,43 +358,26 @@ class Q4_K(_BlockQuantType, ggml_type=GGMLQuantizationType.Q4_K):
 
     @classmethod
     def _quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        nb = blocks.shape[0]
-        x = blocks.reshape(nb, 8, 32)
-        # ggml's weighting: large-magnitude values matter more, with the sub-block RMS as a floor.
-        av_x = np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
-        scales, mins = _make_qkx2_quants(x, av_x + np.abs(x), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
-
-        # Second level: the 8 scales and 8 mins are themselves quantized to 6 bits against the
-        # super-block maxima, stored as fp16 d and dmin.
-        max_scale = scales.max(axis=-1, keepdims=True)
-        max_min = mins.max(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, np.float32(63) / max_scale, np.float32(0))
-            inv_min = np.where(max_min > 0, np.float32(63) / max_min, np.float32(0))
-        ls = np.clip(np.rint(inv_scale * scales), 0, 63).astype(np.uint8)
-        lm = np.clip(np.rint(inv_min * mins), 0, 63).astype(np.uint8)
-        d = (max_scale / np.float32(63)).astype(np.float16)
-        dmin = (max_min / np.float32(63)).astype(np.float16)
-
-        # Re-derive the 4-bit levels against the scales as they will actually be decoded.
-        d_sub = d.astype(np.float32) * ls.astype(np.float32)
-        m_sub = dmin.astype(np.float32) * lm.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            levels = np.clip(np.rint((x + m_sub[..., None]) / d_sub[..., None]), 0, 15)
-        # A zero sub-block scale decodes to -min whatever the level; store 0 there, as ggml does for
-        # constant sub-blocks (it keeps its search's levels in the rare other cases).
-        levels = np.where(d_sub[..., None] == 0, 0, levels).astype(np.uint8)
-
-        packed_scales = np.empty((nb, 12), dtype=np.uint8)
-        # Sub-blocks 0-3 keep their 6 bits in bytes 0-7; sub-blocks 4-7 put their low 4 bits in
-        # bytes 8-11 and their top 2 bits in the spare top bits of bytes 0-7 (ggml's get_scale_min_k4).
-        packed_scales[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
-        packed_scales[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
-        packed_scales[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
-
-        pairs = levels.reshape(nb, 4, 2, 32)
-        qs = (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(nb, 128)
+        d, dmin, packed_scales, levels = _k_quant_blocks(blocks, nmax=15, rmin=-1.0, nstep=20)
+        qs = _k_quant_nibbles(levels)
         return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed_scales, qs], axis=1)
+
+
+class Q5_K(_BlockQuantType, ggml_type=GGMLQuantizationType.Q5_K):
+    """Super-blocks of 256 = 8 x 32 values, 5-bit levels with 6-bit scale and min per 32 (5.5 bits/weight).
+
+    Layout (176 bytes): fp16 d, fp16 dmin, Q4_K's 12 bytes of (scale, min) pairs, 32 bytes of fifth bits
+    (bit s of byte l: value l of sub-block s), 128 bytes of nibbles in Q4_K's order; x = d·sc·q - dmin·m per
+    sub-block. The bulk type of Q5_K_M files. Quantizer: ggml's quantize_row_q5_K_ref (Q4_K's with 32 levels).
+    """
+
+    @classmethod
+    def _quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
+        d, dmin, packed_scales, levels = _k_quant_blocks(blocks, nmax=31, rmin=-0.5, nstep=15)
+        fifth = (levels >> 4).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+        qh = np.bitwise_or.reduce(fifth, axis=1)
+        return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed_scales, qh, _k_quant_nibbles(levels)],
+                              axis=1)
 
 
 class Q6_K(_BlockQuantType, ggml_type=GGMLQuantizationType.Q6_K):
@@ -353,6 +416,45 @@ class Q6_K(_BlockQuantType, ggml_type=GGMLQuantizationType.Q6_K):
         return np.concatenate(
             [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d.view(np.uint8)], axis=1
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# i-quants (read only): non-uniform value tables and lattice grids, written by llama-quantize
+# ----------------------------------------------------------------------------------------------
+
+
+class IQ4_NL(DecodeOnlyType, ggml_type=GGMLQuantizationType.IQ4_NL):
+    """32 4-bit indices into a fixed non-uniform table of 16 int8 values, one fp16 scale (4.5 bits/weight).
+
+    Layout (18 bytes): fp16 d, 16 bytes of nibbles (byte j: value j low, value j + 16 high);
+    x = d·kvalues[q] with kvalues = -127 … 113 (ggml's ``kvalues_iq4nl``). llama-quantize's fallback for
+    IQ4_XS / IQ3 / IQ2 recipes on rows not divisible by 256.
+    """
+
+
+class IQ4_XS(DecodeOnlyType, ggml_type=GGMLQuantizationType.IQ4_XS):
+    """IQ4_NL's value table in super-blocks of 256 = 8 x 32, a 6-bit signed scale per 32 (4.25 bits/weight).
+
+    Layout (136 bytes): fp16 d, 2 bytes of high scale bits (2 per sub-block), 4 bytes of low scale nibbles,
+    128 bytes of nibbles in IQ4_NL's order per 32 values; x = d·(scale - 32)·kvalues[q].
+    """
+
+
+class IQ3_S(DecodeOnlyType, ggml_type=GGMLQuantizationType.IQ3_S):
+    """Groups of 4 values from a 512-entry grid of magnitudes {1, 3, …, 15}, explicit signs (3.44 bits/weight).
+
+    Layout (110 bytes): fp16 d, 64 bytes of grid-index low bytes, 8 bytes of ninth index bits, 32 bytes of
+    sign bits, 4 bytes of 4-bit scales (one per 32 values); x = d·(1 + 2·scale)·grid·sign. An IQ3_M file
+    is IQ3_S with some tensors in Q4_K / Q5_K.
+    """
+
+
+class IQ2_S(DecodeOnlyType, ggml_type=GGMLQuantizationType.IQ2_S):
+    """Groups of 8 values from a 1024-entry grid of magnitudes {8, 25, 43}, explicit signs (2.56 bits/weight).
+
+    Layout (82 bytes): fp16 d, 32 bytes of grid-index low bytes, 32 bytes of sign bits, 8 bytes of index
+    high bits (2 per group), 8 bytes of 4-bit scales (one per 16 values); x = d·(0.5 + scale)·0.25·grid·sign.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,9 +572,13 @@ def row_bytes(ggml_type: TypeLike, n_elements: int) -> int:
 
 
 def can_quantize(ggml_type: TypeLike, row_width: int) -> bool:
-    """Whether rows of ``row_width`` values can be stored as ``ggml_type`` (divisible by its block size)."""
+    """Whether dgrun can write rows of ``row_width`` values as ``ggml_type``.
+
+    True when it has a quantizer for the type (not a :class:`DecodeOnlyType`) and the width is a multiple of
+    the block size.
+    """
     qt = get_quant_type(ggml_type)
-    return row_width > 0 and row_width % qt.block_size == 0
+    return not issubclass(qt, DecodeOnlyType) and row_width > 0 and row_width % qt.block_size == 0
 
 
 def quantize_tensor(x: np.ndarray, ggml_type: TypeLike) -> tuple[np.ndarray, float | None]:

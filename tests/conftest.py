@@ -31,12 +31,21 @@ class Checkpoint:
     files: dict[str, Path]
 
     def dgf(self, outtype: str = "f32") -> Path:
+        """The checkpoint converted with preset `outtype`; "all-<TYPE>" (e.g. "all-IQ3_S"): the f32 file with every
+        matrix in that ggml type, as `fixtures.write_retyped` makes it (for types dgrun reads but cannot write)."""
         if outtype not in self.files:
             out = self.folder.parent / f"{self.folder.name}-{outtype}.dgf"
-            convert(self.folder, out, outtype, quiet=True)
+            if outtype.startswith("all-"):
+                fixtures.write_retyped(self.dgf("f32"), out, outtype.removeprefix("all-"))
+            else:
+                convert(self.folder, out, outtype, quiet=True)
             self.files[outtype] = out
         return self.files[outtype]
 
+
+# Two layers (one of each kind) and two experts keep the odd-width fixtures small.
+ODD_LAYOUT = dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], num_experts=2,
+                  top_k_experts=1)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # 2 sliding + 2 full layers, window 8 (prompts both shorter and longer), grouped KV, top-2 of 4 experts.
@@ -49,6 +58,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         num_experts=3, top_k_experts=1, num_key_value_heads=1), seed=1),
     # Saved as bf16 (compared against transformers run in float32 on the same bf16 weights).
     "bf16": dict(text=fixtures.text_config(), seed=2, dtype="bfloat16"),
+    # Full layers with the sliding layers' head dim and KV heads: save_pretrained writes `per_layer_config: {}`.
+    "uniform": dict(text=fixtures.text_config(global_head_dim=16, num_global_key_value_heads=2), seed=4,
+                    self_cond_std=0.01),
+    # Row widths no block type divides (a fine-tune's or a distilled variant's): every preset falls back somewhere.
+    "odd48": dict(text=fixtures.text_config(hidden_size=48, intermediate_size=80, moe_intermediate_size=2600,
+                                            **ODD_LAYOUT), seed=5),
+    "odd2600": dict(text=fixtures.text_config(hidden_size=2600, intermediate_size=80, moe_intermediate_size=48,
+                                              **ODD_LAYOUT), seed=6),
     # Row widths of 256 so K-quants and NVFP4 apply (quantized-file tests).
     "quant": dict(text=fixtures.text_config(vocab_size=256, hidden_size=256, intermediate_size=256,
                                             moe_intermediate_size=64), seed=3),
@@ -86,3 +103,4 @@ def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float, what: str) -> No
         first = np.unravel_index(int(np.argmax(diff > rtol * np.abs(ref).max())), diff.shape)
         pytest.fail(f"{what}: rel L2 {rel:.3e} > {rtol:.1e}; max-abs {diff.max():.3e}; "
                     f"first mismatch at {first}: {out[first]!r} vs {ref[first]!r}")
+

@@ -257,6 +257,34 @@ def test_ctrl_c_keeps_what_was_committed(files, model):
     assert b"Traceback" not in errors
 
 
+def test_token_ids_prompt_from_p_f_or_stdin_is_the_api_call(files, model):
+    ids = model.tokenize("def fibonacci(n):")
+    expected = model.generate(ids, max_new_tokens=16, **API_FAST)
+    (files["dir"] / "ids.txt").write_text("\n".join(map(str, ids)) + "\n")
+    runs = [dgrun_cli("-m", files["chat"], "-p", " ".join(map(str, ids)), "--token-ids", "-n", 16, *FAST),
+            dgrun_cli("-m", files["chat"], "-f", files["dir"] / "ids.txt", "--token-ids", "-n", 16, *FAST),
+            dgrun_cli("-m", files["chat"], "--token-ids", "-n", 16, *FAST, stdin="\t".join(map(str, ids)))]
+    for result in runs:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == visible_text(model, expected.tokens) + "\n"  # with a tokenizer: text, as usual
+    out = json.loads(dgrun_cli("-m", files["chat"], "-p", " ".join(map(str, ids)), "--token-ids", "-n", 16,
+                               "--json", *FAST).stdout)
+    assert out["tokens"] == expected.tokens and out["prompt_tokens"] == len(ids)
+
+
+def test_a_model_without_tokenizer_takes_and_prints_token_ids(files, model):
+    ids = [2, 40, 41, 42, 7]
+    expected = model.generate(ids, max_new_tokens=32, **API_FAST).tokens  # same weights as bare.dgf
+    result = dgrun_cli("-m", files["bare"], "-p", " ".join(map(str, ids)), "--token-ids", "-n", 32, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == " ".join(map(str, expected)) + "\n"  # one line, as the API returns them
+    out = json.loads(dgrun_cli("-m", files["bare"], "-p", "2 40 41 42 7", "--token-ids", "-n", 32, "--json",
+                               *FAST).stdout)
+    assert out["tokens"] == expected and out["text"] is None
+    refused = dgrun_cli("-m", files["bare"], "-p", "hello", "--backend", "numpy")
+    assert refused.returncode == 2 and "give the prompt as token ids with --token-ids" in refused.stderr
+
+
 # -- errors: one line, exit status 2 -------------------------------------------------------------------
 
 
@@ -280,6 +308,21 @@ ERRORS = {
     "two fill markers": (lambda f: ["-m", f["chat"], "-p", "a<FILL>b<FILL>c"], "2 <FILL> markers"),
     "infill and chat": (lambda f: ["-m", f["chat"], "--chat", "-p", "a<FILL>b"], "infill and --chat cannot be"),
     "missing prompt file": (lambda f: ["-m", f["chat"], "-f", f["dir"] / "nope.txt"], "cannot read the prompt file"),
+    "token id not an integer": (lambda f: ["-m", f["bare"], "-p", "5 six 7", "--token-ids"],
+                                "--token-ids: 'six' is not a token id"),
+    "token id outside the vocabulary": (lambda f: ["-m", f["bare"], "-p", "5 128", "--token-ids", "--backend",
+                                                   "numpy"], "token id 128 is outside the vocabulary (0..127)"),
+    "negative token id": (lambda f: ["-m", f["bare"], "-p", "-1 5", "--token-ids", "--backend", "numpy"],
+                          "token id -1 is outside the vocabulary"),
+    "no token ids": (lambda f: ["-m", f["bare"], "-p", "  ", "--token-ids"], "the prompt has no token ids"),
+    "token ids and chat": (lambda f: ["-m", f["chat"], "-p", "5 6", "--token-ids", "--chat"],
+                           "--token-ids cannot be combined with --chat"),
+    "token ids and infill": (lambda f: ["-m", f["chat"], "--prefix", "a", "--token-ids"],
+                             "--token-ids cannot be combined with --prefix/--suffix"),
+    "token ids and edit": (lambda f: ["-m", f["chat"], "-p", "5", "--edit", "x = 1", "--rewrite", "0:1",
+                                      "--token-ids"], "--token-ids cannot be combined with --edit"),
+    "token ids and interactive": (lambda f: ["-m", f["chat"], "-i", "--token-ids"],
+                                  "--token-ids cannot be combined with --interactive"),
 }
 
 

@@ -21,7 +21,10 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +32,9 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_close
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
+from test_long_context import assert_cache_holds_only_what_it_needs
 from test_native_host import philox4x32_10
 from test_reference import GENERATION_CASES, replay_case
 
@@ -37,11 +42,11 @@ import dgrun
 from dgrun import quants, sampler
 from dgrun.backends import BackendUnavailable, cuda_backend, get_backend
 from dgrun.backends.cuda_backend import CudaBackend, DeviceArray
-from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh
+from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh, row_products
 from dgrun.rng import DefaultRng
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+TYPES = sorted(cuda_backend.SUPPORTED_TYPES)
 REF = NumpyBackend()
 
 
@@ -115,6 +120,7 @@ class FakeNative:
         self.bases: list[int] = []
         self.next_address = 1 << 20
         self.calls: Counter[str] = Counter()
+        self.launch_sync = False
         self.lib = SimpleNamespace(dg_free=self._free)
 
     # -- the Native interface the backend uses ------------------------------------------------------------
@@ -187,6 +193,15 @@ class FakeNative:
     def _dg_fill_f32(self, dst: int, value: float, n: int) -> None:
         self.f32(dst, n)[:] = value
 
+    def _dg_synchronize(self) -> None:
+        pass  # every fake call completes before it returns
+
+    def _dg_set_launch_sync(self, on: int) -> None:
+        self.launch_sync = bool(on)
+
+    def _dg_release_pool(self) -> None:
+        pass
+
     # -- kernels --------------------------------------------------------------------------------------------
 
     def _dg_embed(self, table, ggml_type, row_bytes, tensor_scale, width, ids, n, scale, out) -> None:
@@ -196,7 +211,7 @@ class FakeNative:
 
     def _dg_linear(self, x, n, k, w, ggml_type, row_bytes, tensor_scale, out_features, y, engine) -> None:
         weight = self.blocks(w, ggml_type, row_bytes, out_features, tensor_scale)
-        self.f32(y, n, out_features)[:] = self.f32(x, n, k) @ weight.T
+        self.f32(y, n, out_features)[:] = row_products(self.f32(x, n, k), weight.T)  # row-independent, as the GPU
 
     def _dg_soft_embed(self, logits, rows, vocab, table, ggml_type, row_bytes, tensor_scale, width, scale,
                        out, engine) -> None:
@@ -276,7 +291,7 @@ def test_header_declares_every_function_the_library_exports():
     for source in (REPO / "native").glob("*.cu"):
         text = source.read_text()
         blocks = re.findall(r'extern "C" \{(.*?)\}  // extern "C"', text, flags=re.S)
-        definition = r"^(?:int|const char\*) (dg_\w+)\("
+        definition = r"^(?:int|void|const char\*) (dg_\w+)\("
         exported |= {name for block in blocks for name in re.findall(definition, block, flags=re.M)}
         exported |= set(re.findall(r'^extern "C" int (dg_\w+)\(', text, flags=re.M))
     assert exported == names, f"defined only: {exported - names}; declared only: {names - exported}"
@@ -284,12 +299,61 @@ def test_header_declares_every_function_the_library_exports():
 
 def test_missing_library_is_reported_with_build_instructions(monkeypatch):
     monkeypatch.setattr(cuda_backend, "library_candidates", lambda: [REPO / "no-such-dir" / "libdgcuda.so"])
-    cuda_backend.native.cache_clear()
-    try:
-        with pytest.raises(BackendUnavailable, match="native/build.py"):
-            get_backend("cuda")
-    finally:
-        cuda_backend.native.cache_clear()
+    monkeypatch.setattr(cuda_backend, "_NATIVE", [])
+    with pytest.raises(BackendUnavailable, match="native/build.py"):
+        get_backend("cuda")
+
+
+def test_library_is_loaded_once_when_threads_race_to_first_use(monkeypatch):
+    loads = []
+
+    def slow_load() -> object:
+        time.sleep(0.05)  # long enough for every thread to be past the first check
+        loads.append(object())
+        return loads[-1]
+
+    monkeypatch.setattr(cuda_backend, "_load_native", slow_load)
+    monkeypatch.setattr(cuda_backend, "_NATIVE", [])
+    start = threading.Barrier(8)
+
+    def first_use() -> object:
+        start.wait()
+        return cuda_backend.native()
+
+    with ThreadPoolExecutor(8) as pool:
+        handles = list(pool.map(lambda _: first_use(), range(8)))
+    assert len(loads) == 1 and all(h is loads[0] for h in handles)
+
+
+# dg_ functions that never touch the device: error text, initialisation itself, host-side switches.
+HOST_ONLY = {"dg_last_error", "dg_init", "dg_set_launch_sync", "dg_scratch_live", "dg_debug_fail_scratch"}
+
+
+def test_every_device_entry_point_runs_on_the_library_device():
+    """cudaSetDevice is per host thread: a dg_ function called from a thread other than the one that ran dg_init
+    would queue work for the wrong device. Each must start with DG_ENTER(), which switches the calling thread to
+    dgrun's device for the call (and back)."""
+    checked = set()
+    for source in (REPO / "native").glob("*.cu"):
+        text = source.read_text()
+        for name, first in re.findall(r'^(?:extern "C" )?(?:int|void|const char\*) (dg_\w+)\([^;{]*\)\s*\{\s*(\S+)',
+                                      text, flags=re.M):
+            if name in _cdef_signatures() and name not in HOST_ONLY:
+                assert first == "DG_ENTER();", f"{source.name}: {name} does not start with DG_ENTER()"
+                checked.add(name)
+    assert checked == set(_cdef_signatures()) - HOST_ONLY
+
+
+def test_cuda_sync_switch_reaches_the_library(fake, monkeypatch):
+    monkeypatch.setenv("DGRUN_CUDA_SYNC", "1")
+    CudaBackend()
+    assert fake.launch_sync
+    monkeypatch.setenv("DGRUN_CUDA_SYNC", "0")
+    CudaBackend()
+    assert not fake.launch_sync
+    monkeypatch.setenv("DGRUN_CUDA_SYNC", "yes")
+    with pytest.raises(RuntimeError, match="DGRUN_CUDA_SYNC"):
+        CudaBackend()
 
 
 def test_device_array_views_and_arithmetic(fake):
@@ -360,6 +424,30 @@ def test_fake_device_logits_match_numpy_backend(fake, checkpoints, outtype):
     _logits_match_numpy_backend(checkpoints, outtype, 1e-6, seed=0)
 
 
+def test_fake_device_cache_holds_only_what_it_needs(fake, checkpoints):
+    """Trimming copies on the device too: a sliding layer's window is a buffer of its own, not a view."""
+    assert_cache_holds_only_what_it_needs(checkpoints["base"].dgf("f32"), "cuda")
+
+
+def test_gpu_bench_warms_up_before_timing_and_runs_transformers_first(fake, checkpoints, monkeypatch):
+    """tools/bench_gpu.py: every kernel has run once before the first timed call (lazy loading would land in the
+    prompt's time), and transformers' subprocess has exited before dgrun allocates (so neither counts the other's
+    memory as used)."""
+    import bench_gpu
+
+    path = checkpoints["base"].dgf("f32")
+    timed, order = [], []
+    monkeypatch.setattr(bench_gpu, "_timed", lambda fn, sync, repeats: timed.append(Counter(fake.calls)) or 1.0)
+    bench_gpu.bench_dgrun(path, "cuda", prompt_len=40, new_tokens=16, steps=2)
+    assert timed[0]["dg_attention"] > 0 and timed[0]["dg_linear"] > 0, "nothing ran before the first timing"
+
+    monkeypatch.setattr(bench_gpu, "bench_transformers_subprocess",
+                        lambda *a: order.append("transformers") or {"engine": "transformers-bf16"})
+    monkeypatch.setattr(bench_gpu, "bench_dgrun", lambda *a: order.append("dgrun") or {"engine": "dgrun-numpy"})
+    bench_gpu.main([str(path), "--backend", "numpy", "--hf-device", "cpu"])
+    assert order == ["transformers", "dgrun"]
+
+
 def test_fake_device_sampler_path_is_reproducible_per_seed(fake, checkpoints):
     with dgrun.load(checkpoints["base"].dgf("f32"), backend="cuda") as model:
         runs = [model.generate([2, 40, 41], max_new_tokens=20, max_denoising_steps=4, seed=s,
@@ -412,10 +500,14 @@ def _never_zero(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np
 
 
 def _weights(ops: CudaBackend, rng: np.random.Generator, ggml_type: T, shape: tuple[int, ...]):
-    """The same random tensor as a CudaWeight and as the numpy backend's Weight."""
-    x = rng.normal(0, 0.5, shape).astype(np.float32)
-    raw, scale = quants.quantize_tensor(x, ggml_type)
+    """The same random tensor as a CudaWeight and as the numpy backend's Weight (random valid blocks with
+    fp16 scales 2^-8..2^-4 for a type dgrun only reads: weights of roughly the same size)."""
     row_bytes = quants.row_bytes(ggml_type, shape[-1])
+    if quants.can_quantize(ggml_type, shape[-1]):
+        raw, scale = quants.quantize_tensor(rng.normal(0, 0.5, shape).astype(np.float32), ggml_type)
+    else:
+        rows = math.prod(shape[:-1])
+        raw, scale = random_blocks(ggml_type, rows, shape[-1], rng, (-8, -4)).reshape(*shape[:-1], -1), None
     ref = Weight(raw.reshape(*shape[:-1], row_bytes), ggml_type, shape, scale)
     return ops.weight(raw, ggml_type, shape, scale), ref
 
@@ -531,6 +623,64 @@ def test_device_sampler_draws_follow_the_distribution(ops):
         result = ops.denoise_step(ops.asarray(logits), np.zeros(4096, np.int64), 0.8, 1e9, backend_rng)
         counts += np.bincount(result.canvas, minlength=40)  # a huge bound accepts every draw
     assert np.abs(counts / counts.sum() - probs).max() < 0.01
+
+
+def _scratch_live(gpu: Any) -> int:
+    count = gpu.ffi.new("int64_t *")
+    gpu.call("dg_synchronize")
+    gpu.call("dg_scratch_live", count)
+    return int(count[0])
+
+
+def test_error_paths_give_scratch_back(ops, gpu):
+    """Fail each scratch allocation of the MoE, a split-K linear, the soft embedding and the sampler in turn: the
+    call reports out of memory and every buffer it had taken is back in the pool (a retrying server would grow)."""
+    rng = np.random.default_rng(5)
+    x = ops.asarray(_never_zero(rng, 300, 256))
+    proj, _ = _weights(ops, rng, T.F32, (16, 256))
+    weights, index = ops.route(x, proj, ops.asarray(_never_zero(rng, 256)), ops.asarray(np.ones(16, np.float32)),
+                               4, 1e-6)
+    gate_up, _ = _weights(ops, rng, T.Q8_0, (16, 256, 256))
+    down, _ = _weights(ops, rng, T.Q8_0, (16, 256, 128))
+    small = ops.asarray(_never_zero(rng, 1, 2048))
+    wide, _ = _weights(ops, rng, T.Q8_0, (64, 2048))
+    table, _ = _weights(ops, rng, T.F32, (512, 64))
+    logits = _never_zero(rng, 8, 512)
+    calls = {
+        "experts": (9, lambda: ops.experts(x, weights, index, gate_up, down)),
+        "split-K linear": (1, lambda: ops.linear(small, wide)),
+        "soft_embed": (2, lambda: ops.soft_embed(ops.asarray(logits), table, 1.0)),
+        "sampler": (3, lambda: ops.denoise_step(ops.asarray(logits), np.zeros(8, np.int64), 0.7, 0.5, DefaultRng(0))),
+    }
+    assert _scratch_live(gpu) == 0
+    for what, (count, call) in calls.items():
+        for nth in range(1, count + 1):
+            gpu.call("dg_debug_fail_scratch", nth)
+            with pytest.raises(RuntimeError, match="memory"):
+                call()
+            assert _scratch_live(gpu) == 0, f"{what}: scratch kept after failing allocation {nth}"
+        gpu.call("dg_debug_fail_scratch", 0)
+        call()  # and the same call works again afterwards
+        assert _scratch_live(gpu) == 0
+
+
+def test_upload_source_may_be_reused_at_once(ops):
+    """dg_upload no longer waits for the copy: a pageable source is staged before it returns."""
+    host = np.arange(1 << 22, dtype=np.float32)
+    expected = host.copy()
+    device = ops.asarray(host)
+    host[:] = -1.0
+    assert np.array_equal(np.asarray(device), expected)
+
+
+def test_library_runs_from_another_host_thread(ops):
+    """Each dg_ call switches its thread to dgrun's device; a Model used from a worker thread gets the same."""
+    rng = np.random.default_rng(6)
+    x = _never_zero(rng, 33, 96)
+    ref = np.asarray(ops.rms_norm(ops.asarray(x), None, 1e-6))
+    with ThreadPoolExecutor(1) as pool:
+        out = pool.submit(lambda: np.asarray(ops.rms_norm(ops.asarray(x), None, 1e-6))).result()
+    assert np.array_equal(out, ref)
 
 
 @pytest.mark.parametrize("outtype,rtol", [("f32", 1e-5), ("bf16", 1e-2), ("q8_0", 1e-2), ("q4_k_m", 1e-2),

@@ -2,35 +2,43 @@
 
 The kernels call exactly these inline functions, so what is pinned here holds on the GPU too:
 - block decoding of every weight type, bit-exact with gguf-py (`dgrun.quants.dequantize_tensor`), on valid
-  quantized blocks and on random bytes (every scale and code pattern; NaN compared as NaN);
+  quantized blocks (random valid blocks for the types dgrun only reads) and on random bytes (every scale and
+  code pattern; NaN compared as NaN); the i-quant tables equal gguf-py's (tools/gen_iq_tables.py --check);
 - the E2M1 / E8M0 / UE4M3 decoders, bit-exact over every code;
 - RoPE (angle and pair rotation) and the attention mask predicate, bit-exact with numpy's float32 arithmetic;
+  the attention kernel's key range per query block equal to the numpy reference's;
 - softcap within 2 ulp of numpy's operation order with a float64 tanh, and 4 ulp of numpy itself (numpy's
   SIMD float32 tanh is up to 3 ulp off); GELU-tanh within 2 ulp of |x| of float64 and of numpy, 4 ulp for
   x > 0;
 - entropy within 2e-6 relative on short rows (sequential float32 sums vs numpy's pairwise ones);
 - Philox4x32-10 bit-exact with Random123's known answers and a numpy implementation, plus the two maps from
-  random words to a uniform float and to a token id.
+  random words to a uniform float and to a token id;
+- the scratch guard every kernel entry point allocates through gives everything back on every error path.
+That nvcc fuses none of this arithmetic into FMAs the host build (-ffp-contract=off) does not have is checked on
+the PTX by tools/check_ptx_fma.py, which tools/check_cuda_compile.sh runs (it needs nvcc, and a minute).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import gelu_tanh
+from dgrun.backends.numpy_backend import gelu_tanh, visible_key_range
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4, T.IQ4_NL,
+         T.IQ4_XS, T.IQ3_S, T.IQ2_S]
 
 
 def _native_build() -> Any:
@@ -105,14 +113,30 @@ def _dequant(host: Any, ggml_type: T, raw: np.ndarray, n: int, scale: float) -> 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_dequant_matches_gguf_on_quantized_blocks(host, ggml_type):
     rng = np.random.default_rng(int(ggml_type))
-    # Rows at very different magnitudes, a zero row, and outliers: every scale path of the quantizers.
-    magnitudes = np.array([1e-3, 0.02, 1, 30, 0, 1e3], np.float32)[:, None]
-    x = rng.normal(0, 1, (6, 512)).astype(np.float32) * magnitudes
-    x[2, ::17] *= 40
-    raw, scale = quants.quantize_tensor(x, ggml_type)
+    if not quants.can_quantize(ggml_type, 512):  # a type dgrun only reads: random bytes, finite fp16 scales
+        raw, scale = random_blocks(ggml_type, 6, 512, rng), None
+    else:
+        # Rows at very different magnitudes, a zero row, and outliers: every scale path of the quantizers.
+        magnitudes = np.array([1e-3, 0.02, 1, 30, 0, 1e3], np.float32)[:, None]
+        x = rng.normal(0, 1, (6, 512)).astype(np.float32) * magnitudes
+        x[2, ::17] *= 40
+        raw, scale = quants.quantize_tensor(x, ggml_type)
     ref = quants.dequantize_tensor(raw, ggml_type, scale).reshape(-1)
-    out = _dequant(host, ggml_type, raw.reshape(-1), x.size, 1.0 if scale is None else scale)
+    out = _dequant(host, ggml_type, raw.reshape(-1), ref.size, 1.0 if scale is None else scale)
     _same_bits(out, ref, f"{ggml_type.name} quantized blocks")
+
+
+def test_cuda_backend_claims_exactly_the_types_decoded_here():
+    from dgrun.backends.cuda_backend import SUPPORTED_TYPES
+
+    assert SUPPORTED_TYPES == set(TYPES)
+
+
+def test_iq_tables_are_gguf_pys():
+    """native/cpu/dg_iq_tables.h (used by the cpu kernels and dg_math.cuh) is what gguf-py's tables generate."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gen_iq_tables.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
@@ -219,6 +243,33 @@ def test_visibility_matches_numpy_masks(host):
         assert (out.astype(bool) == ref).all(), (causal, window)
 
 
+def test_key_ranges_match_the_numpy_reference(host):
+    """dg_key_range (the cuda attention kernel's key range per query block) = numpy_backend.visible_key_range."""
+    rng = np.random.default_rng(8)
+    # Ascending positions with gaps and repeats: a cache then a chunk, as the encoder gives them.
+    k_pos = np.sort(rng.integers(0, 400, 300)).astype(np.int32)
+    n = 2000
+    q_min = rng.integers(-20, 450, n).astype(np.int32)
+    q_max = (q_min + rng.integers(0, 40, n)).astype(np.int32)
+    lo, hi = np.empty(n, np.int32), np.empty(n, np.int32)
+    for causal, window in [(0, 0), (1, 0), (1, 8), (0, 8), (1, 1000)]:
+        host.dg_host_key_range(host.ptr("int32_t *", k_pos), len(k_pos), host.ptr("int32_t *", q_min),
+                               host.ptr("int32_t *", q_max), causal, window, host.ptr("int32_t *", lo),
+                               host.ptr("int32_t *", hi), n)
+        ref = [visible_key_range(k_pos, a, b, bool(causal), window or None) for a, b in zip(q_min, q_max,
+                                                                                         strict=True)]
+        assert list(zip(lo.tolist(), hi.tolist(), strict=True)) == ref, (causal, window)
+
+
+def test_scratch_is_given_back_on_every_path(host):
+    """DgScratchSet (what every kernel entry point allocates scratch through) frees everything it holds whether
+    the function returns normally or at a failed allocation: a leak counter stays at 0."""
+    live = np.zeros(1, np.int32)
+    for fail_at in range(11):
+        status = host.dg_host_scratch_run(9, fail_at, host.ptr("int *", live))
+        assert (status != 0) == (1 <= fail_at <= 9) and live[0] == 0, (fail_at, status, int(live[0]))
+
+
 def test_entropy_matches_sampler(host):
     rng = np.random.default_rng(5)
     rows = np.concatenate([
@@ -294,3 +345,4 @@ def test_uniform_maps(host):
         ref = [((int(h) << 32 | int(lo_)) * bound) >> 64 for h, lo_ in zip(hi[:2000], lo[:2000], strict=True)]
         assert tokens[:2000].tolist() == ref
         assert int(tokens.max()) < bound
+

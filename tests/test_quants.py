@@ -1,10 +1,11 @@
 """Tests for dgrun.quants: round-trip error per type, bit-exactness against gguf-py and against
-literal scalar ports of ggml's C reference code, and input validation."""
+literal scalar ports of ggml's C reference code (quantizers and decoders), and input validation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures import random_blocks
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
@@ -12,6 +13,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from dgrun.quants import (
     NVFP4,
     Q4_K,
+    Q5_K,
     Q6_K,
     QUANT_TYPES,
     can_quantize,
@@ -22,9 +24,12 @@ from dgrun.quants import (
 )
 from dgrun.quants import _fp32_to_ue4m3 as fp32_to_ue4m3
 
-ALL_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, T.MXFP4, T.NVFP4]
-GGUF_QUANTIZED = [T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.MXFP4]  # we delegate quantization to gguf-py
-OWN_QUANTIZED = [T.Q4_K, T.Q6_K, T.NVFP4]  # our numpy ports of ggml's reference quantizers
+DECODE_ONLY = [T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S]  # read from llama-quantize's files, never written
+WRITABLE = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4]
+ALL_TYPES = WRITABLE + DECODE_ONLY
+GGUF_QUANTIZED = [T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.MXFP4]  # we delegate quantization to gguf-py
+OWN_QUANTIZED = [T.Q4_K, T.Q5_K, T.Q6_K, T.NVFP4]  # our numpy ports of ggml's reference quantizers
+BLOCK_TYPES = [T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ3_S, T.IQ2_S]
 
 # Upper bounds on the relative L2 error ||out - x|| / ||x|| for seeded Gaussian [8, 512] data, set
 # ~25% above what was measured (std 1 / std 1e-3) so they catch regressions, not noise. A uniform
@@ -35,10 +40,12 @@ REL_ERROR_BOUND = {
     T.BF16: 2.5e-3,  # 8-bit significand: 16x coarser than F16 (measured 1.7e-3)
     T.Q8_0: 8e-3,  # 8.5 bpw: step amax/127 per 32 values (measured 5.3e-3 / 5.4e-3)
     T.Q5_0: 0.055,  # 5.5 bpw: step amax/16 per 32 values (measured 0.041 / 0.043)
+    T.Q5_1: 0.047,  # 6 bpw: 32 levels spanning [min, max] of 32 values (measured 0.037 / 0.037)
     T.Q4_0: 0.11,  # 4.5 bpw: step amax/8 per 32 values (measured 0.084 / 0.086)
     # 4.5 bpw: 16 levels spanning [min, max] of 32 values, with a weighted scale/min search; ggml's
     # reference quantizer gives the same numbers (measured 0.070 / 0.072).
     T.Q4_K: 0.09,
+    T.Q5_K: 0.045,  # 5.5 bpw: Q4_K's search with 32 levels (measured 0.035 / 0.036)
     # 6.56 bpw: step amax/32 per 16 values (measured 0.017 / 0.021). Worse at std 1e-3 because the
     # fp16 super-block scale d ~ amax/4096 is then a float16 subnormal with only a few significant bits.
     T.Q6_K: 0.027,
@@ -112,6 +119,17 @@ def test_row_bytes_and_can_quantize() -> None:
     assert can_quantize(T.Q4_K, 2304) and not can_quantize(T.Q4_K, 2300)
     assert can_quantize(T.NVFP4, 64) and not can_quantize(T.NVFP4, 32)
     assert can_quantize(T.F32, 7) and not can_quantize(T.F32, 0)
+    assert row_bytes(T.IQ2_S, 512) == 164 and not can_quantize(T.IQ2_S, 512)  # read, never written
+    assert can_quantize(T.Q5_K, 512) and not can_quantize(T.Q5_K, 704)
+
+
+@pytest.mark.parametrize("ggml_type", DECODE_ONLY, ids=lambda t: t.name)
+def test_decode_only_types_refuse_to_quantize(ggml_type: T) -> None:
+    with pytest.raises(ValueError, match="reads this type but cannot write it"):
+        quantize_tensor(np.zeros((1, 256), np.float32), ggml_type)
+    type_size = get_quant_type(ggml_type).type_size
+    with pytest.raises(ValueError, match="not a multiple of the block bytes"):
+        dequantize_tensor(np.zeros((1, type_size + 1), np.uint8), ggml_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +138,7 @@ def test_row_bytes_and_can_quantize() -> None:
 
 
 @pytest.mark.parametrize("std", [1.0, 1e-3])
-@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", WRITABLE, ids=lambda t: t.name)
 def test_round_trip_error(ggml_type: T, std: float) -> None:
     x = gaussian((8, 512), std)
     raw, scale = quantize_tensor(x, ggml_type)
@@ -165,7 +183,7 @@ def test_float_types_exact_where_representable() -> None:
     assert quantize_tensor(np.array([1.0], np.float32), T.F16)[0].tolist() == [0, 0x3C]
 
 
-@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", WRITABLE, ids=lambda t: t.name)
 def test_zeros_round_trip_exactly(ggml_type: T) -> None:
     x = np.zeros((2, 256), np.float32)
     raw, scale = quantize_tensor(x, ggml_type)
@@ -292,6 +310,25 @@ def ref_make_qkx2(x: list, w: list, nmax: int, rmin: float, rdelta: float, nstep
 
 def ref_q4_k_block(x: np.ndarray) -> bytes:
     """quantize_row_q4_K_ref for one super-block."""
+    d, dmin, packed, q = ref_k_quant(x, 15, -1.0, 20)
+    qs = [q[c + i] | (q[c + i + 32] << 4) for c in range(0, 256, 64) for i in range(32)]
+    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qs)
+
+
+def ref_q5_k_quant_block(x: np.ndarray) -> bytes:
+    """quantize_row_q5_K_ref for one super-block."""
+    d, dmin, packed, q = ref_k_quant(x, 31, -0.5, 15)
+    qh, ql = [0] * 32, []
+    for n in range(0, 256, 64):
+        for j in range(32):
+            lo, hi = q[n + j], q[n + j + 32]
+            qh[j] |= (lo >> 4) << (n // 32) | (hi >> 4) << (n // 32 + 1)
+            ql.append((lo & 0xF) | ((hi & 0xF) << 4))
+    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qh) + bytes(ql)
+
+
+def ref_k_quant(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple:
+    """The common part of quantize_row_q{4,5}_K_ref: (fp16 d, fp16 dmin, 12 scale bytes, 256 levels)."""
     xs = [f32(v) for v in x]
     scales, mins = [], []
     for j in range(8):
@@ -300,7 +337,7 @@ def ref_q4_k_block(x: np.ndarray) -> bytes:
         for v in sub:
             sum_x2 = f32(sum_x2 + f32(v * v))
         av_x = f32(np.sqrt(f32(sum_x2 / 32)))
-        s, m = ref_make_qkx2(sub, [f32(av_x + abs(v)) for v in sub], 15, -1.0, 0.1, 20)
+        s, m = ref_make_qkx2(sub, [f32(av_x + abs(v)) for v in sub], nmax, rmin, 0.1, nstep)
         scales.append(s)
         mins.append(m)
     max_scale, max_min = max([f32(0), *scales]), max([f32(0), *mins])
@@ -322,9 +359,8 @@ def ref_q4_k_block(x: np.ndarray) -> bytes:
         dd, dm = f32(f32(d) * ls[j]), f32(f32(dmin) * lm[j])
         if dd:
             for i in range(32):
-                q[32 * j + i] = max(0, min(15, nearest_int(f32(f32(xs[32 * j + i] + dm) / dd))))
-    qs = [q[c + i] | (q[c + i + 32] << 4) for c in range(0, 256, 64) for i in range(32)]
-    return np.array([d, dmin], np.float16).tobytes() + bytes(packed) + bytes(qs)
+                q[32 * j + i] = max(0, min(nmax, nearest_int(f32(f32(xs[32 * j + i] + dm) / dd))))
+    return d, dmin, packed, q
 
 
 def ref_make_qx(x: list, nmax: int) -> f32:
@@ -413,7 +449,8 @@ def test_nvfp4_matches_scalar_ggml_reference() -> None:
 
 
 @pytest.mark.parametrize(
-    ("qt", "ref_block"), [(Q4_K, ref_q4_k_block), (Q6_K, ref_q6_k_block)], ids=["Q4_K", "Q6_K"]
+    ("qt", "ref_block"), [(Q4_K, ref_q4_k_block), (Q5_K, ref_q5_k_quant_block), (Q6_K, ref_q6_k_block)],
+    ids=["Q4_K", "Q5_K", "Q6_K"],
 )
 def test_k_quants_match_scalar_ggml_reference(qt: type, ref_block) -> None:
     # numpy sums pairwise, ggml sequentially, so a float32 near-tie in the scale search (notably
@@ -474,12 +511,141 @@ def test_gguf_decoders_match_scalar_ggml_reference() -> None:
     assert_identical(gguf_quants.dequantize(raw, T.NVFP4), out)
 
 
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_dequantize_random_valid_blocks_matches_gguf(ggml_type: T) -> None:
+    """Random bytes with finite fp16 scales: every code, sign and grid index, decoded as gguf-py (= ggml) does."""
+    raw = random_blocks(ggml_type, 3, 1024, np.random.default_rng(int(ggml_type)))
+    out = dequantize_tensor(raw, ggml_type)
+    assert out.shape == (3, 1024) and np.isfinite(out).all()
+    assert_identical(out, gguf_quants.dequantize(raw, ggml_type))
+
+
+# Scalar transcriptions of ggml's dequantize_row_* for the types dgrun reads from llama-quantize's files: a guard
+# on gguf-py's (vectorised) reading of each layout. The i-quant grids come from gguf-py, checked against a few
+# entries of ggml's iq3s_grid / iq2s_grid tables here.
+KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def _grid(cls: type) -> np.ndarray:
+    cls.init_grid()
+    return cls.grid.reshape(cls.grid_shape)
+
+
+def test_iq_grids_match_ggml_entries() -> None:
+    iq3s, iq2s = _grid(gguf_quants.IQ3_S), _grid(gguf_quants.IQ2_S)
+    assert iq3s.shape == (512, 4) and iq2s.shape == (1024, 8)
+
+    def as_bytes(word: int, n: int) -> list[int]:
+        return list(word.to_bytes(n, "little"))
+
+    # ggml-common.h: iq3s_grid[0..3] and [511], iq2s_grid[0..3].
+    for i, word in [(0, 0x01010101), (1, 0x01010103), (2, 0x01010105), (3, 0x0101010B), (511, 0x0F0F0101)]:
+        assert iq3s[i].tolist() == as_bytes(word, 4), i
+    for i, word in [(0, 0x0808080808080808), (1, 0x080808080808082B), (2, 0x0808080808081919),
+                    (3, 0x0808080808082B08)]:
+        assert iq2s[i].tolist() == as_bytes(word, 8), i
+
+
+def ref_q5_1_block(raw: np.ndarray) -> list:
+    d, m = (f32(v) for v in raw[:4].view(np.float16))
+    qh = int(raw[4:8].view("<u4")[0])
+    qs = raw[8:]
+    lo = [f32(f32(((qs[j] & 0xF) | (((qh >> j) << 4) & 0x10)) * d) + m) for j in range(16)]
+    hi = [f32(f32(((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) * d) + m) for j in range(16)]
+    return lo + hi
+
+
+def _scale_min_k4(sc: np.ndarray, j: int) -> tuple[int, int]:
+    if j < 4:
+        return int(sc[j] & 63), int(sc[j + 4] & 63)
+    return int((sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)), int((sc[j + 4] >> 4) | ((sc[j] >> 6) << 4))
+
+
+def ref_q5_k_block(raw: np.ndarray) -> list:
+    d, dmin = (f32(v) for v in raw[:4].view(np.float16))
+    sc, qh, ql = raw[4:16], raw[16:48], raw[48:]
+    out = []
+    for c in range(4):  # 64 values per chunk of 32 nibble bytes
+        for half in range(2):
+            s, m = _scale_min_k4(sc, 2 * c + half)
+            d1, m1 = f32(d * s), f32(dmin * m)
+            for ell in range(32):
+                nib = (ql[32 * c + ell] >> (4 * half)) & 0xF
+                high = 16 if qh[ell] & (1 << (2 * c + half)) else 0
+                out.append(f32(f32(d1 * (int(nib) + high)) - m1))
+    return out
+
+
+def ref_iq4_nl_block(raw: np.ndarray) -> list:
+    d = f32(raw[:2].view(np.float16)[0])
+    qs = raw[2:]
+    return [f32(d * KVALUES_IQ4NL[q & 0xF]) for q in qs] + [f32(d * KVALUES_IQ4NL[q >> 4]) for q in qs]
+
+
+def ref_iq4_xs_block(raw: np.ndarray) -> list:
+    d = f32(raw[:2].view(np.float16)[0])
+    scales_h = int(raw[2:4].view("<u2")[0])
+    scales_l, qs = raw[4:8], raw[8:]
+    out = []
+    for ib in range(8):
+        ls = ((scales_l[ib // 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4)
+        dl = f32(d * (int(ls) - 32))
+        q = qs[16 * ib : 16 * ib + 16]
+        out += [f32(dl * KVALUES_IQ4NL[v & 0xF]) for v in q] + [f32(dl * KVALUES_IQ4NL[v >> 4]) for v in q]
+    return out
+
+
+def ref_iq3_s_block(raw: np.ndarray) -> list:
+    grid = _grid(gguf_quants.IQ3_S)
+    d = f32(raw[:2].view(np.float16)[0])
+    qs, qh, signs, scales = raw[2:66], raw[66:74], raw[74:106], raw[106:110]
+    out = []
+    for ib in range(8):  # 32 values: 4 groups of 8 = two grid entries of 4, one sign byte
+        db = f32(d * (1 + 2 * int((scales[ib // 2] >> (4 * (ib % 2))) & 0xF)))
+        for ell in range(4):
+            for k in range(2):
+                index = int(qs[8 * ib + 2 * ell + k]) | ((int(qh[ib]) << (8 - 2 * ell - k)) & 256)
+                for j in range(4):
+                    sign = -1 if signs[4 * ib + ell] & (1 << (4 * k + j)) else 1
+                    out.append(f32(f32(db * grid[index, j]) * sign))
+    return out
+
+
+def ref_iq2_s_block(raw: np.ndarray) -> list:
+    grid = _grid(gguf_quants.IQ2_S)
+    d = f32(raw[:2].view(np.float16)[0])
+    qs, signs, qh, scales = raw[2:34], raw[34:66], raw[66:74], raw[74:82]
+    out = []
+    for ib in range(8):
+        db = [f32(f32(d * f32(0.5 + int(scales[ib] & 0xF))) * f32(0.25)),
+              f32(f32(d * f32(0.5 + int(scales[ib] >> 4))) * f32(0.25))]
+        for ell in range(4):
+            index = int(qs[4 * ib + ell]) | ((int(qh[ib]) << (8 - 2 * ell)) & 0x300)
+            for j in range(8):
+                sign = -1 if signs[4 * ib + ell] & (1 << j) else 1
+                out.append(f32(f32(db[ell // 2] * grid[index, j]) * sign))
+    return out
+
+
+SCALAR_DECODERS = {T.Q5_1: ref_q5_1_block, T.Q5_K: ref_q5_k_block, T.IQ4_NL: ref_iq4_nl_block,
+                   T.IQ4_XS: ref_iq4_xs_block, T.IQ3_S: ref_iq3_s_block, T.IQ2_S: ref_iq2_s_block}
+
+
+@pytest.mark.parametrize("ggml_type", list(SCALAR_DECODERS), ids=lambda t: t.name)
+def test_new_type_decoders_match_scalar_ggml_reference(ggml_type: T) -> None:
+    qt = get_quant_type(ggml_type)
+    raw = random_blocks(ggml_type, 1, 2 * max(qt.block_size, 256), np.random.default_rng(40 + int(ggml_type)))
+    blocks = raw.reshape(-1, qt.type_size)
+    expected = np.array([v for b in blocks for v in SCALAR_DECODERS[ggml_type](b)], np.float32)
+    assert_identical(dequantize_tensor(raw, ggml_type).reshape(-1), expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", WRITABLE, ids=lambda t: t.name)
 def test_bad_inputs_raise(ggml_type: T) -> None:
     block = get_quant_type(ggml_type).block_size
     if block > 1:

@@ -5,6 +5,10 @@
     python tools/bench.py --quick                  # smoke run, well under a minute once the model is cached
     python tools/bench.py -m model.dgf [--hf hf_folder]   # any .dgf (transformers only with its HF folder)
     python tools/bench.py --json                   # machine-readable
+    python tools/bench.py --batch 1,2,4,8          # batched generation: tok/s and ms per pass by batch size
+    python tools/bench.py --batch 1,4 --quick      # its smoke run (what .ci/run runs)
+    python tools/bench.py --presets q8_0 --long-prompt 4096,8192   # long prompts: encode + one decoder pass
+    python tools/bench.py --baseline /tmp/old-dgrun ...  # also bench another checkout's dgrun package, side by side
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -23,6 +27,21 @@ off, no EOS), after one untimed warm-up. Reported per engine and step count (med
 and each as a ratio dgrun ÷ transformers. Both engines use the same thread count (--threads, default: every CPU
 this process may use); transformers runs `generate(..., stability_threshold=None, confidence_threshold=None,
 max_denoising_steps=steps)` under torch.no_grad.
+
+--batch B1,B2,... times dgrun alone (transformers' generate takes one sequence here) on `generate_batch` with B
+different 64-token prompts (seeds 0..B-1), every batch size in one worker per file, interleaved the same way:
+  tok/s            all elements' new tokens / wall time, and as a ratio to the first batch size
+  tok/cpu-s        the same per second of the worker's CPU time (all threads): the work batching saves, which a
+                   shared machine's wall clock hides
+  ms/pass          mean time of one batched decoder pass (all B canvases), and per element (ms/pass / B)
+
+--long-prompt L1,L2,... measures what a long prompt costs instead: per engine and length, one encoder pass over
+L random ids into a fresh cache plus one decoder forward over a random canvas (no sampler step), each run in a
+fresh worker (after the same warm-up), interleaved the same way. Reported (median over --reps): seconds, the
+encoder's share, the worker's peak RSS during the call (VmHWM reset before it: interpreter, mapped weights,
+what the warm-up left), the encoder's rise (its peak above the RSS before the call: activations, cache, new
+pages), RSS kept after the call while the cache is still referenced (VmRSS after − before), and the cache's own
+size (the bytes of its K/V arrays); then time(longest)/time(shortest) per engine and transformers ÷ dgrun.
 """
 
 from __future__ import annotations
@@ -88,24 +107,27 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def bench_prompt(vocab_size: int, length: int = 64) -> list[int]:
-    """The fixed prompt: `length` token ids drawn with seed 0 (ids 0-2 are pad/eos/bos, left out)."""
+def bench_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> list[int]:
+    """A fixed prompt: `length` token ids drawn with `seed` (ids 0-2 are pad/eos/bos, left out)."""
     import numpy as np
 
-    return [int(t) for t in np.random.default_rng(0).integers(3, vocab_size, length)]
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab_size, length)]
 
 
 class Timer:
-    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments."""
+    """Wraps a callable: accumulates wall time per call, split by a key of the call's arguments, and the process's
+    CPU time per call (all threads: the work done, whatever other tenants of the machine take)."""
 
     def __init__(self, fn: Any, key: Any = None):
         self.fn, self.key = fn, key
         self.calls: list[tuple[Any, float]] = []
+        self.cpu: list[float] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = self.fn(*args, **kwargs)
         self.calls.append((self.key(*args, **kwargs) if self.key else None, time.perf_counter() - start))
+        self.cpu.append(time.process_time() - cpu)
         return out
 
 
@@ -123,7 +145,7 @@ class DgrunEngine:
         graph = self.model.graph
         self.canvas = graph.cfg.canvas_length
         self.vocab = graph.cfg.vocab_size
-        self.decode = graph.decode = Timer(graph.decode)
+        self.decode = graph.decode_batch = Timer(graph.decode_batch)
         self.encode = graph.encode = Timer(graph.encode, key=lambda ids, cache: len(ids))
 
     def info(self) -> dict[str, Any]:
@@ -135,6 +157,30 @@ class DgrunEngine:
         out = self.model.generate(prompt, max_new_tokens=new_tokens, max_denoising_steps=steps, seed=0,
                                   adaptive_stopping=False)
         return len(out.tokens)
+
+    def run_batch(self, prompts: list[list[int]], new_tokens: int, steps: int) -> int:
+        outs = self.model.generate_batch(prompts, max_new_tokens=new_tokens, max_denoising_steps=steps,
+                                         seed=list(range(len(prompts))), adaptive_stopping=False,
+                                         max_batch=len(prompts))
+        return sum(len(out.tokens) for out in outs)
+
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float, float]:
+        """Encode `prompt` into a fresh cache, then one decoder pass: (the cache, the encoder's seconds, the peak
+        RSS when the encoder returned)."""
+        import numpy as np
+
+        graph = self.model.graph
+        cache = graph.new_cache()
+        start = time.perf_counter()
+        graph.encode.fn(np.asarray(prompt), cache)
+        encoded, peak = time.perf_counter() - start, peak_rss_mb()
+        graph.decode.fn(np.asarray(canvas), cache, None)
+        return cache, encoded, peak
+
+    @staticmethod
+    def cache_bytes(cache: Any) -> int:
+        return sum(int(a.nbytes) for a in [*cache.keys, *cache.values] if a is not None)
+
 
 
 class TransformersEngine:
@@ -165,6 +211,56 @@ class TransformersEngine:
                                       confidence_threshold=None, eos_token_id=None, pad_token_id=0)
         return int(out.sequences.shape[-1]) - len(prompt)
 
+    def long_prompt(self, prompt: list[int], canvas: list[int]) -> tuple[Any, float, float]:
+        from transformers import DynamicCache
+
+        torch = self.torch
+        with torch.no_grad():
+            cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+            start = time.perf_counter()
+            self.encode.fn(input_ids=torch.tensor([prompt]), past_key_values=cache)
+            encoded, peak = time.perf_counter() - start, peak_rss_mb()
+            self.decode.fn(decoder_input_ids=torch.tensor([canvas]), past_key_values=cache)
+        return cache, encoded, peak
+
+    @staticmethod
+    def cache_bytes(cache: Any) -> int:
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                   if t is not None)
+
+
+
+def reset_peak_rss() -> None:
+    """Start a new VmHWM from the current RSS (Linux: "5" to clear_refs); elsewhere the peak stays cumulative."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def long_prompt_run(engine: Any, length: int) -> dict[str, Any]:
+    """One long-prompt measurement: time, encoder time, peak RSS during the call, RSS kept while the cache lives."""
+    import gc
+
+    import numpy as np
+
+    rng = np.random.default_rng(length)
+    prompt = [int(t) for t in rng.integers(3, engine.vocab, length)]
+    canvas = [int(t) for t in rng.integers(3, engine.vocab, engine.canvas)]
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss_mb()
+    start = time.perf_counter()
+    cache, encoded, encode_peak = engine.long_prompt(prompt, canvas)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    out = {"length": length, "seconds": seconds, "encode_s": encoded, "encode_rise_mb": encode_peak - before,
+           "peak_rss_mb": peak_rss_mb(),
+           "kept_rss_mb": current_rss_mb() - before, "cache_mb": engine.cache_bytes(cache) / 2**20}
+    del cache
+    gc.collect()
+    return out
+
 
 def worker(spec: dict[str, Any]) -> None:
     """Load one engine, then answer {"steps", "new_tokens"} requests with timings; {"quit": true} ends."""
@@ -182,23 +278,36 @@ def worker(spec: dict[str, Any]) -> None:
         baseline = current_rss_mb()
         engine = TransformersEngine(spec)
     prompt = bench_prompt(engine.vocab, spec["prompt_tokens"])
-    engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
+    if spec.get("batches"):  # warm-up at the largest batch: its buffers serve the smaller ones too
+        batch_prompts = [bench_prompt(engine.vocab, spec["prompt_tokens"], seed=j) for j in range(max(spec["batches"]))]
+        engine.run_batch(batch_prompts, engine.canvas, 2)
+    else:
+        engine.run(prompt, engine.canvas, 2)  # warm-up: first-touch of weights, allocator, lazy initialisation
     print(json.dumps({"ready": True, "baseline_rss_mb": baseline, **engine.info()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("quit"):
             print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
             return
+        if "long" in request:
+            print(json.dumps(long_prompt_run(engine, request["long"])), flush=True)
+            continue
         engine.decode.calls.clear()
+        engine.decode.cpu.clear()
         engine.encode.calls.clear()
-        start = time.perf_counter()
-        made = engine.run(prompt, request["new_tokens"], request["steps"])
-        seconds = time.perf_counter() - start
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if request.get("batch"):
+            made = engine.run_batch(batch_prompts[:request["batch"]], request["new_tokens"], request["steps"])
+        else:
+            made = engine.run(prompt, request["new_tokens"], request["steps"])
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         decode = [t for _, t in engine.decode.calls]
         encode = [t for n, t in engine.encode.calls if n == engine.canvas]
         print(json.dumps({
             "tokens": made, "seconds": seconds, "tok_s": made / seconds, "decoder_passes": len(decode),
+            "tok_cpu_s": made / cpu_seconds if cpu_seconds > 0 else None,
             "ms_pass": 1e3 * sum(decode) / max(len(decode), 1),
+            "ms_pass_cpu": 1e3 * sum(engine.decode.cpu) / max(len(decode), 1),
             "ms_enc": 1e3 * sum(encode) / len(encode) if encode else None,
         }), flush=True)
 
@@ -242,19 +351,28 @@ def prepare_bench_model(workdir: Path, presets: list[str], rebuild: bool, log: A
 
 
 class Worker:
-    """A started worker process and its label."""
+    """A worker process for one engine and its label (started now, or per long-prompt run with start=False)."""
 
-    def __init__(self, label: str, spec: dict[str, Any], file_mb: float | None):
-        self.label, self.spec, self.file_mb = label, spec, file_mb
-        env = dict(os.environ)
-        threads = str(spec["threads"])
-        # Thread pools that read the environment at import (OpenBLAS under numpy, OpenMP under torch).
-        env.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    def __init__(self, label: str, spec: dict[str, Any], file_mb: float | None, pythonpath: str | None = None,
+                 start: bool = True):
+        self.label, self.spec, self.file_mb, self.pythonpath = label, spec, file_mb, pythonpath
         self.info: dict[str, Any] = {}
         self.runs: dict[int, list[dict[str, Any]]] = {}
         self.peak_rss_mb: float | None = None
+        self.proc: Any = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        threads = str(self.spec["threads"])
+        # Thread pools that read the environment at import (OpenBLAS under numpy, OpenMP under torch).
+        env.update(OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        if self.pythonpath:  # --baseline: this worker imports another checkout's dgrun
+            env["PYTHONPATH"] = os.pathsep.join([self.pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                      json.dumps(self.spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -266,16 +384,32 @@ class Worker:
     def ready(self) -> None:
         self.info = self._read()
 
-    def run(self, steps: int, new_tokens: int) -> dict[str, Any]:
+    def run(self, steps: int, new_tokens: int, batch: int | None = None) -> dict[str, Any]:
+        """One timed run; results are kept per step count (or per batch size, with `batch`)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"steps": steps, "new_tokens": new_tokens, "batch": batch}) + "\n")
         self.proc.stdin.flush()
         result = self._read()
-        self.runs.setdefault(steps, []).append(result)
+        self.runs.setdefault(steps if batch is None else batch, []).append(result)
+        return result
+
+    def long(self, length: int) -> dict[str, Any]:
+        """One long-prompt run in a fresh worker process, so its peak and kept RSS are that run's alone."""
+        fresh = Worker(self.label, self.spec, self.file_mb, self.pythonpath)
+        try:
+            fresh.ready()
+            self.info = fresh.info
+            assert fresh.proc.stdin is not None
+            fresh.proc.stdin.write(json.dumps({"long": length}) + "\n")
+            fresh.proc.stdin.flush()
+            result = fresh._read()
+        finally:
+            fresh.quit()
+        self.runs.setdefault(-length, []).append(result)  # negative keys: long-prompt runs by length
         return result
 
     def quit(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
+        if self.proc is not None and self.proc.poll() is None and self.proc.stdin is not None:
             self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
             self.proc.stdin.flush()
             self.peak_rss_mb = self._read()["peak_rss_mb"]
@@ -290,6 +424,7 @@ def summarize(worker: Worker, steps: int) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     return {"engine": worker.label, "steps": steps, "tok_s": med("tok_s"), "ms_pass": med("ms_pass"),
+            "tok_cpu_s": med("tok_cpu_s"), "ms_pass_cpu": med("ms_pass_cpu"),
             "ms_enc": med("ms_enc"), "peak_rss_mb": worker.peak_rss_mb, "file_mb": worker.file_mb,
             "tokens": runs[0]["tokens"] if runs else None, "reps": len(runs),
             "tok_s_best": max((r["tok_s"] for r in runs), default=None),
@@ -300,29 +435,94 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
+
+def render_table(lines: list[list[str]]) -> str:
+    """Rows of cells (the first one the header) as aligned text: first column left, the others right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)).rstrip())
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
     def rat(x: float | None) -> str:
         return "" if x is None else f"({x:.2f}x)"
 
     head = ["engine", "file MiB", "steps", "tok/s", "", "best", "ms/pass", "", "ms/enc", "", "peak RSS MiB", ""]
-    lines = [head]
+    return render_table([head] + [
+        [r["engine"], _num(r["file_mb"], ".1f"), str(r["steps"]), _num(r["tok_s"], ".1f"), rat(r.get("tok_s_ratio")),
+         _num(r.get("tok_s_best"), ".1f"), _num(r["ms_pass"], ".1f"), rat(r.get("ms_pass_ratio")),
+         _num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), _num(r["peak_rss_mb"], ".0f"), rat(r.get("rss_ratio"))]
+        for r in rows])
+
+
+def batch_report(workers: list[Worker], batches: list[int], steps: int, info: dict[str, Any], as_json: bool) -> None:
+    """The --batch table: per file and batch size, throughput (and its ratio to the first size) and pass times."""
+    rows = []
+    for w in workers:
+        first = summarize(w, batches[0])
+        for b in batches:
+            row = {**summarize(w, b), "batch": b, "steps": steps}
+            row["tok_s_ratio"] = ratio(row["tok_s"], first["tok_s"])
+            row["tok_cpu_s_ratio"] = ratio(row["tok_cpu_s"], first["tok_cpu_s"])
+            row["ms_pass_element"] = None if row["ms_pass"] is None else row["ms_pass"] / b
+            row["ms_pass_cpu_element"] = None if row["ms_pass_cpu"] is None else row["ms_pass_cpu"] / b
+            rows.append(row)
+    if as_json:
+        print(json.dumps({"machine": info, "rows": rows}, indent=2))
+        return
+
+    def rat(x: float | None) -> str:
+        return "" if x is None else f"({x:.2f}x)"
+
+    head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
+    print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
+          f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
+          f"(kernels: {info['dgrun_kernels']})")
+    print(render_table([head] + [
+        [r["engine"], str(r["batch"]), _num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]), _num(r["tok_s_best"], ".1f"),
+         _num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]), _num(r["ms_pass"], ".1f"),
+         _num(r["ms_pass_element"], ".1f"), _num(r["ms_pass_cpu_element"], ".1f")] for r in rows]))
+    peaks = ", ".join(f"{w.label} {_num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
+    print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
+          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+          f"peak RSS, reached at the largest batch: {peaks})")
+
+
+def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per engine and length: medians of the long-prompt runs, with time ratios across lengths and engines."""
+    rows = []
+    for w in workers:
+        for length in lengths:
+            runs = w.runs.get(-length, [])
+            row: dict[str, Any] = {"engine": w.label, "length": length, "reps": len(runs),
+                                   "seconds_all": [r["seconds"] for r in runs]}
+            for key in ("seconds", "encode_s", "encode_rise_mb", "peak_rss_mb", "kept_rss_mb", "cache_mb"):
+                row[key] = statistics.median(r[key] for r in runs) if runs else None
+            rows.append(row)
+    by = {(r["engine"], r["length"]): r for r in rows}
     for r in rows:
-        lines.append([r["engine"], num(r["file_mb"], ".1f"), str(r["steps"]), num(r["tok_s"], ".1f"),
-                      rat(r.get("tok_s_ratio")), num(r.get("tok_s_best"), ".1f"), num(r["ms_pass"], ".1f"),
-                      rat(r.get("ms_pass_ratio")),
-                      num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), num(r["peak_rss_mb"], ".0f"),
-                      rat(r.get("rss_ratio"))])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for n, line in enumerate(lines):
-        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line)]
-        out.append("  ".join(cells).rstrip())
-        if n == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+        r["vs_shortest"] = ratio(r["seconds"], by[(r["engine"], lengths[0])]["seconds"])
+        hf = by.get(("transformers", r["length"]))
+        r["speedup"] = ratio(hf["seconds"], r["seconds"]) if hf and r["engine"] != "transformers" else None
+    return rows
+
+
+def format_long_table(rows: list[dict[str, Any]]) -> str:
+    head = ["engine", "tokens", "seconds", "encode s", f"t/t({rows[0]['length']})", "vs transformers",
+            "peak RSS MiB", "encoder's rise MiB", "RSS kept MiB", "cache MiB"]
+    return render_table([head] + [
+        [r["engine"], str(r["length"]), _num(r["seconds"], ".2f"), _num(r["encode_s"], ".2f"),
+         _num(r["vs_shortest"], ".2f"), "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+         _num(r["peak_rss_mb"], ".0f"), _num(r["encode_rise_mb"], ".0f"), _num(r["kept_rss_mb"], ".0f"),
+         _num(r["cache_mb"], ".1f")]
+        for r in rows])
 
 
 def machine_info() -> dict[str, Any]:
@@ -354,6 +554,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bench model and files")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 256 tokens, steps 4, f32 and q8_0")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--batch", help="comma-separated batch sizes: time batched generation (dgrun only; "
+                                        "default preset q8_0, steps 8, 256 tokens per element; --quick: steps 2)")
+    parser.add_argument("--long-prompt", help="comma-separated prompt lengths: time one encode + one decoder pass "
+                                              "per length instead of generating")
+    parser.add_argument("--baseline", type=Path, help="a folder holding another checkout's `dgrun` package (e.g. "
+                                                       "symlinks to its runtime/, backends/): benched beside this one")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
@@ -362,11 +568,17 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    steps = [int(s) for s in (args.steps or ("4" if args.quick else "8,16")).split(",")]
-    new_tokens = args.new_tokens or (256 if args.quick else 512)
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else []
+    lengths = sorted(int(n) for n in args.long_prompt.split(",")) if args.long_prompt else []
+    if any(b < 1 for b in batches):
+        parser.error("batch sizes must be positive integers")
+    default_steps = ("2" if args.quick else "8") if batches else ("4" if args.quick else "8,16")
+    steps = [int(s) for s in (args.steps or default_steps).split(",")]
+    new_tokens = args.new_tokens or (256 if args.quick or batches else 512)
     reps = args.reps or (1 if args.quick else 3)
     threads = args.threads or default_threads()
-    presets = (args.presets or ("f32,q8_0" if args.quick else ",".join(ALL_PRESETS))).split(",")
+    default_presets = "q8_0" if batches else "f32,q8_0" if args.quick else ",".join(ALL_PRESETS)
+    presets = (args.presets or default_presets).split(",")
     unknown = [p for p in presets if p not in ALL_PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown} (choose from {', '.join(ALL_PRESETS)})")
@@ -387,26 +599,41 @@ def main(argv: list[str] | None = None) -> None:
         hf = args.hf
     else:
         hf, files = prepare_bench_model(args.workdir, presets, args.rebuild, log)
-    common = {"threads": threads, "prompt_tokens": args.prompt_tokens}
+    common = {"threads": threads, "prompt_tokens": args.prompt_tokens, "batches": batches}
     workers = []
-    if hf is not None and not args.no_transformers:
-        workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None))
+    start = not lengths  # long prompts: a fresh process per run (Worker.long)
+    # Batch mode times dgrun alone: transformers' DiffusionGemma generate takes one sequence.
+    if hf is not None and not args.no_transformers and not batches:
+        workers.append(Worker("transformers", {"engine": "transformers", "hf": str(hf), **common}, None, start=start))
     for name, path in files.items():
-        workers.append(Worker(f"dgrun {backend} {name}", {"engine": "dgrun", "path": str(path), "backend": backend,
-                                                          **common}, path.stat().st_size / 2**20))
+        spec = {"engine": "dgrun", "path": str(path), "backend": backend, **common}
+        mb = path.stat().st_size / 2**20
+        workers.append(Worker(f"dgrun {backend} {name}", spec, mb, start=start))
+        if args.baseline:
+            workers.append(Worker(f"baseline {backend} {name}", spec, mb, str(args.baseline), start=start))
     try:
         for w in workers:
-            w.ready()
-        log(f"{len(workers)} engines ready; {reps} rep(s) x steps {steps} x {new_tokens} tokens, {threads} threads")
+            if start:
+                w.ready()
+        what = f"prompts of {lengths} tokens" if lengths else f"steps {steps} x {new_tokens} tokens"
+        log(f"{len(workers)} engines ready; {reps} rep(s) x {what}, {threads} threads")
         for rep in range(reps):
             # Interleaved, A B C / B C A / C A B ...: each engine takes every position in turn, so neither a
             # warming machine nor another tenant's periodic load favours one of them.
             order = workers[rep % len(workers):] + workers[:rep % len(workers)]
-            for s in steps:
+            for length in lengths:
                 for w in order:
-                    result = w.run(s, new_tokens)
-                    log(f"  rep {rep + 1} steps {s:>3} {w.label:<24} {result['tok_s']:8.1f} tok/s  "
-                        f"{result['ms_pass']:7.1f} ms/pass")
+                    r = w.long(length)
+                    log(f"  rep {rep + 1} {length:>6} tokens {w.label:<24} {r['seconds']:7.2f} s  "
+                        f"(encode {r['encode_s']:.2f} s)  peak {r['peak_rss_mb']:.0f} MiB  "
+                        f"kept {r['kept_rss_mb']:.0f} MiB  cache {r['cache_mb']:.1f} MiB")
+            turn = rep % max(len(batches), 1)
+            points = [(steps[0], b) for b in batches[turn:] + batches[:turn]] or [(s, None) for s in steps]
+            for s, b in [] if lengths else points:
+                for w in order:
+                    result = w.run(s, new_tokens, b)
+                    log(f"  rep {rep + 1} steps {s:>3}{'' if b is None else f' batch {b:>2}'} {w.label:<24} "
+                        f"{result['tok_s']:8.1f} tok/s  {result['ms_pass']:7.1f} ms/pass")
     finally:
         for w in workers:
             try:
@@ -414,6 +641,18 @@ def main(argv: list[str] | None = None) -> None:
             except Exception:  # a crashed worker: report what the others measured
                 w.proc.kill()
 
+    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
+            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
+                                                                     if w.label.startswith("dgrun")), None)}
+    if lengths:
+        title = (f"# {info['cpu']}, {threads} threads; one encode of the prompt + one decoder pass, median of {reps}; "
+                 f"dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
+        rows = long_prompt_rows(workers, lengths)
+        report(args.json, info, "long_prompt", rows, title, format_long_table(rows))
+        return
+    if batches:
+        batch_report(workers, batches, steps[0], info, args.json)
+        return
     rows = []
     for s in steps:
         ref = summarize(workers[0], s) if workers and workers[0].label == "transformers" else None
@@ -425,17 +664,20 @@ def main(argv: list[str] | None = None) -> None:
                 row["ms_enc_ratio"] = ratio(row["ms_enc"], ref["ms_enc"])
                 row["rss_ratio"] = ratio(row["peak_rss_mb"], ref["peak_rss_mb"])
             rows.append(row)
-    info = {**machine_info(), "threads": threads, "new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
-            "reps": reps, "backend": backend, "dgrun_kernels": next((w.info.get("isa") for w in workers
-                                                                     if w.label.startswith("dgrun")), None)}
-    if args.json:
-        print(json.dumps({"machine": info, "rows": rows}, indent=2))
-        return
-    print(f"# {info['cpu']}, {threads} threads; {args.prompt_tokens}-token prompt, {new_tokens} new tokens, "
-          f"median of {reps}; dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
-    print(format_table(rows))
-    if any("tok_s_ratio" in r for r in rows):
+    title = (f"# {info['cpu']}, {threads} threads; {args.prompt_tokens}-token prompt, {new_tokens} new tokens, "
+             f"median of {reps}; dgrun backend {backend} (kernels: {info['dgrun_kernels']})")
+    report(args.json, info, "rows", rows, title, format_table(rows))
+    if not args.json and any("tok_s_ratio" in r for r in rows):
         print("(ratios: dgrun / transformers; tok/s above 1 is faster, ms and RSS below 1 are better)")
+
+
+def report(as_json: bool, info: dict[str, Any], key: str, rows: list[dict[str, Any]], title: str, table: str) -> None:
+    """The results as JSON (machine info and rows under `key`), or as a title line and the table."""
+    if as_json:
+        print(json.dumps({"machine": info, key: rows}, indent=2))
+    else:
+        print(title)
+        print(table)
 
 
 if __name__ == "__main__":

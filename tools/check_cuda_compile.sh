@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every CUDA source in native/ for every target architecture with this machine's nvcc (no GPU
-# needed), and the host build of the kernels' math with the C++ compiler. Fails on any error or warning.
+# needed), and the host build of the kernels' math with the C++ compiler; then check the PTX for multiply-adds
+# nvcc contracted into FMAs (tools/check_ptx_fma.py). Fails on any error or warning.
 #
 #   bash tools/check_cuda_compile.sh            # sm_80 sm_86 sm_89 sm_90 sm_120, 2 parallel jobs
 #   DGRUN_CUDA_ARCH=90 JOBS=1 bash tools/check_cuda_compile.sh
@@ -58,6 +59,8 @@ if command -v "$CXX" >/dev/null; then
         status=1
     fi
 fi
+
+"${PYTHON:-python3}" tools/check_ptx_fma.py || status=1
 
 echo "compiled ${#ARCHES[@]} architecture(s) in $(( $(date +%s) - start ))s"
 exit "$status"

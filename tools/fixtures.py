@@ -4,6 +4,9 @@ Random weights, but never trivial ones: norms, router scales, per-expert scales 
 buffers (encoder and decoder, deliberately different) get random values, so a runtime that mixes them up or
 skips one cannot match transformers by luck. Embeddings are drawn wide (std 1) so logits are peaked and the
 sampler accepts, stops and emits EOS the way a trained model makes it.
+
+For the tensor types dgrun reads but cannot write (llama-quantize's i-quants, Q5_K), `random_blocks` makes
+valid blocks and `write_retyped` a copy of a converted file with every matrix in one such type.
 """
 
 from __future__ import annotations
@@ -50,8 +53,11 @@ def text_config(**overrides: Any) -> dict[str, Any]:
 
 
 def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, embed_std: float = 1.0,
-               self_cond_std: float = 0.1) -> Any:
+               self_cond_std: float = 0.1, tie_word_embeddings: bool = True) -> Any:
     """A `DiffusionGemmaForBlockDiffusion` with random, non-trivial weights (float32).
+
+    `tie_word_embeddings=False` unties everything transformers ties: lm_head and the encoder's copies of the
+    decoder's weights then get random values of their own.
 
     `self_cond_std` scales the self-conditioning MLP. Random networks are chaotic under their own
     self-conditioning feedback: a 4e-6 float32 rounding difference (transformers' own f32-vs-f64 error on
@@ -66,7 +72,7 @@ def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, emb
         text_config=text,
         vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=2, head_dim=8),
-        canvas_length=canvas_length)
+        canvas_length=canvas_length, tie_word_embeddings=tie_word_embeddings)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
 
@@ -166,3 +172,189 @@ def hf_generate(model: Any, prompt: list[int], seed: int = 0,
     eos = set(kwargs.get("eos_token_id") or [])
     cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
     return new[:cut][: kwargs.get("max_new_tokens", 256)], draws
+
+
+# -- a Gemma-4-style tokenizer -------------------------------------------------------------------------------
+
+# Special tokens first (ids 0..), as Gemma 4 numbers them: pad, eos, bos, unk, mask, then the chat and tool markers.
+# The fork's converter types the markers in GEMMA4_VISIBLE_TOKENS USER_DEFINED (they must render as text for its
+# chat parser) and the rest CONTROL.
+GEMMA4_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>",
+                         "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+                         '<|"|>']
+GEMMA4_VISIBLE_TOKENS = ["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                         "<tool_response|>", '<|"|>']
+GEMMA4_TRAINING_TEXT = [*SAMPLE_TEXT[:19], "\n\n".join(SAMPLE_TEXT[:6]), "\n".join(SAMPLE_TEXT[6:19]),
+                        "Les élèves répondent: très bien!", "naïve café über straße", "if x:\n\n\n    pass\n"]
+
+
+def gemma4_tokenizer_json(vocab_size: int) -> str:
+    """A tokenizer.json in the layout of Gemma 4's: BPE over raw UTF-8 with `<0xNN>` byte fallback, spaces as `▁`.
+
+    Like Gemma 4's (built from a SentencePiece BPE model), no merge joins a newline to another character or a
+    word to the next one, and every one of the 256 byte tokens is in the vocabulary. The file's pipeline is what
+    transformers' `GemmaTokenizer` builds: a Replace(" " → "▁") normalizer, a Split(" ") pre-tokenizer (a no-op
+    after the normalizer), and a Replace/ByteFallback/Fuse decoder. Deterministic for a given `vocab_size`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    specials, byte_tokens = GEMMA4_SPECIAL_TOKENS, [f"<0x{b:02X}>" for b in range(256)]
+    learned = vocab_size - len(specials) - len(byte_tokens)
+    if learned < 64:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for learned tokens beside bytes and specials")
+    # Train on words that never cross a newline or a space-to-word boundary (SentencePiece's pieces don't).
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+|▁*[^▁\n]+|▁+"), behavior="isolated")
+    trainer_tok.train_from_iterator(GEMMA4_TRAINING_TEXT, trainers.BpeTrainer(vocab_size=learned,
+                                                                              show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(specials + byte_tokens)}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], unk_token="<unk>",
+                               fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
+    return tok.to_str(pretty=True)
+
+
+def save_gemma4_tokenizer(out_dir: Path, vocab_size: int, chat_template: str | None = None) -> None:
+    """tokenizer.json and tokenizer_config.json of a Gemma-4-style tokenizer (see `gemma4_tokenizer_json`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.json").write_text(gemma4_tokenizer_json(vocab_size), encoding="utf-8")
+    config: dict[str, Any] = {
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
+        "mask_token": "<mask>", "extra_special_tokens": GEMMA4_SPECIAL_TOKENS[5:],
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+
+
+# -- checkpoints for the llama.cpp fork's converter (tests/data/peer, made by tools/make_peer_fixtures.py) --------
+
+# `generation` is the checkpoint's generation_config.json beyond its EOS and pad ids; the "gen" one sets every
+# sampler key so the fork's converter writes all its `diffusion.eb_*` keys, the "quant" one none of them.
+PEER_CHECKPOINTS: dict[str, dict[str, Any]] = {
+    # Token-exact generation (f32, bf16): the tests' "gen" architecture with a Gemma-4-style vocabulary.
+    "gen": dict(text=text_config(vocab_size=384), seed=11, self_cond_std=0.01,
+                generation=dict(max_denoising_steps=12, t_min=0.3, t_max=0.7, sampler_config={"entropy_bound": 0.2},
+                                stability_threshold=2, confidence_threshold=0.01)),
+    # Quantized files: rows of 256 (hidden, the full layers' attention output) take K- and i-quants; the sliding
+    # layers' attention output (128), the dense down projection (96) and the experts' (64) are not multiples of
+    # 256, so llama-quantize falls back there, as it does for the released model's 2112 and 704.
+    "quant": dict(text=text_config(vocab_size=384, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64, global_head_dim=128,
+                                   num_global_key_value_heads=1, num_experts=2, top_k_experts=1,
+                                   moe_intermediate_size=64, layer_types=["sliding_attention", "full_attention"]),
+                  seed=12, self_cond_std=0.1, generation={}),
+}
+
+
+def peer_model(name: str) -> Any:
+    """The transformers model of `PEER_CHECKPOINTS[name]` (deterministic: the same weights on every run)."""
+    spec = PEER_CHECKPOINTS[name]
+    return make_model(spec["text"], seed=spec["seed"], self_cond_std=spec["self_cond_std"])
+
+
+def save_peer_checkpoint(name: str, out_dir: Path) -> Path:
+    """`peer_model(name)` saved as the released checkpoint is laid out, for the fork's converter.
+
+    The Gemma-4-style tokenizer replaces the SentencePiece one, and config.json also states the full layers' head
+    dim and KV heads as `global_head_dim` / `num_global_key_value_heads` (the release's keys, which transformers
+    5.11, the version the fork's converter runs under, reads; 5.23 writes only `per_layer_config`).
+    """
+    spec = PEER_CHECKPOINTS[name]
+    save_checkpoint(peer_model(name), out_dir, tokenizer=False, generation=spec["generation"])
+    save_gemma4_tokenizer(out_dir, spec["text"]["vocab_size"], CHAT_TEMPLATE)
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    text = spec["text"]
+    config["text_config"]["global_head_dim"] = text["global_head_dim"]
+    config["text_config"]["num_global_key_value_heads"] = text["num_global_key_value_heads"]
+    config_path.write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
+# Byte offsets of the fp16 fields (scales, mins) inside one block of each block-quantized type with such fields.
+FP16_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_S": (0,), "IQ2_S": (0,),
+}
+
+
+def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generator,
+                  scale_log2: tuple[int, int] = (-20, 4), std: float | None = None) -> np.ndarray:
+    """Raw uint8 [rows, row_bytes] of random valid blocks: random bytes, with every fp16 field a finite value.
+
+    The way to test decoders of types dgrun cannot write (i-quants): every code, sign, grid index and sub-block
+    scale pattern occurs. The fp16 fields are normal draws times 2^e, e uniform in `scale_log2`: by default
+    normal and subnormal magnitudes of both signs. With `std`, they are then scaled together so the decoded
+    values have that standard deviation (weights of a chosen size for a model).
+    """
+    from dgrun import quants
+
+    qt = quants.get_quant_type(ggml_type)
+    fields = FP16_FIELDS[qt.ggml_type.name]
+    raw = rng.integers(0, 256, (rows, width // qt.block_size, qt.type_size), dtype=np.uint8)
+    for offset in fields:
+        scale = rng.normal(0, 1, raw.shape[:2]) * np.exp2(rng.integers(*scale_log2, raw.shape[:2]))
+        raw[..., offset:offset + 2] = scale.astype("<f2")[..., None].view(np.uint8)
+    if std is not None:
+        factor = np.float32(std / quants.dequantize_tensor(raw.reshape(rows, -1), ggml_type).std())
+        for offset in fields:
+            scale = raw[..., offset:offset + 2].copy().view("<f2").astype(np.float32) * factor
+            raw[..., offset:offset + 2] = scale.astype("<f2").view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+# llama-quantize's type for a matrix whose rows do not split into 256-value super-blocks (llama.cpp's fallback).
+ROW_FALLBACK = {"Q5_K": "Q5_1", "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ2_S": "IQ4_NL"}
+
+
+def write_retyped(src: Path, dst: Path, type_name: str, seed: int = 0) -> dict[str, int]:
+    """Copy the .dgf `src` with every matrix a quantizing preset would quantize stored as `type_name` instead (or
+    its `ROW_FALLBACK` where the row width needs it), everything else as it is. Values: `src`'s quantized
+    when dgrun writes the type, else random valid blocks with the tensor's standard deviation (fixtures are
+    random anyway). Returns the tensor count per type written. For backend parity tests on every read type."""
+    from gguf import GGMLQuantizationType as T
+
+    from dgrun import quants
+    from dgrun.config import ModelConfig
+    from dgrun.converters.convert_hf import add_metadata, atomic_writer, write_file
+    from dgrun.converters.presets import tensor_type
+    from dgrun.format import GGUFFile
+
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    with GGUFFile(src) as f, atomic_writer(dst) as writer:
+        cfg = ModelConfig.from_metadata(f.metadata)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)]
+        for key, value in f.metadata.items():
+            if not key.startswith("general."):
+                add_metadata(writer, key, value.tolist() if isinstance(value, np.ndarray) else value)
+        payloads = []
+        for name, info in f.tensors.items():
+            shape = tuple(info.shape)
+            keep = tensor_type(name, shape, "q8_0", cfg.num_hidden_layers, sliding) == T.F32
+            chosen = T[type_name] if shape[-1] % 256 == 0 else T[ROW_FALLBACK.get(type_name, type_name)]
+            if keep or info.ggml_type != T.F32:
+                raw, ggml_type = np.asarray(f.raw(name)), info.ggml_type
+            else:
+                dense = f.array(name).reshape(shape)
+                if quants.can_quantize(chosen, shape[-1]):
+                    raw = quants.quantize_tensor(dense, chosen)[0]
+                else:
+                    rows = int(np.prod(shape[:-1]))
+                    raw = random_blocks(chosen, rows, shape[-1], rng, (0, 1), std=float(dense.std()))
+                ggml_type = chosen
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), raw.nbytes, raw_dtype=ggml_type)
+            payloads.append(np.ascontiguousarray(raw).reshape(-1))
+            counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
+        write_file(writer, payloads)
+    return counts

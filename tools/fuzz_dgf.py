@@ -5,12 +5,15 @@
     python tools/fuzz_dgf.py --bench        # header parse time, 262,144-token vocabulary, ours vs gguf-py
 
 Seeds are valid files: some written by gguf-py's `GGUFWriter`, most generated at random by the small
-serializer below (random metadata of every value type, random tensors of every ggml type, random alignment),
+serializer below (random metadata of every value type, random tensors of every ggml type, random alignment, and
+often DiffusionGemma's own keys under dgrun's and the llama.cpp fork's names with plausible or broken values),
 which records the offset of every integer field so mutations can hit counts, lengths, dims, types and offsets
-on purpose instead of by luck. Each mutant is opened, every metadata value touched, and `raw()` (and `array()`
-where it applies) read for every tensor. A failure is any exception other than `FormatError`, an accepted file
-whose tensor table breaks an invariant or disagrees with gguf-py's reader, a file taking over a second, or
-max-RSS growth past a small bound. Failing inputs are printed as base64 and saved under `--out`.
+on purpose instead of by luck; real model files given with `--seed-file` are mutated byte-wise too. Each mutant
+is opened, every metadata value touched, and `raw()` (and `array()` where it applies) read for every tensor;
+then what a model load reads from the header is built: the config, the generation defaults and the tokenizer.
+A failure is any exception other than `FormatError` (`ConfigError` from the config), an accepted file whose
+tensor table breaks an invariant or disagrees with gguf-py's reader, a file taking over a second, or max-RSS
+growth past a small bound. Failing inputs are printed as base64 and saved under `--out`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 
+from dgrun.config import METADATA_KEYS, PEER_SAMPLER_KEYS, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
 from dgrun.format import FormatError, GGUFFile
+from dgrun.tokenizer import Tokenizer
 
 SLOW_S = 1.0  # a single file taking longer than this is a failure
 HANG_S = 10.0  # a hard timer interrupts the reader after this (only possible on the main thread)
@@ -180,8 +185,40 @@ def _random_value_of(rng: random.Random, vtype: int, depth: int) -> Any:
             return v
 
 
+# DiffusionGemma's keys, dgrun's names and the fork's: (key, value type, plausible values).
+_MODEL_SCALARS = [(key, {int: UINT32, float: FLOAT32, str: STRING}[e.kind],
+                   {int: [0, 1, 2, 4, 8, 16, 2**31], float: [0.25, 1e-6, 1e4, -1.0, float("nan")],
+                    str: ["gelu_pytorch_tanh", "relu"]}[e.kind]) for e in METADATA_KEYS for key in e.keys]
+_MODEL_SCALARS += [(key, UINT32 if kind is int else FLOAT32, [0, 1, 3] if kind is int else [0.1, 0.8, -1.0])
+                   for key, kind in PEER_SAMPLER_KEYS.values()]
+_MODEL_SCALARS += [("diffusion-gemma.attention.causal", BOOL, [0, 1]), ("tokenizer.ggml.model", STRING, ["gemma4"]),
+                   ("diffusion-gemma.rope.dimension_count", UINT32, [2, 4, 8]),
+                   ("diffusion-gemma.rope.dimension_count_swa", UINT32, [2, 4]),
+                   ("tokenizer.ggml.bos_token_id", UINT32, [0, 2, 999]), ("tokenizer.ggml.add_bos_token", BOOL, [0, 1])]
+_GEMMA4_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "▁", "\n", "<0x41>"]
+
+
+def _model_keys(rng: random.Random) -> list[tuple[str, int, Any]]:
+    """Some of DiffusionGemma's keys with plausible (often inconsistent) values, and a small gemma4 vocabulary."""
+    keep = rng.choice([0.7, 0.97, 1.0])  # often all of them, so the reading gets past "missing key"
+    kvs = [(key, vtype, rng.choice(values)) for key, vtype, values in _MODEL_SCALARS if rng.random() < keep]
+    layers = rng.randint(1, 3)
+    if rng.random() < 0.8:
+        kvs.append(("diffusion-gemma.attention.sliding_window_pattern", ARRAY,
+                    (BOOL, [rng.randint(0, 1) for _ in range(layers)])))
+        kvs.append(("diffusion-gemma.attention.head_count_kv", ARRAY,
+                    (INT32, [rng.randint(0, 2) for _ in range(layers)])))
+    if rng.random() < 0.5:
+        tokens = _GEMMA4_TOKENS[: rng.randint(1, len(_GEMMA4_TOKENS))]
+        kvs.append(("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)))
+        kvs.append(("tokenizer.ggml.token_type", ARRAY, (INT32, [rng.randint(0, 6) for _ in tokens])))
+        kvs.append(("tokenizer.ggml.merges", ARRAY, (STRING, rng.choice([["a b"], ["a b", "x y"], [], ["ab"]]))))
+    return kvs
+
+
 def random_spec(rng: random.Random) -> Spec:
-    """A valid file: random metadata and 0-5 tensors of random ggml types laid out at aligned offsets."""
+    """A valid file: random metadata (often DiffusionGemma's keys) and 0-5 tensors of random ggml types laid out at
+    aligned offsets (sometimes named as the model's embedding and `rope_freqs`)."""
     spec = Spec(version=rng.choice([3, 3, 3, 2]))
     spec.kvs.append(("general.architecture", STRING, "diffusion-gemma"))
     alignment = rng.choice([32, 32, 1, 8, 64, 256])
@@ -191,8 +228,11 @@ def random_spec(rng: random.Random) -> Spec:
     for i in range(rng.randint(0, 6)):
         vtype, value = _random_value(rng)
         spec.kvs.append((f"k.{i}", vtype, value))
+    if rng.random() < 0.5:
+        spec.kvs += _model_keys(rng)
     rng.shuffle(spec.kvs)
     offset = 0
+    names = ["token_embd.weight", ROPE_FREQS_TENSOR] if rng.random() < 0.5 else []
     for i in range(rng.randint(0, 5)):
         gtype, (block, type_size) = rng.choice(_TYPES)
         n_dims = rng.randint(0 if block == 1 else 1, 4)
@@ -200,7 +240,7 @@ def random_spec(rng: random.Random) -> Spec:
         nbytes = math.prod(ne) // block * type_size if ne else type_size
         offset += rng.choice([0, 0, 0, alignment])  # sometimes a gap
         data = rng.randbytes(nbytes)
-        spec.tensors.append(Tensor(f"blk.{i}.w", ne, int(gtype), offset, data))
+        spec.tensors.append(Tensor(names[i] if i < len(names) else f"blk.{i}.w", ne, int(gtype), offset, data))
         offset += nbytes + (-nbytes % alignment)
     return spec
 
@@ -364,8 +404,16 @@ def mutate_bytes(rng: random.Random, data: bytes, ints: list[tuple[int, int, str
     return bytes(b)
 
 
-def make_mutant(rng: random.Random, writer_pool: list[bytes]) -> bytes:
-    """A valid seed with 0-3 structural and 0-3 byte-level mutations (about one mutant in ten stays valid)."""
+def make_mutant(rng: random.Random, writer_pool: list[bytes],
+                file_pool: list[tuple[bytes, int]] | None = None) -> bytes:
+    """A valid seed with 0-3 structural and 0-3 byte-level mutations (about one mutant in ten stays valid).
+
+    `file_pool` holds real files with their header sizes (mutations mostly land in the header)."""
+    if file_pool and rng.random() < 0.3:
+        data, header_size = rng.choice(file_pool)
+        for _ in range(rng.randint(1, 3)):
+            data = mutate_bytes(rng, data, None, header_size)
+        return data
     if writer_pool and rng.random() < 0.2:
         data = rng.choice(writer_pool)
         for _ in range(rng.randint(1, 3)):
@@ -448,6 +496,14 @@ def _read_all(f: GGUFFile) -> None:
         raw = f.raw(name)
         if t.nbytes:
             int(raw[0]) + int(raw[-1]) + int(raw[: 1 << 16].sum())
+
+
+def _load_model_header(f: GGUFFile) -> None:
+    """What loading a DiffusionGemma reads before its weights: config, generation defaults and tokenizer."""
+    if f.get("general.architecture") == "diffusion-gemma":
+        ModelConfig.from_file(f)
+        GenerationConfig.from_metadata(f.metadata)
+        Tokenizer.from_file(f)
 
 
 def _check_accepted(f: GGUFFile) -> None:
@@ -542,7 +598,8 @@ def _max_rss_kb() -> int:
 def check_file(path: Path, oracle: bool = True) -> tuple[str, str, float]:
     """Open, read and validate one file: (outcome, message, seconds spent in our reader).
 
-    The outcome is "accepted", "rejected" (FormatError) or a failure kind: "exception", "invariant", "oracle".
+    The outcome is "accepted", "rejected" (FormatError), "not-a-model" (a well-formed file whose model header
+    raised FormatError or ConfigError) or a failure kind: "exception", "invariant", "oracle".
     """
     t0 = time.perf_counter()
     elapsed = 0.0
@@ -567,6 +624,12 @@ def check_file(path: Path, oracle: bool = True) -> tuple[str, str, float]:
                     except Exception as e:
                         message = f"gguf-py failed on a file we accept: {type(e).__name__}: {e}"
                         return "oracle", message, elapsed
+                model_start = time.perf_counter()
+                try:
+                    _load_model_header(f)
+                except (FormatError, ConfigError) as e:  # a well-formed GGUF that is no loadable model
+                    return "not-a-model", str(e), elapsed + time.perf_counter() - model_start
+                elapsed += time.perf_counter() - model_start
         return "accepted", "", elapsed
     except Exception:  # exactly what the fuzzer hunts for: anything but FormatError escaping the reader
         return "exception", traceback.format_exc(limit=8), elapsed or time.perf_counter() - t0
@@ -581,12 +644,18 @@ def _reason(message: str) -> str:
 
 
 def fuzz(seconds: float = 60.0, seed: int = 0, out: str | Path | None = None, oracle: bool = True,
-         max_iterations: int | None = None, log: Callable[[str], None] | None = None) -> FuzzReport:
-    """Run the fuzzer for `seconds` (or `max_iterations`); failing inputs go to `out` if given."""
+         max_iterations: int | None = None, log: Callable[[str], None] | None = None,
+         seed_files: list[Path] | tuple[Path, ...] = ()) -> FuzzReport:
+    """Run the fuzzer for `seconds` (or `max_iterations`); failing inputs go to `out` if given. `seed_files` are
+    valid model files to mutate beside the generated seeds."""
     rng = random.Random(seed)
     report = FuzzReport()
     out_dir = Path(out) if out is not None else None
     pool = writer_seeds()
+    file_pool = []
+    for seed_file in seed_files:
+        with GGUFFile(seed_file) as f:
+            file_pool.append((Path(seed_file).read_bytes(), f.data_offset))
     ram_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # tmpfs: no disk writes per mutant
     with tempfile.TemporaryDirectory(prefix="dgf-fuzz-", dir=ram_dir) as d:
         tmp, path = Path(d) / "next.gguf", Path(d) / "mutant.gguf"
@@ -601,7 +670,7 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out: str | Path | None = None, or
             elapsed = time.perf_counter() - start
             if elapsed >= seconds or (max_iterations is not None and report.iterations >= max_iterations):
                 break
-            data = make_mutant(rng, pool)
+            data = make_mutant(rng, pool, file_pool)
             # A fresh inode per mutant: rewriting a file in place under a live mapping could SIGBUS.
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -609,8 +678,10 @@ def fuzz(seconds: float = 60.0, seed: int = 0, out: str | Path | None = None, or
             report.iterations += 1
             report.slowest_s = max(report.slowest_s, dt)
             failure: Failure | None = None
-            if kind == "accepted":
+            if kind in ("accepted", "not-a-model"):
                 report.accepted += 1
+                if kind == "not-a-model":
+                    report.reasons["model: " + _reason(message)] += 1
             elif kind == "rejected":
                 report.rejected += 1
                 report.reasons[_reason(message)] += 1
@@ -679,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for failing inputs (default: <tmp>/dgf-fuzz-crashers)")
     ap.add_argument("--no-oracle", action="store_true", help="skip the cross-check against gguf-py's reader")
     ap.add_argument("--replay", type=Path, nargs="+", help="check these files instead of fuzzing")
+    ap.add_argument("--seed-file", type=Path, action="append", default=[],
+                    help="a valid model file to mutate too (repeatable), e.g. tests/data/peer/gen-f32.gguf")
     ap.add_argument("-v", "--verbose", action="store_true", help="also print how often each refusal happened")
     ap.add_argument("--bench", action="store_true", help="time header parsing of a 262,144-token vocabulary")
     args = ap.parse_args(argv)
@@ -693,14 +766,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = 0
         for p in args.replay:
             kind, message, _ = check_file(p, not args.no_oracle)
-            bad += kind not in ("accepted", "rejected")
+            bad += kind not in ("accepted", "rejected", "not-a-model")
             print(f"{p}: {kind}: {message.strip()}")
         return 1 if bad else 0
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     out = args.out or Path(tempfile.gettempdir()) / "dgf-fuzz-crashers"
     print(f"fuzzing dgrun.format for {args.seconds:g} s, seed {seed}")
-    report = fuzz(args.seconds, seed, out, oracle=not args.no_oracle, log=print)
+    report = fuzz(args.seconds, seed, out, oracle=not args.no_oracle, log=print, seed_files=args.seed_file)
     print(report.summary())
     if args.verbose:
         for reason, n in report.reasons.most_common():

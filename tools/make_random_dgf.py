@@ -25,7 +25,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from dgrun.config import ModelConfig
-from dgrun.converters.convert_hf import add_metadata, atomic_writer, write_file
+from dgrun.converters.convert_hf import add_metadata, add_rope_freqs, atomic_writer, write_file
 from dgrun.converters.presets import PRESETS, tensor_type
 from dgrun.model import tensor_shapes
 from dgrun.quants import get_quant_type, row_bytes
@@ -172,6 +172,7 @@ def write_random_dgf(path: Path, preset: str, layers: int, vocab: int, seed: int
                     writer.add_tensor_info(f"{name}.scale", (1,), np.dtype(np.float32), 4)
                     payloads.append(scale)
             mix[ggml_type.name] = mix.get(ggml_type.name, 0) + nbytes
+        add_rope_freqs(writer, cfg, payloads)
         write_file(writer, payloads)
     return {"path": str(path), "bytes": path.stat().st_size, "tensors": len(payloads), "type_bytes": mix}
 

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from dgrun.quants import QUANT_TYPES, dequantize_tensor, get_quant_type, quantize_tensor
+from dgrun.quants import QUANT_TYPES, DecodeOnlyType, dequantize_tensor, get_quant_type, quantize_tensor
 
 
 def measure(x: np.ndarray, type_name: str) -> tuple[float, float]:
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     parser.add_argument(
-        "--types", nargs="+", default=[t.name for t in QUANT_TYPES], help="type names (default: all)"
+        "--types", nargs="+", help="type names (default: every type dgrun writes)",
+        default=[t.name for t, qt in QUANT_TYPES.items() if not issubclass(qt, DecodeOnlyType)],
     )
     args = parser.parse_args(argv)
 

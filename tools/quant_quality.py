@@ -65,8 +65,8 @@ def measure(files: dict[str, Path], f32: Path, seed: int = 0) -> list[Quality]:
 
 
 def convert_all(checkpoint: Path, workdir: Path, outtypes: list[str]) -> dict[str, Path]:
-    """Convert to each preset; a preset that cannot store this model (e.g. rows not a multiple of its block)
-    is left out with a one-line notice."""
+    """Convert to each preset; a preset whose conversion fails is left out with a one-line notice (rows that do
+    not fit a preset's blocks no longer fail: they fall back, see converters/presets.py)."""
     files = {}
     for outtype in outtypes:
         try:

@@ -50,7 +50,8 @@ int dg_ffn(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64
 
 /* softmax(q k^T) v per head, scaling 1.0, grouped KV heads. q [n, hq, d], k [m, hkv, d], v [m, hkv, dv],
  * out [n, hq, dv]. Key j is visible to query i when (!causal || kpos[j] <= qpos[i]) and
- * (window <= 0 || kpos[j] > qpos[i] - window). */
+ * (window <= 0 || kpos[j] > qpos[i] - window). kpos must ascend: each block of queries visits only the range of
+ * keys it can see. A query that sees no key gets NaN (0/0), as the plain softmax would. */
 int dg_attention(const float *q, int64_t n, int64_t hq, int64_t d, const float *k, const float *v, int64_t m,
                  int64_t hkv, int64_t dv, const int64_t *qpos, const int64_t *kpos, int causal, int64_t window,
                  float *out);

@@ -10,8 +10,8 @@
 #define DG_E_ARG (-4)   /* bad size or shape */
 
 enum {
-    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30,
-    T_MXFP4 = 39, T_NVFP4 = 40,
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14,
+    T_IQ4_NL = 20, T_IQ3_S = 21, T_IQ2_S = 22, T_IQ4_XS = 23, T_BF16 = 30, T_MXFP4 = 39, T_NVFP4 = 40,
 };
 
 extern int dg_nthreads; /* set by dg_set_threads */
@@ -68,15 +68,27 @@ static inline float dg_ue4m3_half(uint8_t x) {
     return raw * 0.5f;
 }
 
+/* Sub-block j's 6-bit scale and min in the 12 packed bytes of Q4_K and Q5_K (ggml's get_scale_min_k4): j < 4 in
+ * the low 6 bits of bytes j and j + 4; j >= 4 in the nibbles of byte j + 4 and the top 2 bits of bytes j - 4, j. */
+static inline void dg_scale_min_k4(const uint8_t *sc, int j, int *s, int *m) {
+    if (j < 4) {
+        *s = sc[j] & 63;
+        *m = sc[j + 4] & 63;
+    } else {
+        *s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+        *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    }
+}
+
 /* E2M1 values doubled (ggml's kvalues_mxfp4). */
 static const int8_t dg_kvalues_fp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 static inline int dg_block_size(int type) {
     switch (type) {
     case T_F32: case T_F16: case T_BF16: return 1;
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_MXFP4: return 32;
+    case T_Q4_0: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_MXFP4: case T_IQ4_NL: return 32;
     case T_NVFP4: return 64;
-    case T_Q4_K: case T_Q6_K: return 256;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: case T_IQ4_XS: case T_IQ3_S: case T_IQ2_S: return 256;
     default: return 0;
     }
 }
@@ -87,11 +99,17 @@ static inline int64_t dg_type_size(int type) {
     case T_F16: case T_BF16: return 2;
     case T_Q4_0: return 18;
     case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
     case T_Q8_0: return 34;
     case T_MXFP4: return 17;
     case T_NVFP4: return 36;
     case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
     case T_Q6_K: return 210;
+    case T_IQ4_NL: return 18;
+    case T_IQ4_XS: return 136;
+    case T_IQ3_S: return 110;
+    case T_IQ2_S: return 82;
     default: return 0;
     }
 }

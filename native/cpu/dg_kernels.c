@@ -197,6 +197,8 @@ static inline vi iota(int start) {
         (v_ ^ neg_) - neg_;                                                                                         \
     })
 
+#include "dg_quants_iq.h"
+
 static void decode_row(int type, const uint8_t *restrict row, int64_t cols, float ts, float *restrict y) {
     switch (type) {
     case T_F32:
@@ -271,15 +273,9 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
             const uint8_t *sc = row + 4, *q = row + 16;
             for (int is = 0; is < 8; is += 2, q += 32) {
                 float dl[2], ml[2];
-                for (int h = 0; h < 2; h++) { /* ggml's get_scale_min_k4 */
-                    int j = is + h, s, m;
-                    if (j < 4) {
-                        s = sc[j] & 63;
-                        m = sc[j + 4] & 63;
-                    } else {
-                        s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
-                        m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-                    }
+                for (int h = 0; h < 2; h++) {
+                    int s, m;
+                    dg_scale_min_k4(sc, is + h, &s, &m);
                     dl[h] = d * (float)s;
                     ml[h] = dmin * (float)m;
                 }
@@ -306,7 +302,8 @@ static void decode_row(int type, const uint8_t *restrict row, int64_t cols, floa
             }
         }
         break;
-    default:
+    default: /* the types read from llama-quantize's files */
+        decode_row_iq(type, row, cols, y);
         break;
     }
 }
@@ -628,7 +625,20 @@ done:
  *     p = softmax_j(visible(i, j) ? q[i, h] . k[j, kvh] : -inf);   out[i, h] = sum_j p[j] v[j, kvh]
  * Threads take (head, block of R queries). Keys are packed transposed per kv head ([d][m] padded to TW), so
  * scores are one microkernel call per TW keys and the value product one per TW output dims.
+ * Key positions ascend, so the keys any query of a block can see are one range (numpy_backend's
+ * visible_key_range, found by binary search); a block computes scores, softmax and values over that range only,
+ * widened to whole TW panels. Keys skipped that way have probability exactly 0, so the result is the same.
  * ------------------------------------------------------------------------------------------------------------- */
+
+/* First index j < m with kpos[j] > x (m when none): kpos ascending. */
+static int64_t upper_bound(const int64_t *kpos, int64_t m, int64_t x) {
+    int64_t lo = 0, hi = m;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (kpos[mid] <= x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
 
 static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, const float *k, const float *v,
                           int64_t m, int64_t hkv, int64_t dv, const int64_t *qpos, const int64_t *kpos, int causal,
@@ -662,6 +672,19 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
         for (int64_t item = 0; item < hq * nb; item++) {
             if (failed) continue;
             const int64_t h = item / nb, i0 = (item % nb) * R, rows = n - i0 < R ? n - i0 : R, kvh = h / groups;
+            int64_t qmin = qpos[i0], qmax = qpos[i0];
+            for (int64_t r = 1; r < rows; r++) {
+                qmin = qpos[i0 + r] < qmin ? qpos[i0 + r] : qmin;
+                qmax = qpos[i0 + r] > qmax ? qpos[i0 + r] : qmax;
+            }
+            const int64_t lo = window > 0 ? upper_bound(kpos, m, qmin - window) : 0;
+            const int64_t hi = causal ? upper_bound(kpos, m, qmax) : m;
+            if (hi <= lo) { /* no visible key: the 0/0 of the plain definition */
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < dv; c++) out[((i0 + r) * hq + h) * dv + c] = NAN;
+                continue;
+            }
+            const int64_t j_lo = lo / TW * TW, j_hi = (hi + TW - 1) / TW * TW, j_end = j_hi < m ? j_hi : m;
             const float *s = q + (i0 * hq + h) * d;
             int64_t ls = hq * d;
             if (rows < R) {
@@ -669,31 +692,31 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
                 for (int64_t r = 0; r < rows; r++) memcpy(qpad + r * d, s + r * ls, (size_t)d * sizeof(float));
                 s = qpad, ls = d;
             }
-            for (int64_t j0 = 0; j0 < mpad; j0 += TW) {
+            for (int64_t j0 = j_lo; j0 < j_hi; j0 += TW) {
                 micro_cols(s, ls, kt + kvh * d * mpad + j0, mpad, d, tile, m - j0);
                 for (int64_t r = 0; r < R; r++) memcpy(scores + r * mpad + j0, tile + r * TW, TW * sizeof(float));
             }
             for (int64_t r = 0; r < rows; r++) { /* mask, softmax; padded keys get probability 0 */
                 float *sr = scores + r * mpad, mx = -INFINITY;
                 const int64_t qp = qpos[i0 + r];
-                for (int64_t j = 0; j < mpad; j++) {
+                for (int64_t j = j_lo; j < j_hi; j++) {
                     int visible = j < m && (!causal || kpos[j] <= qp) && (window <= 0 || kpos[j] > qp - window);
                     sr[j] = visible ? sr[j] : -INFINITY;
                     mx = sr[j] > mx ? sr[j] : mx;
                 }
                 vf vs = (vf){0};
-                for (int64_t j = 0; j < mpad; j += VL) {
+                for (int64_t j = j_lo; j < j_hi; j += VL) {
                     vf e = vexp(ld(sr + j) - mx);
                     st(sr + j, e);
                     vs += e;
                 }
                 const float inv = 1.0f / hsum(vs);
-                for (int64_t j = 0; j < mpad; j += VL) st(sr + j, ld(sr + j) * inv);
+                for (int64_t j = j_lo; j < j_hi; j += VL) st(sr + j, ld(sr + j) * inv);
             }
-            for (int64_t r = rows; r < R; r++) memset(scores + r * mpad, 0, (size_t)mpad * sizeof(float));
+            for (int64_t r = rows; r < R; r++) memset(scores + r * mpad + j_lo, 0, (size_t)(j_hi - j_lo) * sizeof(float));
             for (int64_t c0 = 0; c0 < dv; c0 += TW) {
                 const int64_t cols = dv - c0 < TW ? dv - c0 : TW;
-                micro_cols(scores, mpad, vp + kvh * m * dvp + c0, dvp, m, tile, cols);
+                micro_cols(scores + j_lo, mpad, vp + (kvh * m + j_lo) * dvp + c0, dvp, j_end - j_lo, tile, cols);
                 for (int64_t r = 0; r < rows; r++)
                     memcpy(out + ((i0 + r) * hq + h) * dv + c0, tile + r * TW, (size_t)cols * sizeof(float));
             }
