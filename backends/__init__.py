@@ -2,11 +2,12 @@
 
 A backend provides `load_weights` (weights stay in their .dgf types) and `weight` (one tensor from its stored
 bytes: LoRA halves, merged weights), the graph ops (`embed`, `soft_embed`, `rms_norm`, `linear`, `gelu_mul`,
-`gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `concat`, `vector`, `asarray`, `to_numpy`), the
-sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it can run; optionally `k_multiple`,
-what every matmul's reduced dimension must be a multiple of (LoRA ranks are padded to it). `numpy` is the
-reference; every other backend is tested against it. `attention` takes key positions in ascending order (the
-model's cache always is) and may visit only the keys each block of queries can see.
+`gated_mlp`, `rope`, `attention`, `route`, `experts`, `softcap`, `logits`, `concat`, `vector`, `asarray`,
+`to_numpy`), the sampler step (`denoise_step`) and `supported_types`, the ggml tensor types it can run; optionally
+`k_multiple`, what every matmul's reduced dimension must be a multiple of (LoRA ranks are padded to it). `numpy`
+is the reference; every other backend is tested against it. `attention` takes key positions in ascending order
+(the model's cache always is) and may visit only the keys each block of queries can see. `denoise_step` may
+overwrite its `logits` with the processed logits (cpu and cuda do: a canvas x vocab array saved per step).
 
 Every op is row-independent: a row's (token's) result is the same bits whatever other rows share the call, so
 a batch's elements get exactly the tokens they get alone (`DiffusionGemma.decode_batch`). A kernel that

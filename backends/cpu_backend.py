@@ -9,19 +9,31 @@ What makes it fast, and what it keeps from the reference:
   expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
   values) per head and block of queries, over only the keys that block can see (a sliding layer costs its
   window, a causal one half the square). The sampler's vocabulary-wide work (temperature, softmax, entropy,
-  argmax, the inverse-CDF draw) is one pass per row, and its probabilities are reused by the next pass's
-  soft embedding instead of a second softmax.
+  argmax, the inverse-CDF draw) is one visit per row.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
   saves their page faults; no decode pass allocates a fresh one after the first.
+- The self-conditioning soft embedding gathers the few embedding rows of a row whose mass sits on a few tokens
+  (exact to float32, see numpy_backend.sparse_soft_embed_row) and multiplies the rest as one product that turns
+  logits into probabilities as it reads them; the sampler step runs fused and in place (no canvas x vocab array
+  besides the logits) and leaves the row statistics that soft embedding reads.
 - Everything runs on `threads` OpenMP threads: the `threads=` argument, else $DGRUN_THREADS, else the CPUs this
   process may run on. The kernel set (avx512 / avx2 / generic) is chosen at run time; `isa=` or
   $DGRUN_CPU_ISA forces one (tests run each one this CPU supports). Both are process-wide settings of the
   library: each backend re-applies its own before its calls, so backends may differ but must not run
   concurrently in two Python threads with different settings.
+- Quantized weights (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4, NVFP4) multiply in integer arithmetic by default, as
+  ggml does (native/cpu/dg_int8.c): activations quantized to int8 per 32 values, int8 x int8 dot products with
+  VNNI (AVX512-VNNI or AVX-VNNI) or AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or
+  $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on:
+  users of a quantized file came for speed, and the activations' rounding (~0.5% per matmul) is small next to
+  the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8
+  product for Q8_0's codes: there, and for any weight of another type (Q5_1, Q5_K, the IQ types, adapters'
+  float halves), the float32 kernels run, the same bits as with int8 off. Row-independent like the float
+  kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.
 
-Accuracy against the numpy backend: float32 throughout (activations are never quantized), only summation
-order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to ~5e-6
-relative, the float32 noise floor; tests/test_cpu_backend.py states the bounds and why.
+Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only
+summation order differs (and exp/tanh within 2 ulp), so every file type's K/V agree to ~4e-7 and logits to
+~5e-6 relative, the float32 noise floor; tests/test_cpu_backend.py states the bounds and why.
 The sampler draws through the same Rng calls in the same order; with a `DefaultRng` only its uniforms are
 drawn and the float64 inverse CDF runs natively (identical to `DefaultRng.categorical` given identical
 probabilities; the kernels' probabilities differ from numpy's by float32 rounding, which can change a draw only
@@ -37,13 +49,23 @@ import importlib.util
 import os
 import sys
 import weakref
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import NumpyBackend, Weight, require_ascending
+from dgrun.backends.numpy_backend import (
+    FLOAT32_UNIT_ROUNDOFF,
+    SPARSE_KEEP_LOGIT,
+    SPARSE_MASS_MARGIN,
+    SPARSE_MAX_KEPT,
+    NumpyBackend,
+    Weight,
+    require_ascending,
+)
 from dgrun.rng import DefaultRng, Rng
 
 _ERRORS = {-1: "unsupported tensor type or row size", -2: "kernel set not available on this CPU",
@@ -60,8 +82,9 @@ def _native_dir() -> Path:
                        "reinstall dgrun from a source checkout")
 
 
+INT8_DEFAULT = "on"  # see the module notes
 _POOL_MIN_FLOATS = 1 << 20  # outputs from 4 MiB up are recycled (see CpuBackend._empty)
-_POOL_ARRAYS = 48  # a batch of 8 holds ~4 canvas-sized arrays per element (logits, processed, probs) at once
+_POOL_ARRAYS = 48  # a batch of 8 may hold several canvas-sized arrays per element at once
 _LIBRARY: tuple[Any, Any, Path] | None = None
 _ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
 
@@ -94,6 +117,17 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def _int8_setting(value: bool | str | None) -> tuple[bool, str]:
+    """(int8 on, the int8 kernel set to ask for) from the `int8=` argument, else $DGRUN_CPU_INT8."""
+    if value is None:
+        value = os.environ.get("DGRUN_CPU_INT8", "").strip().lower() or INT8_DEFAULT
+    if value in (False, "0", "off", "no", "false"):
+        return False, "auto"
+    if value in (True, "1", "on", "yes", "true", "auto"):
+        return True, "auto"
+    return True, str(value)
+
+
 class CpuWeight(Weight):
     """A stored tensor plus what the kernels need: its address in the mapping and bytes per row."""
 
@@ -109,6 +143,33 @@ class CpuWeight(Weight):
     def scale(self) -> float:
         return 1.0 if self.tensor_scale is None else float(self.tensor_scale)
 
+    @cached_property
+    def max_row_norm(self) -> float:
+        """As `Weight.max_row_norm`, decoded natively (one pass over the tensor, the first time it is asked)."""
+        ffi, lib, _ = load_library()
+        out = ffi.new("double *")
+        rc = lib.dg_max_row_norm(self.ggml_type, ffi.cast("const uint8_t *", self.address), self.row_bytes,
+                                 self.shape[-1], self.scale, self.shape[0], out)
+        if rc != 0:
+            raise RuntimeError(f"cpu kernel max_row_norm failed: {_ERRORS.get(rc, rc)}")
+        return float(np.nextafter(out[0], np.inf))
+
+
+@dataclass
+class RowStats:
+    """Per-row softmax statistics of a [rows, vocab] array (`dg_row_stats`): what the soft embedding reads."""
+
+    row_max: np.ndarray  # float32 [rows]
+    row_total: np.ndarray  # float32 [rows]: softmax = exp(x - row_max) / row_total
+    mass: np.ndarray  # float64 [rows]: softmax mass outside the kept tokens
+    kept_n: np.ndarray  # int64 [rows]: tokens within SPARSE_KEEP_LOGIT of the maximum
+    kept: np.ndarray  # int32 [rows, SPARSE_MAX_KEPT]: the first of them, in index order
+
+    @classmethod
+    def empty(cls, rows: int) -> RowStats:
+        return cls(np.empty(rows, np.float32), np.empty(rows, np.float32), np.empty(rows, np.float64),
+                   np.empty(rows, np.int64), np.empty((rows, SPARSE_MAX_KEPT), np.int32))
+
 
 class CpuBackend(NumpyBackend):
     """The op interface on native kernels; anything not worth a kernel is inherited from the numpy reference."""
@@ -116,7 +177,7 @@ class CpuBackend(NumpyBackend):
     name = "cpu"
     supported_types = frozenset(quants.QUANT_TYPES)
 
-    def __init__(self, threads: int | None = None, isa: str | None = None):
+    def __init__(self, threads: int | None = None, isa: str | None = None, int8: bool | str | None = None):
         self.ffi, self.lib, self.library_path = load_library()
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
@@ -126,16 +187,23 @@ class CpuBackend(NumpyBackend):
             raise RuntimeError(f"cpu kernel set {self.isa_request!r} is not available on this CPU or build "
                                "(choose auto, avx512, avx2 or generic)")
         self.isa = self.ffi.string(self.lib.dg_isa()).decode()
+        self.int8, int8_set = _int8_setting(int8)
+        if self.lib.dg_select_int8(int8_set.encode()) != 0:
+            raise RuntimeError(f"int8 kernel set {int8_set!r} is not available on this CPU or build "
+                               "(choose auto, avx512vnni, avxvnni, avx2 or generic)")
+        self.int8_isa = self.ffi.string(self.lib.dg_int8_isa()).decode()
         if not self.lib.dg_has_openmp():
             self.threads = 1
         self._activate(force=True)
-        # id(processed logits) → (a weak reference to them, their softmax): each element's self-conditioning reads
-        # its sampler's probabilities; the entry goes when the processed logits do.
-        self._probs: dict[int, tuple[weakref.ref[np.ndarray], np.ndarray]] = {}
+        # id(processed logits) → (a weak reference to them, their row statistics): each element's self-conditioning
+        # reads its own sampler step's; the entry goes when the processed logits do.
+        self._stats: dict[int, tuple[weakref.ref[np.ndarray], RowStats]] = {}
         self._pool: list[np.ndarray] = []
+        self.soft_embed_paths: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return f"CpuBackend(threads={self.threads}, isa={self.isa!r})"
+        int8 = repr(self.int8_isa) if self.int8 else "off"
+        return f"CpuBackend(threads={self.threads}, isa={self.isa!r}, int8={int8})"
 
     # -- plumbing --------------------------------------------------------------------------------------------
 
@@ -144,6 +212,8 @@ class CpuBackend(NumpyBackend):
         if force or _ACTIVE[0] is not self:
             self.lib.dg_set_threads(self.threads)
             self.lib.dg_select_isa(self.isa.encode())
+            self.lib.dg_select_int8(getattr(self, "int8_isa", "auto").encode())
+            self.lib.dg_set_int8(int(getattr(self, "int8", False)))
             _ACTIVE[0] = self
 
     def _p(self, array: np.ndarray, ctype: str = "float *") -> Any:
@@ -202,6 +272,12 @@ class CpuBackend(NumpyBackend):
         self._check(self.lib.dg_softcap(self._p(x), x.size, cap, self._p(out)), "softcap")
         return out
 
+    def logits(self, x: np.ndarray, w: CpuWeight, cap: float) -> np.ndarray:
+        """softcap(x @ W^T, cap), soft-capped in place: one canvas x vocab array."""
+        out = self.linear(x, w)
+        self._check(self.lib.dg_softcap(self._p(out), out.size, cap, self._p(out)), "softcap")
+        return out
+
     # -- embeddings and matmuls -----------------------------------------------------------------------------
 
     def embed(self, table: CpuWeight, ids: np.ndarray, scale: float) -> np.ndarray:
@@ -216,16 +292,34 @@ class CpuBackend(NumpyBackend):
         return out.reshape(*ids.shape, cols)
 
     def soft_embed(self, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
-        """softmax(logits) @ table * scale; the sampler's probabilities when `logits` are its processed logits."""
+        """softmax(logits) @ table * scale, sparse where a row's mass sits on a few tokens (as the reference);
+        the sampler step's row statistics when `logits` are its processed logits, else one pass to make them.
+        `soft_embed_paths` then says per row how many tokens it gathered (-1: the dense product)."""
         self._activate()
-        known = self._probs.get(id(logits))
-        probs = known[1] if known is not None and known[0]() is logits else self.softmax(logits)
-        probs = self._f32(probs).reshape(-1, table.shape[0])
-        out = np.empty((probs.shape[0], table.shape[1]), dtype=np.float32)
-        self._check(self.lib.dg_matmul_rows(self._p(probs), probs.shape[0], probs.shape[1], table.ggml_type,
-                                            self._w(table), table.row_bytes, table.scale, table.shape[1], scale,
-                                            self._p(out)), "soft_embed")
+        known = self._stats.get(id(logits))
+        if known is not None and known[0]() is logits:
+            stats = known[1]
+        else:
+            logits = self._f32(logits).reshape(-1, table.shape[0])
+            stats = RowStats.empty(logits.shape[0])
+            self._check(self.lib.dg_row_stats(self._p(logits), logits.shape[0], logits.shape[1], SPARSE_KEEP_LOGIT,
+                                              SPARSE_MAX_KEPT, *self._stats_args(stats)), "row_stats")
+        rows = logits.shape[0]
+        out = np.empty((rows, table.shape[1]), dtype=np.float32)
+        paths = np.empty(rows, dtype=np.int64)
+        # Sparse when mass * (1 + margin) * scale * R <= (u / 2) ||y'||: numpy_backend.sparse_soft_embed_row.
+        rel_tol = 0.5 * FLOAT32_UNIT_ROUNDOFF / SPARSE_MASS_MARGIN
+        norm_bound = float(scale) * table.max_row_norm if (stats.kept_n <= SPARSE_MAX_KEPT).any() else 0.0
+        self._check(self.lib.dg_soft_embed(
+            self._p(logits), rows, table.shape[0], *self._stats_args(stats)[:4], self._p(stats.kept, "int32_t *"),
+            SPARSE_MAX_KEPT, table.ggml_type, self._w(table), table.row_bytes, table.scale, table.shape[1], scale,
+            norm_bound, rel_tol, self._p(out), self._p(paths, "int64_t *")), "soft_embed")
+        self.soft_embed_paths = paths
         return out
+
+    def _stats_args(self, stats: RowStats) -> tuple[Any, ...]:
+        return (self._p(stats.row_max), self._p(stats.row_total), self._p(stats.mass, "double *"),
+                self._p(stats.kept_n, "int64_t *"), self._p(stats.kept, "int32_t *"))
 
     def softmax(self, x: np.ndarray) -> np.ndarray:
         """Row softmax (the reference's `sampler.softmax`)."""
@@ -319,33 +413,36 @@ class CpuBackend(NumpyBackend):
 
     # -- sampler ----------------------------------------------------------------------------------------------
 
-    def _remember_probs(self, processed: np.ndarray, probs: np.ndarray) -> None:
-        """Keep `probs` for `soft_embed(processed)` for as long as `processed` lives (then the pool reuses it)."""
-        key, table = id(processed), self._probs
-        table[key] = (weakref.ref(processed, lambda _: table.pop(key, None)), probs)
+    def _remember_stats(self, processed: np.ndarray, stats: RowStats) -> None:
+        """Keep `stats` for `soft_embed(processed)` for as long as `processed` lives."""
+        key, table = id(processed), self._stats
+        table[key] = (weakref.ref(processed, lambda _: table.pop(key, None)), stats)
 
     def denoise_step(
         self, logits: np.ndarray, canvas: np.ndarray, temp: float, entropy_bound: float, rng: Rng,
         clamp: np.ndarray | None = None,
     ) -> sampler.StepResult:
-        """`dgrun.sampler.denoise_step` with its vocabulary-wide work in one native pass per row.
+        """`dgrun.sampler.denoise_step` with its vocabulary-wide work fused into one native visit per row.
 
-        Draws go through `rng` in the reference's order (categorical, then tokens). A plain `DefaultRng` gives
-        only its uniforms and the inverse CDF runs natively; any other RNG gets the probabilities.
+        In place: a float32 `logits` array becomes the processed logits (logits / temp) and is returned as
+        `processed_logits`, so a step makes no canvas x vocab array (pass a copy to keep the logits). Its row
+        statistics are kept for the soft embedding of those processed logits. Draws go through `rng` in the
+        reference's order (categorical, then tokens): a plain `DefaultRng` gives only its uniforms and the
+        inverse CDF runs natively; any other RNG gets the probabilities.
         """
         self._activate()
-        logits = self._f32(logits)
-        rows, vocab = logits.shape
-        processed, probs = self._empty(logits.shape), self._empty(logits.shape)
+        processed = self._f32(logits)
+        rows, vocab = processed.shape
+        stats = RowStats.empty(rows)
         argmax, sampled = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
         token_entropy = np.empty(rows, dtype=np.float32)
         native_draw = isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical
         u = np.ascontiguousarray(rng.uniform(rows), dtype=np.float64) if native_draw else None
         self._check(self.lib.dg_sampler(
-            self._p(logits), rows, vocab, temp, self._p(processed), self._p(probs), self._p(argmax, "int64_t *"),
-            self._p(token_entropy), self.ffi.NULL if u is None else self._p(u, "double *"),
-            self._p(sampled, "int64_t *")), "sampler")
+            self._p(processed), rows, vocab, temp, self._p(argmax, "int64_t *"), self._p(token_entropy),
+            self.ffi.NULL if u is None else self._p(u, "double *"), self._p(sampled, "int64_t *"),
+            SPARSE_KEEP_LOGIT, SPARSE_MAX_KEPT, *self._stats_args(stats)), "sampler")
         if not native_draw:
-            sampled = np.asarray(rng.categorical(probs), dtype=np.int64)
-        self._remember_probs(processed, probs)
+            sampled = np.asarray(rng.categorical(self.softmax(processed)), dtype=np.int64)
+        self._remember_stats(processed, stats)
         return sampler.finish_step(processed, sampled, argmax, token_entropy, canvas, entropy_bound, rng, clamp)

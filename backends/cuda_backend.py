@@ -23,6 +23,7 @@ sampler, so recorded draws replay exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -36,6 +37,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from dgrun import quants, sampler
+from dgrun.backends.numpy_backend import (
+    FLOAT32_UNIT_ROUNDOFF,
+    SPARSE_KEEP_LOGIT,
+    SPARSE_MASS_MARGIN,
+    SPARSE_MAX_KEPT,
+)
 from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
 
@@ -313,6 +320,34 @@ class CudaWeight:
     def scale_arg(self) -> float:
         return 1.0 if self.tensor_scale is None else self.tensor_scale
 
+    @functools.cached_property
+    def max_row_norm(self) -> float:
+        """As `numpy_backend.Weight.max_row_norm`, computed on the device the first time it is asked."""
+        n = native()
+        out = np.zeros(1, np.float64)
+        n.call("dg_max_row_norm", n.ptr("void *", self.address), int(self.ggml_type), self.row_bytes,
+               self.scale_arg, self.shape[0], math.prod(self.shape[1:]), n.host("double *", out))
+        return float(np.nextafter(out[0], np.inf))
+
+
+@dataclass
+class RowStats:
+    """A [rows, vocab] array's softmax statistics on the device (`dg_row_stats`): what the soft embedding reads."""
+
+    row_max: DeviceArray
+    row_total: DeviceArray
+    mass: DeviceArray
+    kept_n: DeviceArray
+    kept: DeviceArray
+
+    @classmethod
+    def empty(cls, rows: int) -> RowStats:
+        return cls(DeviceArray.empty((rows,)), DeviceArray.empty((rows,)), DeviceArray.empty((rows,)),
+                   DeviceArray.empty((rows,), np.int32), DeviceArray.empty((rows, SPARSE_MAX_KEPT), np.int32))
+
+    def args(self) -> tuple[Any, ...]:
+        return _f(self.row_max), _f(self.row_total), _f(self.mass), _i(self.kept_n), _i(self.kept)
+
 
 class CudaBackend:
     """The backend op interface on an NVIDIA GPU (see `dgrun.backends`); RuntimeError when it cannot start."""
@@ -337,6 +372,9 @@ class CudaBackend:
         self._philox: weakref.WeakKeyDictionary[DefaultRng, list[int]] = weakref.WeakKeyDictionary()
         # Recent position uploads (the same few arrays serve every layer of a pass).
         self._positions: OrderedDict[bytes, DeviceArray] = OrderedDict()
+        # The last sampler step's processed logits (weakly) and their row statistics, for the soft embedding.
+        self._stats: tuple[weakref.ref[DeviceArray], RowStats] | None = None
+        self.soft_embed_paths: np.ndarray | None = None
 
     # -- weights ------------------------------------------------------------------------------------
 
@@ -477,16 +515,30 @@ class CudaBackend:
         return out
 
     def soft_embed(self, logits: DeviceArray | np.ndarray, table: CudaWeight, scale: float) -> DeviceArray:
-        """softmax(logits) @ table * scale: the self-conditioning soft embedding (table left in blocks)."""
-        logits = self._device_f32(logits)
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding (table left in blocks), sparse
+        where a row's mass sits on a few tokens (`numpy_backend.sparse_soft_embed_row`); the sampler step's row
+        statistics when `logits` are its processed logits. `soft_embed_paths`: per row, the tokens gathered
+        (-1: the dense product)."""
         vocab, width = table.shape
+        stats = self._stats[1] if self._stats is not None and self._stats[0]() is logits else None
+        logits = self._device_f32(logits)
         if logits.ndim != 2 or logits.shape[1] != vocab:
             raise ValueError(f"soft_embed logits {logits.shape} do not match a vocabulary of {vocab}")
         _require_k_slices("vocabulary size", vocab)
-        out = DeviceArray.empty((logits.shape[0], width))
-        self.native.call("dg_soft_embed", _f(logits), logits.shape[0], vocab,
-                         self.native.ptr("void *", table.address), int(table.ggml_type), table.row_bytes,
-                         table.scale_arg, width, float(scale), _f(out), self._engine(table))
+        rows = logits.shape[0]
+        n = self.native
+        if stats is None:
+            stats = RowStats.empty(rows)
+            n.call("dg_row_stats", _f(logits), rows, vocab, float(SPARSE_KEEP_LOGIT), SPARSE_MAX_KEPT, *stats.args())
+        out = DeviceArray.empty((rows, width))
+        paths = np.empty(rows, np.int32)
+        # Sparse when mass * (1 + margin) * scale * R <= (u / 2) ||y'||: numpy_backend.sparse_soft_embed_row.
+        rel_tol = 0.5 * FLOAT32_UNIT_ROUNDOFF / SPARSE_MASS_MARGIN
+        n.call("dg_soft_embed", _f(logits), rows, vocab, *stats.args(), SPARSE_MAX_KEPT,
+               n.ptr("void *", table.address), int(table.ggml_type), table.row_bytes, table.scale_arg, width,
+               float(scale), float(scale) * table.max_row_norm, rel_tol, _f(out), n.host("int32_t *", paths),
+               self._engine(table))
+        self.soft_embed_paths = paths.astype(np.int64)
         return out
 
     def linear(self, x: DeviceArray, w: CudaWeight) -> DeviceArray:
@@ -499,6 +551,14 @@ class CudaBackend:
         out = DeviceArray.empty((*x.shape[:-1], w.shape[0]))
         self.native.call("dg_linear", _f(x), rows, w.shape[1], self.native.ptr("void *", w.address),
                          int(w.ggml_type), w.row_bytes, w.scale_arg, w.shape[0], _f(out), self._engine(w))
+        return out
+
+    def logits(self, x: DeviceArray, w: CudaWeight, cap: float) -> DeviceArray:
+        """softcap(x @ W^T, cap), soft-capped in place: one canvas x vocab array."""
+        if not cap > 0:
+            raise ValueError(f"softcap must be > 0, got {cap}")
+        out = self.linear(x, w)
+        self.native.call("dg_softcap", _f(out), out.size, float(cap), _f(out))
         return out
 
     def gelu_mul(self, gate: DeviceArray, up: DeviceArray) -> DeviceArray:
@@ -646,9 +706,12 @@ class CudaBackend:
         state = self._philox_state(rng)
         out = np.empty(3 * rows + 1, np.int32)
         clamp_ptr = n.ptr("uint8_t *", 0 if clamp_dev is None else clamp_dev.address)
+        stats = RowStats.empty(rows)
         n.call("dg_sample_step", _f(logits), rows, vocab, _i(canvas_dev), clamp_ptr, float(temp),
-               float(entropy_bound), state[0], state[1], n.host("int32_t *", out))
+               float(entropy_bound), state[0], state[1], float(SPARSE_KEEP_LOGIT), SPARSE_MAX_KEPT, *stats.args(),
+               n.host("int32_t *", out))
         state[1] += 1
+        self._stats = (weakref.ref(logits), stats)
         mean_entropy = float(out[3 * rows:].view(np.float32)[0])
         return sampler.StepResult(out[:rows].astype(np.int64), out[rows:2 * rows].astype(np.int64), logits,
                                   out[2 * rows:3 * rows].astype(bool), mean_entropy)

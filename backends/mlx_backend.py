@@ -64,7 +64,10 @@ How MLX's Metal kernels differ from the CPU build that the Linux tests run (chec
 
 Arrays stay lazy; each layer's MoE output is scheduled with `mx.async_eval`, so the graph never spans more
 than a layer and the device works while Python builds the next one. The sampler's vocabulary-wide work runs
-on the device; only canvas-sized arrays (and, with a non-default RNG, the probabilities) reach the host.
+on the device, _ROW_BLOCK rows at a time (no canvas x vocab temporary besides the logits); only canvas-sized
+arrays (and, with a non-default RNG, the probabilities) reach the host. The soft embedding gathers the few
+embedding rows of a row whose mass sits on a few tokens (`numpy_backend.sparse_soft_embed_row`: exact to
+float32), one small product per group of such rows, and multiplies the other rows densely.
 On Apple silicon the weights are wired (kept resident) up to the GPU's recommended working set, and MLX's
 buffer cache is emptied after every encoder pass, whose buffers (sized for the prompt) the decoder never
 reuses.
@@ -75,8 +78,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import mlx.core as mx
@@ -85,6 +90,12 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from dgrun import quants, sampler
+from dgrun.backends.numpy_backend import (
+    FLOAT32_UNIT_ROUNDOFF,
+    SPARSE_KEEP_LOGIT,
+    SPARSE_MASS_MARGIN,
+    SPARSE_MAX_KEPT,
+)
 from dgrun.format import GGUFFile
 from dgrun.rng import DefaultRng, Rng
 
@@ -97,6 +108,7 @@ Packed = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # (codes as uint32 wo
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _ATTENTION_CHUNK = 512  # query rows per attention call: bounds the [heads, chunk, keys] score matrix
+_ROW_BLOCK = 32  # rows of a canvas x vocab array the sampler step and the soft embedding evaluate at a time
 _REPACK_CHUNK_VALUES = 1 << 20  # values repacked at once: keeps the uint64 packing temporaries small
 
 
@@ -343,6 +355,11 @@ class DenseWeight:
         array = self.array if index is None else self.array[index]
         return array if array.dtype == mx.float32 else array.astype(mx.float32)
 
+    @cached_property
+    def max_row_norm(self) -> float:
+        """As `numpy_backend.Weight.max_row_norm` (see `_max_row_norm`)."""
+        return _max_row_norm(self.shape[0], lambda rows: self.f32(rows))
+
 
 @dataclass
 class QuantWeight:
@@ -365,8 +382,29 @@ class QuantWeight:
     def rescale(self, y: mx.array) -> mx.array:
         return y if self.tensor_scale is None else y * self.tensor_scale
 
+    def rows(self, index: mx.array) -> mx.array:
+        """Rows of a 2-D tensor as float32, dequantizing only those."""
+        biases = None if self.biases is None else self.biases[index]
+        out = mx.dequantize(self.packed[index], self.scales[index], biases, dtype=mx.float32, **self.kwargs())
+        return self.rescale(out)
+
+    @cached_property
+    def max_row_norm(self) -> float:
+        """As `numpy_backend.Weight.max_row_norm` (see `_max_row_norm`)."""
+        return _max_row_norm(self.shape[0], self.rows)
+
 
 Weight = DenseWeight | QuantWeight
+
+
+def _max_row_norm(rows: int, decode: Callable[[mx.array], mx.array]) -> float:
+    """The largest Euclidean norm of a row, decoded 4096 rows at a time. The device sums in float32 (relative
+    error < 1e-6 for any row width here), so the result is taken 1e-5 larger: the bound it feeds stays a bound."""
+    largest = 0.0
+    for start in range(0, rows, 4096):
+        block = decode(mx.arange(start, min(start + 4096, rows)))
+        largest = max(largest, float(mx.sqrt((block * block).sum(axis=-1).max())))
+    return largest * (1 + 1e-5)
 
 
 def _repack_rows(raw: np.ndarray, layout: Layout) -> Packed:
@@ -424,6 +462,17 @@ def _inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
     return mx.minimum(index, last)
 
 
+def _sparse_split(x: mx.array, keep_logit: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """Per row: max, sum of exp(x - max), the tokens kept by the sparse soft embedding (x - max >= -keep_logit:
+    their count) and the softmax mass of the others (numpy_backend.sparse_soft_embed_row)."""
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    exp = mx.exp(shifted)
+    total = exp.sum(axis=-1, keepdims=True)
+    keep = shifted >= -keep_logit
+    return m, total, keep.sum(axis=-1), mx.where(keep, 0.0, exp).sum(axis=-1) / total[:, 0]
+
+
 def _exp_shifted(x: mx.array) -> tuple[mx.array, mx.array]:
     """(exp(x - max), its sum) over the last axis: softmax's parts with `mx.exp`, which is precise on Metal where
     `mx.softmax`'s exp is not (see the module notes)."""
@@ -473,6 +522,11 @@ class MlxBackend:
         self._step_core = mx.compile(_step_core)
         self._inverse_cdf = mx.compile(_inverse_cdf)
         self._exp_shifted = mx.compile(_exp_shifted)
+        self._sparse_split = mx.compile(_sparse_split)
+        # The last step's processed logits (weakly) and what they are made of (logits, temperature): the soft
+        # embedding reads them a block of rows at a time, so they are never evaluated whole.
+        self._processed: tuple[weakref.ref[mx.array], mx.array, mx.array] | None = None
+        self.soft_embed_paths: np.ndarray | None = None
         self._encoder_ran = False  # an encoder pass ran since the decoder's last (see `_after_encoder`)
 
     def load_weights(self, gguf: GGUFFile, names: list[str]) -> dict[str, Weight]:
@@ -559,13 +613,82 @@ class MlxBackend:
         return table.rescale(rows) * scale
 
     def soft_embed(self, logits: mx.array | np.ndarray, table: Weight, scale: float) -> mx.array:
-        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H]).
-
-        Normalised after the matmul (exp(l - max) @ table / sum), so the only canvas x vocab array it makes is the
-        exponentials; the reference divides first, which differs by float32 rounding only.
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding ([n, V] @ [V, H]), _ROW_BLOCK rows
+        at a time (no canvas x vocab temporary lives whole). A row whose mass sits on a few tokens gathers just
+        their embedding rows, exactly as `numpy_backend.sparse_soft_embed_row` decides; the others take the
+        product exp(l - max) @ table / sum (normalised after the matmul: float32 rounding away from the reference's
+        divide-first). `soft_embed_paths`: per row, the tokens gathered (-1: the dense product).
         """
-        exp, total = self._exp_shifted(mx.array(logits) if isinstance(logits, np.ndarray) else logits)
-        return self._matmul(exp, table, transpose=False) / total * scale
+        last = self._processed
+        if last is not None and last[0]() is logits:
+            base, temp = last[1], last[2]  # the step's processed logits, made a block at a time from the logits
+        else:
+            base, temp = (mx.array(logits) if isinstance(logits, np.ndarray) else logits), None
+        blocks, paths = [], []
+        for start in range(0, base.shape[0], _ROW_BLOCK):
+            x = base[start:start + _ROW_BLOCK]
+            x = x if temp is None else x / temp
+            out, path = self._soft_embed_block(x, table, scale)
+            mx.eval(out)
+            blocks.append(out)
+            paths.append(path)
+        self.soft_embed_paths = np.concatenate(paths)
+        return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks)
+
+    def _soft_embed_block(self, x: mx.array, table: Weight, scale: float) -> tuple[mx.array, np.ndarray]:
+        m, total, kept_n, mass = self._sparse_split(x, mx.array(SPARSE_KEEP_LOGIT))
+        mx.eval(m, total, kept_n, mass)
+        kept, dropped = np.array(kept_n).astype(np.int64), np.array(mass).astype(np.float64)
+        paths = np.full(x.shape[0], -1, dtype=np.int64)
+        parts: list[tuple[np.ndarray, mx.array]] = []  # (rows, their soft embedding)
+        candidates = np.flatnonzero(kept <= SPARSE_MAX_KEPT)
+        # Candidate rows in groups of at most 4096 gathered tokens: a group's embedding rows stay small.
+        groups, group, tokens = [], [], 0
+        for row in candidates:
+            if group and tokens + kept[row] > 4096:
+                groups.append(group)
+                group, tokens = [], 0
+            group.append(row)
+            tokens += kept[row]
+        groups += [group] if group else []
+        bound = float(scale) * table.max_row_norm
+        rel_tol = 0.5 * FLOAT32_UNIT_ROUNDOFF / SPARSE_MASS_MARGIN
+        for rows in map(np.array, groups):
+            y, norm = self._sparse_rows(x, rows, m, total, int(kept[rows].max()), table, scale)
+            accept = dropped[rows] * bound <= rel_tol * norm
+            paths[rows[accept]] = kept[rows[accept]]
+            if accept.any():
+                parts.append((rows[accept], y[mx.array(np.flatnonzero(accept))]))
+        dense = np.flatnonzero(paths < 0)
+        if dense.size:
+            index = mx.array(dense)
+            exp = mx.exp(x[index] - m[index])
+            parts.append((dense, self._matmul(exp, table, transpose=False) / total[index] * scale))
+        order = np.concatenate([rows for rows, _ in parts])
+        stacked = mx.concatenate([y for _, y in parts]) if len(parts) > 1 else parts[0][1]
+        return stacked[mx.array(np.argsort(order))], paths
+
+    def _sparse_rows(self, x: mx.array, rows: np.ndarray, m: mx.array, total: mx.array, top: int, table: Weight,
+                     scale: float) -> tuple[mx.array, np.ndarray]:
+        """(scale * sum over each row's kept tokens of p_j E_j, its norms) for `rows` of x: the `top` largest logits
+        of each hold its kept tokens, which are gathered once for the group as one small product."""
+        index = mx.array(rows)
+        xr, mr = x[index], m[index]
+        top_ids = mx.argpartition(-xr, top - 1, axis=-1)[:, :top]
+        values = mx.take_along_axis(xr, top_ids, axis=-1)
+        probs = mx.exp(values - mr) / total[index]
+        keep = (values - mr) >= -SPARSE_KEEP_LOGIT
+        mx.eval(top_ids, probs, keep)
+        ids, p, kept = np.array(top_ids), np.array(probs), np.array(keep)
+        union = np.unique(ids[kept])
+        weights = np.zeros((len(rows), len(union)), dtype=np.float32)
+        row_of = np.repeat(np.arange(len(rows)), top).reshape(ids.shape)
+        weights[row_of[kept], np.searchsorted(union, ids[kept])] = p[kept]
+        table_rows = table.f32(mx.array(union)) if isinstance(table, DenseWeight) else table.rows(mx.array(union))
+        y = (mx.array(weights) @ table_rows) * scale
+        norm = mx.sqrt((y * y).sum(axis=-1))
+        mx.eval(y, norm)
+        return y, np.array(norm).astype(np.float64)
 
     def linear(self, x: mx.array, w: Weight) -> mx.array:
         """x @ W^T for a [out, in] weight."""
@@ -577,6 +700,10 @@ class MlxBackend:
                                                  **w.kwargs()))
         dense = w.f32()
         return x @ (dense.T if transpose else dense)
+
+    def logits(self, x: mx.array, w: Weight, cap: float) -> mx.array:
+        """softcap(x @ W^T, cap): the decoder's output logits."""
+        return self.softcap(self.linear(x, w), cap)
 
     def gelu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         """gelu_tanh(gate) * up: the gated MLP's middle."""
@@ -705,17 +832,32 @@ class MlxBackend:
         probabilities, a canvas x vocab copy). Entropies, argmax and draws (a few KiB) then go through
         `sampler.finish_step`, the reference's own acceptance, renoising, clamp and mean entropy, as the cpu
         backend does: Metal's parallel sums could otherwise flip an acceptance or the stop rule (module notes).
-        Draws go through `rng` in the reference's order (categorical, then tokens); `processed_logits` stays an
-        mx.array for the next pass's self-conditioning.
+        Draws go through `rng` in the reference's order (categorical, then tokens). The device works _ROW_BLOCK
+        rows at a time, and `processed_logits` (logits / temp) stays an unevaluated mx.array that the next pass's
+        soft embedding reads a block at a time: the logits are the only canvas x vocab array a step keeps.
         """
         logits = mx.array(logits) if isinstance(logits, np.ndarray) else logits
-        processed, probs, argmax, entropy = self._step_core(logits, mx.array(temp, dtype=mx.float32))
-        if isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical:
-            sampled = self._inverse_cdf(probs, mx.array(rng.uniform(logits.shape[0]).astype(np.float32)))
-            mx.eval(processed, sampled, argmax, entropy)
-            drawn = np.array(sampled)
-        else:
-            mx.eval(processed, probs, argmax, entropy)
-            drawn = np.asarray(rng.categorical(np.array(probs)))
-        return sampler.finish_step(processed, drawn, np.array(argmax), np.array(entropy), canvas, entropy_bound,
-                                   rng, clamp)
+        rows, vocab = logits.shape
+        temp_array = mx.array(temp, dtype=mx.float32)
+        native_draw = isinstance(rng, DefaultRng) and type(rng).categorical is DefaultRng.categorical
+        uniforms = mx.array(rng.uniform(rows).astype(np.float32)) if native_draw else None
+        probs_host = None if native_draw else np.empty((rows, vocab), dtype=np.float32)
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for start in range(0, rows, _ROW_BLOCK):  # a block of rows at a time: no canvas x vocab temporary
+            stop = min(start + _ROW_BLOCK, rows)
+            _, probs, argmax, entropy = self._step_core(logits[start:stop], temp_array)
+            if uniforms is not None:
+                sampled = self._inverse_cdf(probs, uniforms[start:stop])
+                mx.eval(sampled, argmax, entropy)
+                parts.append((np.array(sampled), np.array(argmax), np.array(entropy)))
+            else:
+                mx.eval(probs, argmax, entropy)
+                probs_host[start:stop] = np.array(probs)  # type: ignore[index]
+                parts.append((np.zeros(0, np.int64), np.array(argmax), np.array(entropy)))
+        drawn = (np.concatenate([p[0] for p in parts]) if probs_host is None
+                 else np.asarray(rng.categorical(probs_host)))
+        argmax, entropy = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        # Never evaluated here: the soft embedding reads it a block of rows at a time (see `soft_embed`).
+        processed = logits / temp_array
+        self._processed = (weakref.ref(processed), logits, temp_array)
+        return sampler.finish_step(processed, drawn, argmax, entropy, canvas, entropy_bound, rng, clamp)

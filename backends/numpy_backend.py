@@ -12,6 +12,7 @@ GEMM gives a row different bits in calls of 16 and 48 rows (its kernels and bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,6 +40,16 @@ def visible_key_range(k_pos: np.ndarray, q_min: int, q_max: int, causal: bool, w
     hi = int(np.searchsorted(k_pos, q_max, side="right")) if causal else len(k_pos)
     return lo, max(lo, hi)
 
+# The sparse soft embedding (see `NumpyBackend.soft_embed`). A row keeps the tokens whose logit is within
+# SPARSE_KEEP_LOGIT of its largest, i.e. whose probability is at least 2^-32 of the largest one; it takes the
+# sparse path when it keeps at most SPARSE_MAX_KEPT of them and the mass it drops passes the bound below.
+SPARSE_KEEP_LOGIT = np.float32(32 * np.log(2.0))
+SPARSE_MAX_KEPT = 1024
+# The dropped mass is summed in floating point, so it is taken 2^-10 larger than computed: that covers its
+# own rounding and exp's (a few ulp per term) with room to spare, so the bound below holds for the true mass.
+SPARSE_MASS_MARGIN = 1 + 2.0**-10
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
 
 @dataclass
 class Weight:
@@ -58,6 +69,16 @@ class Weight:
         out = quants.dequantize_tensor(self.raw[index], self.ggml_type, self.tensor_scale)
         return out.reshape((len(index), *self.shape[1:]))
 
+    @cached_property
+    def max_row_norm(self) -> float:
+        """The largest Euclidean norm of a row (2-D tensors), in float64, rounded up: the sparse soft
+        embedding's bound on what a dropped token can contribute."""
+        largest = 0.0
+        for start in range(0, self.shape[0], 4096):  # in slices: a float64 copy of a big table would not fit
+            rows = self.rows(np.arange(start, min(start + 4096, self.shape[0]))).reshape(-1, self.shape[-1])
+            largest = max(largest, float((rows.astype(np.float64) ** 2).sum(axis=1).max()))
+        return float(np.nextafter(np.sqrt(largest), np.inf))
+
 
 def row_products(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
     """x @ w_t for x [..., k] and w_t [k, n], computed row by row: each row is its own matrix-vector product of
@@ -68,6 +89,35 @@ def row_products(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`)."""
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x**3)))
+
+
+def sparse_soft_embed_row(
+    logits: np.ndarray, probs: np.ndarray, table: Weight, scale: float
+) -> np.ndarray | None:
+    """One row of the soft embedding y = scale * sum_j p_j E_j from the few tokens that carry its mass, or None
+    when the row must take the dense path.
+
+    The row keeps S = {j : x_j >= max(x) - SPARSE_KEEP_LOGIT} (at most SPARSE_MAX_KEPT tokens) and returns
+    y' = scale * sum_{j in S} p_j E_j when the dropped mass D = sum_{j not in S} p_j satisfies
+
+        D * R <= (u / 2) * ||y'||,    R = scale * max_j ||E_j|| (`Weight.max_row_norm`),  u = 2^-24.
+
+    Why that makes y' exact to float32: ||y - y'|| = ||scale * sum_{j not in S} p_j E_j|| <= D * R (triangle
+    inequality), and ||y|| >= ||y'|| - D * R >= (1 - u/2) ||y'||, so ||y - y'|| <= (u/2) / (1 - u/2) ||y|| < u ||y||:
+    the tokens left out move the result by less than rounding the exact y to float32 does (elementwise
+    rounding moves it by up to u ||y||). Both y and y' are then computed in float32; y' sums |S| terms where
+    the dense path sums the whole vocabulary, so its own rounding is the smaller. The probabilities p are the
+    float32 softmax both paths share, and D is taken SPARSE_MASS_MARGIN larger than its floating-point sum.
+    """
+    keep = np.flatnonzero(logits - logits.max() >= -SPARSE_KEEP_LOGIT)
+    if len(keep) > SPARSE_MAX_KEPT:
+        return None
+    dropped = np.ones(len(probs), dtype=bool)
+    dropped[keep] = False
+    mass = float(probs[dropped].sum(dtype=np.float64)) * SPARSE_MASS_MARGIN
+    row = (probs[keep] @ table.rows(keep)) * np.float32(scale)
+    norm = float(np.sqrt((row.astype(np.float64) ** 2).sum()))
+    return row if mass * float(scale) * table.max_row_norm <= 0.5 * FLOAT32_UNIT_ROUNDOFF * norm else None
 
 
 class NumpyBackend:
@@ -123,8 +173,24 @@ class NumpyBackend:
         return table.rows(np.asarray(ids)) * np.float32(scale)
 
     def soft_embed(self, logits: np.ndarray, table: Weight, scale: float) -> np.ndarray:
-        """softmax(logits) @ table * scale: the self-conditioning soft embedding."""
-        return (sampler.softmax(logits) @ table.dense()) * np.float32(scale)
+        """softmax(logits) @ table * scale: the self-conditioning soft embedding, exact to float32.
+
+        A row whose probability mass sits on a few tokens gathers just their embedding rows
+        (`sparse_soft_embed_row`); the other rows take one dense matmul.
+        """
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1, table.shape[0])
+        probs = sampler.softmax(logits)
+        out = np.empty((len(probs), table.shape[1]), dtype=np.float32)
+        dense = []
+        for i in range(len(probs)):
+            row = sparse_soft_embed_row(logits[i], probs[i], table, scale)
+            if row is None:
+                dense.append(i)
+            else:
+                out[i] = row
+        if dense:
+            out[dense] = (probs[dense] @ table.dense()) * np.float32(scale)
+        return out
 
     def linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x @ W^T for a [out, in] weight."""
@@ -136,6 +202,10 @@ class NumpyBackend:
 
     def gated_mlp(self, x: np.ndarray, gate: Weight, up: Weight, down: Weight) -> np.ndarray:
         return self.linear(self.gelu_mul(self.linear(x, gate), self.linear(x, up)), down)
+
+    def logits(self, x: np.ndarray, w: Weight, cap: float) -> np.ndarray:
+        """softcap(x @ W^T, cap): the decoder's output logits."""
+        return self.softcap(self.linear(x, w), cap)
 
     # -- positions and attention --------------------------------------------------------------------
 

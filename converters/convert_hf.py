@@ -3,6 +3,11 @@
 Streams one tensor chunk at a time through gguf-py's GGUFWriter (`add_tensor_info`, then
 `write_tensor_data`), writes to a temporary file and renames it only on success: a failure or Ctrl-C never
 leaves a partial .dgf behind.
+
+The vision tower and its projector go into the same file (llama.cpp's `v.*` / `mm.*` tensors and `clip.*` keys,
+with the image processor's settings) when the checkpoint has the processor's settings (preprocessor_config.json or
+processor_config.json, without which transformers cannot process an image either); `--no-vision` leaves them out,
+`--mmproj-out FILE` also writes them alone as a llama.cpp-style mmproj file.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 from tqdm import tqdm
 
 from dgrun.config import ARCH, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
-from dgrun.converters.names import VISION_PREFIXES, dgf_name
+from dgrun.converters.names import VISION_PREFIXES, dgf_name, vision_dgf_name
 from dgrun.converters.presets import PRESETS, PresetError, recipe_type, tensor_type
 from dgrun.converters.safetensors_reader import CheckpointError, SafeTensor, open_checkpoint
 from dgrun.converters.tokenizer_pack import TokenizerError, pack_tokenizer
 from dgrun.model import tensor_shapes
 from dgrun.quants import NVFP4, get_quant_type, row_bytes
+from dgrun.vision import ImageTokens, VisionConfig, vision_tensor_shapes
 
 ALIGNMENT = 64  # lets every backend load tensor data with aligned vector loads straight from the mapping
 
@@ -51,6 +57,7 @@ class PlannedTensor:
     recipe_type: T
     copies: list[SafeTensor] = field(default_factory=list)
     tensor_scale: float | None = None
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied to each chunk of rows before storing
 
     @property
     def nbytes(self) -> int:
@@ -79,11 +86,21 @@ def tied_output(hf_config: dict[str, Any]) -> bool:
     return bool(hf_config.get("tie_word_embeddings", True))
 
 
-def plan(model_dir: Path, outtype: str,
-         strict: bool = False) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], int]:
+@dataclass
+class VisionPlan:
+    """The vision tower's part of a conversion: its config and tensors, or why it is left out."""
+
+    tokens: ImageTokens | None  # None when the vocabulary has no image tokens
+    config: VisionConfig | None = None
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    left_out: str | None = None  # the reason, when the checkpoint has a tower that is not converted
+
+
+def plan(model_dir: Path, outtype: str, strict: bool = False,
+         vision: bool = True) -> tuple[ModelConfig, dict[str, Any], list[PlannedTensor], VisionPlan]:
     """Read config and checkpoint headers, map names, check shapes, pick types. Reads no tensor data.
 
-    Returns the config, the raw config.json, the tensors to write, and how many vision tensors are skipped.
+    Returns the config, the raw config.json, the text model's tensors to write, and the vision tower's part.
     """
     config_path = model_dir / "config.json"
     if not model_dir.is_dir():
@@ -99,10 +116,10 @@ def plan(model_dir: Path, outtype: str,
     # Every stored copy of each .dgf tensor: encoder and decoder each store the weights they share when untied (or
     # when a tool wrote both), and a tied lm_head may be stored too. The first is written, the others compared.
     stored: dict[str, list[SafeTensor]] = {}
-    skipped_vision = 0
+    vision_sources: dict[str, SafeTensor] = {}
     for hf_name, source in tensors.items():
         if hf_name.startswith(VISION_PREFIXES):
-            skipped_vision += 1
+            vision_sources[hf_name] = source
             continue
         try:
             name = dgf_name(hf_name)
@@ -126,7 +143,76 @@ def plan(model_dir: Path, outtype: str,
         ggml_type = tensor_type(name, shape, outtype, cfg.num_hidden_layers, sliding, strict)
         planned.append(PlannedTensor(name, source, shape, ggml_type,
                                      recipe_type(name, shape, outtype, cfg.num_hidden_layers, sliding), copies))
-    return cfg, hf_config, planned, skipped_vision
+    vision_plan = _plan_vision(model_dir, hf_config, cfg, vision_sources, outtype, strict, vision)
+    return cfg, hf_config, planned, vision_plan
+
+
+def _processor_settings(model_dir: Path) -> dict[str, Any] | None:
+    """The image processor's settings: preprocessor_config.json, else processor_config.json's image_processor."""
+    for filename, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = model_dir / filename
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{filename} is not valid JSON ({e})") from None
+            data = data.get(key) if key and isinstance(data, dict) else data
+            if isinstance(data, dict):
+                return data
+    return None
+
+
+def _plan_vision(model_dir: Path, hf_config: dict[str, Any], cfg: ModelConfig, sources: dict[str, SafeTensor],
+                 outtype: str, strict: bool, wanted: bool) -> VisionPlan:
+    tokens = ImageTokens.from_hf(hf_config)
+    if not sources:
+        return VisionPlan(tokens)
+    outside = [t for t in (tokens.image_token_id, tokens.boi_token_id, tokens.eoi_token_id) if t >= cfg.vocab_size]
+    if outside:  # a text model shaped like DiffusionGemma (tests, distillations) whose vocabulary has no image tokens
+        return VisionPlan(None, left_out=f"leaving out the {len(sources)} vision-tower tensors: image token id "
+                                         f"{outside[0]} is outside the vocabulary of {cfg.vocab_size}")
+    if not wanted:
+        return VisionPlan(tokens, left_out=f"leaving out the {len(sources)} vision-tower tensors (--no-vision)")
+    processor = _processor_settings(model_dir)
+    if processor is None:
+        return VisionPlan(tokens, left_out=f"leaving out the {len(sources)} vision-tower tensors: the checkpoint has "
+                                           "no preprocessor_config.json (the image processor's settings)")
+    vcfg = VisionConfig.from_hf(hf_config, processor)
+    if vcfg.projection_dim != cfg.hidden_size:
+        raise ConversionError(f"the vision projector maps to {vcfg.projection_dim} values, the text model's hidden "
+                              f"size is {cfg.hidden_size}")
+    expected = vision_tensor_shapes(vcfg)
+    planned = []
+    for hf_name, source in sources.items():
+        try:
+            name = vision_dgf_name(hf_name)
+        except KeyError:
+            raise ConversionError(f"unexpected tensor {hf_name} (not part of the Gemma 4 vision tower)") from None
+        if name not in expected:
+            raise ConversionError(f"tensor {hf_name} is not expected by the vision config")
+        shape, transform = expected[name], None
+        hf_shape = shape
+        if name == "v.patch_embd.weight":  # HF's rows are (y, x, channel); llama.cpp's convolution (channel, y, x)
+            hf_shape, transform = (shape[0], 3 * shape[2] * shape[3]), partial(_patch_rows, vcfg.patch_size)
+        if tuple(source.shape) != hf_shape:
+            raise ConversionError(f"tensor {hf_name} has shape {tuple(source.shape)}, but the vision config implies "
+                                  f"{hf_shape}")
+        ggml_type = tensor_type(name, shape, outtype, cfg.num_hidden_layers, [], strict)
+        planned.append(PlannedTensor(name, source, shape, ggml_type,
+                                     recipe_type(name, shape, outtype, cfg.num_hidden_layers, []),
+                                     transform=transform))
+    missing = sorted(set(expected) - {t.name for t in planned})
+    if missing:
+        raise ConversionError(f"checkpoint is missing vision tensor {missing[0]} ({len(missing)} missing in all)")
+    order = list(expected)
+    planned.sort(key=lambda t: order.index(t.name))
+    return VisionPlan(tokens, vcfg, planned)
+
+
+def _patch_rows(patch_size: int, rows: np.ndarray) -> np.ndarray:
+    """Patch-embedding rows from HF's (y, x, channel) order to llama.cpp's (channel, y, x)."""
+    p = patch_size
+    return np.ascontiguousarray(rows.reshape(-1, p, p, 3).transpose(0, 3, 1, 2).reshape(len(rows), -1))
 
 
 def read_json_object(path: Path, label: str) -> dict[str, Any]:
@@ -176,6 +262,8 @@ def _copies_differ(kept: str, other: str, row: int) -> str:
 def _quantized_chunks(t: PlannedTensor, progress: tqdm) -> Iterator[np.ndarray]:
     quant = get_quant_type(t.ggml_type)
     for chunk in _compared_chunks(t):
+        if t.transform is not None:
+            chunk = t.transform(chunk)
         if not np.isfinite(chunk).all():
             raise ConversionError(f"tensor {t.source.name} contains NaN or Inf")
         if t.tensor_scale is not None:
@@ -198,13 +286,14 @@ def _nvfp4_scale(t: PlannedTensor) -> float:
 def add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
     """Write one metadata value with its GGUF type (also used by tools/make_random_dgf.py).
 
-    Generation floats go in as float64: the sampler's schedule is double arithmetic."""
+    Generation floats go in as float64: the sampler's schedule is double arithmetic; so does the image processor's
+    rescale factor, which scales pixels in float64."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
         writer.add_int32(key, value) if value < 0 else writer.add_uint32(key, value)
     elif isinstance(value, float):
-        if key.startswith(f"{ARCH}.generation."):
+        if key.startswith(f"{ARCH}.generation.") or key == "dgrun.vision.rescale_factor":
             writer.add_key_value(key, value, GGUFValueType.FLOAT64)
         else:
             writer.add_float32(key, value)
@@ -225,11 +314,11 @@ def add_rope_freqs(writer: GGUFWriter, cfg: ModelConfig, payloads: list[Any]) ->
 
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[GGUFWriter]:
-    """A GGUFWriter (dgrun's architecture and alignment) on a temporary file beside `path`, moved onto `path` only
-    when the block completes: an error or Ctrl-C part-way leaves no half-written file."""
+def atomic_writer(path: Path, arch: str = ARCH) -> Iterator[GGUFWriter]:
+    """A GGUFWriter (dgrun's architecture, or `arch`, and alignment) on a temporary file beside `path`, moved onto
+    `path` only when the block completes: an error or Ctrl-C part-way leaves no half-written file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer = GGUFWriter(tmp, ARCH)
+    writer = GGUFWriter(tmp, arch)
     try:
         writer.add_custom_alignment(ALIGNMENT)
         yield writer
@@ -253,13 +342,15 @@ def write_file(writer: GGUFWriter, payloads: list[Any]) -> None:
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenizer: bool = True,
-            quiet: bool = False, strict: bool = False) -> dict[str, Any]:
+            quiet: bool = False, strict: bool = False, vision: bool = True,
+            mmproj_out: Path | None = None) -> dict[str, Any]:
     """Convert a checkpoint folder to `outfile`. Returns a summary (sizes, bits per weight, type mix, fallbacks).
 
     A tensor the preset's type cannot store falls back to the next type that can (see `presets`), with one notice
-    per kind of fallback on stderr (unless `quiet`); `strict` refuses instead of falling back to F16."""
+    per kind of fallback on stderr (unless `quiet`); `strict` refuses instead of falling back to F16. The vision
+    tower goes into `outfile` unless `vision` is False, and into `mmproj_out` alone when that is given."""
     try:
-        cfg, hf_config, planned, skipped_vision = plan(model_dir, outtype, strict)
+        cfg, hf_config, planned, vplan = plan(model_dir, outtype, strict, vision or mmproj_out is not None)
         tokenizer_meta, spm_bytes = pack_tokenizer(model_dir, cfg, hf_config) if with_tokenizer else ({}, None)
         gen_path = model_dir / "generation_config.json"
         gen_json = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
@@ -267,56 +358,79 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "q8_0", with_tokenize
         raise ConversionError(str(e)) from None
     except json.JSONDecodeError as e:
         raise ConversionError(f"generation_config.json is not valid JSON ({e})") from None
+    if mmproj_out is not None and vplan.config is None:
+        raise ConversionError(f"--mmproj-out: there is no vision tower to write "
+                              f"({vplan.left_out or 'the checkpoint has none'})")
     generation = GenerationConfig.from_hf(gen_json, hf_config.get("text_config", {}))
-    fallbacks = _fallbacks(planned)
+    tensors = [*planned, *(vplan.tensors if vision else [])]
+    fallbacks = _fallbacks([*planned, *vplan.tensors])
     if not quiet:
-        if skipped_vision:
-            print(f"note: skipping {skipped_vision} vision-tower tensors (dgrun's runtime is text-only)",
-                  file=sys.stderr)
-        for (wanted, got), tensors in fallbacks.items():
-            widths = ", ".join(str(w) for w in sorted({t.shape[-1] for t in tensors}))
-            print(f"note: {len(tensors)} tensor(s) stored as {got.name} instead of {wanted.name}: rows of {widths} "
+        if vplan.left_out:
+            print(f"note: {vplan.left_out}", file=sys.stderr)
+        elif vplan.config is not None and not vision:
+            print(f"note: the vision tower goes to {mmproj_out} only (--no-vision)", file=sys.stderr)
+        for (wanted, got), group in fallbacks.items():
+            widths = ", ".join(str(w) for w in sorted({t.shape[-1] for t in group}))
+            print(f"note: {len(group)} tensor(s) stored as {got.name} instead of {wanted.name}: rows of {widths} "
                   f"values are not a multiple of {wanted.name}'s {get_quant_type(wanted).block_size}-value blocks",
                   file=sys.stderr)
 
-    for t in planned:
+    for t in tensors:
         if t.ggml_type == T.NVFP4:
             t.tensor_scale = _nvfp4_scale(t)
+    name = hf_config.get("_name_or_path") or model_dir.name
+    metadata = {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta,
+                **({} if vplan.tokens is None else vplan.tokens.to_metadata())}
+    if vplan.config is not None and vision:
+        metadata.update(vplan.config.to_metadata())
     outfile = outfile.resolve()
-    with atomic_writer(outfile) as writer:
-        writer.add_name(hf_config.get("_name_or_path") or model_dir.name)
+    # llama.cpp's Gemma 4 graphs read rope_freqs for proportional RoPE (beside dgrun's partial_rotary_factor key).
+    blobs = [(ROPE_FREQS_TENSOR, cfg.rope_freqs())]
+    if spm_bytes is not None:
+        blobs.append(("tokenizer.sentencepiece_model", np.frombuffer(spm_bytes, dtype=np.int8)))
+    _write(outfile, ARCH, name, outtype, metadata, tensors, blobs, quiet)
+    if mmproj_out is not None and vplan.config is not None:
+        _write(mmproj_out.resolve(), "clip", name, outtype, {"general.type": "mmproj", **vplan.config.to_metadata()},
+               vplan.tensors, [], quiet)
+    mix: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for t in tensors:
+        mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
+        counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
+    n_weights = sum(math.prod(t.shape) for t in tensors)
+    size = outfile.stat().st_size
+    return {"outfile": str(outfile), "bytes": size, "bits_per_weight": 8 * sum(mix.values()) / n_weights,
+            "parameters": n_weights, "type_bytes": mix, "type_tensors": counts,
+            "fallbacks": {f"{wanted.name}->{got.name}": len(ts) for (wanted, got), ts in fallbacks.items()},
+            "vision_tensors": len(tensors) - len(planned),
+            "mmproj": None if mmproj_out is None else str(mmproj_out.resolve())}
+
+
+def _write(path: Path, arch: str, name: str, outtype: str, metadata: dict[str, Any], tensors: list[PlannedTensor],
+           blobs: list[tuple[str, np.ndarray]], quiet: bool) -> None:
+    """One GGUF file: the metadata, then each tensor streamed chunk by chunk (with its NVFP4 scale), then blobs."""
+    with atomic_writer(path, arch) as writer:
+        writer.add_name(name)
         writer.add_string("general.source.format", "huggingface-safetensors")
         writer.add_string("dgrun.outtype", outtype)
-        for key, value in {**cfg.to_metadata(), **generation.to_metadata(), **tokenizer_meta}.items():
+        for key, value in metadata.items():
             add_metadata(writer, key, value)
         payloads: list[Any] = []
-        total_source = sum(x.nbytes for t in planned for x in (t.source, *t.copies))
-        progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype}", disable=quiet,
+        total_source = sum(x.nbytes for t in tensors for x in (t.source, *t.copies))
+        progress = tqdm(total=total_source, unit="B", unit_scale=True, desc=f"{outtype} {path.name}", disable=quiet,
                         file=sys.stderr)
-        for t in planned:
+        for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
             payloads.append(StreamedTensor(t.nbytes, partial(_quantized_chunks, t, progress)))
             if t.tensor_scale is not None:
                 scale = np.array([t.tensor_scale], dtype=np.float32)
                 writer.add_tensor_info(f"{t.name}.scale", (1,), np.dtype(np.float32), 4)
                 payloads.append(scale)
-        add_rope_freqs(writer, cfg, payloads)
-        if spm_bytes is not None:
-            blob = np.frombuffer(spm_bytes, dtype=np.int8)
-            writer.add_tensor_info("tokenizer.sentencepiece_model", (blob.size,), np.dtype(np.int8), blob.size)
+        for blob_name, blob in blobs:
+            writer.add_tensor_info(blob_name, blob.shape, blob.dtype, blob.nbytes)
             payloads.append(blob)
         write_file(writer, payloads)
         progress.close()
-    mix: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    for t in planned:
-        mix[t.ggml_type.name] = mix.get(t.ggml_type.name, 0) + t.nbytes
-        counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + 1
-    n_weights = sum(math.prod(t.shape) for t in planned)
-    size = outfile.stat().st_size
-    return {"outfile": str(outfile), "bytes": size, "bits_per_weight": 8 * sum(mix.values()) / n_weights,
-            "parameters": n_weights, "type_bytes": mix, "type_tensors": counts,
-            "fallbacks": {f"{wanted.name}->{got.name}": len(ts) for (wanted, got), ts in fallbacks.items()}}
 
 
 def _fallbacks(planned: list[PlannedTensor]) -> dict[tuple[T, T], list[PlannedTensor]]:
@@ -354,17 +468,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="allow a checkpoint without tokenizer files (the model then takes token ids only)")
     parser.add_argument("--strict", action="store_true",
                         help="refuse a tensor the outtype cannot store instead of falling back to F16")
+    parser.add_argument("--no-vision", action="store_true",
+                        help="leave the vision tower out of the .dgf (text only, or with --mmproj-out beside it)")
+    parser.add_argument("--mmproj-out", type=Path, metavar="FILE",
+                        help="also write the vision tower alone, as a llama.cpp-style mmproj GGUF file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     args = parser.parse_args(argv)
     outfile = args.outfile or Path(f"{str(args.model_dir).rstrip('/')}-{args.outtype}.dgf")
     summary = run_converter("convert-hf-to-dgf", partial(convert, args.model_dir, outfile, args.outtype,
-                                                         not args.no_tokenizer, args.quiet, args.strict))
+                                                         not args.no_tokenizer, args.quiet, args.strict,
+                                                         not args.no_vision, args.mmproj_out))
     if isinstance(summary, int):
         return summary
     mix = ", ".join(f"{k} {summary['type_tensors'][k]} tensors {v / 2**20:.1f} MiB"
                     for k, v in sorted(summary["type_bytes"].items()))
     print(f"wrote {summary['outfile']}: {summary['bytes'] / 2**20:.1f} MiB, "
           f"{summary['bits_per_weight']:.2f} bits/weight ({mix})")
+    if summary["mmproj"]:
+        print(f"wrote {summary['mmproj']}: the vision tower")
     return 0
 
 

@@ -4,6 +4,7 @@ Names follow gguf-py's GEMMA4 map (llama.cpp's Gemma 4 names) so that files flow
 DiffusionGemma-only tensors get `self_cond_*` and `enc_layer_output_scale`, as llama.cpp's drafts name them.
 Encoder and decoder share every weight except `layer_scalar` (kept apart) and the decoder-only
 self-conditioning MLP; the shared weights may be stored under either prefix and map to one .dgf tensor.
+The vision tower maps to llama.cpp's `v.*` / `mm.*` names (its Gemma 4 mmproj converter's).
 """
 
 from __future__ import annotations
@@ -53,14 +54,47 @@ GLOBAL_TENSORS: dict[str, str] = {
 # The one per-layer buffer that encoder and decoder do not share.
 LAYER_SCALAR = {"decoder": "layer_output_scale.weight", "encoder": "enc_layer_output_scale.weight"}
 
-# Skipped for the text-only runtime (kept representable: a later version maps them to `v.*` / `mm.*`).
+# The vision tower and its projector, under llama.cpp's names (gguf-py's MMPROJ map for Gemma 4, `clip.*` keys).
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_TENSORS: dict[str, str] = {
+    "model.encoder.vision_tower.patch_embedder.input_proj.weight": "v.patch_embd.weight",
+    "model.encoder.vision_tower.patch_embedder.position_embedding_table": "v.position_embd.weight",
+    "model.encoder.vision_tower.std_bias": "v.std_bias",
+    "model.encoder.vision_tower.std_scale": "v.std_scale",
+    "model.encoder.embed_vision.embedding_projection.weight": "mm.input_projection.weight",
+}
+VISION_LAYER_TENSORS: dict[str, str] = {
+    "self_attn.q_proj.linear.weight": "attn_q.weight",
+    "self_attn.k_proj.linear.weight": "attn_k.weight",
+    "self_attn.v_proj.linear.weight": "attn_v.weight",
+    "self_attn.o_proj.linear.weight": "attn_out.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "input_layernorm.weight": "ln1.weight",
+    "post_attention_layernorm.weight": "attn_post_norm.weight",
+    "pre_feedforward_layernorm.weight": "ln2.weight",
+    "post_feedforward_layernorm.weight": "ffn_post_norm.weight",
+    "mlp.gate_proj.linear.weight": "ffn_gate.weight",
+    "mlp.up_proj.linear.weight": "ffn_up.weight",
+    "mlp.down_proj.linear.weight": "ffn_down.weight",
+}
 
 _LAYER_RE = [re.compile(p + r"(.+)$") for p in _LAYER_PREFIXES]
+_VISION_LAYER_RE = re.compile(r"model\.encoder\.vision_tower\.encoder\.layers\.(\d+)\.(.+)$")
+
+
+def vision_dgf_name(hf_name: str) -> str:
+    """The .dgf name of an HF vision-tower or projector tensor (KeyError for one dgrun does not know)."""
+    if hf_name in VISION_TENSORS:
+        return VISION_TENSORS[hf_name]
+    match = _VISION_LAYER_RE.match(hf_name)
+    if match and match.group(2) in VISION_LAYER_TENSORS:
+        return f"v.blk.{int(match.group(1))}.{VISION_LAYER_TENSORS[match.group(2)]}"
+    raise KeyError(hf_name)
 
 
 def dgf_name(hf_name: str) -> str | None:
-    """The .dgf name of an HF tensor, or None for a tensor the text runtime does not use (vision)."""
+    """The .dgf name of a text-model HF tensor, or None for a vision one (see `vision_dgf_name`)."""
     if hf_name.startswith(VISION_PREFIXES):
         return None
     if hf_name in GLOBAL_TENSORS:

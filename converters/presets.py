@@ -3,7 +3,7 @@
 Norms, the router, scales and every 1-D tensor stay F32 in all presets. `q4_k_m` adapts llama.cpp's recipe:
 Q4_K by default, Q6_K for the tied embedding and for attn_v / ffn_down on the "more-bits" layers. Two
 DiffusionGemma-specific choices: on full-attention layers K is also V, so attn_k gets attn_v's bits; and
-the expert down projections count as ffn_down.
+the expert down projections count as ffn_down. The vision tower is stored at most as Q8_0 (`vision_recipe_type`).
 
 A type stores rows whose width is a multiple of its block (256 for K-quants, 32 for Q8_0 / Q5_0 / MXFP4, 64 for
 NVFP4). A tensor whose rows do not fit falls back as llama.cpp does: `llama-quantize` moves a K-quant to the
@@ -26,6 +26,7 @@ EXPERT_TYPES = {"mxfp4_moe": T.MXFP4, "nvfp4_moe": T.NVFP4}
 K_QUANT_FALLBACK = {T.Q4_K: T.Q5_0, T.Q6_K: T.Q8_0}
 WIDTH_FALLBACK = T.F16  # the last resort: any row width
 _KEEP_F32_SUFFIXES = ("_norm.weight", ".scale", "ffn_gate_inp.weight", "layer_output_scale.weight")
+VISION_PREFIXES = ("v.", "mm.")  # the vision tower's and projector's .dgf names
 
 
 class PresetError(ValueError):
@@ -37,10 +38,23 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+def vision_recipe_type(name: str, shape: tuple[int, ...], preset: str) -> T:
+    """The vision tower's type, conservative as llama.cpp's mmproj files are: the float presets keep their float
+    type, every quantizing one stores Q8_0; 1-D tensors and the position table stay F32, the patch embedding F32
+    (F16 under f16), as llama.cpp's converter forces them."""
+    if len(shape) == 1 or name == "v.position_embd.weight":
+        return T.F32
+    if name == "v.patch_embd.weight":
+        return T.F16 if preset == "f16" else T.F32
+    return PRESETS[preset] if PRESETS[preset] in (T.F32, T.F16, T.BF16) else T.Q8_0
+
+
 def recipe_type(name: str, shape: tuple[int, ...], preset: str, n_layers: int, sliding: list[bool]) -> T:
     """The ggml type the preset's recipe gives `name`, before any fallback for its row width."""
     if preset not in PRESETS:
         raise PresetError(f"unknown outtype {preset!r} (choose from {', '.join(PRESETS)})")
+    if name.startswith(VISION_PREFIXES):
+        return vision_recipe_type(name, shape, preset)
     if len(shape) == 1 or name.endswith(_KEEP_F32_SUFFIXES):
         return T.F32
     is_expert = name.endswith(("ffn_gate_up_exps.weight", "ffn_down_exps.weight"))

@@ -53,9 +53,22 @@ int dg_embed(const void* table, int type, int64_t row_bytes, float tensor_scale,
 /* y[n, out_features] = x[n, k] @ W^T for W [out_features, k]; k a multiple of 32. */
 int dg_linear(const float* x, int n, int k, const void* w, int type, int64_t row_bytes, float tensor_scale,
               int out_features, float* y, int engine);
-/* out[rows, width] = softmax(logits[rows, vocab]) @ table[vocab, width] * scale (self-conditioning). */
-int dg_soft_embed(const float* logits, int rows, int vocab, const void* table, int type, int64_t row_bytes,
-                  float tensor_scale, int width, float scale, float* out, int engine);
+/* Per row of logits [rows, vocab]: row_max, row_total (softmax = exp(x - row_max) / row_total) and the sparse soft
+ * embedding's split: kept_n = tokens with x - max >= -keep_logit, the first max_kept of them in index order at
+ * kept[row * max_kept], mass = the softmax mass of the others (see dgrun/backends/numpy_backend.py). */
+int dg_row_stats(const float* logits, int rows, int vocab, float keep_logit, int max_kept, float* row_max,
+                 float* row_total, float* mass, int32_t* kept_n, int32_t* kept);
+/* out[rows, width] = softmax(logits[rows, vocab]) @ table[vocab, width] * scale (self-conditioning), from the
+ * logits' row statistics (dg_row_stats or dg_sample_step). A row with kept_n <= max_kept (<= 4096) gathers its
+ * kept tokens' rows when mass * norm_bound <= rel_tol * ||result|| (host_paths[row] = kept_n); the other rows
+ * share one GEMM (host_paths[row] = -1). Waits (the host lists the dense rows). vocab a multiple of 32. */
+int dg_soft_embed(const float* logits, int rows, int vocab, const float* row_max, const float* row_total,
+                  const float* mass, const int32_t* kept_n, const int32_t* kept, int max_kept, const void* table,
+                  int type, int64_t row_bytes, float tensor_scale, int width, float scale, double norm_bound,
+                  double rel_tol, float* out, int32_t* host_paths, int engine);
+/* *host_out = the largest Euclidean norm of a row of table [rows, width] (float64 sums). Waits. */
+int dg_max_row_norm(const void* table, int type, int64_t row_bytes, float tensor_scale, int rows, int width,
+                    double* host_out);
 /* Router: softmax over n_experts logits, top_k (stable: lower index first on ties), renormalised, times
  * per_expert_scale. weights/index are [n, top_k]. n_experts <= 1024. */
 int dg_route_topk(const float* logits, int n, int n_experts, int top_k, const float* per_expert_scale,
@@ -84,13 +97,16 @@ int dg_add(const float* a, const float* b, int64_t n, float* out);
 /* out[i] = a[i] * b[i % period] (period 1: a scalar on the device). */
 int dg_mul_bcast(const float* a, const float* b, int64_t n, int64_t period, float* out);
 int dg_scale(const float* a, float alpha, int64_t n, float* out);
-/* One entropy-bound sampler step on logits [rows, vocab], in place: logits become logits / temperature (the
- * processed logits that self-conditioning reads). Categorical draws and renoise tokens come from
- * Philox4x32-10 keyed by `seed`, counter (row, step). clamp (rows bytes, may be NULL) marks fixed positions.
- * Waits, then writes to host_out: int32 canvas[rows], argmax[rows], accepted[rows], then the float32 mean
- * entropy of the free positions (as its bits), so host_out holds 3 * rows + 1 words. rows <= 4096. */
+/* One entropy-bound sampler step on logits [rows, vocab], fused and in place: logits become logits / temperature
+ * (the processed logits that self-conditioning reads), and their dg_row_stats outputs are written (device
+ * arrays). Categorical draws and renoise tokens come from Philox4x32-10 keyed by `seed`, counter (row, step).
+ * clamp (rows bytes, may be NULL) marks fixed positions. Waits, then writes to host_out: int32 canvas[rows],
+ * argmax[rows], accepted[rows], then the float32 mean entropy of the free positions (as its bits), so host_out
+ * holds 3 * rows + 1 words. rows <= 4096. */
 int dg_sample_step(float* logits, int rows, int vocab, const int32_t* canvas, const uint8_t* clamp,
-                   float temperature, float entropy_bound, uint64_t seed, uint64_t step, int32_t* host_out);
+                   float temperature, float entropy_bound, uint64_t seed, uint64_t step, float keep_logit,
+                   int max_kept, float* row_max, float* row_total, float* mass, int32_t* kept_n, int32_t* kept,
+                   int32_t* host_out);
 /* </cdef> */
 #ifdef __cplusplus
 }

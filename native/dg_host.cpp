@@ -90,6 +90,19 @@ void dg_host_entropy_rows(const float* x, float* out, int64_t rows, int64_t cols
     }
 }
 
+void dg_host_sparse_keep(const float* x, const float* m, float keep_logit, uint8_t* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = dg_sparse_keep(x[i], m[i], keep_logit) ? 1 : 0;
+}
+
+void dg_host_softmax_prob(const float* x, const float* m, const float* total, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = dg_softmax_prob(x[i], m[i], total[i]);
+}
+
+void dg_host_sparse_accept(const double* mass, const double* norm2, double norm_bound, double rel_tol, uint8_t* out,
+                           int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = dg_sparse_accept(mass[i], norm_bound, rel_tol, norm2[i]) ? 1 : 0;
+}
+
 void dg_host_philox(const uint32_t* counters, const uint32_t* key, uint32_t* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dg_philox4x32_10(counters + 4 * i, key, out + 4 * i);
 }

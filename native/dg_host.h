@@ -24,6 +24,12 @@ void dg_host_rope_pairs(const float* x0, const float* x1, const float* c, const 
 void dg_host_rope_angles(const int32_t* positions, const float* inv_freq, float* out, int64_t n);
 /* Entropy of softmax over each of `rows` rows of `cols` values. */
 void dg_host_entropy_rows(const float* x, float* out, int64_t rows, int64_t cols);
+/* The sparse soft embedding's rules, elementwise: is token x kept for a row of maximum m; its softmax
+ * probability from the row's statistics; does a sparse row's result (squared norm norm2) pass the bound. */
+void dg_host_sparse_keep(const float* x, const float* m, float keep_logit, uint8_t* out, int64_t n);
+void dg_host_softmax_prob(const float* x, const float* m, const float* total, float* out, int64_t n);
+void dg_host_sparse_accept(const double* mass, const double* norm2, double norm_bound, double rel_tol, uint8_t* out,
+                           int64_t n);
 /* Philox4x32-10 of n counters (4 words each) under one key (2 words). */
 void dg_host_philox(const uint32_t* counters, const uint32_t* key, uint32_t* out, int64_t n);
 void dg_host_uniform01(const uint32_t* r, float* out, int64_t n);

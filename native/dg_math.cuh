@@ -375,14 +375,33 @@ DG_HD void dg_key_range(const int32_t* k_pos, int m, int q_min, int q_max, int c
 
 // With m = max(x): z = sum exp(x - m), s = sum exp(x - m) (x - m); the entropy of softmax(x) is
 // log z - s / z. One pass once m is known, and the partial (z, s) of disjoint ranges simply add.
-DG_HD void dg_entropy_accumulate(float x, float m, float* z, float* s) {
+// Returns exp(x - m), the term added to z.
+DG_HD float dg_entropy_accumulate(float x, float m, float* z, float* s) {
     float t = x - m;
     float e = expf(t);
     *z = dg_add(*z, e);
     *s = dg_add(*s, dg_mul(e, t));  // not e * t + s: nvcc would fuse it, the host twin (-ffp-contract=off) not
+    return e;
 }
 
 DG_HD float dg_entropy_finish(float z, float s) { return logf(z) - s / z; }
+
+// ---------------------------------------------------------------------------------------------------
+// The sparse soft embedding (reference: dgrun/backends/numpy_backend.py, sparse_soft_embed_row)
+// ---------------------------------------------------------------------------------------------------
+
+// Token x of a row whose maximum is m is kept (gathered) when x - m >= -keep_logit: one float32
+// subtraction, so every backend keeps exactly the same tokens.
+DG_HD bool dg_sparse_keep(float x, float m, float keep_logit) { return x - m >= -keep_logit; }
+
+// softmax(x)_j from the row's statistics, as the soft embedding's products take it.
+DG_HD float dg_softmax_prob(float x, float m, float total) { return expf(x - m) / total; }
+
+// The sparse path's result y (squared norm norm2) stands for the row when the softmax mass it leaves out
+// times the largest scaled embedding row norm is at most rel_tol ||y|| (rel_tol = 2^-25 / margin).
+DG_HD bool dg_sparse_accept(double mass, double norm_bound, double rel_tol, double norm2) {
+    return mass * norm_bound <= rel_tol * sqrt(norm2);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., SC'11; Random123's philox4x32 with 10 rounds)

@@ -1,5 +1,5 @@
 // dg_matmul.cu — dequantizing matmuls: linear layers, the grouped MoE GEMM, the router and the
-// self-conditioning soft embedding.
+// self-conditioning soft embedding (its sparse rows gather a few embedding rows, the rest share one GEMM).
 //
 // One tiled kernel serves them all. A block computes a 64 x 64 tile of Y = A @ B, stepping through K in
 // slices of 32: it stages the A slice (activations, optionally gathered rows or softmax probabilities) and
@@ -10,6 +10,7 @@
 // Weights stay in their block types in device memory; each slice is decoded once per block, into shared
 // memory only. The plain reference of the whole thing is `x @ dequantize(W).T` (numpy_backend.linear).
 #include <mma.h>
+#include <stdlib.h>
 
 #include "dg_common.cuh"
 
@@ -64,7 +65,7 @@ __device__ __forceinline__ void load_a_slice(const GemmArgs& g, SharedTiles& s, 
         if (row < row1) {
             int64_t src = g.a_rows ? g.a_rows[row] : row;
             v = g.a[src * g.lda + k0 + c];
-            if (g.row_max) v = expf(v - g.row_max[src]) / g.row_sum[src];
+            if (g.row_max) v = dg_softmax_prob(v, g.row_max[src], g.row_sum[src]);
         }
         s.in.a[r][c] = v;
     }
@@ -258,22 +259,87 @@ GemmArgs plain_args(const float* a, int m, int k, const void* w, int type, int64
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Softmax row statistics (soft embedding) and the router's top-k
+// The soft embedding's sparse rows, the largest embedding row norm, and the router's top-k
 // ---------------------------------------------------------------------------------------------------
 
-// Per row: max and sum(exp(x - max)), one block per row.
-__global__ void softmax_stats_kernel(const float* x, int cols, float* row_max, float* row_sum) {
-    __shared__ float partial[32];
-    const float* row = x + (int64_t)blockIdx.x * cols;
-    float m = -INFINITY;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    m = dg_block_max(m, partial);
-    float z = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) z = dg_add(z, expf(row[c] - m));  // no FMA
-    z = dg_block_sum(z, partial);
-    if (threadIdx.x == 0) {
-        row_max[blockIdx.x] = m;
-        row_sum[blockIdx.x] = z;
+constexpr int SPARSE_THREADS = 256;
+constexpr int MAX_KEPT = 4096;  // shared-memory probabilities of one row's kept tokens
+
+// Sum over the block in double, returned to every thread (blockDim.x == SPARSE_THREADS).
+__device__ double block_sum_double(double v, double* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < SPARSE_THREADS / 32 ? shared[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+// One block per row: y = scale * sum over the kept tokens of p_j E_j (index order), written to out; the row
+// takes this sparse path (paths[row] = kept count) when the bound holds, else paths[row] = -1 and the dense
+// product overwrites it. Plain reference: numpy_backend.sparse_soft_embed_row.
+__global__ void __launch_bounds__(SPARSE_THREADS) sparse_rows_kernel(
+    const float* logits, int vocab, const float* row_max, const float* row_total, const float* mass,
+    const int32_t* kept_n, const int32_t* kept, int max_kept, const uint8_t* table, int type, int64_t row_bytes,
+    float tensor_scale, int width, float scale, double norm_bound, double rel_tol, float* out, int32_t* paths) {
+    __shared__ float p[MAX_KEPT];
+    __shared__ double red[32];
+    int row = blockIdx.x, n = kept_n[row];
+    if (n > max_kept) {
+        if (threadIdx.x == 0) paths[row] = -1;
+        return;
+    }
+    const float* x = logits + (int64_t)row * vocab;
+    const int32_t* tokens = kept + (int64_t)row * max_kept;
+    for (int q = threadIdx.x; q < n; q += SPARSE_THREADS) p[q] = dg_softmax_prob(x[tokens[q]], row_max[row], row_total[row]);
+    __syncthreads();
+    double norm2 = 0.0;
+    for (int c = threadIdx.x; c < width; c += SPARSE_THREADS) {
+        float acc = 0.0f;
+        for (int q = 0; q < n; ++q)
+            acc = dg_add(acc, dg_mul(p[q], dg_row_value(type, table + (int64_t)tokens[q] * row_bytes, c, tensor_scale)));
+        float y = dg_mul(acc, scale);
+        out[(int64_t)row * width + c] = y;
+        norm2 += (double)y * y;
+    }
+    norm2 = block_sum_double(norm2, red);
+    if (threadIdx.x == 0) paths[row] = dg_sparse_accept(mass[row], norm_bound, rel_tol, norm2) ? n : -1;
+}
+
+// out[dense[i], :] = compact[i, :]: the dense rows' product back in place.
+__global__ void scatter_rows_kernel(const float* compact, const int32_t* dense, int width, float* out) {
+    const float* src = compact + (int64_t)blockIdx.x * width;
+    float* dst = out + (int64_t)dense[blockIdx.x] * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = src[c];
+}
+
+// Per row: the sum of its squared decoded values (one warp per row), then the maximum over rows.
+__global__ void row_norms_kernel(const uint8_t* w, int type, int64_t row_bytes, float tensor_scale, int rows,
+                                 int width, double* norm2) {
+    int warp = (int)((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    double s = 0.0;
+    for (int c = lane; c < width; c += 32) {
+        double v = dg_row_value(type, w + (int64_t)warp * row_bytes, c, tensor_scale);
+        s += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+    if (lane == 0) norm2[warp] = s;
+}
+
+__global__ void max_double_kernel(const double* v, int n, double* out) {
+    __shared__ double red[32];
+    double m = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmax(m, v[i]);
+    for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        m = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        if (threadIdx.x == 0) *out = m;
     }
 }
 
@@ -413,22 +479,72 @@ int dg_linear(const float* x, int n, int k, const void* w, int type, int64_t row
     return run_gemm(g, dg_blocks(n, TM), engine, choose_splits(out_features, k), 1.0f);
 }
 
-int dg_soft_embed(const float* logits, int rows, int vocab, const void* table, int type, int64_t row_bytes,
-                  float tensor_scale, int width, float scale, float* out, int engine) {
+int dg_soft_embed(const float* logits, int rows, int vocab, const float* row_max, const float* row_total,
+                  const float* mass, const int32_t* kept_n, const int32_t* kept, int max_kept, const void* table,
+                  int type, int64_t row_bytes, float tensor_scale, int width, float scale, double norm_bound,
+                  double rel_tol, float* out, int32_t* host_paths, int engine) {
     DG_ENTER();
     DG_REQUIRE(vocab % TK == 0, "vocab must be a multiple of 32");
     DG_REQUIRE(dg_block_size(type) > 0, "unsupported weight type");
+    DG_REQUIRE(max_kept >= 0 && max_kept <= MAX_KEPT, "max_kept must be in 0..4096");
     if (rows <= 0) return 0;
-    DgScratch scratch;
-    float* stats;
-    DG_SCRATCH(scratch, &stats, 2 * (size_t)rows);
-    softmax_stats_kernel<<<rows, 1024, 0, dg_stream>>>(logits, vocab, stats, stats + rows);
-    DG_LAUNCHED(softmax_stats_kernel);
-    GemmArgs g = plain_args(logits, rows, vocab, table, type, row_bytes, tensor_scale, width, out);
-    g.row_max = stats;
-    g.row_sum = stats + rows;
+    DgScratch scratch;  // given back however this function returns
+    int32_t* paths;
+    DG_SCRATCH(scratch, &paths, rows);
+    sparse_rows_kernel<<<rows, SPARSE_THREADS, 0, dg_stream>>>(
+        logits, vocab, row_max, row_total, mass, kept_n, kept, max_kept, (const uint8_t*)table, type, row_bytes,
+        tensor_scale, width, scale, norm_bound, rel_tol, out, paths);
+    DG_LAUNCHED(sparse_rows_kernel);
+    DG_TRY(cudaMemcpyAsync(host_paths, paths, rows * sizeof(int32_t), cudaMemcpyDeviceToHost, dg_stream));
+    DG_TRY(cudaStreamSynchronize(dg_stream));  // the host lists the dense rows: only they take the product
+    int n_dense = 0;
+    for (int i = 0; i < rows; ++i) n_dense += host_paths[i] < 0;
+    if (n_dense == 0) return 0;
+    int32_t* dense_host = (int32_t*)malloc(n_dense * sizeof(int32_t));
+    DG_REQUIRE(dense_host, "out of host memory");
+    for (int i = 0, at = 0; i < rows; ++i)
+        if (host_paths[i] < 0) dense_host[at++] = i;
+    int32_t* dense;
+    float* compact;
+    cudaError_t err = (cudaError_t)scratch.get(&dense, n_dense);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(dense, dense_host, n_dense * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                                  dg_stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(dg_stream);  // dense_host is freed next
+    free(dense_host);
+    DG_TRY(err);
+    DG_SCRATCH(scratch, &compact, (size_t)n_dense * width);
+    // softmax on load: A = exp(logits[dense[r]] - row_max) / row_total, the rows gathered through a_rows
+    GemmArgs g = plain_args(logits, n_dense, vocab, table, type, row_bytes, tensor_scale, width, compact);
+    g.a_rows = dense;
+    g.row_max = row_max;
+    g.row_sum = row_total;
     g.w_kn = 1;
-    return run_gemm(g, dg_blocks(rows, TM), engine, choose_splits(width, vocab), scale);
+    int status = run_gemm(g, dg_blocks(n_dense, TM), engine, choose_splits(width, vocab), scale);
+    if (status) return status;
+    scatter_rows_kernel<<<n_dense, 256, 0, dg_stream>>>(compact, dense, width, out);
+    DG_LAUNCHED(scatter_rows_kernel);
+    return 0;
+}
+
+int dg_max_row_norm(const void* table, int type, int64_t row_bytes, float tensor_scale, int rows, int width,
+                    double* host_out) {
+    DG_ENTER();
+    DG_REQUIRE(dg_block_size(type) > 0, "unsupported weight type");
+    DG_REQUIRE(rows > 0 && width > 0, "rows and width must be positive");
+    DgScratch scratch;
+    double *norm2, *best;
+    DG_SCRATCH(scratch, &norm2, rows);
+    DG_SCRATCH(scratch, &best, 1);
+    row_norms_kernel<<<dg_blocks((int64_t)rows * 32, 256), 256, 0, dg_stream>>>((const uint8_t*)table, type,
+                                                                                 row_bytes, tensor_scale, rows,
+                                                                                 width, norm2);
+    DG_LAUNCHED(row_norms_kernel);
+    max_double_kernel<<<1, 1024, 0, dg_stream>>>(norm2, rows, best);
+    DG_LAUNCHED(max_double_kernel);
+    DG_TRY(cudaMemcpyAsync(host_out, best, sizeof(double), cudaMemcpyDeviceToHost, dg_stream));
+    DG_TRY(cudaStreamSynchronize(dg_stream));
+    *host_out = sqrt(*host_out);
+    return 0;
 }
 
 int dg_route_topk(const float* logits, int n, int n_experts, int top_k, const float* per_expert_scale,

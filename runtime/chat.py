@@ -247,3 +247,64 @@ class ChatSession:
                 return self._pending + model.tokenize_chat(rendered[len(seen):], continuation=True), False
         # The template rewrote history (e.g. it strips earlier answers' reasoning): encode it all again.
         return model.tokenize_chat(rendered), True
+
+
+# Gemma 4's markers, as transformers' Gemma 4 response template reads an answer (transformers.cli.serving.utils,
+# `_RESPONSE_TEMPLATE_FALLBACKS["gemma4"]`): the model's turn starts after "<|turn>model\n"; reasoning sits between
+# "<|channel>thought\n" and "<channel|>"; the rest is the answer.
+MODEL_TURN = "<|turn>model\n"
+THOUGHT_OPEN = "<|channel>thought\n"
+THOUGHT_CLOSE = "<channel|>"
+
+
+class ThoughtChannel:
+    """Splits an answer that streams in pieces into Gemma 4's thought channel and the reply, as it arrives.
+
+    `feed(text)` returns the (reasoning, content) text that can be shown now; `feed(text, final=True)` flushes.
+    Each region is stripped of surrounding whitespace as transformers strips its fields, and a marker split across
+    two pieces is held back until it is whole, so the joined pieces equal the split of the whole answer. `prompt`
+    is the rendered chat prompt: a thought channel that it opens after the model's turn starts (and does not
+    close) means the answer begins inside the channel.
+    """
+
+    def __init__(self, prompt: str):
+        start = prompt.rfind(MODEL_TURN)
+        opened = prompt[start + len(MODEL_TURN):] if start >= 0 else ""
+        self.thinking = opened.rfind(THOUGHT_OPEN) > opened.rfind(THOUGHT_CLOSE)
+        self._pending = ""  # a tail that may be the start of a marker
+        self._region_started = False  # the current region has shown non-whitespace text
+        self._held_space = ""  # whitespace shown only if more text follows it in the region
+
+    @staticmethod
+    def used_by(template: str | None) -> bool:
+        """Whether a chat template writes Gemma 4's thought channel (so answers should be split)."""
+        return template is not None and THOUGHT_OPEN.rstrip("\n") in template
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        out = {True: "", False: ""}  # by `thinking`
+        buffer = self._pending + text
+        while True:
+            marker = THOUGHT_CLOSE if self.thinking else THOUGHT_OPEN
+            at = buffer.find(marker)
+            if at < 0:
+                break
+            out[self.thinking] += self._show(buffer[:at])
+            buffer = buffer[at + len(marker):]
+            self.thinking = not self.thinking
+            self._region_started, self._held_space = False, ""
+        keep = 0 if final else next((k for k in range(min(len(marker) - 1, len(buffer)), 0, -1)
+                                     if marker.startswith(buffer[-k:])), 0)
+        out[self.thinking] += self._show(buffer[:len(buffer) - keep])
+        self._pending = buffer[len(buffer) - keep:]
+        return out[True], out[False]
+
+    def _show(self, text: str) -> str:
+        if not self._region_started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._region_started = True
+        text = self._held_space + text
+        shown = text.rstrip()
+        self._held_space = text[len(shown):]
+        return shown

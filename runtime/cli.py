@@ -2,6 +2,7 @@
 
     dgrun -m model.dgf -p "def fibonacci(n):"          # text, streamed canvas by canvas
     dgrun -m model.dgf --chat -p "Write a haiku"       # wrapped in the file's chat template
+    dgrun -m model.dgf --chat --image cat.jpg -p "What is this?"   # images (repeatable) in the user message
     dgrun -m model.dgf -i                              # multi-turn chat, one line per turn on stdin
     dgrun -m model.dgf -p "def add(a, b):<FILL>return c"
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
@@ -9,6 +10,7 @@
     dgrun -m model.dgf -p "2 651 4937" --token-ids    # the prompt as token ids (any file, even without tokenizer)
     dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
     dgrun info model.dgf
+    dgrun serve -m model.dgf --port 8080               # OpenAI- and llama.cpp-compatible HTTP server
 
 Errors a user can cause (a missing or malformed file, an unavailable backend, a bad parameter, a prompt too
 long for the context) print one line, `dgrun: error: ...`, and exit with status 2. Ctrl-C stops generation,
@@ -41,6 +43,7 @@ from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
 from dgrun.lora import describe as describe_adapter
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, HF_JSON_KEY, SPM_TENSOR
+from dgrun.vision import VisionConfig, vision_tensor_shapes
 
 EXIT_ERROR = 2  # what argparse uses for usage errors: every mistake a user can make exits with it
 EXIT_FAILED = 1  # the model or backend broke (NaN logits)
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["info"]:
             return _info_command(argv[1:])
+        if argv[:1] == ["serve"]:
+            return _serve_command(argv[1:])
         return _generate_command(argv)
     except (UsageError, ValueError, BackendUnavailable, OSError) as e:
         # ValueError covers FormatError, ConfigError, NoTokenizerError, ChatTemplateError and bad parameters.
@@ -97,18 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-ids", action="store_true",
                         help="the prompt (-p, -f or stdin) is whitespace-separated token ids, used as they are; a "
                              "model without tokenizer then prints the new ids")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="an image for the prompt (repeatable): with --chat in the user message, else where the "
+                             "prompt writes the model's image token, or before the text")
+    parser.add_argument("--mmproj", metavar="FILE",
+                        help="the vision tower as a separate mmproj file (convert-hf-to-dgf --mmproj-out)")
     parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "cpu", "cuda", "mlx"],
                         help="compute backend (default: auto, the fastest one that works here)")
     parser.add_argument("-t", "--threads", type=int, metavar="N",
                         help="CPU threads for the cpu backend (default: all cores; also $DGRUN_THREADS)")
-    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
-    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
-                      help="apply a LoRA adapter at scale 1 (repeatable)")
-    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
-                      help="apply a LoRA adapter at SCALE (repeatable)")
-    lora.add_argument("--lora-merge", action="store_true",
-                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
-                           "passes, more memory")
+    add_lora_arguments(parser)
 
     gen = parser.add_argument_group("generation (default: the model file's values, else transformers')")
     gen.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="stop after this many tokens")
@@ -147,6 +150,18 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("-v", "--verbose", action="store_true",
                      help="report load time, steps per canvas, tokens per forward and tokens/s on stderr")
     return parser
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lora, --lora-scaled and --lora-merge (`dgrun` and `dgrun serve`): `args.lora` is [(path, scale)]."""
+    lora = parser.add_argument_group("LoRA adapters (files from convert-lora-to-dgf)")
+    lora.add_argument("--lora", metavar="FILE", action=_LoraAction, dest="lora", default=[],
+                      help="apply a LoRA adapter at scale 1 (repeatable)")
+    lora.add_argument("--lora-scaled", metavar=("FILE", "SCALE"), nargs=2, action=_LoraAction, dest="lora",
+                      help="apply a LoRA adapter at SCALE (repeatable)")
+    lora.add_argument("--lora-merge", action="store_true",
+                      help="add the adapters into float32 copies of the weights at load (float models only): faster "
+                           "passes, more memory")
 
 
 class _LoraAction(argparse.Action):
@@ -196,18 +211,25 @@ def _generate_command(argv: list[str]) -> int:
             prompt_ids = model.tokenize(prefix)
             events = model.stream_infill(prefix, suffix, args.fill_length, seed=args.seed, stats=stats, **params)
         else:
+            images = None
             if mode == "chat":
                 messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-                prompt_ids = model.apply_chat_template([*messages, {"role": "user", "content": prompt}],
-                                                       tokenize=True)
+                content: Any = prompt
+                if args.image:  # the images first, then the text: the order of the model card's examples
+                    content = [*({"type": "image", "image": path} for path in args.image),
+                               {"type": "text", "text": prompt}]
+                prompt_ids: Any = model.apply_chat_template([*messages, {"role": "user", "content": content}],
+                                                            tokenize=not args.image)
             elif token_ids is not None:
                 prompt_ids = token_ids  # checked against the vocabulary by stream
             elif model.tokenizer is None:
                 raise UsageError(f"{model.path.name} has no tokenizer (converted with --no-tokenizer): give the "
                                  "prompt as token ids with --token-ids")
             else:
-                prompt_ids = model.tokenize(prompt)
-            events = model.stream(prompt_ids, seed=args.seed, stats=stats, **params)
+                prompt_ids = prompt if args.image else model.tokenize(prompt)
+            if args.image:  # each image decoded once: its token count lays out the prompt, its pixels feed the tower
+                prompt_ids, images = model.tokenize_with_images(prompt_ids, args.image)
+            events = model.stream(prompt_ids, seed=args.seed, stats=stats, images=images, **params)
         answer = _run(model, events, args, one_canvas=mode in ("edit", "infill"))
         answer.stats = stats.as_dict()
         _report(model, args, answer, {"prompt_tokens": len(prompt_ids)})
@@ -259,6 +281,10 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
         raise UsageError("--fill-length applies to infills only (--prefix/--suffix or a <FILL> marker)")
     if args.system is not None and not (args.chat or args.interactive):
         raise UsageError("--system needs --chat or --interactive")
+    image_modes = [name for name, on in (("--edit", args.edit is not None), ("infill", infill_flags or markers),
+                                         ("--interactive", args.interactive)) if on]
+    if args.image and image_modes:
+        raise UsageError(f"--image cannot be combined with {image_modes[0]}: images go in a prompt (plain or --chat)")
     if args.token_ids:
         return "ids"
     if args.edit is not None:
@@ -288,7 +314,7 @@ def _load_model(args: argparse.Namespace) -> Model:
     if args.model is None:
         if not path.is_file():
             raise UsageError(f"no model given (-m MODEL) and the demo model is not installed (expected {path})")
-        print(f"dgrun: no -m given: using the demo model {path}", file=sys.stderr)
+        sys.stderr.write(f"dgrun: no -m given: using the demo model {path}\n")  # one write: `serve` prints meanwhile
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -296,7 +322,7 @@ def _load_model(args: argparse.Namespace) -> Model:
     started = time.perf_counter()
     if args.lora_merge and not args.lora:
         raise UsageError("--lora-merge needs --lora FILE or --lora-scaled FILE SCALE")
-    model = load(path, backend=args.backend, lora=args.lora, merge_lora=args.lora_merge)
+    model = load(path, backend=args.backend, lora=args.lora, merge_lora=args.lora_merge, mmproj=args.mmproj)
     if args.backend == "auto":
         print(f"dgrun: backend {model.backend.name} (auto)", file=sys.stderr)
     if args.verbose:
@@ -508,6 +534,23 @@ class TextPrinter:
         return rows, column
 
 
+# -- dgrun serve ------------------------------------------------------------------------------------------
+
+
+SERVER_MODULES = {"fastapi", "uvicorn", "starlette", "pydantic", "anyio"}
+
+
+def _serve_command(argv: list[str]) -> int:
+    try:
+        from dgrun.server import main as serve
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        raise UsageError(f"dgrun serve needs the server extra ({e.name} is missing): pip install 'dgrun[server]'") \
+            from None
+    return serve(argv)
+
+
 # -- dgrun info ------------------------------------------------------------------------------------------
 
 
@@ -536,17 +579,21 @@ def describe_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             "vocab_tokens": len(meta.get("tokenizer.ggml.tokens") or []) or None,
             "chat_template": CHAT_TEMPLATE_KEY in meta,
         }
-        if meta.get("general.type") == "adapter":
-            info["adapter"] = describe_adapter(gguf)
-        elif info["architecture"] == ARCH:
-            try:
+        try:
+            if meta.get("general.type") == "adapter":
+                info["adapter"] = describe_adapter(gguf)
+            elif info["architecture"] == ARCH:
                 config = ModelConfig.from_file(gguf)
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
-            generation = GenerationConfig.from_metadata(meta)
-            info["config"] = vars(config)
-            info["generation"] = {**generation.resolved(), "eos_token_ids": generation.eos_token_ids,
-                                  "pad_token_id": generation.pad_token_id}
+                generation = GenerationConfig.from_metadata(meta)
+                info["config"] = vars(config)
+                info["generation"] = {**generation.resolved(), "eos_token_ids": generation.eos_token_ids,
+                                      "pad_token_id": generation.pad_token_id}
+            if "clip.vision.projector_type" in meta:
+                vision = VisionConfig.from_metadata(meta, gguf.tensors)
+                names = [n for n in vision_tensor_shapes(vision) if n in gguf.tensors]
+                info["vision"] = {"config": vars(vision), "types": type_mix(gguf, names)}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     return info
 
 
@@ -592,6 +639,18 @@ def _format_info(info: dict[str, Any]) -> str:
             ("vocab", str(cfg["vocab_size"])),
             ("canvas", f"{cfg['canvas_length']} tokens (context {cfg['max_position_embeddings']})"),
             ("generation", ", ".join(f"{k}={v}" for k, v in info["generation"].items())),
+        ]
+    vision = info.get("vision")
+    if vision:
+        v = vision["config"]
+        size = sum(t["bytes"] for t in vision["types"].values())
+        types = ", ".join(f"{name} {t['tensors']}" for name, t in sorted(vision["types"].items()))
+        rows += [
+            ("vision", f"{v['num_hidden_layers']} layers, hidden {v['hidden_size']} (MLP {v['intermediate_size']}), "
+                       f"{v['num_attention_heads']} heads x {v['head_dim']}; {_size(size)} ({types})"),
+            ("images", f"{v['patch_size']}-pixel patches pooled {v['pooling_kernel_size']}x"
+                       f"{v['pooling_kernel_size']}, up to {v['max_soft_tokens']} tokens per image, projected to "
+                       f"{v['projection_dim']}"),
         ]
     if info["tokenizer"] or info["vocab_tokens"]:
         vocab = f", {info['vocab_tokens']} tokens" if info["vocab_tokens"] else ""

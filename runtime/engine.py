@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +33,19 @@ from dgrun.lora import LoraSet, LoraSpec, parse_specs
 from dgrun.model import DiffusionGemma, KVCache, tensor_shapes
 from dgrun.rng import DefaultRng, Rng
 from dgrun.tokenizer import CHAT_TEMPLATE_KEY, NoTokenizerError, Tokenizer
+from dgrun.vision import (
+    ImagePatches,
+    ImageSource,
+    ImageTokens,
+    PromptImages,
+    VisionConfig,
+    VisionTower,
+    chat_images,
+    check_runs,
+    expand_placeholders,
+    load_image,
+    vision_tensor_shapes,
+)
 
 
 @dataclass
@@ -82,7 +95,7 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def load(path: str | Path | None = None, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
-         merge_lora: bool = False) -> Model:
+         merge_lora: bool = False, mmproj: str | Path | None = None) -> Model:
     """Open a .dgf file (memory-mapped) on a backend: "auto", "numpy", "cpu", "cuda" or "mlx".
 
     `path` is a file, or the name of a model shipped in the package (`shipped_models()`: "demo", "sudoku");
@@ -90,15 +103,17 @@ def load(path: str | Path | None = None, backend: str = "auto", lora: Sequence[L
     `lora`: LoRA adapter files (`convert-lora-to-dgf`), each a path (scale 1) or a (path, scale) pair, applied
     unmerged (y = W x + scale * alpha / r * B(A x)); the encoder's deltas act in encoder passes, the decoder's
     in decoder passes. `merge_lora=True` adds them into float32 copies of the weights at load instead (float
-    bases only; faster passes, more memory, fixed scales).
+    bases only; faster passes, more memory, fixed scales). The vision tower is the file's own, or the one in
+    `mmproj` (a llama.cpp-style mmproj file, as `convert-hf-to-dgf --mmproj-out` writes).
     """
-    return Model(resolve_model(path), backend, lora, merge_lora)
+    return Model(resolve_model(path), backend, lora, merge_lora, mmproj)
 
 
 class Model:
     """A loaded DiffusionGemma. One generation at a time: a second concurrent one raises ModelBusyError.
 
-    Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation), `chat` (chat template),
+    Text: `tokenize`/`detokenize`. Generation: `generate`/`stream` (continuation, optionally after `images`),
+    `chat` (chat template; images as content parts),
     `infill`/`stream_infill` (text between a prefix and a suffix), `edit`/`stream_edit` (rewrite character
     ranges in place); multi-turn chat with a kept encoder cache: `dgrun.ChatSession`. Several prompts in one
     batch, each getting exactly its own tokens: `generate_batch`/`stream_batch`; requests that come and go:
@@ -107,41 +122,65 @@ class Model:
     """
 
     def __init__(self, path: Path, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
-                 merge_lora: bool = False):
+                 merge_lora: bool = False, mmproj: str | Path | None = None):
         self.path = Path(path)
         lora_specs = parse_specs(lora)
         self._file = GGUFFile(self.path)
+        self._vision_file: GGUFFile | None = None
+        self.lora: LoraSet | None = None
         try:
             self.config = ModelConfig.from_file(self._file)
             self.generation_config = GenerationConfig.from_metadata(self._file.metadata)
             shapes = tensor_shapes(self.config, tied_output="output.weight" not in self._file.tensors)
             _check_tensors(self._file, shapes)
-        except ConfigError as e:
-            self._file.close()
-            raise FormatError(f"{self.path}: {e}") from None
-        try:
+            self.image_tokens = ImageTokens.from_metadata(self._file.metadata, self.config.vocab_size)
+            vision_file = self._file if mmproj is None else GGUFFile(mmproj)
+            if vision_file is not self._file:
+                self._vision_file = vision_file
+            vision_config = self._vision_config(vision_file, mmproj)
             self.backend = get_backend(backend)
-        except BaseException:
-            self._file.close()
-            raise
-        unsupported = {t.ggml_type.name for t in self._file.tensors.values()
-                       if t.name in shapes and t.ggml_type not in self.backend.supported_types}
-        if unsupported:
-            self._file.close()
-            raise FormatError(f"backend {self.backend.name} cannot run tensor types {sorted(unsupported)}")
-        self.tokenizer = Tokenizer.from_file(self._file)
-        self.chat_template: str | None = self._file.get(CHAT_TEMPLATE_KEY)
-        self._compiled_template: ChatTemplate | None = None
-        weights = self.backend.load_weights(self._file, list(shapes))
-        self.lora: LoraSet | None = None
-        if lora_specs:
-            try:
+            vision_shapes = {} if vision_config is None else vision_tensor_shapes(vision_config)
+            for file, names in ((self._file, shapes), (vision_file, vision_shapes)):
+                unsupported = {file.tensors[n].ggml_type.name for n in names
+                               if file.tensors[n].ggml_type not in self.backend.supported_types}
+                if unsupported:
+                    raise FormatError(f"backend {self.backend.name} cannot run tensor types {sorted(unsupported)}")
+            self.tokenizer = Tokenizer.from_file(self._file)
+            self.chat_template: str | None = self._file.get(CHAT_TEMPLATE_KEY)
+            self._compiled_template: ChatTemplate | None = None
+            weights = self.backend.load_weights(self._file, list(shapes))
+            if lora_specs:
                 self.lora = LoraSet.load(lora_specs, self.config, self.backend, weights, self._file, merge_lora)
-            except BaseException:
-                self._file.close()
-                raise
-        self.graph = DiffusionGemma(self.config, weights, self.backend, self.lora)
+            self.graph = DiffusionGemma(self.config, weights, self.backend, self.lora)
+            self.vision = None if vision_config is None else VisionTower(vision_config, vision_file, self.backend)
+        except ConfigError as e:
+            self.close()
+            raise FormatError(f"{self.path}: {e}") from None
+        except BaseException:
+            self.close()
+            raise
         self._lock = threading.Lock()
+
+    def _vision_config(self, file: GGUFFile, mmproj: str | Path | None) -> VisionConfig | None:
+        """The vision tower's config (its tensors checked), or None for a text-only file."""
+        where = self.path if mmproj is None else Path(mmproj)
+        meta = file.metadata
+        if "clip.vision.projector_type" not in meta and "clip.projector_type" not in meta:
+            if mmproj is not None:
+                raise ConfigError(f"{where} is not an mmproj file (it has no clip.vision.projector_type)")
+            return None
+        try:
+            config = VisionConfig.from_metadata(meta, file.tensors)
+            _check_tensors(file, vision_tensor_shapes(config))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: vision tower: {e}") from None
+        if config.projection_dim != self.config.hidden_size:
+            raise ConfigError(f"{where}: the vision projector maps to {config.projection_dim} values, this model's "
+                              f"hidden size is {self.config.hidden_size}: not this model's mmproj file")
+        if self.image_tokens is None:
+            raise ConfigError(f"{self.path} does not name its image tokens (converted before dgrun read images): "
+                              "convert the checkpoint again")
+        return config
 
     # -- text ----------------------------------------------------------------------------------------
 
@@ -214,20 +253,37 @@ class Model:
         return self._compiled_template
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
+                            tokenize: bool = False, **variables: Any) -> str | list[int]:
         """Render OpenAI-style messages ({"role", "content"} dicts) with the chat template.
 
         The text is exactly what transformers' `apply_chat_template(messages, tokenize=False)` renders; with
-        `tokenize=True`, its token ids (see `tokenize_chat`). The template is the file's; assign another source
-        to `Model.chat_template` to use that instead. Raises `ChatTemplateError` (a ValueError) when there is
-        no template or the template refuses the conversation.
+        `tokenize=True`, its token ids (see `tokenize_chat`), each image's token expanded to its run of image tokens
+        as transformers' processor expands it. `variables` reach the template as transformers passes its extra
+        keyword arguments (e.g. `enable_thinking=True`). The template is the file's; assign another source to
+        `Model.chat_template` to use that instead. Raises `ChatTemplateError` (a ValueError) when there is no
+        template or the template refuses the conversation.
         """
-        text = self._compiled_chat_template().render(messages, add_generation_prompt)
-        return self.tokenize_chat(text) if tokenize else text
+        text, images = self._render_chat(messages, add_generation_prompt, **variables)
+        if not tokenize:
+            return text
+        return self._prompt_with_images(text, images)[0].tolist() if images else self.tokenize_chat(text)
 
     def chat(self, messages: list[Message], **params: Any) -> GenerationOutput:
-        """The assistant's answer to `messages`; parameters as in `generate`. For multi-turn, see `ChatSession`."""
-        return self.generate(self.apply_chat_template(messages, tokenize=True), **params)
+        """The assistant's answer to `messages`; parameters as in `generate`. For multi-turn, see `ChatSession`.
+
+        A message's content may be a list of parts: {"type": "text", "text": ...} and images as
+        {"type": "image", "image": PATH | PIL.Image | bytes} (or an OpenAI {"type": "image_url", "image_url":
+        {"url": "data:image/...;base64,..."}}), placed where the chat template writes the image token.
+        """
+        rendered, images = self._render_chat(messages)
+        return self.generate(rendered if images else self.tokenize_chat(rendered), images=images or None, **params)
+
+    def _render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                     **variables: Any) -> tuple[str, list[ImageSource]]:
+        """The rendered conversation and its images in order (image parts become plain image parts for the
+        template, as transformers passes them)."""
+        conversation, images = chat_images(messages)
+        return self._compiled_chat_template().render(conversation, add_generation_prompt, **variables), images
 
     # -- generation ----------------------------------------------------------------------------------
 
@@ -264,18 +320,63 @@ class Model:
                              f"exceeds the model's context of {self.config.max_position_embeddings} tokens")
 
     def request(self, prompt: str | list[int], *, seed: int | None = None, rng: Rng | None = None,
-                cache: KVCache | None = None, **params: Any) -> Request:
+                cache: KVCache | None = None, images: Sequence[ImageSource] | None = None,
+                **params: Any) -> Request:
         """A validated generation, ready for `dgrun.Scheduler.submit` (bad arguments raise ValueError here).
 
         Arguments as in `stream`; for a chat, pass `apply_chat_template(messages, tokenize=True)` as the prompt.
         """
-        return self._request(prompt, self.resolve_params(**params), rng or DefaultRng(seed), cache)
+        return self._request(prompt, self.resolve_params(**params), rng or DefaultRng(seed), cache, images)
 
     def _request(self, prompt: str | list[int], params: GenerationParams, rng: Rng,
-                 cache: KVCache | None) -> Request:
+                 cache: KVCache | None, images: Sequence[ImageSource] | None = None) -> Request:
+        used = 0 if cache is None else cache.length
+        if images:
+            ids, prompt_images = self._prompt_with_images(prompt, images, used)
+        else:
+            ids, prompt_images = self._prompt_ids(prompt), None
+            if self.image_tokens is not None and (ids == self.image_tokens.image_token_id).any():
+                # As transformers refuses image tokens without pixel_values: their embeddings would be garbage.
+                raise ValueError("the prompt holds image tokens but no images were given: pass them with images=[...] "
+                                 "(multi-turn sessions and batches take text only)")
+        self._check_context(used + len(ids), params)
+        return Request(ids, params, rng, cache, images=prompt_images)
+
+    def tokenize_with_images(self, prompt: str | list[int],
+                             images: Sequence[ImageSource]) -> tuple[list[int], list[ImagePatches]]:
+        """(token ids, preprocessed images) of a prompt with images, laid out as `generate` lays them out (see
+        there); pass both to `generate`/`stream` to decode each image once. ValueError for bad images."""
+        ids, prompt_images = self._prompt_with_images(prompt, images)
+        return ids.tolist(), prompt_images.images
+
+    def _prompt_with_images(self, prompt: str | list[int], images: Sequence[ImageSource],
+                            used: int = 0) -> tuple[np.ndarray, PromptImages]:
+        """(token ids, the images preprocessed) of a prompt with images.
+
+        A text prompt holds one image token per image where the image goes (its images go in front when it holds
+        none); each becomes begin-of-image, the image's soft tokens, end-of-image, as transformers' processor
+        writes them. Token ids are used verbatim: they must hold one run of image tokens per image, as long as
+        that image's soft tokens. Images are decoded one at a time, and refused as soon as they outgrow the
+        context."""
+        if self.vision is None or self.image_tokens is None:
+            raise ValueError(f"{self.path.name} has no vision tower (converted with --no-vision or from a checkpoint "
+                             "without one): pass --mmproj / mmproj= with its mmproj file to give it images")
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise ValueError("images must be a list of images (paths, bytes or PIL images)")
+        patches: list[ImagePatches] = []
+        for index, source in enumerate(images):
+            patches.append(load_image(source, self.vision.cfg))
+            used += patches[-1].tokens + 2
+            if used > self.config.max_position_embeddings:
+                raise ValueError(f"{index + 1} image(s) take {used} tokens, more than the model's context of "
+                                 f"{self.config.max_position_embeddings}")
+        tokens = self.image_tokens
+        if isinstance(prompt, str):
+            pieces = [self.token_piece(t) for t in (tokens.image_token_id, tokens.boi_token_id, tokens.eoi_token_id)]
+            prompt = self.tokenize_chat(expand_placeholders(prompt, patches, *pieces))
         ids = self._prompt_ids(prompt)
-        self._check_context((0 if cache is None else cache.length) + len(ids), params)
-        return Request(ids, params, rng, cache)
+        check_runs(ids, patches, tokens.image_token_id)
+        return ids, PromptImages(self.vision, patches, tokens)
 
     def stream(
         self,
@@ -285,6 +386,7 @@ class Model:
         rng: Rng | None = None,
         cache: KVCache | None = None,
         stats: Stats | None = None,
+        images: Sequence[ImageSource] | None = None,
         **params: Any,
     ) -> Iterator[Draft | Commit]:
         """Generator of events: a `Draft` after every denoising step, a `Commit` after every canvas.
@@ -292,7 +394,7 @@ class Model:
         Parameters as in `generate`. `cache` continues from an earlier encoder cache (multi-turn); the prompt
         is then only the new, uncached tokens. Bad arguments raise ValueError at once.
         """
-        return self._stream(self.request(prompt, seed=seed, rng=rng, cache=cache, **params), stats)
+        return self._stream(self.request(prompt, seed=seed, rng=rng, cache=cache, images=images, **params), stats)
 
     def _stream(self, request: Request, stats: Stats | None) -> Iterator[Draft | Commit]:
         """One request's events: a batch of one."""
@@ -327,15 +429,19 @@ class Model:
         seed: int | None = None,
         rng: Rng | None = None,
         adaptive_stopping: bool = True,
+        images: Sequence[ImageSource] | None = None,
     ) -> GenerationOutput:
         """Generate after `prompt` (text, tokenized with BOS per the file, or token ids used verbatim).
 
         A None parameter takes the file's value (its generation_config.json), else transformers' default.
         `adaptive_stopping=False` runs every canvas for exactly `max_denoising_steps` steps.
         `seed` makes the default RNG reproducible; `rng` injects one (see `dgrun.rng`).
+        `images` (paths, encoded bytes or PIL images) go where a text prompt writes the model's image token, in
+        order, or before the text when it writes none; a token-id prompt must already hold each image's run of
+        image tokens. Bad images raise ValueError.
         """
         stats = Stats()
-        events = self.stream(prompt, seed=seed, rng=rng, stats=stats, max_new_tokens=max_new_tokens,
+        events = self.stream(prompt, seed=seed, rng=rng, stats=stats, images=images, max_new_tokens=max_new_tokens,
                              max_denoising_steps=max_denoising_steps, t_min=t_min, t_max=t_max,
                              entropy_bound=entropy_bound, stability_threshold=stability_threshold,
                              confidence_threshold=confidence_threshold, adaptive_stopping=adaptive_stopping)
@@ -397,10 +503,10 @@ class Model:
         """Events of `infill`; its one `Commit` holds the gap's tokens. Bad arguments raise ValueError at once."""
         return self._stream(self.infill_request(prefix, suffix, fill_length, seed=seed, rng=rng, **params), stats)
 
-    def infill_request(self, prefix: str, suffix: str, fill_length: int | None = None, *, seed: int | None = None,
-                       rng: Rng | None = None, **params: Any) -> Request:
-        """The `infill` as a validated request, e.g. for `dgrun.Scheduler.submit`."""
-        prompt = self.tokenize(prefix)
+    def infill_request(self, prefix: str | list[int], suffix: str, fill_length: int | None = None, *,
+                       seed: int | None = None, rng: Rng | None = None, **params: Any) -> Request:
+        """The `infill` as a validated request, e.g. for `dgrun.Scheduler.submit`; the prefix may be token ids."""
+        prompt = self.tokenize(prefix) if isinstance(prefix, str) else prefix
         suffix_ids = self.tokenize(suffix, add_bos=False)
         canvas_length = self.config.canvas_length
         if len(suffix_ids) >= canvas_length:
@@ -553,13 +659,18 @@ class Model:
         """Config, generation defaults, the preset the file was converted with and its real type mix (tensors and
         bytes per ggml type: a preset's type falls back where rows do not fit its blocks), and backend."""
         types = type_mix(self._file)
+        vision = None
+        if self.vision is not None:
+            vision_file = self._vision_file or self._file
+            vision = {"config": vars(self.vision.cfg).copy(), "path": str(vision_file.path),
+                      "types": type_mix(vision_file, vision_tensor_shapes(self.vision.cfg))}
         return {
             "path": str(self.path), "backend": self.backend.name,
             "config": vars(self.config).copy(), "generation": vars(self.generation_config).copy(),
             "outtype": self._file.get("dgrun.outtype"), "types": types,
             "quant_mix_bytes": {name: t["bytes"] for name, t in types.items()},
             "tokenizer": None if self.tokenizer is None else self.tokenizer.kind,
-            "chat_template": self.chat_template is not None,
+            "chat_template": self.chat_template is not None, "vision": vision,
             "lora": self.lora_adapters(),
         }
 
@@ -574,6 +685,19 @@ class Model:
         """Set adapter scales as llama.cpp's `POST /lora-adapters` does: `[{"id": 0, "scale": 0.5}, ...]`; an
         adapter left out of the list gets scale 0 (disabled). Only between generations (else ModelBusyError);
         adapters merged at load keep their scales (ValueError)."""
+        scales = self.lora_scales(entries)
+        if self.lora is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise ModelBusyError("this Model is generating: change adapter scales between generations")
+        try:
+            self.lora.set_scales(scales)
+        finally:
+            self._lock.release()
+
+    def lora_scales(self, entries: Sequence[dict[str, Any]]) -> list[float]:
+        """The scale of every loaded adapter that `set_lora_adapters(entries)` would set (checked, not applied):
+        a ValueError names a bad id or scale."""
         count = 0 if self.lora is None else len(self.lora.adapters)
         scales = [0.0] * count
         for entry in entries:
@@ -584,18 +708,13 @@ class Model:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
                 raise ValueError(f"LoRA adapter {index}: scale must be a finite number, got {scale!r}")
             scales[index] = float(scale)
-        if self.lora is None:
-            return
-        if not self._lock.acquire(blocking=False):
-            raise ModelBusyError("this Model is generating: change adapter scales between generations")
-        try:
-            self.lora.set_scales(scales)
-        finally:
-            self._lock.release()
+        return scales
 
     def close(self) -> None:
-        """Release the memory maps (model and adapters). The Model is unusable afterwards."""
+        """Release the memory maps (model, vision tower, adapters). The Model is unusable afterwards."""
         self._file.close()
+        if self._vision_file is not None:
+            self._vision_file.close()
         if self.lora is not None:
             self.lora.close()
 
@@ -606,10 +725,10 @@ class Model:
         self.close()
 
 
-def type_mix(gguf: GGUFFile) -> dict[str, dict[str, int]]:
-    """ggml type name → {"tensors": count, "bytes": size} over every tensor of a file."""
+def type_mix(gguf: GGUFFile, names: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """ggml type name → {"tensors": count, "bytes": size} over every tensor of a file (or those `names`)."""
     types: dict[str, dict[str, int]] = {}
-    for tensor in gguf.tensors.values():
+    for tensor in gguf.tensors.values() if names is None else [gguf.tensors[n] for n in names]:
         entry = types.setdefault(tensor.ggml_type.name, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += tensor.nbytes

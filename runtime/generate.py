@@ -15,12 +15,15 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dgrun.model import DiffusionGemma, KVCache
 from dgrun.rng import Rng
+
+if TYPE_CHECKING:
+    from dgrun.vision import PromptImages
 from dgrun.sampler import StableAndConfident, temperature
 
 MAX_BATCH = 8  # elements per batched pass unless the caller says otherwise: each holds a canvas x vocab of logits
@@ -145,8 +148,12 @@ class Request:
     """One generation, validated and ready to run alone or in a batch (see `Model.request`).
 
     `prompt_ids` are the tokens the encoder has not read yet: the whole prompt, or only the new ones when
-    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. (With the mlx
-    backend a `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    `cache` continues an earlier conversation. `layout` makes it a one-canvas infill or edit. `images` are the
+    prompt's images, embedded by the vision tower when the encoder first reads the prompt. (With the mlx backend a
+    `cache` must have been filled by the thread that runs the request: MLX evaluates lazily, per thread.)
+    `time_limit` is a budget in seconds counted from the end of the prompt's encoding, as llama.cpp's
+    `t_max_predict_ms` counts from the first token: once it is spent, the canvas in progress commits its current
+    argmax draft at the end of that step, and generation ends.
     """
 
     prompt_ids: np.ndarray
@@ -154,6 +161,8 @@ class Request:
     rng: Rng
     cache: KVCache | None = None
     layout: CanvasLayout | None = None
+    images: PromptImages | None = None
+    time_limit: float | None = None
 
 
 class Generation:
@@ -172,12 +181,15 @@ class Generation:
         self.stats = stats if stats is not None else Stats()
         self.finished = False
         self.canvas: np.ndarray | None = None  # what the next decoder pass reads; None between canvases
-        self.self_cond: Any | None = None  # the last step's processed logits (None on a canvas's first step)
+        self.self_cond: Any | None = None  # the last step's SelfCondition (None on a canvas's first step)
         self._unencoded = np.asarray(request.prompt_ids, dtype=np.int64)
+        self._images = request.images  # embedded with the prompt's encoder pass, then dropped
         self._eos = np.asarray(self.params.eos_token_ids, dtype=np.int64)
         self._canvas_index = -1
         self._produced = 0
         self._started = time.perf_counter()
+        self._time_limit = request.time_limit
+        self._deadline: float | None = None  # set once the prompt is read: the time limit counts from there
 
     def prepare(self) -> None:
         """Make ready for the next decoder pass: between canvases, encode what is new and draw the next canvas."""
@@ -185,9 +197,13 @@ class Generation:
             return
         cfg, params = self.graph.cfg, self.params
         if len(self._unencoded):
-            self.graph.encode(self._unencoded, self.cache)
+            images, self._images = self._images, None
+            self.graph.encode(self._unencoded, self.cache, None if images is None else images.encoder_input(
+                self._unencoded))
             self.stats.encoder_passes += 1
             self._unencoded = self._unencoded[:0]
+        if self._time_limit is not None and self._deadline is None:
+            self._deadline = time.perf_counter() + self._time_limit
         self._canvas_index += 1
         self._clamp: np.ndarray | None = None
         if self.layout is not None:  # a layout is one canvas, the first
@@ -206,21 +222,25 @@ class Generation:
                            params.t_max)
         self._steps += 1
         self.stats.decoder_passes += 1
-        self.self_cond = None  # spent by this pass: a backend may reuse its arrays for this step's
+        self.self_cond = None  # spent by this pass
         result = self.graph.ops.denoise_step(logits, self.canvas, temp, params.entropy_bound, self.rng,
                                              self._clamp)
         if math.isnan(result.mean_entropy):  # any NaN logit poisons the mean: a free check on every backend
             raise FloatingPointError(f"the decoder produced NaN logits (canvas {self._canvas_index}, step "
                                      f"{self._steps}); the model file or the backend is broken, so no tokens are "
                                      "emitted")
-        self.canvas, self._argmax, self.self_cond = result.canvas, result.argmax, result.processed_logits
+        self.canvas, self._argmax = result.canvas, result.argmax
         events: list[Draft | Commit] = [Draft(self._canvas_index, self._steps, result.argmax, result.accepted)]
         stop = self._stopper is not None and self._stopper(result.argmax, result.mean_entropy)
-        if stop or self._steps == params.max_denoising_steps:
-            events.append(self._commit())
+        out_of_time = self._deadline is not None and time.perf_counter() >= self._deadline
+        if stop or out_of_time or self._steps == params.max_denoising_steps:
+            events.append(self._commit(last=out_of_time))
+        else:
+            # The next pass's self-conditioning, made now: then no canvas x vocab array outlives the step.
+            self.self_cond = self.graph.self_condition(result.processed_logits)
         return events
 
-    def _commit(self) -> Commit:
+    def _commit(self, last: bool = False) -> Commit:
         committed = np.asarray(self._argmax, dtype=np.int64)
         if self.layout is not None:
             tokens, finished = self.layout.result(committed), True
@@ -228,7 +248,7 @@ class Generation:
             hits = np.flatnonzero(np.isin(committed, self._eos)) if self._eos.size else np.zeros(0, np.int64)
             cut = committed[: hits[0] + 1] if hits.size else committed
             tokens = cut[: self.params.max_new_tokens - self._produced].tolist()
-            finished = hits.size > 0 or self._produced + len(tokens) >= self.params.max_new_tokens
+            finished = last or hits.size > 0 or self._produced + len(tokens) >= self.params.max_new_tokens
         self._produced += len(tokens)
         stats = self.stats
         stats.canvases += 1

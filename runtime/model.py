@@ -12,6 +12,11 @@ Traps this file handles (all from transformers 5.23.0 `modeling_diffusion_gemma.
 - attention scaling is 1.0; q/k norms have a scale, v_norm has none;
 - every layer runs the dense MLP and the MoE in parallel; the router reads the un-normed residual;
 - logits are soft-capped.
+
+Images (`EncoderImages`, made by `dgrun.vision`): the encoder reads an image's embeddings at its run of image
+tokens instead of their token embeddings, and with `use_bidirectional_attention="vision"` the mask of
+transformers' `create_masks_for_generate` holds on every layer: visible = (causal, and inside the window on
+sliding layers) or (both positions in the same image's run).
 """
 
 from __future__ import annotations
@@ -88,6 +93,21 @@ def rope_inv_freq(cfg: ModelConfig, layer: int) -> np.ndarray:
 
 
 @dataclass
+class EncoderImages:
+    """Rows of an encoder pass that read images: their embeddings replace the token embeddings there."""
+
+    runs: list[tuple[int, int]]  # [start, end) rows of each image, in order, not overlapping
+    embeds: Any  # backend array [rows of all runs, hidden]: the runs' rows one after another
+    bidirectional: bool  # each run also attends to itself both ways (use_bidirectional_attention="vision")
+
+    def rows(self, start: int, end: int) -> EncoderImages:
+        """The images of rows [start, end), which no run straddles, numbered from `start`."""
+        before = sum(e - s for s, e in self.runs if e <= start)
+        runs = [(s - start, e - start) for s, e in self.runs if start <= s and e <= end]
+        return EncoderImages(runs, self.embeds[before:before + sum(e - s for s, e in runs)], self.bidirectional)
+
+
+@dataclass
 class KVCache:
     """Encoder K/V per layer ([positions, kv_heads, head_dim]); sliding layers keep the last window-1."""
 
@@ -98,6 +118,15 @@ class KVCache:
 
     def copy(self) -> KVCache:
         return KVCache(list(self.keys), list(self.values), self.length, list(self.positions))
+
+
+@dataclass
+class SelfCondition:
+    """The self-conditioning input of a decoder pass, softmax(processed logits) @ embedding * embed_scale, made
+    as soon as a step ends (`DiffusionGemma.self_condition`) so that the step's canvas x vocab logits need not
+    stay alive until the next pass has made its own."""
+
+    soft_embedding: Any
 
 
 def _last_rows(ops: Any, x: Any, keep: int) -> Any:
@@ -151,10 +180,11 @@ class DiffusionGemma:
         return self._linear(hidden, names[2], encoder)
 
     def _attention(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
-                   encoder: bool, output: bool = True) -> Any:
+                   encoder: bool, output: bool = True, runs: list[tuple[int, int]] | None = None) -> Any:
         """Attention over rows that belong to `len(caches)` elements: projections, norms and RoPE run over all
         rows at once; each element's rows (`sizes[j]` of them, in order) attend to its own cache only.
-        `output=False` (the encoder's last layer, whose output nothing reads) only appends K/V: returns None."""
+        `output=False` (the encoder's last layer, whose output nothing reads) only appends K/V: returns None.
+        `runs`: the bidirectional image runs of a lone encoder element's rows."""
         ops, cfg, p = self.ops, self.cfg, f"blk.{i}."
         n, d = x.shape[0], cfg.layer_head_dim(i)
         h = ops.rms_norm(x, self.vec[p + "attn_norm.weight"], cfg.rms_norm_eps)
@@ -172,14 +202,15 @@ class DiffusionGemma:
         for cache, size in zip(caches, sizes, strict=True):
             rows = slice(start, start + size)
             outs.append(self._attend(i, None if q is None else q[rows], k[rows], v[rows], positions[rows], cache,
-                                     encoder))
+                                     encoder, runs))
             start += size
         if q is None:
             return None
         out = self._linear(ops.concat(*outs).reshape(n, -1), p + "attn_output.weight", encoder)
         return ops.rms_norm(out, self.vec[p + "post_attention_norm.weight"], cfg.rms_norm_eps)
 
-    def _attend(self, i: int, q: Any, k: Any, v: Any, positions: np.ndarray, cache: KVCache, encoder: bool) -> Any:
+    def _attend(self, i: int, q: Any, k: Any, v: Any, positions: np.ndarray, cache: KVCache, encoder: bool,
+                runs: list[tuple[int, int]] | None = None) -> Any:
         """One element's attention: its new rows against its cache plus themselves (the encoder also appends
         them to the cache; with no queries, that is all)."""
         ops, cfg = self.ops, self.cfg
@@ -195,8 +226,36 @@ class DiffusionGemma:
             cache.positions[i] = k_pos[len(k_pos) - keep:].copy()
         if q is None:
             return None
+        if runs:
+            return self._attend_images(q, keys, values, positions, k_pos, window, runs)
         # The decoder attends to everything it is given: the trimmed cache already is the sliding window.
         return ops.attention(q, keys, values, positions, k_pos, causal=encoder, window=window if encoder else None)
+
+    def _attend_images(self, q: Any, keys: Any, values: Any, positions: np.ndarray, k_pos: np.ndarray,
+                       window: int | None, runs: list[tuple[int, int]]) -> Any:
+        """The encoder's attention when image runs also see themselves whole (transformers' blockwise overlay).
+
+        Text rows attend causally (within the window). A query at position p of an image spanning positions
+        [s, e] sees the union of its causal window (p - window, p] and [s, e], which is one range: from
+        min(s, p - window + 1) up to e (all of [.., e] on full layers). The attention op says exactly that when
+        given the keys up to e (the image's last key: the new keys follow the cache in position order), no
+        causal mask, and min(p, s + window - 1) as the query position its window is measured from.
+        """
+        ops, outs, start = self.ops, [], 0
+        cached = len(k_pos) - len(positions)
+        for first, end in [*runs, (len(positions), len(positions))]:
+            if start < first:
+                outs.append(ops.attention(q[start:first], keys, values, positions[start:first], k_pos, causal=True,
+                                          window=window))
+            if first < end:
+                seen = cached + end
+                q_pos = positions[first:end]
+                if window is not None:
+                    q_pos = np.minimum(q_pos, positions[first] + window - 1)
+                outs.append(ops.attention(q[first:end], keys[:seen], values[:seen], q_pos, k_pos[:seen],
+                                          causal=False, window=window))
+            start = end
+        return ops.concat(*outs)
 
     def _feed_forward(self, i: int, x: Any, encoder: bool) -> Any:
         ops, cfg, p, eps = self.ops, self.cfg, f"blk.{i}.", self.cfg.rms_norm_eps
@@ -211,35 +270,65 @@ class DiffusionGemma:
         return ops.rms_norm(dense + moe, self.vec[p + "post_ffw_norm.weight"], eps)
 
     def _layer(self, i: int, x: Any, positions: np.ndarray, caches: list[KVCache], sizes: list[int],
-               encoder: bool) -> Any:
-        x = x + self._attention(i, x, positions, caches, sizes, encoder)
+               encoder: bool, runs: list[tuple[int, int]] | None = None) -> Any:
+        x = x + self._attention(i, x, positions, caches, sizes, encoder, runs=runs)
         x = x + self._feed_forward(i, x, encoder)
         scalar = "enc_layer_output_scale.weight" if encoder else "layer_output_scale.weight"
         return x * self.vec[f"blk.{i}.{scalar}"]
 
-    def encode(self, ids: np.ndarray, cache: KVCache) -> None:
+    def encode(self, ids: np.ndarray, cache: KVCache, images: EncoderImages | None = None) -> None:
         """Causal encoder pass over new tokens: appends their K/V to `cache` (the hidden output is unused).
 
         Long inputs go `encode_chunk` tokens at a time: each chunk attends to the cache the previous ones left
         (the sliding layers' last window-1 rows, the full layers' every row), which is exactly what the whole
-        input would have seen, so only activations of one chunk are ever alive.
+        input would have seen, so only activations of one chunk are ever alive. A chunk never ends inside an
+        image's run (it runs on to the image's end), since the run's rows see each other both ways.
+        `images`: rows that read image embeddings instead of token embeddings (see `EncoderImages`).
         """
         ids = np.asarray(ids, dtype=np.int64)
-        for start in range(0, len(ids), self.encode_chunk):
-            self._encode_chunk(ids[start:start + self.encode_chunk], cache)
+        runs = [] if images is None else images.runs
+        start = 0
+        while start < len(ids):
+            end = min(start + self.encode_chunk, len(ids))
+            end = next((run_end for run_start, run_end in runs if run_start < end < run_end), end)
+            self._encode_chunk(ids[start:end], cache, None if images is None else images.rows(start, end))
+            start = end
 
-    def _encode_chunk(self, ids: np.ndarray, cache: KVCache) -> None:
+    def _encode_chunk(self, ids: np.ndarray, cache: KVCache, images: EncoderImages | None) -> None:
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         x = self.ops.embed(self.w["token_embd.weight"], ids, self.cfg.embed_scale)
+        runs = None
+        if images is not None and images.runs:
+            x = self._with_images(x, images)
+            runs = images.runs if images.bidirectional else None
         last = self.cfg.num_hidden_layers - 1
         for i in range(last):
-            x = self._layer(i, x, positions, [cache], [len(ids)], encoder=True)
+            x = self._layer(i, x, positions, [cache], [len(ids)], encoder=True, runs=runs)
         # Only the last layer's K/V matter to generation: its attention output and FFN would be thrown away.
-        self._attention(last, x, positions, [cache], [len(ids)], encoder=True, output=False)
+        self._attention(last, x, positions, [cache], [len(ids)], encoder=True, output=False, runs=runs)
         cache.length += len(ids)
 
+    def _with_images(self, x: Any, images: EncoderImages) -> Any:
+        """The embedded rows with each image run's rows taken from the image embeddings (transformers'
+        `masked_scatter`: the image features in order, unscaled)."""
+        pieces, row, embedded = [], 0, 0
+        for start, end in images.runs:
+            pieces += [x[row:start], images.embeds[embedded:embedded + end - start]]
+            row, embedded = end, embedded + end - start
+        if embedded != len(images.embeds):
+            raise ValueError(f"{len(images.embeds)} image embeddings for {embedded} image-token rows")
+        return self.ops.concat(*[piece for piece in (*pieces, x[row:]) if len(piece)])
+
+    def self_condition(self, processed_logits: Any) -> SelfCondition:
+        """A step's processed logits [canvas, vocab] as the next decoder pass's self-conditioning input."""
+        return SelfCondition(self.ops.soft_embed(processed_logits, self.w["token_embd.weight"], self.cfg.embed_scale))
+
     def decode(self, canvas: np.ndarray, cache: KVCache, self_cond_logits: Any | None) -> Any:
-        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab]."""
+        """Bidirectional decoder pass over the canvas, reading `cache`: soft-capped float32 logits [canvas, vocab].
+
+        `self_cond_logits`: None on a canvas's first step, else the previous step's processed logits (as
+        transformers takes them) or the `SelfCondition` already made from them.
+        """
         return self.decode_batch([canvas], [cache], [self_cond_logits])[0]
 
     def decode_batch(self, canvases: Sequence[np.ndarray], caches: Sequence[KVCache],
@@ -249,7 +338,8 @@ class DiffusionGemma:
         The canvases' rows are concatenated, so every matmul (projections, dense MLP, router, MoE, output) reads
         its weights once for the whole batch; attention runs per element against that element's cache, and
         elements may be at different positions. Every op is row-independent, so each element's logits are
-        bit-identical to a pass of its own. An element's self-conditioning logits are None on its first step.
+        bit-identical to a pass of its own. An element's self-conditioning input is None on its first step, else
+        as `decode` takes it.
         """
         ops, cfg = self.ops, self.cfg
         canvases = [np.asarray(c, dtype=np.int64) for c in canvases]
@@ -264,20 +354,21 @@ class DiffusionGemma:
         for i in range(cfg.num_hidden_layers):
             x = self._layer(i, x, positions, caches, sizes, encoder=False)
         x = ops.rms_norm(x, self.vec["output_norm.weight"], cfg.rms_norm_eps)
-        logits = ops.softcap(ops.linear(x, self.output), cfg.final_logit_softcapping)
+        logits = ops.logits(x, self.output, cfg.final_logit_softcapping)
         ends = np.cumsum(sizes).tolist()
         return [logits[end - size:end] for size, end in zip(sizes, ends, strict=True)]
 
-    def _self_condition(self, x: Any, sizes: list[int], self_cond_logits: list[Any | None]) -> Any:
+    def _self_condition(self, x: Any, sizes: list[int], self_cond: list[Any | None]) -> Any:
         """Add each element's self-conditioning signal to its embedded rows (elements without one keep theirs).
 
-        The soft embedding runs per element: it contracts over the vocabulary, so batching it saves nothing but
-        the table's decoding, and per element it reads the sampler's own probabilities (the cpu backend keeps
-        them). The gated MLP then runs over all those elements' rows at once.
+        The soft embedding runs per element (`self_condition`, unless the caller made it as its step ended): it
+        contracts over the vocabulary, so batching it saves nothing but the table's decoding, and per element it
+        reads the sampler step's own row statistics (the cpu backend keeps them). The gated MLP then runs over
+        all those elements' rows at once.
         """
         ops, cfg = self.ops, self.cfg
-        signals = [ops.soft_embed(logits, self.w["token_embd.weight"], cfg.embed_scale)
-                   for logits in self_cond_logits if logits is not None]
+        signals = [(s if isinstance(s, SelfCondition) else self.self_condition(s)).soft_embedding
+                   for s in self_cond if s is not None]
         if not signals:
             return x
         soft = ops.concat(*signals)
@@ -286,9 +377,9 @@ class DiffusionGemma:
         # Element by element, so a first-step element's rows stay exactly as embedded (no + 0.0 turning -0.0 to
         # +0.0): the same arithmetic as a pass of its own.
         pieces, row, signal_row = [], 0, 0
-        for size, logits in zip(sizes, self_cond_logits, strict=True):
+        for size, s in zip(sizes, self_cond, strict=True):
             piece = x[row:row + size]
-            if logits is not None:
+            if s is not None:
                 piece = piece + soft[signal_row:signal_row + size]
                 signal_row += size
             pieces.append(piece)

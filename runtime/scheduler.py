@@ -12,6 +12,8 @@ meanwhile) and loops: admit queued elements (up to `max_batch` running), drop ca
 all running elements — encoder passes where due, one batched decoder pass, one sampler step each
 (`dgrun.generate.decode_step`, the loop every generation runs). A submitted element joins at the next step; a
 finished, failed or cancelled one leaves before it. Each element's tokens are exactly those it gets alone.
+Changes to the model while it runs (LoRA scales: `set_lora_adapters`) are made by the worker between two steps,
+so no decoder pass sees half of one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dgrun.generate import MAX_BATCH, Commit, Draft, Generation, Request, Stats, _is_int, decode_step
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from dgrun.engine import GenerationOutput, Model
 
 _END = object()  # the last item of every handle's event queue
+T = TypeVar("T")
 
 
 class Handle:
@@ -114,6 +118,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._queued: deque[Handle] = deque()
         self._running: list[Handle] = []
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # for the worker, between steps
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="dgrun-scheduler", daemon=True)
         self._worker.start()
@@ -153,6 +158,27 @@ class Scheduler:
                 handle._cancel = True
                 self._wake.notify()
 
+    def between_steps(self, call: Callable[[], T]) -> T:
+        """Run `call()` on the worker between two steps (while no decoder pass is in progress) and return what it
+        returns (or raise what it raises); waits at most one step. RuntimeError once the scheduler is closed."""
+        if threading.current_thread() is self._worker:
+            return call()
+        future: Future[T] = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("this Scheduler is closed")
+            self._calls.append((call, future))
+            self._wake.notify()
+        return future.result()
+
+    def set_lora_adapters(self, entries: Sequence[dict[str, Any]]) -> None:
+        """`Model.set_lora_adapters` while the scheduler runs: the new scales apply from the next decoder pass on,
+        to every element (a running one keeps the encoder cache its prompt got under the old scales)."""
+        scales = self.model.lora_scales(entries)  # a bad entry fails here, in the caller's thread
+        lora = self.model.lora
+        if lora is not None:
+            self.between_steps(lambda: lora.set_scales(scales))
+
     def close(self) -> None:
         """Cancel every queued and running element, wait for the worker to stop, and give the Model back."""
         with self._wake:
@@ -188,11 +214,26 @@ class Scheduler:
                     return list(self._running)
                 if self._closed:
                     return None
+                if self._calls:
+                    return []  # nothing to step: just the calls
                 self._wake.wait()
+
+    def _run_calls(self) -> None:
+        with self._wake:
+            calls = list(self._calls)
+            self._calls.clear()
+        for call, future in calls:
+            try:
+                future.set_result(call())
+            except Exception as e:  # the caller gets it
+                future.set_exception(e)
 
     def _work(self) -> None:
         try:
             while (batch := self._admit()) is not None:
+                self._run_calls()
+                if not batch:
+                    continue
                 try:
                     outcomes = decode_step(self.model.graph, [h.generation for h in batch])
                 except Exception as e:  # the shared pass failed: every element in it fails
@@ -218,4 +259,10 @@ class Scheduler:
                 self._queued.clear()
             raise
         finally:
+            with self._wake:
+                self._closed = True
+                calls = list(self._calls)
+                self._calls.clear()
+            for _, future in calls:
+                future.set_exception(RuntimeError("this Scheduler is closed"))
             self.model._lock.release()

@@ -66,10 +66,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                             **ODD_LAYOUT), seed=5),
     "odd2600": dict(text=fixtures.text_config(hidden_size=2600, intermediate_size=80, moe_intermediate_size=48,
                                               **ODD_LAYOUT), seed=6),
+    # A vision tower, image tokens and the image processor's settings (tests/test_vision.py); a short context so too
+    # many images overflow it; the damped self-conditioning loop of "gen" for token-exact generation.
+    "vision": dict(text=fixtures.text_config(use_bidirectional_attention="vision", max_position_embeddings=320),
+                   seed=8, self_cond_std=0.01, vision=fixtures.vision_config(), top=fixtures.VISION_TOKEN_IDS),
     # Row widths of 256 so K-quants and NVFP4 apply (quantized-file tests).
     "quant": dict(text=fixtures.text_config(vocab_size=256, hidden_size=256, intermediate_size=256,
                                             moe_intermediate_size=64), seed=3),
 }
+
+
+@pytest.fixture(autouse=True)
+def float32_cpu_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test compares backends with the numpy reference in float32: the cpu backend's integer arithmetic
+    (on by default for quantized files) has tests of its own, which turn it on (test_int8.py, test_quantized.py)."""
+    monkeypatch.setenv("DGRUN_CPU_INT8", "0")
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +92,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoin
             from transformers import DiffusionGemmaForBlockDiffusion
 
             spec = CONFIGS[name]
-            model = fixtures.make_model(spec["text"], seed=spec["seed"], self_cond_std=spec.get("self_cond_std", 0.1))
+            model = fixtures.make_model(spec["text"], seed=spec["seed"], self_cond_std=spec.get("self_cond_std", 0.1),
+                                        vision=spec.get("vision"), **spec.get("top", {}))
             folder = fixtures.save_checkpoint(model, tmp_path_factory.mktemp(name) / "hf",
-                                              dtype=spec.get("dtype", "float32"))
+                                              dtype=spec.get("dtype", "float32"), vision_files="vision" in spec)
             if spec.get("dtype") == "bfloat16":
                 # The reference: transformers running the saved bf16 weights in float32, as loaded by users.
                 model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32).eval()

@@ -1,7 +1,8 @@
 """Batched generation and the Scheduler: every element gets exactly what it gets alone (batch invariance).
 
 No tolerance anywhere in this file: batch invariance is bit-for-bit. Each backend op must give a row the same
-bits whatever else shares the call (checked per op, in calls of 1 to 64 rows, on every backend here); then a
+bits whatever else shares the call (checked per op, in calls of 1 to 64 rows, on every backend here, and on the
+cpu backend once per float kernel set and, for a quantized file, once per int8 kernel set); then a
 batched decoder pass gives each element the logits of its own pass; then generation gives each element the
 events (every draft, every commit) of its own run, on numpy, cpu and mlx, whatever joins, leaves, stops or is
 cancelled around it, and with transformers' recorded draws replayed per element.
@@ -41,6 +42,22 @@ def _op_backends() -> list[Any]:
     return out
 
 
+def _int8_backends() -> list[str]:
+    """The cpu backend's integer arithmetic, once per int8 kernel set this CPU runs (quantized files only)."""
+    if "cpu" not in GENERATION_BACKENDS:
+        return []
+    from dgrun.backends.cpu_backend import CpuBackend
+
+    out = []
+    for name in ("avx512vnni", "avxvnni", "avx2", "generic"):
+        try:
+            CpuBackend(int8=name)
+            out.append(f"cpu-int8={name}")
+        except RuntimeError:
+            pass
+    return out
+
+
 @pytest.fixture
 def loaded(request, checkpoints, monkeypatch):
     """A model on the parametrized backend: (backend spec, outtype) → Model."""
@@ -49,7 +66,8 @@ def loaded(request, checkpoints, monkeypatch):
     if name == "cuda":
         request.getfixturevalue("gpu")  # skips without a GPU
     if isa:
-        monkeypatch.setenv("DGRUN_CPU_ISA", isa)
+        int8 = isa.startswith("int8=")
+        monkeypatch.setenv("DGRUN_CPU_INT8" if int8 else "DGRUN_CPU_ISA", isa.removeprefix("int8="))
         monkeypatch.setenv("DGRUN_THREADS", "2")  # threads split work; they must not split a row's sums
     ckpt = checkpoints["base" if outtype == "f32" else "quant"]
     with dgrun.load(ckpt.dgf(outtype), backend=name) as model:
@@ -61,7 +79,7 @@ def _bits(x: Any, ops: Any) -> np.ndarray:
     return a.view(np.uint32) if a.dtype == np.float32 else a.astype(np.int64)
 
 
-OP_CASES = [(b, t) for b in _op_backends() for t in ("f32", "q4_k_m")]
+OP_CASES = [(b, t) for b in _op_backends() for t in ("f32", "q4_k_m")] + [(b, "q4_k_m") for b in _int8_backends()]
 
 
 @pytest.mark.parametrize("loaded", OP_CASES, ids=[f"{b}-{t}" for b, t in OP_CASES], indirect=True)
@@ -100,6 +118,7 @@ def test_every_batched_op_computes_a_row_the_same_in_calls_of_any_size(loaded):
         "experts": lambda x, ids, pos: [ops.experts(x, *route(x), w[p + "ffn_gate_up_exps.weight"],
                                                     w[p + "ffn_down_exps.weight"])],
         "softcap": lambda x, ids, pos: [ops.softcap(ops.linear(x, graph.output), cfg.final_logit_softcapping)],
+        "logits": lambda x, ids, pos: [ops.logits(x, graph.output, cfg.final_logit_softcapping)],
     }
     for name, op in op_list.items():
         x, ids, pos = rows(1, 0)
@@ -112,7 +131,8 @@ def test_every_batched_op_computes_a_row_the_same_in_calls_of_any_size(loaded):
                     f"{name} (output {k}): row {at} of {n} differs from the same row alone"
 
 
-MODEL_CASES = [(b, "f32") for b in _op_backends()] + [("cpu", "q4_k_m")] * ("cpu" in GENERATION_BACKENDS)
+MODEL_CASES = ([(b, "f32") for b in _op_backends()] + [("cpu", "q4_k_m")] * ("cpu" in GENERATION_BACKENDS)
+               + [(b, "q4_k_m") for b in _int8_backends()])
 
 
 def _decode_batch_matches_decode_alone(model: Any) -> None:

@@ -74,7 +74,7 @@ REF = NumpyBackend()
 
 @pytest.fixture(params=KERNEL_SETS)
 def cpu(request):
-    return CpuBackend(threads=2, isa=request.param)
+    return CpuBackend(threads=2, isa=request.param, int8=False)
 
 
 def _weight(x: np.ndarray, ggml_type) -> CpuWeight:
@@ -280,7 +280,7 @@ def test_denoise_step(cpu, clamped):
     logits = (np.tanh(rng.normal(0, 1, (64, 5000))) * 30).astype(np.float32)
     canvas = rng.integers(0, 5000, 64)
     clamp = (np.arange(64) % 5 == 0) if clamped else None
-    ours = cpu.denoise_step(logits, canvas, 0.7, 3.0, DefaultRng(11), clamp)
+    ours = cpu.denoise_step(logits.copy(), canvas, 0.7, 3.0, DefaultRng(11), clamp)
     ref = ref_sampler.denoise_step(logits, canvas, 0.7, 3.0, DefaultRng(11), clamp)
     np.testing.assert_array_equal(ours.processed_logits, ref.processed_logits)  # one IEEE division
     np.testing.assert_array_equal(ours.argmax, ref.argmax)
@@ -288,18 +288,42 @@ def test_denoise_step(cpu, clamped):
     np.testing.assert_array_equal(ours.canvas, ref.canvas)
     np.testing.assert_array_equal(ours.accepted, ref.accepted)
     assert ours.mean_entropy == pytest.approx(ref.mean_entropy, rel=1e-5)
-    # The native inverse CDF is DefaultRng.categorical itself, given the same probabilities.
-    probs = cpu._probs[id(ours.processed_logits)][1]  # kept for the next pass's soft embedding
-    np.testing.assert_allclose(probs, ref_sampler.softmax(ref.processed_logits), rtol=16 * EPS32, atol=1e-37)
-    sampled = np.empty(64, dtype=np.int64)
-    argmax, entropy, processed, p2 = (np.empty(64, dtype=np.int64), np.empty(64, dtype=np.float32),
-                                      np.empty_like(logits), np.empty_like(logits))
-    u = DefaultRng(12).uniform(64)
-    assert cpu.lib.dg_sampler(cpu._p(logits), 64, 5000, 0.7, cpu._p(processed), cpu._p(p2),
-                              cpu._p(argmax, "int64_t *"), cpu._p(entropy), cpu._p(u, "double *"),
-                              cpu._p(sampled, "int64_t *")) == 0
-    np.testing.assert_array_equal(sampled, DefaultRng(12).categorical(p2))
-    np.testing.assert_allclose(entropy, ref_sampler.entropy(processed), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_sampler_is_in_place_and_draws_as_default_rng(cpu):
+    """The step overwrites its logits with the processed logits (no other canvas x vocab array); its native
+    inverse CDF is DefaultRng.categorical itself on the kernels' probabilities (`softmax`, made on the fly
+    with the same bits); its entropy is the reference's within 1e-5."""
+    rng = np.random.default_rng(12)
+    logits = (rng.normal(0, 4, (37, 3001)) * rng.uniform(0.1, 3, (37, 1))).astype(np.float32)
+    logits[5, 100] = 80  # a row with all its mass on one token
+    x = logits.copy()
+    result = cpu.denoise_step(x, np.zeros(37, np.int64), 0.7, 1.0, DefaultRng(12))
+    assert result.processed_logits is x
+    assert cpu._stats[id(x)][0]() is x  # its row statistics, kept for this element's next soft embedding
+    np.testing.assert_array_equal(x, logits / np.float32(0.7))
+    probs = cpu.softmax(x)
+    np.testing.assert_allclose(probs, ref_sampler.softmax(x), rtol=16 * EPS32, atol=1e-37)
+    draws = DefaultRng(12).categorical(probs)
+    argmax, entropy, sampled = np.empty(37, np.int64), np.empty(37, np.float32), np.empty(37, np.int64)
+    stats = cpu_backend.RowStats.empty(37)
+    y = logits.copy()
+    u = DefaultRng(12).uniform(37)
+    assert cpu.lib.dg_sampler(cpu._p(y), 37, 3001, 0.7, cpu._p(argmax, "int64_t *"), cpu._p(entropy),
+                              cpu._p(u, "double *"), cpu._p(sampled, "int64_t *"), 20.0, 8,
+                              *cpu._stats_args(stats)) == 0
+    np.testing.assert_array_equal(sampled, draws)
+    np.testing.assert_array_equal(argmax, x.argmax(axis=-1))
+    np.testing.assert_allclose(entropy, ref_sampler.entropy(x), rtol=1e-5, atol=1e-6)
+    # The soft embedding's split: tokens within 20 of the row's maximum, and the mass of the rest.
+    keep = x - x.max(axis=-1, keepdims=True) >= np.float32(-20.0)
+    np.testing.assert_array_equal(stats.kept_n, keep.sum(axis=-1))
+    ref_mass = np.where(keep, 0, ref_sampler.softmax(x)).sum(axis=-1, dtype=np.float64)
+    np.testing.assert_allclose(stats.mass, ref_mass, rtol=1e-5, atol=1e-300)
+    kept = stats.kept.reshape(-1)[:37 * 8].reshape(37, 8)  # max_kept 8 per row here
+    for i in np.flatnonzero(stats.kept_n <= 8):
+        np.testing.assert_array_equal(kept[i, :stats.kept_n[i]], np.flatnonzero(keep[i]))
+    assert stats.kept_n[5] == 1 and stats.mass[5] < 1e-20
 
 
 def test_denoise_step_with_another_rng_gets_the_probabilities(cpu):
@@ -307,7 +331,7 @@ def test_denoise_step_with_another_rng_gets_the_probabilities(cpu):
     logits = rng.normal(0, 4, (16, 300)).astype(np.float32)
     canvas = rng.integers(0, 300, 16)
     draws = [("categorical", rng.integers(0, 300, 16)), ("tokens", rng.integers(0, 300, 16))]
-    ours = cpu.denoise_step(logits, canvas, 1.3, 1.0, ReplayRng(draws))
+    ours = cpu.denoise_step(logits.copy(), canvas, 1.3, 1.0, ReplayRng(draws))
     ref = ref_sampler.denoise_step(logits, canvas, 1.3, 1.0, ReplayRng(draws))
     np.testing.assert_array_equal(ours.canvas, ref.canvas)
     np.testing.assert_array_equal(ours.accepted, ref.accepted)

@@ -42,7 +42,7 @@ import dgrun
 from dgrun import quants, sampler
 from dgrun.backends import BackendUnavailable, cuda_backend, get_backend
 from dgrun.backends.cuda_backend import CudaBackend, DeviceArray
-from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh, row_products
+from dgrun.backends.numpy_backend import NumpyBackend, Weight, gelu_tanh, row_products, sparse_soft_embed_row
 from dgrun.rng import DefaultRng
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ class FakeNative:
             where = f"{name} argument {i} ({ctype}): {arg!r}"
             if "*" in ctype:
                 assert isinstance(arg, (int, np.ndarray, self.ffi.CData)), where
-            elif ctype == "float":
+            elif ctype in ("float", "double"):
                 assert isinstance(arg, (int, float)) and not isinstance(arg, bool), where
             else:
                 assert isinstance(arg, (int, np.integer)) and not isinstance(arg, bool), where
@@ -213,11 +213,35 @@ class FakeNative:
         weight = self.blocks(w, ggml_type, row_bytes, out_features, tensor_scale)
         self.f32(y, n, out_features)[:] = row_products(self.f32(x, n, k), weight.T)  # row-independent, as the GPU
 
-    def _dg_soft_embed(self, logits, rows, vocab, table, ggml_type, row_bytes, tensor_scale, width, scale,
-                       out, engine) -> None:
-        probs = sampler.softmax(self.f32(logits, rows, vocab))
-        dense = self.blocks(table, ggml_type, row_bytes, vocab, tensor_scale)
-        self.f32(out, rows, width)[:] = probs @ dense * np.float32(scale)
+    def _dg_row_stats(self, logits, rows, vocab, keep_logit, max_kept, row_max, row_total, mass, kept_n,
+                      kept) -> None:
+        x = self.f32(logits, rows, vocab)
+        keep = x - x.max(axis=1, keepdims=True) >= np.float32(-keep_logit)
+        self.f32(row_max, rows)[:] = x.max(axis=1)
+        self.f32(row_total, rows)[:] = np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)
+        self.f32(mass, rows)[:] = np.where(keep, 0, sampler.softmax(x)).sum(axis=1)
+        self.i32(kept_n, rows)[:] = keep.sum(axis=1)
+        listed = self.i32(kept, rows, max_kept)
+        for r in range(rows):
+            first = np.flatnonzero(keep[r])[:max_kept]
+            listed[r, :len(first)] = first
+
+    def _dg_soft_embed(self, logits, rows, vocab, row_max, row_total, mass, kept_n, kept, max_kept, table,
+                       ggml_type, row_bytes, tensor_scale, width, scale, norm_bound, rel_tol, out, host_paths,
+                       engine) -> None:
+        """The numpy reference's soft embedding and its per-row paths (the row statistics must be there)."""
+        x = self.f32(logits, rows, vocab)
+        assert np.array_equal(self.f32(row_max, rows), x.max(axis=1)), "row statistics of other logits"
+        raw = self.view(table, np.uint8, vocab * row_bytes).reshape(vocab, row_bytes)
+        ref_table = Weight(raw, ggml_type, (vocab, width), tensor_scale if ggml_type == T.NVFP4 else None)
+        self.f32(out, rows, width)[:] = REF.soft_embed(x, ref_table, scale)
+        probs = sampler.softmax(x)
+        host_paths[:] = [-1 if sparse_soft_embed_row(r, p, ref_table, scale) is None else n
+                         for r, p, n in zip(x, probs, self.i32(kept_n, rows), strict=True)]
+
+    def _dg_max_row_norm(self, table, ggml_type, row_bytes, tensor_scale, rows, width, host_out) -> None:
+        dense = self.blocks(table, ggml_type, row_bytes, rows, tensor_scale).astype(np.float64)
+        host_out[0] = np.sqrt((dense * dense).sum(axis=1).max())
 
     def _dg_route_topk(self, logits, n, n_experts, top_k, per_expert_scale, weights, index) -> None:
         probs = sampler.softmax(self.f32(logits, n, n_experts))
@@ -265,12 +289,14 @@ class FakeNative:
     def _dg_scale(self, a, alpha, n, out) -> None:
         self.f32(out, n)[:] = self.f32(a, n) * np.float32(alpha)
 
-    def _dg_sample_step(self, logits, rows, vocab, canvas, clamp, temp, bound, seed, step, host_out) -> None:
+    def _dg_sample_step(self, logits, rows, vocab, canvas, clamp, temp, bound, seed, step, keep_logit, max_kept,
+                        row_max, row_total, mass, kept_n, kept, host_out) -> None:
         x = self.f32(logits, rows, vocab)
         fixed = None if clamp == 0 else self.view(clamp, np.uint8, rows).astype(bool)
         ids = self.i32(canvas, rows).astype(np.int64)
         result, _ = device_sampler_model(x.copy(), ids, fixed, temp, bound, seed, step)
         x[:] = result.processed_logits
+        self._dg_row_stats(logits, rows, vocab, keep_logit, max_kept, row_max, row_total, mass, kept_n, kept)
         host_out[:rows], host_out[rows:2 * rows] = result.canvas, result.argmax
         host_out[2 * rows:3 * rows] = result.accepted
         host_out[3 * rows:] = np.array([result.mean_entropy], np.float32).view(np.int32)

@@ -11,6 +11,7 @@ The kernels call exactly these inline functions, so what is pinned here holds on
   SIMD float32 tanh is up to 3 ulp off); GELU-tanh within 2 ulp of |x| of float64 and of numpy, 4 ulp for
   x > 0;
 - entropy within 2e-6 relative on short rows (sequential float32 sums vs numpy's pairwise ones);
+- the sparse soft embedding's keep / probability / accept rules against the numpy reference's;
 - Philox4x32-10 bit-exact with Random123's known answers and a numpy implementation, plus the two maps from
   random words to a uniform float and to a token id;
 - the scratch guard every kernel entry point allocates through gives everything back on every error path.
@@ -34,7 +35,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from dgrun import quants, sampler
-from dgrun.backends.numpy_backend import gelu_tanh, visible_key_range
+from dgrun.backends.numpy_backend import SPARSE_KEEP_LOGIT, gelu_tanh, visible_key_range
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4, T.NVFP4, T.IQ4_NL,
@@ -280,6 +281,32 @@ def test_entropy_matches_sampler(host):
     host.dg_host_entropy_rows(host.ptr("float *", rows), host.ptr("float *", out), *rows.shape)
     ref = sampler.entropy(rows)
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+
+
+def test_sparse_soft_embedding_rules_match_the_reference(host):
+    """The kernels' keep / probability / accept rules against numpy_backend.sparse_soft_embed_row's: the kept
+    set bit-exact (one float32 subtraction, edge values included), probabilities within 2 ulp (expf vs
+    numpy's exp), the accept test as its float64 expression."""
+    rng = np.random.default_rng(6)
+    n = 20_000
+    m = rng.normal(0, 10, n).astype(np.float32)
+    x = (m - rng.uniform(0, 40, n)).astype(np.float32)
+    x[:100] = m[:100] - SPARSE_KEEP_LOGIT  # on the edge of the window
+    x[100:200] = np.nextafter(m[100:200] - SPARSE_KEEP_LOGIT, np.float32(-np.inf))  # just outside
+    keep = np.empty(n, np.uint8)
+    host.dg_host_sparse_keep(host.ptr("float *", x), host.ptr("float *", m), float(SPARSE_KEEP_LOGIT),
+                             host.ptr("uint8_t *", keep), n)
+    np.testing.assert_array_equal(keep.astype(bool), x - m >= -SPARSE_KEEP_LOGIT)
+    total = rng.uniform(1, 100, n).astype(np.float32)
+    prob = np.empty(n, np.float32)
+    host.dg_host_softmax_prob(host.ptr("float *", x), host.ptr("float *", m), host.ptr("float *", total),
+                              host.ptr("float *", prob), n)
+    np.testing.assert_allclose(prob, np.exp(x - m) / total, rtol=2 * float(np.finfo(np.float32).eps), atol=1e-44)
+    mass, norm2 = rng.uniform(0, 1e-7, n), rng.uniform(0, 4, n)
+    accept = np.empty(n, np.uint8)
+    host.dg_host_sparse_accept(host.ptr("double *", mass), host.ptr("double *", norm2), 3.0, 2.0**-25,
+                               host.ptr("uint8_t *", accept), n)
+    np.testing.assert_array_equal(accept.astype(bool), mass * 3.0 <= 2.0**-25 * np.sqrt(norm2))
 
 
 # -- Philox ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@
     python tools/bench.py --batch 1,4 --quick      # its smoke run (what .ci/run runs)
     python tools/bench.py --presets q8_0 --long-prompt 4096,8192   # long prompts: encode + one decoder pass
     python tools/bench.py --baseline /tmp/old-dgrun ...  # also bench another checkout's dgrun package, side by side
+    python tools/bench.py --real-shape             # the released model's widths, 2 layers (a 1.6 GiB file)
+    python tools/bench.py --real-shape --layers 30 # the whole released shape (a 15 GiB file)
+    python tools/bench.py --real-shape --layers 6,12   # ... or extrapolated to 30 from two smaller files
 
 The bench model is transformers' own DiffusionGemma class with random weights (seed 0): vocab 32768, hidden 512,
 dense MLP 1024, 6 layers (5 sliding + 1 full), 8 heads, KV heads 4 (global 2), head dims 64/128, 16 experts top-4
@@ -42,6 +45,14 @@ encoder's share, the worker's peak RSS during the call (VmHWM reset before it: i
 what the warm-up left), the encoder's rise (its peak above the RSS before the call: activations, cache, new
 pages), RSS kept after the call while the cache is still referenced (VmRSS after − before), and the cache's own
 size (the bytes of its K/V arrays); then time(longest)/time(shortest) per engine and transformers ÷ dgrun.
+
+--real-shape writes a random q4_k_m file with the released model's widths (tools/make_random_dgf.py: vocab
+262,144, hidden 2816, 128 experts top-8, --layers layers) under --workdir, and times what a decoder step costs
+there: one decode pass + the sampler step + the next pass's self-conditioning input, on a 256-token canvas after
+a 64-token prompt, against one bare numpy float32 matmul of the output projection's size (256 x 2816 x 262,144)
+measured in the same run (each in its own worker, interleaved); also one encoder pass over a committed canvas,
+tokens/s at 16 steps (256 tokens / (16 steps + one encoder pass)), peak RSS against the file size, and how
+many canvas rows took the sparse soft embedding. --int8 on,off times both settings of the cpu backend.
 """
 
 from __future__ import annotations
@@ -262,8 +273,86 @@ def long_prompt_run(engine: Any, length: int) -> dict[str, Any]:
     return out
 
 
+class StepEngine:
+    """The real-shape bench's dgrun side: one decoder step at a time (decode, sampler, self-conditioning)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import numpy as np
+
+        import dgrun
+        from dgrun.rng import DefaultRng
+
+        self.np = np
+        self.model = dgrun.load(spec["path"], backend=spec["backend"])
+        self.graph, self.ops = self.model.graph, self.model.backend
+        cfg = self.graph.cfg
+        self.cache = self.graph.new_cache()
+        self.graph.encode(np.asarray(bench_prompt(cfg.vocab_size, spec["prompt_tokens"])), self.cache)
+        self.rng = DefaultRng(0)
+        self.canvas = self.rng.tokens((cfg.canvas_length,), cfg.vocab_size)
+        self.self_cond: Any = None
+        self.step()  # warm-up; and every timed step is self-conditioned, as all but a canvas's first
+
+    def info(self) -> dict[str, Any]:
+        backend = self.ops
+        return {"backend": backend.name, "isa": getattr(backend, "isa", None),
+                "int8": getattr(backend, "int8_isa", None) if getattr(backend, "int8", False) else "off",
+                "threads": getattr(backend, "threads", None)}
+
+    def step(self) -> dict[str, Any]:
+        from dgrun.sampler import temperature
+
+        start = time.perf_counter()
+        logits = self.graph.decode(self.canvas, self.cache, self.self_cond)
+        decoded = time.perf_counter()
+        result = self.ops.denoise_step(logits, self.canvas, temperature(8, 16, 0.4, 0.8), 0.1, self.rng)
+        del logits
+        self.canvas = result.canvas
+        self.self_cond = self.graph.self_condition(result.processed_logits)
+        del result
+        done = time.perf_counter()
+        paths = getattr(self.ops, "soft_embed_paths", None)
+        # One encoder pass over a committed canvas, on a copy of the cache (the prompt's stays as it is).
+        cache = self.cache.copy()
+        self.graph.encode(self.canvas, cache)
+        return {"step": done - start, "decode": decoded - start, "enc": time.perf_counter() - done,
+                "sparse_rows": None if paths is None else int((paths >= 0).sum())}
+
+
+def matmul_worker(spec: dict[str, Any]) -> None:
+    """The real-shape bench's yardstick: numpy float32 [256, hidden] @ [hidden, vocab], timed per request."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((spec["rows"], spec["hidden"]), dtype=np.float32)
+    b = rng.standard_normal((spec["vocab"], spec["hidden"]), dtype=np.float32)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if json.loads(line).get("quit"):
+            print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+            return
+        start = time.perf_counter()
+        a @ b.T
+        print(json.dumps({"step": time.perf_counter() - start}), flush=True)
+
+
 def worker(spec: dict[str, Any]) -> None:
     """Load one engine, then answer {"steps", "new_tokens"} requests with timings; {"quit": true} ends."""
+    if spec["engine"] == "matmul":
+        matmul_worker(spec)
+        return
+    if spec["engine"] == "step":
+        os.environ["DGRUN_THREADS"] = str(spec["threads"])
+        if spec.get("int8") is not None:
+            os.environ["DGRUN_CPU_INT8"] = spec["int8"]
+        engine = StepEngine(spec)
+        print(json.dumps({"ready": True, **engine.info()}), flush=True)
+        for line in sys.stdin:
+            if json.loads(line).get("quit"):
+                print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+                return
+            print(json.dumps(engine.step()), flush=True)
+        return
     baseline = current_rss_mb()
     if spec["engine"] == "dgrun":
         os.environ["DGRUN_THREADS"] = str(spec["threads"])
@@ -450,15 +539,16 @@ def render_table(lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    def rat(x: float | None) -> str:
-        return "" if x is None else f"({x:.2f}x)"
+def _rat(x: float | None) -> str:
+    return "" if x is None else f"({x:.2f}x)"
 
+
+def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["engine", "file MiB", "steps", "tok/s", "", "best", "ms/pass", "", "ms/enc", "", "peak RSS MiB", ""]
     return render_table([head] + [
-        [r["engine"], _num(r["file_mb"], ".1f"), str(r["steps"]), _num(r["tok_s"], ".1f"), rat(r.get("tok_s_ratio")),
-         _num(r.get("tok_s_best"), ".1f"), _num(r["ms_pass"], ".1f"), rat(r.get("ms_pass_ratio")),
-         _num(r["ms_enc"], ".1f"), rat(r.get("ms_enc_ratio")), _num(r["peak_rss_mb"], ".0f"), rat(r.get("rss_ratio"))]
+        [r["engine"], _num(r["file_mb"], ".1f"), str(r["steps"]), _num(r["tok_s"], ".1f"), _rat(r.get("tok_s_ratio")),
+         _num(r.get("tok_s_best"), ".1f"), _num(r["ms_pass"], ".1f"), _rat(r.get("ms_pass_ratio")),
+         _num(r["ms_enc"], ".1f"), _rat(r.get("ms_enc_ratio")), _num(r["peak_rss_mb"], ".0f"), _rat(r.get("rss_ratio"))]
         for r in rows])
 
 
@@ -474,25 +564,20 @@ def batch_report(workers: list[Worker], batches: list[int], steps: int, info: di
             row["ms_pass_element"] = None if row["ms_pass"] is None else row["ms_pass"] / b
             row["ms_pass_cpu_element"] = None if row["ms_pass_cpu"] is None else row["ms_pass_cpu"] / b
             rows.append(row)
-    if as_json:
-        print(json.dumps({"machine": info, "rows": rows}, indent=2))
-        return
-
-    def rat(x: float | None) -> str:
-        return "" if x is None else f"({x:.2f}x)"
-
     head = ["engine", "batch", "tok/s", "", "best", "tok/cpu-s", "", "ms/pass", "ms/pass/elem", "cpu ms/pass/elem"]
-    print(f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
-          f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
-          f"(kernels: {info['dgrun_kernels']})")
-    print(render_table([head] + [
-        [r["engine"], str(r["batch"]), _num(r["tok_s"], ".1f"), rat(r["tok_s_ratio"]), _num(r["tok_s_best"], ".1f"),
-         _num(r["tok_cpu_s"], ".1f"), rat(r["tok_cpu_s_ratio"]), _num(r["ms_pass"], ".1f"),
-         _num(r["ms_pass_element"], ".1f"), _num(r["ms_pass_cpu_element"], ".1f")] for r in rows]))
-    peaks = ", ".join(f"{w.label} {_num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
-    print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s and "
-          "cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
-          f"peak RSS, reached at the largest batch: {peaks})")
+    title = (f"# {info['cpu']}, {info['threads']} threads; {info['prompt_tokens']}-token prompts, {info['new_tokens']} "
+             f"new tokens per element, {steps} steps, median of {info['reps']}; dgrun backend {info['backend']} "
+             f"(kernels: {info['dgrun_kernels']})")
+    table = render_table([head] + [
+        [r["engine"], str(r["batch"]), _num(r["tok_s"], ".1f"), _rat(r["tok_s_ratio"]), _num(r["tok_s_best"], ".1f"),
+         _num(r["tok_cpu_s"], ".1f"), _rat(r["tok_cpu_s_ratio"]), _num(r["ms_pass"], ".1f"),
+         _num(r["ms_pass_element"], ".1f"), _num(r["ms_pass_cpu_element"], ".1f")] for r in rows])
+    report(as_json, info, "rows", rows, title, table)
+    if not as_json:
+        peaks = ", ".join(f"{w.label} {_num(w.peak_rss_mb, '.0f')} MiB" for w in workers)
+        print(f"(ratios: to batch {batches[0]}; ms/pass is one decoder pass over all the batch's canvases; tok/cpu-s "
+              "and cpu ms count the worker's CPU time, all threads, so they hold when other tenants share the cores; "
+              f"peak RSS, reached at the largest batch: {peaks})")
 
 
 def long_prompt_rows(workers: list[Worker], lengths: list[int]) -> list[dict[str, Any]]:
@@ -537,6 +622,120 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
+def real_shape_file(workdir: Path, layers: int, rebuild: bool, log: Any) -> Path:
+    """The random q4_k_m file of the released widths with `layers` layers, written on first use."""
+    sys.path.insert(0, str(TOOLS))
+    import make_random_dgf
+
+    path = workdir / f"real-{layers}L-q4_k_m.dgf"
+    if rebuild or not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        log(f"writing {path} (q4_k_m, {layers} layers, the released widths) ...")
+        make_random_dgf.write_random_dgf(path, "q4_k_m", layers, make_random_dgf.RELEASED["vocab_size"])
+    return path
+
+
+def linear_fit(xs: list[float], ys: list[float], at: float) -> float:
+    """The least-squares line through (xs, ys), evaluated at `at`."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y + slope * (at - mean_x)
+
+
+def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -> None:
+    """--real-shape: the released widths' decoder step against the bare output-projection matmul (see above)."""
+    sys.path.insert(0, str(TOOLS))
+    import make_random_dgf
+
+    released = make_random_dgf.RELEASED
+    hidden, vocab, canvas = released["hidden_size"], released["vocab_size"], released["canvas_length"]
+    layer_counts = [int(x) for x in str(args.layers).split(",")]
+    settings = [s.strip() for s in args.int8.split(",")] if args.int8 else [None]
+    workers = []
+    for layers in layer_counts:
+        path = real_shape_file(args.workdir, layers, args.rebuild, log)
+        for setting in settings:
+            label = f"{layers} layers" + ("" if setting is None else f" int8 {setting}")
+            workers.append(Worker(label, {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
+                                          "prompt_tokens": args.prompt_tokens, "int8": setting, "layers": layers},
+                                  path.stat().st_size / 2**20))
+    if not args.no_matmul:
+        workers.append(Worker("numpy matmul", {"engine": "matmul", "rows": canvas, "hidden": hidden,
+                                               "vocab": vocab, "threads": threads}, None))
+    reps = args.reps or 3
+    try:
+        for w in workers:
+            w.ready()
+        log(f"{len(workers)} workers ready; {reps} interleaved rep(s), {threads} threads")
+        for rep in range(reps):
+            for w in workers[rep % len(workers):] + workers[:rep % len(workers)]:
+                result = w.run(0, 0)
+                log(f"  rep {rep + 1} {w.label:<22} {result['step']:8.2f} s")
+    finally:
+        for w in workers:
+            try:
+                w.quit()
+            except Exception:
+                w.proc.kill()
+
+    def med(w: Worker, key: str) -> float:
+        return statistics.median(r[key] for r in w.runs[0])
+
+    bare = None if args.no_matmul else med(workers[-1], "step")
+    rows = []
+    for w in workers:
+        if w.spec["engine"] != "step":
+            continue
+        step, enc, peak, file_mb = med(w, "step"), med(w, "enc"), w.peak_rss_mb or 0.0, w.file_mb or 0.0
+        rows.append({"engine": w.label, "layers": w.spec["layers"], "int8": w.spec["int8"], "info": w.info,
+                     "step_s": step, "decode_s": med(w, "decode"), "enc_s": enc,
+                     "step_vs_matmul": None if bare is None else step / bare,
+                     "tok_s_16_steps": canvas / (16 * step + enc), "peak_rss_mb": peak, "file_mb": file_mb,
+                     "rss_over_file_gib": (peak - file_mb) / 1024, "sparse_rows": w.runs[0][-1].get("sparse_rows"),
+                     "steps": [r["step"] for r in w.runs[0]]})
+    target = released["num_hidden_layers"]
+    extrapolated = []
+    for setting in settings:
+        fit = [r for r in rows if r["int8"] == setting]
+        if len({r["layers"] for r in fit}) < 2 or any(r["layers"] == target for r in fit):
+            continue
+        xs = [float(r["layers"]) for r in fit]
+        step = linear_fit(xs, [r["step_s"] for r in fit], target)
+        enc = linear_fit(xs, [r["enc_s"] for r in fit], target)
+        extrapolated.append({
+            "engine": f"{target} layers (fit to {', '.join(str(r['layers']) for r in fit)})"
+                      + ("" if setting is None else f" int8 {setting}"),
+            "step_s": step, "enc_s": enc, "step_vs_matmul": None if bare is None else step / bare,
+            "tok_s_16_steps": canvas / (16 * step + enc),
+            "file_mb": linear_fit(xs, [r["file_mb"] for r in fit], target),
+            "peak_rss_mb": linear_fit(xs, [r["peak_rss_mb"] for r in fit], target)})
+    machine = {**machine_info(), "threads": threads, "reps": reps, "matmul_s": bare,
+               "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    for r in extrapolated:
+        r["extrapolated"] = True
+    title = (f"# {machine['cpu']}, {threads} threads; the released widths, q4_k_m, random weights; "
+             f"{args.prompt_tokens}-token prompt, canvas {canvas}; median of {reps}; load average at the end "
+             f"{machine['load_average'] or 0:.1f}")
+    if bare is not None:
+        title += f"\nbare numpy float32 matmul {canvas} x {hidden} x {vocab}: {bare:.2f} s"
+    report(args.json, machine, "real_shape", rows + extrapolated, title, format_real_shape_table(rows + extrapolated,
+                                                                                               canvas))
+    if not args.json:
+        print("(goals on 2 layers: step <= 1.6x the matmul, peak RSS <= file + 0.6 GiB; tok/s @16 = 256 tokens per "
+              "16 steps and one encoder pass)")
+
+
+def format_real_shape_table(rows: list[dict[str, Any]], canvas: int) -> str:
+    head = ["file", "GiB", "step s", "x matmul", "decode s", "enc s", "tok/s @16", "peak RSS GiB", "RSS - file",
+            "sparse rows"]
+    return render_table([head] + [
+        [r["engine"], f"{r['file_mb'] / 1024:.2f}", _num(r["step_s"], ".2f"), _num(r["step_vs_matmul"], ".2f"),
+         _num(r.get("decode_s"), ".2f"), _num(r["enc_s"], ".2f"), _num(r["tok_s_16_steps"], ".2f"),
+         f"{r['peak_rss_mb'] / 1024:.2f}", f"{(r['peak_rss_mb'] - r['file_mb']) / 1024:.2f}",
+         "-" if r.get("sparse_rows") is None else f"{r['sparse_rows']}/{canvas}"]
+        for r in rows])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark dgrun against transformers on the CPU.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -560,6 +759,12 @@ def main(argv: list[str] | None = None) -> None:
                                               "per length instead of generating")
     parser.add_argument("--baseline", type=Path, help="a folder holding another checkout's `dgrun` package (e.g. "
                                                        "symlinks to its runtime/, backends/): benched beside this one")
+    parser.add_argument("--real-shape", action="store_true",
+                        help="the released model's widths: decoder step vs the bare output-projection matmul")
+    parser.add_argument("--layers", default="2", help="with --real-shape: layers of the file, or several "
+                        "(e.g. 6,12: timed side by side, and the released 30 extrapolated; default 2)")
+    parser.add_argument("--int8", help="with --real-shape: cpu int8 settings to time side by side, e.g. on,off")
+    parser.add_argument("--no-matmul", action="store_true", help="with --real-shape: skip the numpy matmul")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
@@ -594,6 +799,9 @@ def main(argv: list[str] | None = None) -> None:
             log(f"note: {e}; benchmarking the numpy backend instead")
             backend = "numpy"
 
+    if args.real_shape:
+        real_shape(args, backend, threads, log)
+        return
     if args.model:
         files = {args.model.stem: args.model}
         hf = args.hf

@@ -52,12 +52,51 @@ def text_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+# A small vision tower: position table kept short (the released one has 10,240 entries per axis) so files stay small.
+DEFAULT_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
+
+
+def vision_config(**overrides: Any) -> dict[str, Any]:
+    """A Gemma 4 vision tower small enough for tests that still has every part the released one has: several
+    layers and heads, 8-pixel patches pooled 2x2, standardization, a position table big enough for the
+    processor's 70-token budget at moderate aspect ratios."""
+    cfg = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=2,
+               position_embedding_size=64, standardize=True)
+    cfg.update(overrides)
+    return cfg
+
+
+# Token ids of the vision fixtures' tokenizer (`train_bpe_tokenizer`): its special tokens come first.
+VISION_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|image>", "<image|>", "<|image|>"]
+VISION_TOKEN_IDS = dict(boi_token_id=4, eoi_token_id=5, image_token_id=6)
+# The image processor settings of the vision fixtures (what a checkpoint's preprocessor_config.json holds).
+VISION_PREPROCESSOR = dict(image_processor_type="Gemma4ImageProcessor", patch_size=8, pooling_kernel_size=2,
+                           max_soft_tokens=70, do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
+                           do_normalize=False, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0],
+                           do_convert_rgb=True)
+# A Gemma-like template that places one image token per image content part, as Gemma 4's template does.
+VISION_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, embed_std: float = 1.0,
-               self_cond_std: float = 0.1, tie_word_embeddings: bool = True) -> Any:
+               self_cond_std: float = 0.1, tie_word_embeddings: bool = True, vision: dict[str, Any] | None = None,
+               **top: Any) -> Any:
     """A `DiffusionGemmaForBlockDiffusion` with random, non-trivial weights (float32).
 
     `tie_word_embeddings=False` unties everything transformers ties: lm_head and the encoder's copies of the
     decoder's weights then get random values of their own.
+
+    `vision` (see `vision_config`) gives the model a vision tower with random weights of its own (norms,
+    position table and standardization included); without it the default small tower keeps transformers'
+    initial weights. `top` sets other top-level config keys (the image token ids).
 
     `self_cond_std` scales the self-conditioning MLP. Random networks are chaotic under their own
     self-conditioning feedback: a 4e-6 float32 rounding difference (transformers' own f32-vs-f64 error on
@@ -68,11 +107,8 @@ def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, emb
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
-    config = DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, head_dim=8),
-        canvas_length=canvas_length, tie_word_embeddings=tie_word_embeddings)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision or DEFAULT_VISION,
+                                  canvas_length=canvas_length, tie_word_embeddings=tie_word_embeddings, **top)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
 
@@ -80,8 +116,15 @@ def make_model(text: dict[str, Any], canvas_length: int = 16, seed: int = 0, emb
         return torch.rand(shape, generator=generator) * (high - low) + low
 
     with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if vision is not None and name.endswith(("std_bias", "std_scale")):
+                buffer.copy_(rand(tuple(buffer.shape), 0.5, 1.5) if name.endswith("scale")
+                             else torch.randn(tuple(buffer.shape), generator=generator))
         for name, param in model.named_parameters():
-            if "vision" in name:
+            if "vision" in name and vision is None:
+                continue
+            if name.endswith("position_embedding_table"):
+                param.normal_(0.0, 0.5, generator=generator)
                 continue
             if name.endswith("embed_tokens.weight"):
                 param.normal_(0.0, embed_std, generator=generator)
@@ -109,9 +152,28 @@ def train_sentencepiece(out_dir: Path, vocab_size: int) -> Path:
     return out_dir / "tokenizer.model"
 
 
+def train_bpe_tokenizer(out_dir: Path, vocab_size: int, special_tokens: list[str]) -> Path:
+    """A tiny HF tokenizer.json (BPE, Metaspace) whose first ids are `special_tokens`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    tok.train_from_iterator([*SAMPLE_TEXT, "\n"], trainers.BpeTrainer(vocab_size=vocab_size,
+                                                                     special_tokens=special_tokens))
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir / "tokenizer.json"
+
+
 def save_checkpoint(model: Any, out_dir: Path, *, tokenizer: bool = True, dtype: str = "float32",
-                    generation: dict[str, Any] | None = None, chat_template: str | None = None) -> Path:
-    """`save_pretrained` (optionally as bf16), plus a SentencePiece tokenizer and a generation_config.json."""
+                    generation: dict[str, Any] | None = None, chat_template: str | None = None,
+                    vision_files: bool = False) -> Path:
+    """`save_pretrained` (optionally as bf16), plus a SentencePiece tokenizer and a generation_config.json.
+
+    `vision_files`: instead, the files of a multimodal checkpoint: a tokenizer.json whose special tokens include
+    the image tokens (`VISION_SPECIALS`, named in tokenizer_config.json as Gemma 4's are), the vision chat
+    template, and the image processor's preprocessor_config.json."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,13 +182,47 @@ def save_checkpoint(model: Any, out_dir: Path, *, tokenizer: bool = True, dtype:
     model.save_pretrained(out_dir)
     gen = {"eos_token_id": [1], "pad_token_id": 0, **(generation or {})}
     (out_dir / "generation_config.json").write_text(json.dumps(gen))
-    if tokenizer:
+    if vision_files:
+        train_bpe_tokenizer(out_dir, min(model.config.text_config.vocab_size, 120), VISION_SPECIALS)
+        (out_dir / "tokenizer_config.json").write_text(json.dumps({
+            "add_bos_token": True, "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+            "unk_token": "<unk>", "chat_template": chat_template or VISION_CHAT_TEMPLATE,
+            "extra_special_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"}}))
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(VISION_PREPROCESSOR))
+    elif tokenizer:
         train_sentencepiece(out_dir, min(model.config.text_config.vocab_size, 128))
         tok_cfg: dict[str, Any] = {"add_bos_token": True}
         if chat_template:
             tok_cfg["chat_template"] = chat_template
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return out_dir
+
+
+def gemma4_processor(folder: Path, chat_template: str | None = None) -> Any:
+    """transformers' `Gemma4Processor` (the processor of record for DiffusionGemma) over a vision checkpoint's
+    tokenizer and image processor. Built without its audio and video parts: the video processor needs
+    torchvision, which images never touch."""
+    from transformers import AutoImageProcessor, Gemma4Processor, PreTrainedTokenizerFast
+    from transformers.processing_utils import ProcessorMixin
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    specials = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token",
+                                             "extra_special_tokens")}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **specials)
+
+    class ImageProcessorOnly(Gemma4Processor):
+        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None):
+            # Gemma4Processor.__init__'s attributes, without the video token it adds and the audio parts.
+            self.image_seq_length, self.image_token_id = 280, tokenizer.image_token_id
+            self.boi_token, self.eoi_token, self.image_token = tokenizer.boi_token, tokenizer.eoi_token, \
+                tokenizer.image_token
+            self.video_token, self.video_token_id, self.audio_token, self.audio_token_id = None, -1, None, -2
+            self.boa_token, self.eoa_token = "<boa>", "<eoa>"  # validate_inputs requires them to be set
+            ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=chat_template)
+
+    return ImageProcessorOnly(AutoImageProcessor.from_pretrained(folder), tokenizer,
+                              chat_template or config["chat_template"])
 
 
 @contextmanager

@@ -6,11 +6,13 @@
 
 Seeds are valid files: some written by gguf-py's `GGUFWriter`, most generated at random by the small
 serializer below (random metadata of every value type, random tensors of every ggml type, random alignment, and
-often DiffusionGemma's own keys under dgrun's and the llama.cpp fork's names with plausible or broken values),
+often DiffusionGemma's own keys under dgrun's and the llama.cpp fork's names with plausible or broken values,
+sometimes the vision tower's `clip.vision.*` / `dgrun.vision.*` keys and the tensors whose shapes it reads),
 which records the offset of every integer field so mutations can hit counts, lengths, dims, types and offsets
 on purpose instead of by luck; real model files given with `--seed-file` are mutated byte-wise too. Each mutant
 is opened, every metadata value touched, and `raw()` (and `array()` where it applies) read for every tensor;
-then what a model load reads from the header is built: the config, the generation defaults and the tokenizer.
+then what a model load reads from the header is built: the config, the generation defaults, the tokenizer, the
+image token ids and the vision tower's config.
 A failure is any exception other than `FormatError` (`ConfigError` from the config), an accepted file whose
 tensor table breaks an invariant or disagrees with gguf-py's reader, a file taking over a second, or max-RSS
 growth past a small bound. Failing inputs are printed as base64 and saved under `--out`.
@@ -44,6 +46,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 from dgrun.config import METADATA_KEYS, PEER_SAMPLER_KEYS, ROPE_FREQS_TENSOR, ConfigError, GenerationConfig, ModelConfig
 from dgrun.format import FormatError, GGUFFile
 from dgrun.tokenizer import Tokenizer
+from dgrun.vision import PROJECTOR_TYPE, VISION_METADATA_KEYS, ImageTokens, VisionConfig
 
 SLOW_S = 1.0  # a single file taking longer than this is a failure
 HANG_S = 10.0  # a hard timer interrupts the reader after this (only possible on the main thread)
@@ -195,6 +198,17 @@ _MODEL_SCALARS += [("diffusion-gemma.attention.causal", BOOL, [0, 1]), ("tokeniz
                    ("diffusion-gemma.rope.dimension_count", UINT32, [2, 4, 8]),
                    ("diffusion-gemma.rope.dimension_count_swa", UINT32, [2, 4]),
                    ("tokenizer.ggml.bos_token_id", UINT32, [0, 2, 999]), ("tokenizer.ggml.add_bos_token", BOOL, [0, 1])]
+# The vision tower's keys (llama.cpp's clip.vision.* and dgrun's) and the text model's image token ids.
+_VISION_SCALARS = [(key, {int: UINT32, float: FLOAT32, str: STRING, bool: BOOL}[kind],
+                    {int: [0, 1, 2, 4, 8, 70, 280, 2**31], float: [1e-6, 1 / 255, 100.0, -1.0, float("nan")],
+                     str: ["gelu_pytorch_tanh", "relu"], bool: [0, 1]}[kind])
+                   for key, kind in VISION_METADATA_KEYS.values() if kind is not list]
+_VISION_SCALARS += [(key, UINT32, [0, 1, 4, 2**31]) for key in ("diffusion-gemma.image_token_id",
+                                                                 "diffusion-gemma.boi_token_id",
+                                                                 "diffusion-gemma.eoi_token_id")]
+_VISION_SCALARS += [("clip.vision.projector_type", STRING, [PROJECTOR_TYPE, "gemma3", ""]),
+                    ("diffusion-gemma.use_bidirectional_attention", STRING, ["vision", ""])]
+_VISION_TENSORS = ["v.blk.0.attn_q.weight", "v.blk.0.attn_k.weight", "v.position_embd.weight"]
 _GEMMA4_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "▁", "\n", "<0x41>"]
 
 
@@ -208,6 +222,11 @@ def _model_keys(rng: random.Random) -> list[tuple[str, int, Any]]:
                     (BOOL, [rng.randint(0, 1) for _ in range(layers)])))
         kvs.append(("diffusion-gemma.attention.head_count_kv", ARRAY,
                     (INT32, [rng.randint(0, 2) for _ in range(layers)])))
+    if rng.random() < 0.3:
+        kvs += [(key, vtype, rng.choice(values)) for key, vtype, values in _VISION_SCALARS if rng.random() < keep]
+        for key, _ in (VISION_METADATA_KEYS["image_mean"], VISION_METADATA_KEYS["image_std"]):
+            values = [rng.choice([0.5, 0.0, float("inf")]) for _ in range(rng.choice([3, 3, 1]))]
+            kvs.append((key, ARRAY, (FLOAT32, values)))
     if rng.random() < 0.5:
         tokens = _GEMMA4_TOKENS[: rng.randint(1, len(_GEMMA4_TOKENS))]
         kvs.append(("tokenizer.ggml.tokens", ARRAY, (STRING, tokens)))
@@ -232,7 +251,7 @@ def random_spec(rng: random.Random) -> Spec:
         spec.kvs += _model_keys(rng)
     rng.shuffle(spec.kvs)
     offset = 0
-    names = ["token_embd.weight", ROPE_FREQS_TENSOR] if rng.random() < 0.5 else []
+    names = rng.choice([["token_embd.weight", ROPE_FREQS_TENSOR], _VISION_TENSORS, []])
     for i in range(rng.randint(0, 5)):
         gtype, (block, type_size) = rng.choice(_TYPES)
         n_dims = rng.randint(0 if block == 1 else 1, 4)
@@ -501,9 +520,12 @@ def _read_all(f: GGUFFile) -> None:
 def _load_model_header(f: GGUFFile) -> None:
     """What loading a DiffusionGemma reads before its weights: config, generation defaults and tokenizer."""
     if f.get("general.architecture") == "diffusion-gemma":
-        ModelConfig.from_file(f)
+        cfg = ModelConfig.from_file(f)
         GenerationConfig.from_metadata(f.metadata)
         Tokenizer.from_file(f)
+        ImageTokens.from_metadata(f.metadata, cfg.vocab_size)
+    if "clip.vision.projector_type" in f.metadata:
+        VisionConfig.from_metadata(f.metadata, f.tensors)
 
 
 def _check_accepted(f: GGUFFile) -> None:

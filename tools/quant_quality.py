@@ -1,5 +1,7 @@
 """How much each quantization preset moves the decoder's output: relative L2 error of the logits, KL divergence
-and top-1 agreement against the float32 file of the same checkpoint, on the numpy reference backend.
+and top-1 agreement against the float32 file of the same checkpoint, on the numpy reference backend (float32
+arithmetic) and, where the cpu backend runs, with its integer arithmetic on (activations quantized to int8 per 32
+values, as ggml does: the "int8" columns, on by default there).
 
     python tools/quant_quality.py CHECKPOINT_DIR            # converts to every preset in a temp folder
     python tools/quant_quality.py --f32 a.dgf b.dgf c.dgf   # compare given files against a float32 file
@@ -8,8 +10,11 @@ and top-1 agreement against the float32 file of the same checkpoint, on the nump
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +33,45 @@ class Quality:
     rel_l2: float
     kl: float
     top1: float
+    int8: tuple[float, float, float] | None = None  # (rel L2, KL, top-1) with the cpu backend's int8 arithmetic
 
 
-def decoder_logits(path: Path, prompt: np.ndarray, canvas: np.ndarray) -> np.ndarray:
-    """Logits of the second decoder step (self-conditioned on the first), so both decoder paths are covered."""
-    with dgrun.load(path, backend="numpy") as model:
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def int8_kernels() -> str | None:
+    """The cpu backend's int8 kernel set, or None where the cpu backend does not run."""
+    try:
+        from dgrun.backends.cpu_backend import CpuBackend
+
+        return CpuBackend(int8=True).int8_isa
+    except (ImportError, RuntimeError):
+        return None
+
+
+def decoder_logits(path: Path, prompt: np.ndarray, canvas: np.ndarray, backend: str = "numpy") -> np.ndarray:
+    """Logits of the second decoder step (self-conditioned on the first), so both decoder paths are covered;
+    backend "cpu-int8" is the cpu backend with its integer arithmetic on."""
+    if backend == "cpu-int8":
+        with _environment(DGRUN_CPU_INT8="1"):
+            return decoder_logits(path, prompt, canvas, "cpu")
+    with dgrun.load(path, backend=backend) as model:
         cache = model.graph.new_cache()
         model.graph.encode(prompt, cache)
         first = model.graph.decode(canvas, cache, None)
-        return model.graph.decode(canvas, cache, first / np.float32(0.8))
+        return np.asarray(model.graph.decode(canvas, cache, first / np.float32(0.8)))
 
 
 def compare(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, float]:
@@ -48,8 +83,9 @@ def compare(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, fl
     return rel, kl, top1
 
 
-def measure(files: dict[str, Path], f32: Path, seed: int = 0) -> list[Quality]:
-    """Quality of each file against the float32 file, on a seeded prompt and canvas."""
+def measure(files: dict[str, Path], f32: Path, seed: int = 0, int8: bool = False) -> list[Quality]:
+    """Quality of each file against the float32 file, on a seeded prompt and canvas; with `int8` (and the cpu
+    backend here) also with the cpu backend's integer arithmetic."""
     with dgrun.load(f32, backend="numpy") as model:
         vocab, canvas_length = model.config.vocab_size, model.config.canvas_length
     rng = np.random.default_rng(seed)
@@ -60,7 +96,10 @@ def measure(files: dict[str, Path], f32: Path, seed: int = 0) -> list[Quality]:
         with dgrun.format.GGUFFile(path) as f:
             weights = [t for t in f.tensors.values() if not t.name.startswith("tokenizer.")]
             bits = 8 * sum(t.nbytes for t in weights) / sum(t.n_elements for t in weights)
-        out.append(Quality(outtype, bits, *compare(reference, decoder_logits(path, prompt, canvas))))
+        quality = Quality(outtype, bits, *compare(reference, decoder_logits(path, prompt, canvas)))
+        if int8:
+            quality.int8 = compare(reference, decoder_logits(path, prompt, canvas, "cpu-int8"))
+        out.append(quality)
     return out
 
 
@@ -79,8 +118,14 @@ def convert_all(checkpoint: Path, workdir: Path, outtypes: list[str]) -> dict[st
 
 
 def format_table(rows: list[Quality]) -> str:
-    lines = [f"{'outtype':<10} {'bits/w':>7} {'rel L2':>9} {'KL (nats)':>10} {'top-1':>7}"]
-    lines += [f"{r.outtype:<10} {r.bits_per_weight:>7.2f} {r.rel_l2:>9.2e} {r.kl:>10.2e} {r.top1:>7.1%}" for r in rows]
+    int8 = any(r.int8 is not None for r in rows)
+    head = f"{'outtype':<10} {'bits/w':>7} {'rel L2':>9} {'KL (nats)':>10} {'top-1':>7}"
+    lines = [head + (f"   {'int8: rel L2':>12} {'KL':>9} {'top-1':>7}" if int8 else "")]
+    for r in rows:
+        line = f"{r.outtype:<10} {r.bits_per_weight:>7.2f} {r.rel_l2:>9.2e} {r.kl:>10.2e} {r.top1:>7.1%}"
+        if r.int8 is not None:
+            line += f"   {r.int8[0]:>12.2e} {r.int8[1]:>9.2e} {r.int8[2]:>7.1%}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -89,19 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", type=Path, help="a checkpoint folder, or .dgf files with --f32")
     parser.add_argument("--f32", type=Path, help="the float32 .dgf to compare the given files against")
     parser.add_argument("--outtypes", default=",".join(PRESETS), help="presets to convert a checkpoint to")
+    parser.add_argument("--no-int8", action="store_true", help="leave out the cpu backend's int8 columns")
     args = parser.parse_args(argv)
+    kernels = None if args.no_int8 else int8_kernels()
     unknown = set(args.outtypes.split(",")) - set(PRESETS)
     if unknown:
         parser.error(f"unknown preset(s) {', '.join(sorted(unknown))}; choose from {', '.join(PRESETS)}")
     if args.f32:
-        rows = measure({p.stem: p for p in args.inputs}, args.f32)
+        rows = measure({p.stem: p for p in args.inputs}, args.f32, int8=kernels is not None)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             files = convert_all(args.inputs[0], Path(tmp), args.outtypes.split(","))
             f32 = convert_all(args.inputs[0], Path(tmp), ["f32"])
             if "f32" not in f32:
                 return 2
-            rows = measure(files, f32["f32"])
+            rows = measure(files, f32["f32"], int8=kernels is not None)
+    if kernels is not None:
+        print(f"# int8 columns: the cpu backend's integer arithmetic, kernel set {kernels} (types it does not take "
+              "multiply in float32)")
     print(format_table(rows))
     return 0
 

@@ -28,7 +28,7 @@ from typing import Any
 
 NATIVE_CPU = Path(__file__).resolve().parent
 HEADER = NATIVE_CPU / "dg_cpu.h"
-SOURCES = ["dg_cpu.c", "dg_kernels.c"]
+SOURCES = ["dg_cpu.c", "dg_kernels.c", "dg_int8.c"]
 DEPENDS = ["dg_cpu.h", "dg_internal.h", "dg_quants_iq.h", "dg_iq_tables.h", "build.py"]
 LIB_NAME = "libdgcpu.dylib" if sys.platform == "darwin" else "libdgcpu.so"
 # No -ffast-math: -inf masks, NaN checks and IEEE division must behave. Contraction into FMA is fine.
@@ -36,6 +36,17 @@ BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fno-math-errno", "-ffp-contract=fa
 X86_KERNEL_SETS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+# dg_int8.c's sets (integer dot products): VNNI in 256-bit registers, or AVX2's vpmaddubsw.
+X86_INT8_SETS = {
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    "avxvnni": ["-mavxvnni", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+# ... and on arm64: USDOT (u8 x s8, i8mm) or SDOT (s8 x s8, dotprod).
+ARM_INT8_SETS = {
+    "i8mm": ["-march=armv8.6-a+i8mm+dotprod"],
+    "dotprod": ["-march=armv8.2-a+dotprod"],
 }
 
 
@@ -58,10 +69,19 @@ def find_compiler() -> str | None:
     return None
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def kernel_sets() -> dict[str, list[str]]:
     """Kernel set name → extra compiler flags, for this machine's architecture (generic always last)."""
-    sets = dict(X86_KERNEL_SETS) if platform.machine().lower() in ("x86_64", "amd64") else {}
-    return {**sets, "generic": []}
+    return {**(X86_KERNEL_SETS if _x86() else {}), "generic": []}
+
+
+def int8_sets() -> dict[str, list[str]]:
+    """dg_int8.c's kernel sets → extra compiler flags, as `kernel_sets`."""
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    return {**(X86_INT8_SETS if _x86() else ARM_INT8_SETS if arm else {}), "generic": []}
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -94,7 +114,8 @@ def cache_key(cc: str) -> str:
     h = hashlib.sha256()
     for name in [*SOURCES, *DEPENDS]:
         h.update(name.encode() + b"\0" + (NATIVE_CPU / name).read_bytes())
-    h.update(repr((BASE_FLAGS, kernel_sets(), _compiler_version(cc), platform.machine(), sys.platform)).encode())
+    h.update(repr((BASE_FLAGS, kernel_sets(), int8_sets(), _compiler_version(cc), platform.machine(),
+                   sys.platform)).encode())
     return h.hexdigest()[:16]
 
 
@@ -117,20 +138,22 @@ def build(out_dir: Path, cc: str | None = None, quiet: bool = True) -> Path:
         if not omp and not quiet:
             print(f"dgrun: {cc} has no OpenMP; the cpu kernels will run on one thread", file=sys.stderr)
         objects, defines = [], []
-        for name, flags in kernel_sets().items():
-            obj = work / f"dg_kernels_{name}.o"
-            cmd = [cc, *BASE_FLAGS, *omp, *flags, f"-DDG_ISA_{name.upper()}", "-c",
-                   str(NATIVE_CPU / "dg_kernels.c"), "-o", str(obj)]
-            proc = _run(cmd)
-            if proc.returncode:
-                if name == "generic":
-                    raise BuildError(f"compiling the cpu kernels failed:\n{' '.join(cmd)}\n{proc.stderr}")
-                if not quiet:  # an old compiler without this instruction set: the others still work
-                    print(f"dgrun: skipping the {name} kernels ({cc} cannot build them)", file=sys.stderr)
-                continue
-            objects.append(obj)
-            if name != "generic":
-                defines.append(f"-DDG_HAVE_{name.upper()}")
+        for source, prefix, sets in (("dg_kernels.c", "", kernel_sets()), ("dg_int8.c", "INT8_", int8_sets())):
+            for name, flags in sets.items():
+                obj = work / f"{Path(source).stem}_{name}.o"
+                cmd = [cc, *BASE_FLAGS, *omp, *flags, f"-DDG_{prefix or 'ISA_'}{name.upper()}", "-c",
+                       str(NATIVE_CPU / source), "-o", str(obj)]
+                proc = _run(cmd)
+                if proc.returncode:
+                    if name == "generic":
+                        raise BuildError(f"compiling the cpu kernels failed:\n{' '.join(cmd)}\n{proc.stderr}")
+                    if not quiet:  # an old compiler without this instruction set: the others still work
+                        print(f"dgrun: skipping the {prefix.lower()}{name} kernels ({cc} cannot build them)",
+                              file=sys.stderr)
+                    continue
+                objects.append(obj)
+                if name != "generic":
+                    defines.append(f"-DDG_HAVE_{prefix}{name.upper()}")
         obj = work / "dg_cpu.o"
         defines.append(f'-DDG_SOURCE_HASH="{source_hash()}"')
         cmd = [cc, *BASE_FLAGS, *omp, *defines, "-c", str(NATIVE_CPU / "dg_cpu.c"), "-o", str(obj)]

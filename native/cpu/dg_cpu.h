@@ -19,6 +19,19 @@ int dg_select_isa(const char *isa);
 const char *dg_isa(void);
 /* Hash of the sources this library was built from (build.py's source_hash). */
 const char *dg_source_hash(void);
+/* Integer arithmetic for quantized weights (dg_int8.c): the int8 kernel set, "auto" (the best this CPU runs),
+ * "avx512vnni", "avxvnni", "avx2" (x86-64), "i8mm", "dotprod" (arm64) or "generic"; 0 or DG_E_ISA. */
+int dg_select_int8(const char *isa);
+const char *dg_int8_isa(void);
+/* On (1): dg_linear and dg_ffn multiply weights of the types dg_int8_supports (dg_ffn: all three of its
+ * matrices) on activations quantized to int8 per 32 values; off (0, the default): every matmul in float32. */
+void dg_set_int8(int on);
+int dg_int8_supports(int type);
+/* The activation quantization of the int8 kernels: per 32 values d = amax / 127, q = rint(x / d). n % 32 == 0. */
+int dg_q8_quantize(const float *x, int64_t n, int8_t *q, float *d);
+/* The int8 kernels' view of one weight row of k values (k % 256 == 0): codes u[k] (0..255) and per 16 values a
+ * scale s and an offset o, value = s * u - o. DG_E_TYPE for a type the int8 kernels do not take. */
+int dg_int8_codes(int type, const uint8_t *row, int64_t k, float tensor_scale, uint8_t *u, float *s, float *o);
 /* Threads for the following calls (1 when built without OpenMP). */
 void dg_set_threads(int n);
 int dg_threads(void);
@@ -32,9 +45,17 @@ int dg_dequant_rows(int type, const uint8_t *w, int64_t row_bytes, int64_t cols,
 int dg_linear(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes,
               float tensor_scale, int64_t n, float *c);
 
-/* C[M, N] = alpha * A[M, K] @ T[K, N] for a quantized T of K rows of N values (the soft embedding). */
-int dg_matmul_rows(const float *a, int64_t m, int64_t k, int type, const uint8_t *t, int64_t row_bytes,
-                   float tensor_scale, int64_t n, float alpha, float *c);
+/* The self-conditioning soft embedding: out[i, :] = scale * softmax(x[i]) @ T for T [vocab, n] of any type, from
+ * x's row statistics (dg_row_stats, or the sampler's). A row with kept_n[i] <= max_kept sums just its kept
+ * tokens' rows when mass[i] * norm_bound <= rel_tol * ||that sum|| (the sparse path: path[i] = kept_n[i]);
+ * the others take the dense product (path[i] = -1). See numpy_backend.sparse_soft_embed_row for the bound. */
+int dg_soft_embed(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
+                  const double *mass, const int64_t *kept_n, const int32_t *kept, int64_t max_kept, int type,
+                  const uint8_t *t, int64_t row_bytes, float tensor_scale, int64_t n, float scale, double norm_bound,
+                  double rel_tol, float *out, int64_t *path);
+/* *out = the largest Euclidean norm of a row of W [rows, cols] (float64 sums of the decoded values). */
+int dg_max_row_norm(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float tensor_scale, int64_t rows,
+                    double *out);
 
 /* Gated-GELU feed-forward over expert groups. x [n, hidden]; out [n, hidden] is overwritten with
  * sum over (token t, slot s) of weights[t, s] * down_e(gelu_tanh(gate_e(x_t)) * up_e(x_t)), e = index[t, s].
@@ -65,12 +86,19 @@ int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out);
 /* Rotate-half RoPE on x [n, heads, d] with angle pos[i] * inv_freq[f] (float32 product, as numpy). */
 int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
             float *out);
-/* Row softmax. */
+/* Row softmax: exp(x - max) / row_total, the probabilities every kernel below uses. */
 int dg_softmax(const float *x, int64_t rows, int64_t cols, float *out);
-/* The sampler's per-row work on [rows, vocab] logits: processed = logits / temp, probs = softmax(processed),
- * argmax (first maximum), entropy of probs; if u is not NULL also the inverse-CDF draw
- * sampled[i] = min(#{j : cdf[j] <= u[i] * cdf[vocab-1]}, vocab - 1) with cdf the float64 cumulative sum. */
-int dg_sampler(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed, float *probs,
-               int64_t *argmax, float *entropy, const double *u, int64_t *sampled);
+/* Per row of x [rows, vocab]: row_max, row_total = float32(sum exp(x - max)); the sparse soft embedding's split:
+ * kept_n = how many tokens have x >= max - keep_logit (the first max_kept of them listed in index order at
+ * kept[i * max_kept]), mass = the softmax mass of all the others. */
+int dg_row_stats(const float *x, int64_t rows, int64_t vocab, float keep_logit, int64_t max_kept, float *row_max,
+                 float *row_total, double *mass, int64_t *kept_n, int32_t *kept);
+/* The fused sampler step on [rows, vocab] logits, in place and one row (group) at a time: logits become the
+ * processed logits logits / temp; then dg_row_stats' outputs, argmax (first maximum) and the entropy of the
+ * softmax; if u is not NULL also the inverse-CDF draw sampled[i] = min(#{j : cdf[j] <= u[i] * cdf[vocab-1]},
+ * vocab - 1), cdf the float64 cumulative sum of the softmax. No other canvas x vocab array is made. */
+int dg_sampler(float *logits, int64_t rows, int64_t vocab, float temp, int64_t *argmax, float *entropy,
+               const double *u, int64_t *sampled, float keep_logit, int64_t max_kept, float *row_max,
+               float *row_total, double *mass, int64_t *kept_n, int32_t *kept);
 
 #endif

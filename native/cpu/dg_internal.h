@@ -2,6 +2,7 @@
 #ifndef DG_INTERNAL_H
 #define DG_INTERNAL_H
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define DG_E_TYPE (-1)  /* unsupported ggml type */
@@ -21,8 +22,10 @@ typedef struct {
     const char *name;
     int (*dequant_rows)(int, const uint8_t *, int64_t, int64_t, float, const int64_t *, int64_t, float, float *);
     int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
-    int (*matmul_rows)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float,
-                       float *);
+    int (*soft_embed)(const float *, int64_t, int64_t, const float *, const float *, const double *, const int64_t *,
+                      const int32_t *, int64_t, int, const uint8_t *, int64_t, float, int64_t, float, double, double,
+                      float *, int64_t *);
+    int (*max_row_norm)(int, const uint8_t *, int64_t, int64_t, float, int64_t, double *);
     int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
                const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
                const uint8_t *, int64_t, int64_t, float, float *);
@@ -33,9 +36,66 @@ typedef struct {
     int (*gelu_mul)(const float *, const float *, int64_t, float *);
     int (*rope)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, float *);
     int (*softmax)(const float *, int64_t, int64_t, float *);
-    int (*sampler)(const float *, int64_t, int64_t, float, float *, float *, int64_t *, float *, const double *,
-                   int64_t *);
+    int (*row_stats)(const float *, int64_t, int64_t, float, int64_t, float *, float *, double *, int64_t *, int32_t *);
+    int (*sampler)(float *, int64_t, int64_t, float, int64_t *, float *, const double *, int64_t *, float, int64_t,
+                   float *, float *, double *, int64_t *, int32_t *);
 } dg_kernel_set;
+
+/* (token, slot) pairs of a mixture of experts grouped by expert, in token order: pairs start[e] .. start[e + 1]
+ * are expert e's (count[e] of them), tok / wt their tokens and weights, and panel0[e] the first of expert e's
+ * panels of `panel` tokens (panel0[ne] panels in all). index NULL: one expert, every token with weight 1. */
+typedef struct {
+    int64_t *count, *start, *panel0, *tok;
+    float *wt;
+} dg_groups;
+
+static inline void dg_groups_free(dg_groups *g) {
+    free(g->count), free(g->start), free(g->panel0), free(g->tok), free(g->wt);
+}
+
+/* 0, DG_E_NOMEM, or DG_E_ARG for an expert id outside 0..ne-1 (then nothing is left to free). */
+static inline int dg_group_experts(const int64_t *index, const float *weights, int64_t n, int64_t slots, int64_t ne,
+                                   int64_t panel, dg_groups *g) {
+    g->count = calloc((size_t)ne + 1, sizeof(int64_t)), g->start = calloc((size_t)ne + 1, sizeof(int64_t));
+    g->panel0 = calloc((size_t)ne + 1, sizeof(int64_t));
+    g->tok = malloc((size_t)(n * slots + 1) * sizeof(int64_t));
+    g->wt = malloc((size_t)(n * slots + 1) * sizeof(float));
+    int rc = 0;
+    if (!g->count || !g->start || !g->panel0 || !g->tok || !g->wt) rc = DG_E_NOMEM;
+    for (int64_t i = 0; i < n * slots && !rc; i++) {
+        const int64_t e = index ? index[i] : 0;
+        if (e < 0 || e >= ne) rc = DG_E_ARG;
+        else g->count[e]++;
+    }
+    if (rc) {
+        dg_groups_free(g);
+        return rc;
+    }
+    for (int64_t e = 0; e < ne; e++) {
+        g->start[e + 1] = g->start[e] + g->count[e];
+        g->panel0[e + 1] = g->panel0[e] + (g->count[e] + panel - 1) / panel;
+        g->count[e] = 0;
+    }
+    for (int64_t i = 0; i < n * slots; i++) {
+        const int64_t e = index ? index[i] : 0, at = g->start[e] + g->count[e]++;
+        g->tok[at] = i / slots;
+        g->wt[at] = weights ? weights[i] : 1.0f;
+    }
+    return 0;
+}
+
+/* One int8 kernel set (dg_int8.c, compiled once per instruction set): matmuls of quantized weights on int8
+ * activations. supports(type): whether it takes that weight type; the others return DG_E_TYPE for it. */
+typedef struct {
+    const char *name;
+    int (*supports)(int);
+    int (*q8_quantize)(const float *, int64_t, int8_t *, float *);
+    int (*codes)(int, const uint8_t *, int64_t, float, uint8_t *, float *, float *);
+    int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
+    int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
+               const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
+               const uint8_t *, int64_t, int64_t, float, float *);
+} dg_int8_set;
 
 /* -- scalar decoding helpers, exact (shared by every ISA) ------------------------------------------------------ */
 

@@ -443,70 +443,157 @@ static int SFX(linear)(const float *a, int64_t m, int64_t k, int type, const uin
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * matmul_rows (soft embedding) — plain definition: c[i, j] = alpha * sum_k a[i, k] * t[k, j]
- * The contraction runs over t's rows (the vocabulary), so threads split it: each decodes KC rows of t at a time
- * into scratch, accumulates a private [m, n] partial, and the partials are summed at the end.
+ * soft_embed — plain definition, per row i:  c[i, :] = scale * sum_j p[i, j] t[j, :],  p[i, j] = softmax(x[i])_j
+ * = exp(x[i, j] - row_max[i]) / row_total[i], from the row statistics of row_stats (or the sampler step).
+ * A row whose kept tokens (x >= max - keep_logit, at most max_kept) carry all but `mass` of it gathers just their
+ * rows of t when mass * norm_bound <= rel_tol * ||result|| (numpy_backend.sparse_soft_embed_row proves why that
+ * is exact to float32); each such row is one thread's. The other rows' contraction runs over t's rows (the
+ * vocabulary), so threads split that: each decodes KC rows of t at a time into scratch, turns the dense rows'
+ * logits into probabilities as it copies them, accumulates a private [rows, n] partial, and the partials are
+ * summed at the end in thread order (results repeat bit for bit for a given thread count).
  * ------------------------------------------------------------------------------------------------------------- */
 
-static int SFX(matmul_rows)(const float *a, int64_t m, int64_t k, int type, const uint8_t *t, int64_t row_bytes,
-                            float ts, int64_t n, float alpha, float *c) {
+static inline float prob(const float *x, int64_t j, float mx, float total) {
+    return vexp(splat(x[j] - mx))[0] / total;
+}
+
+/* One sparse row: y = sum over kept tokens of p_j t[j, :] (index order), scaled; 1 when it passes the bound. */
+static int sparse_row(const float *x, float mx, float total, const int32_t *kept, int64_t kept_n, double mass,
+                      int type, const uint8_t *t, int64_t row_bytes, float ts, int64_t n, float scale,
+                      double norm_bound, double rel_tol, float *buf, float *y) {
+    memset(y, 0, (size_t)n * sizeof(float));
+    for (int64_t q = 0; q < kept_n; q++) {
+        const int64_t j = kept[q];
+        const float pj = prob(x, j, mx, total);
+        decode_row(type, t + j * row_bytes, n, ts, buf);
+        int64_t c = 0;
+        for (; c + VL <= n; c += VL) st(y + c, ld(y + c) + splat(pj) * ld(buf + c));
+        for (; c < n; c++) y[c] += pj * buf[c];
+    }
+    double norm2 = 0;
+    for (int64_t c = 0; c < n; c++) {
+        y[c] *= scale;
+        norm2 += (double)y[c] * y[c];
+    }
+    return mass * norm_bound <= rel_tol * sqrt(norm2);
+}
+
+static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
+                           const double *mass, const int64_t *kept_n, const int32_t *kept, int64_t max_kept, int type,
+                           const uint8_t *t, int64_t row_bytes, float ts, int64_t n, float scale, double norm_bound,
+                           double rel_tol, float *c, int64_t *path) {
     if (!type_ok(type, n, row_bytes)) return DG_E_TYPE;
-    if (m <= 0 || n <= 0) return 0;
-    const int nt = NT;
-    const int64_t nkc = (k + KC - 1) / KC;
-    float *parts = alloc_floats((size_t)(nt * m * n));
-    if (!parts) return DG_E_NOMEM;
+    if (rows <= 0 || n <= 0) return 0;
     int failed = 0;
+    /* sparse candidates first, a row per thread */
+#pragma omp parallel for num_threads(NT) schedule(dynamic, 1)
+    for (int64_t i = 0; i < rows; i++) {
+        path[i] = -1;
+        if (failed || kept_n[i] > max_kept) continue;
+        float *buf = scratch(S_W0, (size_t)n);
+        if (!buf) {
+            failed = 1;
+            continue;
+        }
+        if (sparse_row(x + i * vocab, row_max[i], row_total[i], kept + i * max_kept, kept_n[i], mass[i], type, t,
+                       row_bytes, ts, n, scale, norm_bound, rel_tol, buf, c + i * n))
+            path[i] = kept_n[i];
+    }
+    if (failed) return DG_E_NOMEM;
+    int64_t m = 0;
+    int64_t *dense = malloc((size_t)rows * sizeof(int64_t));
+    if (!dense) return DG_E_NOMEM;
+    for (int64_t i = 0; i < rows; i++)
+        if (path[i] < 0) dense[m++] = i;
+    if (m == 0) {
+        free(dense);
+        return 0;
+    }
+    const int nt = NT;
+    const int64_t k = vocab, nkc = (k + KC - 1) / KC;
+    float *parts = alloc_floats((size_t)(nt * m * n));
+    if (!parts) {
+        free(dense);
+        return DG_E_NOMEM;
+    }
 #pragma omp parallel num_threads(nt)
     {
         float *part = parts + (size_t)TID * m * n;
         memset(part, 0, (size_t)(m * n) * sizeof(float));
-        float *tbuf = scratch(S_W0, (size_t)(KC * n)), *apad = scratch(S_PAD, R * KC), *tile = scratch(S_TILE, R * TW);
-        float *vpad = scratch(S_W1, KC * TW);
-        if (!tbuf || !apad || !tile || !vpad) failed = 1;
+        const int64_t npan = (n + TW - 1) / TW;
+        float *tbuf = scratch(S_W0, (size_t)(KC * npan * TW)), *apad = scratch(S_PAD, R * KC);
+        float *tile = scratch(S_TILE, R * TW), *rowbuf = scratch(S_W1, (size_t)(npan * TW));
+        if (!tbuf || !apad || !tile || !rowbuf) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < nkc; kc++) {
             if (failed) continue;
             const int64_t k0 = kc * KC, kn = k - k0 < KC ? k - k0 : KC;
-            /* decode (F32: copy — a sequential read, faster here than the microkernel's strided one) */
-            for (int64_t r = 0; r < kn; r++) decode_row(type, t + (k0 + r) * row_bytes, n, ts, tbuf + r * n);
-            const float *tt = tbuf;
+            /* decode, laid out as column panels of TW ([panel][row][TW], the last one zero-padded), so the
+             * microkernel reads each panel's rows one after another instead of a row length apart */
+            memset(rowbuf + n, 0, (size_t)(npan * TW - n) * sizeof(float));
+            for (int64_t r = 0; r < kn; r++) {
+                decode_row(type, t + (k0 + r) * row_bytes, n, ts, rowbuf);
+                for (int64_t p = 0; p < npan; p++) st(tbuf + (p * KC + r) * TW, ld(rowbuf + p * TW)),
+                    st(tbuf + (p * KC + r) * TW + VL, ld(rowbuf + p * TW + VL));
+            }
             for (int64_t i0 = 0; i0 < m; i0 += R) {
-                const int64_t rows = m - i0 < R ? m - i0 : R;
-                /* copy the rows' slice of a together (zero-padded to R rows): rows a whole vocabulary apart
-                 * would all fall into the same few L1 sets */
-                if (rows < R) memset(apad, 0, R * KC * sizeof(float));
-                for (int64_t r = 0; r < rows; r++) memcpy(apad + r * KC, a + (i0 + r) * k + k0, (size_t)kn * sizeof(float));
-                const float *s = apad;
-                const int64_t ls = KC;
+                const int64_t nr = m - i0 < R ? m - i0 : R;
+                /* the rows' probabilities for this slice of the vocabulary, side by side (zero-padded to R rows):
+                 * rows a whole vocabulary apart would all fall into the same few L1 sets */
+                if (nr < R || kn < KC) memset(apad, 0, R * KC * sizeof(float));
+                for (int64_t r = 0; r < nr; r++) {
+                    const int64_t row = dense[i0 + r];
+                    const float *src = x + row * k + k0, mx = row_max[row], tot = row_total[row];
+                    float *dst = apad + r * KC;
+                    int64_t j = 0;
+                    for (; j + VL <= kn; j += VL) st(dst + j, vexp(ld(src + j) - mx) / tot);
+                    for (; j < kn; j++) dst[j] = prob(src, j, mx, tot);
+                }
                 for (int64_t j0 = 0; j0 < n; j0 += TW) {
                     const int64_t cols = n - j0 < TW ? n - j0 : TW;
-                    if (cols == TW) {
-                        micro(s, ls, tt + j0, n, kn, tile);
-                    } else { /* last, partial column panel: through a zero-padded copy */
-                        memset(vpad, 0, KC * TW * sizeof(float));
-                        for (int64_t r = 0; r < kn; r++) memcpy(vpad + r * TW, tt + r * n + j0, (size_t)cols * sizeof(float));
-                        micro(s, ls, vpad, TW, kn, tile);
-                    }
-                    for (int64_t r = 0; r < rows; r++) {
+                    micro(apad, KC, tbuf + j0 * KC, TW, kn, tile);
+                    for (int64_t r = 0; r < nr; r++) {
                         float *dst = part + (i0 + r) * n + j0;
                         for (int64_t j = 0; j < cols; j++) dst[j] += tile[r * TW + j];
                     }
                 }
             }
         }
-        /* sum the partials in thread order: with the static split above, results repeat bit for bit */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < m; i++) {
+            float *out = c + dense[i] * n;
             for (int64_t j = 0; j < n; j++) {
                 float sum = 0;
                 for (int p = 0; p < nt; p++) sum += parts[(size_t)p * m * n + i * n + j];
-                c[i * n + j] = sum * alpha;
+                out[j] = sum * scale;
             }
         }
     }
-    free(parts);
+    free(parts), free(dense);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+/* max_row_norm — the largest Euclidean norm of a row of W (float64 sums of the decoded float32 values). */
+static int SFX(max_row_norm)(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float ts, int64_t rows,
+                             double *out) {
+    if (!type_ok(type, cols, row_bytes)) return DG_E_TYPE;
+    double best = 0;
+    int failed = 0;
+#pragma omp parallel num_threads(NT) reduction(max : best)
+    {
+        float *buf = scratch(S_W0, (size_t)cols);
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            if (failed) continue;
+            decode_row(type, w + i * row_bytes, cols, ts, buf);
+            double s = 0;
+            for (int64_t j = 0; j < cols; j++) s += (double)buf[j] * buf[j];
+            best = s > best ? s : best;
+        }
+    }
+    *out = sqrt(best);
     return failed ? DG_E_NOMEM : 0;
 }
 
@@ -528,28 +615,12 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
     if (n <= 0) return 0;
     const int64_t ne = index ? n_experts : 1, slots = index ? top_k : 1;
     /* Group (token, weight) pairs by expert, in token order; each group padded to whole panels of TW. */
-    int64_t *count = calloc((size_t)ne + 1, sizeof(int64_t)), *start = calloc((size_t)ne + 1, sizeof(int64_t));
-    int64_t *panel0 = calloc((size_t)ne + 1, sizeof(int64_t));
-    int64_t *tok = malloc((size_t)(n * slots) * sizeof(int64_t));
-    float *wt = malloc((size_t)(n * slots) * sizeof(float));
+    dg_groups grp;
+    int rc = dg_group_experts(index, weights, n, slots, ne, TW, &grp);
+    if (rc) return rc;
+    const int64_t *count = grp.count, *start = grp.start, *panel0 = grp.panel0, *tok = grp.tok;
+    const float *wt = grp.wt;
     float *xt = NULL, *ht = NULL;
-    int rc = 0;
-    if (!count || !start || !panel0 || !tok || !wt) { rc = DG_E_NOMEM; goto done; }
-    for (int64_t i = 0; i < n * slots; i++) {
-        int64_t e = index ? index[i] : 0;
-        if (e < 0 || e >= ne) { rc = DG_E_ARG; goto done; }
-        count[e]++;
-    }
-    for (int64_t e = 0; e < ne; e++) {
-        start[e + 1] = start[e] + count[e];
-        panel0[e + 1] = panel0[e] + (count[e] + TW - 1) / TW;
-        count[e] = 0;
-    }
-    for (int64_t i = 0; i < n * slots; i++) {
-        int64_t e = index ? index[i] : 0, at = start[e] + count[e]++;
-        tok[at] = i / slots;
-        wt[at] = weights ? weights[i] : 1.0f;
-    }
     const int64_t npanels = panel0[ne];
     /* (expert, token panel) → [hidden][TW] gathered inputs and [inter][TW] hidden activations */
     xt = alloc_floats((size_t)(npanels * TW * hidden));
@@ -616,7 +687,7 @@ static int SFX(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, co
     }
     if (failed) rc = DG_E_NOMEM;
 done:
-    free(count), free(start), free(panel0), free(tok), free(wt), free(xt), free(ht);
+    dg_groups_free(&grp), free(xt), free(ht);
     return rc;
 }
 
@@ -796,9 +867,8 @@ static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const 
     return 0;
 }
 
-/* One row: e = exp(x - max(x)) written to `e`; returns sum(e) and sets *dot = sum(e * (x - max)) (both in
- * double, accumulated per 256 values in float vectors), *mx and *arg (first index of the maximum). */
-static double exp_row(const float *restrict x, int64_t cols, float *restrict e, double *dot, float *mx, int64_t *arg) {
+/* The largest value of a row and the first index holding it (numpy's argmax). */
+static float row_max(const float *restrict x, int64_t cols, int64_t *arg) {
     vf vm = splat(-INFINITY);
     int64_t j = 0;
     for (; j + VL <= cols; j += VL) vm = vmax(vm, ld(x + j));
@@ -806,87 +876,178 @@ static double exp_row(const float *restrict x, int64_t cols, float *restrict e, 
     for (; j < cols; j++) m = x[j] > m ? x[j] : m;
     int64_t a = 0;
     while (a < cols && x[a] != m) a++;
-    double sum = 0, sd = 0;
-    for (j = 0; j + 256 <= cols; j += 256) {
-        vf s = (vf){0}, sdot = (vf){0};
-        for (int64_t t = j; t < j + 256; t += VL) {
-            vf sh = ld(x + t) - m, ev = vexp(sh);
-            st(e + t, ev);
+    *arg = a;
+    return m;
+}
+
+/* How many lanes of a compare mask are set. */
+static inline int lanes_set(vi mask) {
+#if VL == 16
+    return __builtin_popcount(_mm512_movepi32_mask((__m512i)mask));
+#elif VL == 8 && defined(__AVX2__)
+    return __builtin_popcount(_mm256_movemask_ps((__m256)mask));
+#else
+    int n = 0;
+    for (int i = 0; i < VL; i++) n -= mask[i];
+    return n;
+#endif
+}
+
+/* What one pass over a row (its maximum m known) yields: S = sum exp(x - m) and D = sum exp(x - m) (x - m),
+ * both in double, accumulated per 256 values in float vectors (so every caller's S is the same bits); with
+ * e not NULL, exp(x - m) itself. The sparse soft embedding's split comes with it: tokens with x - m >=
+ * -keep_logit are counted in *kept_n and the first max_kept of them listed in `kept`; the others' exp sum is
+ * *dropped. (keep_logit = INFINITY keeps nothing and costs one compare per vector.) */
+typedef struct {
+    double sum, dot, dropped;
+    int64_t kept_n;
+} row_scan_t;
+
+static row_scan_t scan_row(const float *restrict x, int64_t cols, float m, float *restrict e, float keep_logit,
+                           int64_t max_kept, int32_t *restrict kept) {
+    row_scan_t r = {0, 0, 0, 0};
+    const vf cut = splat(-keep_logit);
+    int64_t j = 0;
+    for (; j < cols; j += 256) {
+        const int64_t stop = cols - j < 256 ? cols : j + 256;
+        vf s = (vf){0}, sdot = (vf){0}, sdrop = (vf){0};
+        int64_t t = j;
+        for (; t + VL <= stop; t += VL) {
+            const vf sh = ld(x + t) - m, ev = vexp(sh);
+            const vi in = sh >= cut;
+            if (e) st(e + t, ev);
             s += ev;
             sdot += ev * sh;
+            sdrop += sel(in, splat(0.0f), ev);
+            const int n_in = lanes_set(in);
+            if (n_in && r.kept_n < max_kept) {
+                for (int l = 0; l < VL; l++)
+                    if (in[l] && r.kept_n++ < max_kept) kept[r.kept_n - 1] = (int32_t)(t + l);
+            } else {
+                r.kept_n += n_in; /* past the cap: only counted (a flat row keeps nearly everything) */
+            }
         }
-        sum += (double)hsum(s), sd += (double)hsum(sdot);
+        float fs = hsum(s), fdot = hsum(sdot), fdrop = hsum(sdrop);
+        for (; t < stop; t++) { /* a row's tail: the same exp, one lane at a time */
+            const float sh = x[t] - m, ev = vexp(splat(sh))[0];
+            if (e) e[t] = ev;
+            fs += ev, fdot += ev * sh;
+            if (sh >= -keep_logit) {
+                if (r.kept_n++ < max_kept) kept[r.kept_n - 1] = (int32_t)t;
+            } else {
+                fdrop += ev;
+            }
+        }
+        r.sum += fs, r.dot += fdot, r.dropped += fdrop;
     }
-    for (; j < cols; j++) {
-        float sh = x[j] - m, ev = vexp(splat(sh))[0];
-        e[j] = ev;
-        sum += ev, sd += (double)ev * sh;
-    }
-    *dot = sd, *mx = m, *arg = a;
-    return sum;
+    return r;
 }
 
 static int SFX(softmax)(const float *x, int64_t rows, int64_t cols, float *out) {
 #pragma omp parallel for num_threads(NT) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
-        double dot;
-        float mx;
         int64_t arg;
         float *o = out + i * cols;
-        const float total = (float)exp_row(x + i * cols, cols, o, &dot, &mx, &arg);
+        const float mx = row_max(x + i * cols, cols, &arg);
+        const float total = (float)scan_row(x + i * cols, cols, mx, o, INFINITY, 0, NULL).sum;
         for (int64_t j = 0; j < cols; j++) o[j] = o[j] / total;
     }
     return 0;
 }
 
-/* DefaultRng.categorical for G rows at once — plain definition, per row:
- *     cdf = cumsum(float64(p)); out = min(#{j : cdf[j] <= u * cdf[-1]}, vocab - 1)
- * The float64 running sums are sequential, exactly as numpy's cumsum, so the draw is numpy's given the same
- * probabilities; interleaving G independent rows hides the latency of each row's chain of additions. */
-#define G 4
-static void inverse_cdf(const float *const *p, int64_t vocab, const double *u, int64_t *out) {
-    double total[G] = {0}, cdf[G] = {0}, target[G];
-    int64_t count[G] = {0};
-    for (int64_t j = 0; j < vocab; j++)
-        for (int r = 0; r < G; r++) total[r] += (double)p[r][j];
-    for (int r = 0; r < G; r++) target[r] = u[r] * total[r];
-    for (int64_t j = 0; j < vocab; j++)
-        for (int r = 0; r < G; r++) {
-            cdf[r] += (double)p[r][j];
-            count[r] += cdf[r] <= target[r];
-        }
-    for (int r = 0; r < G; r++) out[r] = count[r] < vocab ? count[r] : vocab - 1;
+/* row_stats — per row: row_max, row_total = float32(sum exp(x - max)) (softmax = exp(x - max) / row_total),
+ * the soft embedding's split (kept tokens, and mass = the softmax mass of the others); entropy when not NULL. */
+static void stats_row(const float *x, int64_t vocab, float keep_logit, int64_t max_kept, int64_t i, float *rmax,
+                      float *rtotal, double *mass, int64_t *kept_n, int32_t *kept, float *entropy, int64_t *argmax) {
+    int64_t arg;
+    const float mx = row_max(x, vocab, &arg);
+    const row_scan_t r = scan_row(x, vocab, mx, NULL, keep_logit, max_kept, kept + i * max_kept);
+    rmax[i] = mx, rtotal[i] = (float)r.sum, mass[i] = r.dropped / r.sum, kept_n[i] = r.kept_n;
+    if (entropy) entropy[i] = (float)(log(r.sum) - r.dot / r.sum); /* H = log S - sum(e (x - m)) / S */
+    if (argmax) argmax[i] = arg;
 }
 
-/* sampler — per row: processed = logits / temp; probs = softmax(processed); argmax; entropy
- * H = -sum p log p = log S - sum(e (x - max)) / S; and, given uniforms, the inverse-CDF draw above. */
-static int SFX(sampler)(const float *logits, int64_t rows, int64_t vocab, float temp, float *processed,
-                        float *probs, int64_t *argmax, float *entropy, const double *u, int64_t *sampled) {
+static int SFX(row_stats)(const float *x, int64_t rows, int64_t vocab, float keep_logit, int64_t max_kept,
+                          float *rmax, float *rtotal, double *mass, int64_t *kept_n, int32_t *kept) {
+#pragma omp parallel for num_threads(NT) schedule(dynamic, 1)
+    for (int64_t i = 0; i < rows; i++)
+        stats_row(x + i * vocab, vocab, keep_logit, max_kept, i, rmax, rtotal, mass, kept_n, kept, NULL, NULL);
+    return 0;
+}
+
+/* DefaultRng.categorical for G rows at once, with p = exp(x - max) / total made on the fly (the bits softmax
+ * above writes) — plain definition, per row:
+ *     cdf = cumsum(float64(p)); out = min(#{j : cdf[j] <= u * cdf[-1]}, vocab - 1)
+ * The float64 running sums are sequential, exactly as numpy's cumsum, so the draw is numpy's given the same
+ * probabilities; interleaving G independent rows hides the latency of each row's chain of additions. The
+ * second pass stops at the draw (the cdf only grows, so the count is the first index past the target). */
+#define G 4
+static void inverse_cdf(const float *const *x, const float *mx, const float *tot, int64_t vocab, const double *u,
+                        int64_t *out) {
+    double total[G] = {0}, cdf[G] = {0}, target[G];
+    const int64_t nv = vocab / VL * VL;
+    for (int64_t j = 0; j < nv; j += VL)
+        for (int r = 0; r < G; r++) {
+            const vf p = vexp(ld(x[r] + j) - mx[r]) / tot[r];
+            for (int l = 0; l < VL; l++) total[r] += (double)p[l];
+        }
+    for (int64_t j = nv; j < vocab; j++)
+        for (int r = 0; r < G; r++) total[r] += (double)prob(x[r], j, mx[r], tot[r]);
+    int left = 0;
+    for (int r = 0; r < G; r++) {
+        target[r] = u[r] * total[r];
+        out[r] = -1;
+        left += 1;
+    }
+    for (int64_t j = 0; j < nv && left; j += VL) {
+        for (int r = 0; r < G; r++) {
+            if (out[r] >= 0) continue;
+            const vf p = vexp(ld(x[r] + j) - mx[r]) / tot[r];
+            for (int l = 0; l < VL; l++) {
+                cdf[r] += (double)p[l];
+                if (cdf[r] > target[r]) {
+                    out[r] = j + l, left--;
+                    break;
+                }
+            }
+        }
+    }
+    for (int64_t j = nv; j < vocab && left; j++)
+        for (int r = 0; r < G; r++) {
+            if (out[r] >= 0) continue;
+            cdf[r] += (double)prob(x[r], j, mx[r], tot[r]);
+            if (cdf[r] > target[r]) out[r] = j, left--;
+        }
+    for (int r = 0; r < G; r++) out[r] = out[r] < 0 || out[r] > vocab - 1 ? vocab - 1 : out[r];
+}
+
+/* sampler — the fused step, per row and in place: x = logits / temp (the processed logits), then the row
+ * statistics above (max, total, argmax, entropy H = log S - sum(e (x - max)) / S, the soft embedding's split)
+ * and, given uniforms, the inverse-CDF draw: no canvas x vocab array besides x itself. */
+static int SFX(sampler)(float *x, int64_t rows, int64_t vocab, float temp, int64_t *argmax, float *entropy,
+                        const double *u, int64_t *sampled, float keep_logit, int64_t max_kept, float *rmax,
+                        float *rtotal, double *mass, int64_t *kept_n, int32_t *kept) {
     const int64_t groups = (rows + G - 1) / G;
 #pragma omp parallel for num_threads(NT) schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; grp++) {
         const int64_t i0 = grp * G, n = rows - i0 < G ? rows - i0 : G;
         for (int64_t i = i0; i < i0 + n; i++) {
-            const float *l = logits + i * vocab;
-            float *x = processed + i * vocab, *p = probs + i * vocab, mx;
-            for (int64_t j = 0; j < vocab; j++) x[j] = l[j] / temp;
-            double dot;
-            int64_t arg;
-            const double sum = exp_row(x, vocab, p, &dot, &mx, &arg);
-            const float total = (float)sum;
-            argmax[i] = arg;
-            entropy[i] = (float)(log(sum) - dot / sum);
-            for (int64_t j = 0; j < vocab; j++) p[j] = p[j] / total;
+            float *xr = x + i * vocab;
+            int64_t j = 0;
+            for (; j + VL <= vocab; j += VL) st(xr + j, ld(xr + j) / temp);
+            for (; j < vocab; j++) xr[j] = xr[j] / temp;
+            stats_row(xr, vocab, keep_logit, max_kept, i, rmax, rtotal, mass, kept_n, kept, entropy, argmax);
         }
         if (u) {
-            const float *rowp[G];
+            const float *rowx[G];
+            float mg[G], tg[G];
             double ug[G];
             int64_t out[G];
             for (int r = 0; r < G; r++) { /* a short last group repeats its first row */
-                rowp[r] = probs + (i0 + (r < n ? r : 0)) * vocab;
-                ug[r] = u[i0 + (r < n ? r : 0)];
+                const int64_t i = i0 + (r < n ? r : 0);
+                rowx[r] = x + i * vocab, mg[r] = rmax[i], tg[r] = rtotal[i], ug[r] = u[i];
             }
-            inverse_cdf(rowp, vocab, ug, out);
+            inverse_cdf(rowx, mg, tg, vocab, ug, out);
             for (int r = 0; r < n; r++) sampled[i0 + r] = out[r];
         }
     }
@@ -901,6 +1062,6 @@ const dg_kernel_set SFX(dg_kernels) = {
 #else
     "generic",
 #endif
-    SFX(dequant_rows), SFX(linear), SFX(matmul_rows), SFX(ffn), SFX(attention), SFX(rms_norm), SFX(softcap),
-    SFX(gelu_mul), SFX(rope), SFX(softmax), SFX(sampler),
+    SFX(dequant_rows), SFX(linear), SFX(soft_embed), SFX(max_row_norm), SFX(ffn), SFX(attention), SFX(rms_norm),
+    SFX(softcap), SFX(gelu_mul), SFX(rope), SFX(softmax), SFX(row_stats), SFX(sampler),
 };

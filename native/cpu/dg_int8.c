@@ -1,0 +1,628 @@
+/* dgrun CPU int8 kernels: matmuls of quantized weights in integer arithmetic, as ggml does.
+ *
+ * build.py compiles this file once per int8 kernel set (x86-64: avx512vnni, avxvnni, avx2; arm64: i8mm, dotprod;
+ * every machine: generic) and dg_cpu.c picks the best one the CPU runs. What they compute, for C[m, n] = A[m, k] @ W[n, k]^T:
+ *
+ *   activations  each row of A in blocks of 32 values: d = amax / 127, q = rint(x * (1 / d)) (nearest, ties to
+ *                even), |q| <= 127 (Q8_0-style, with a float32 scale). q8_quantize below is the definition.
+ *   weights      each 32-value block of a row as unsigned codes u (0..255) and, per 16-value half h, a scale
+ *                s_h and an offset o_h with value = s_h * u - o_h: Q4_0 u = nibble, s = d, o = 8 d; Q5_0 u = 5
+ *                bits, o = 16 d; Q8_0 u = q + 128, o = 128 d; MXFP4/NVFP4 u = doubled E2M1 value + 12, s = the
+ *                block (half) scale, o = 12 s; Q4_K u = nibble, s = d sc, o = dmin m; Q6_K u = 6 bits, s = d sc,
+ *                o = 32 s (the scales of its 16-value sub-blocks). decode_codes below is the definition.
+ *   dot product  per (output, token, block, half): the integer sum I = sum u * q and the activation sum
+ *                S = sum q (both exact, int32), then in float32
+ *                    c += s_h * (d * I) - o_h * (d * S),
+ *                summed over halves and blocks in order. The integer parts are exact; what is rounded is the
+ *                float accumulation above (tests/test_int8.py checks both against a numpy model of it).
+ *
+ * The microkernel keeps R8 weight rows x 16 tokens of int32 sums in registers: tokens are the vector lanes (8
+ * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
+ * them by 4 bytes of a weight row broadcast to every lane (u8 x s8, summed into the int32 lane): VNNI's
+ * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while a byte pair's sum fits int16: 2 * 255 * 127
+ * overflows, so Q8_0's codes need VNNI; every other type's codes are < 64); on arm64 (4 tokens per vector)
+ * USDOT, or SDOT, which takes the codes as signed bytes (so again not Q8_0's). The float flush happens once per
+ * block, or per 16-value half for types with two scales per block.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "dg_internal.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(DG_INT8_AVX512VNNI)
+#define SFX8(x) x##_avx512vnni
+#define NAME8 "avx512vnni"
+#elif defined(DG_INT8_AVXVNNI)
+#define SFX8(x) x##_avxvnni
+#define NAME8 "avxvnni"
+#elif defined(DG_INT8_AVX2)
+#define SFX8(x) x##_avx2
+#define NAME8 "avx2"
+#elif defined(DG_INT8_I8MM)
+#define SFX8(x) x##_i8mm
+#define NAME8 "i8mm"
+#elif defined(DG_INT8_DOTPROD)
+#define SFX8(x) x##_dotprod
+#define NAME8 "dotprod"
+#else
+#define SFX8(x) x##_generic
+#define NAME8 "generic"
+#endif
+#if defined(DG_INT8_AVX512VNNI) || defined(DG_INT8_AVXVNNI) || defined(DG_INT8_AVX2)
+#define SIMD8 1
+#elif defined(DG_INT8_I8MM) || defined(DG_INT8_DOTPROD)
+#define NEON8 1
+#include <arm_neon.h>
+#endif
+
+#define QB 32 /* values per activation block */
+#define TP 16 /* tokens per panel: two vectors of 8 lanes */
+#define R8 3  /* weight rows per microkernel call: 3 x 2 int32 + 3 x 2 float accumulators of 16 registers */
+#define ALIGN8 64
+
+#ifdef _OPENMP
+#define NT8 (dg_nthreads > 0 ? dg_nthreads : 1)
+#else
+#define NT8 1
+#endif
+
+static void *alloc8(size_t bytes) { return aligned_alloc(ALIGN8, (bytes + ALIGN8 - 1) / ALIGN8 * ALIGN8 + ALIGN8); }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Activations: q8_quantize is the definition; pack_panel lays a panel of TP tokens out for the microkernel:
+ * per block b, 8 groups of 4 k, each group TP tokens x 4 bytes; per block the scales d[TP] and the scaled
+ * activation sums d * S of each half, lo[TP] and hi[TP].
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static void q8_block(const float *x, int8_t *q, float *d, int32_t *sum_lo, int32_t *sum_hi) {
+    float amax = 0;
+    for (int j = 0; j < QB; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    int32_t lo = 0, hi = 0;
+    for (int j = 0; j < QB; j++) {
+        float v = rintf(x[j] * id); /* the default rounding mode: to nearest, ties to even */
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[j] = (int8_t)v;
+        if (j < QB / 2) lo += q[j]; else hi += q[j];
+    }
+    *d = dd, *sum_lo = lo, *sum_hi = hi;
+}
+
+static int SFX8(q8_quantize)(const float *x, int64_t n, int8_t *q, float *d) {
+    if (n % QB) return DG_E_ARG;
+    for (int64_t b = 0; b < n / QB; b++) {
+        int32_t lo, hi;
+        q8_block(x + b * QB, q + b * QB, d + b, &lo, &hi);
+    }
+    return 0;
+}
+
+typedef struct {
+    int8_t *q;  /* [nb][8][TP][4] */
+    float *d;   /* [nb][TP] */
+    float *lo;  /* [nb][TP]: d * (sum of the first 16 codes) */
+    float *hi;  /* [nb][TP]: d * (sum of the last 16 codes) */
+} panel8;
+
+static size_t panel_bytes(int64_t nb) { return (size_t)nb * (QB * TP + 3 * TP * sizeof(float)); }
+
+static panel8 panel_at(uint8_t *base, int64_t nb) {
+    panel8 p;
+    p.q = (int8_t *)base;
+    p.d = (float *)(base + nb * QB * TP);
+    p.lo = p.d + nb * TP;
+    p.hi = p.lo + nb * TP;
+    return p;
+}
+
+/* How a weight type enters the microkernel (see there). */
+typedef struct {
+    int split;   /* halves have their own scales */
+    int chain;   /* vpmaddubsw results summed in int16 before widening (AVX2) */
+    float ratio; /* o = ratio * s, or 0: o is its own (Q4_K) */
+} kind8;
+
+static kind8 kind_of(int type) {
+    switch (type) {
+    case T_Q4_0: return (kind8){0, 8, 8.0f};
+    case T_Q5_0: return (kind8){0, 4, 16.0f};
+    case T_Q8_0: return (kind8){0, 1, 128.0f};
+    case T_MXFP4: return (kind8){0, 4, 12.0f};
+    case T_NVFP4: return (kind8){1, 4, 12.0f};
+    case T_Q4_K: return (kind8){0, 8, 0.0f};
+    default: return (kind8){1, 2, 32.0f}; /* Q6_K */
+    }
+}
+
+/* Rows rows[0..count) of x (row stride k) into panel p for weights of kind `kind` (see the microkernel): lo / hi
+ * hold ratio * d * S per half, or (halves sharing a scale) lo the block's; missing tokens are zeros. */
+static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t first, int64_t count, kind8 kind,
+                    panel8 p) {
+    const int64_t nb = k / QB;
+    int8_t q[QB];
+    for (int64_t t = 0; t < TP; t++) {
+        const float *src = t < count ? x + (rows ? rows[first + t] : first + t) * k : NULL;
+        for (int64_t b = 0; b < nb; b++) {
+            float d = 0;
+            int32_t lo = 0, hi = 0;
+            if (src) q8_block(src + b * QB, q, &d, &lo, &hi); else memset(q, 0, QB);
+            int8_t *dst = p.q + b * QB * TP;
+            for (int g = 0; g < 8; g++) memcpy(dst + (g * TP + t) * 4, q + 4 * g, 4);
+            const float ratio = kind.ratio != 0.0f ? kind.ratio : 1.0f;
+            p.d[b * TP + t] = d;
+            p.lo[b * TP + t] = ratio * (d * (float)(kind.split ? lo : lo + hi));
+            p.hi[b * TP + t] = ratio * (d * (float)hi);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Weights: decode_codes is the definition of the codes, scales and offsets (see the top of the file).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o);
+
+static int SFX8(supports)(int type) {
+    switch (type) {
+    case T_Q4_0: case T_Q5_0: case T_Q4_K: case T_Q6_K: case T_MXFP4: case T_NVFP4: return 1;
+#if !defined(DG_INT8_AVX2) && !defined(DG_INT8_DOTPROD)
+    case T_Q8_0: return 1; /* codes to 255: vpmaddubsw's int16 pair sums overflow, SDOT takes signed bytes */
+#endif
+    default: return 0;
+    }
+}
+
+/* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
+static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
+    if (!SFX8(supports)(type) || k % 256) return DG_E_TYPE;
+    decode_codes(type, row, k, ts, u, s, o);
+    return 0;
+}
+
+static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
+    switch (type) {
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_MXFP4: {
+        const int64_t bytes = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : 17;
+        for (int64_t b = 0; b < k / 32; b++, row += bytes, u += 32) {
+            float d, off;
+            if (type == T_MXFP4) {
+                d = dg_e8m0_half(row[0]), off = 12.0f * d;
+                for (int j = 0; j < 16; j++) {
+                    u[j] = (uint8_t)(dg_kvalues_fp4[row[1 + j] & 15] + 12);
+                    u[j + 16] = (uint8_t)(dg_kvalues_fp4[row[1 + j] >> 4] + 12);
+                }
+            } else if (type == T_Q8_0) {
+                d = dg_rd_fp16(row), off = 128.0f * d;
+                for (int j = 0; j < 32; j++) u[j] = (uint8_t)((int8_t)row[2 + j] + 128);
+            } else if (type == T_Q4_0) {
+                d = dg_rd_fp16(row), off = 8.0f * d;
+                for (int j = 0; j < 16; j++) u[j] = row[2 + j] & 15, u[j + 16] = row[2 + j] >> 4;
+            } else {
+                uint32_t qh;
+                memcpy(&qh, row + 2, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
+                d = dg_rd_fp16(row), off = 16.0f * d;
+                for (int j = 0; j < 16; j++) {
+                    u[j] = (uint8_t)((row[6 + j] & 15) | ((qh >> j) & 1) << 4);
+                    u[j + 16] = (uint8_t)((row[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+                }
+            }
+            s[2 * b] = s[2 * b + 1] = d;
+            o[2 * b] = o[2 * b + 1] = off;
+        }
+        break;
+    }
+    case T_NVFP4: /* 64 values: four UE4M3 scales, one per 16 values; the tensor scale folded into them */
+        for (int64_t b = 0; b < k / 64; b++, row += 36, u += 64) {
+            for (int sb = 0; sb < 4; sb++) {
+                const float d = dg_ue4m3_half(row[sb]) * ts;
+                for (int t = 0; t < 8; t++) {
+                    u[16 * sb + t] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] & 15] + 12);
+                    u[16 * sb + t + 8] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] >> 4] + 12);
+                }
+                s[4 * b + sb] = d, o[4 * b + sb] = 12.0f * d;
+            }
+        }
+        break;
+    case T_Q4_K:
+        for (int64_t b = 0; b < k / 256; b++, row += 144) {
+            const float d = dg_rd_fp16(row), dmin = dg_rd_fp16(row + 2);
+            const uint8_t *sc = row + 4, *q = row + 16;
+            for (int j = 0; j < 8; j++) { /* ggml's get_scale_min_k4 */
+                int sj, mj;
+                if (j < 4) {
+                    sj = sc[j] & 63, mj = sc[j + 4] & 63;
+                } else {
+                    sj = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+                    mj = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                }
+                const uint8_t *qq = q + (j / 2) * 32;
+                for (int l = 0; l < 32; l++) u[32 * j + l] = j % 2 ? qq[l] >> 4 : qq[l] & 15;
+                s[16 * b + 2 * j] = s[16 * b + 2 * j + 1] = d * (float)sj;
+                o[16 * b + 2 * j] = o[16 * b + 2 * j + 1] = dmin * (float)mj;
+            }
+            u += 256;
+        }
+        break;
+    case T_Q6_K:
+        for (int64_t b = 0; b < k / 256; b++, row += 210) {
+            const float d = dg_rd_fp16(row + 208);
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *ql = row + 64 * half, *qh = row + 128 + 32 * half;
+                const int8_t *sc = (const int8_t *)(row + 192 + 8 * half);
+                uint8_t *y = u + 128 * half;
+                for (int l = 0; l < 32; l++) {
+                    y[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
+                    y[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
+                    y[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
+                    y[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
+                }
+                for (int i = 0; i < 8; i++) {
+                    const float si = d * (float)sc[i];
+                    s[16 * b + 8 * half + i] = si, o[16 * b + 8 * half + i] = 32.0f * si;
+                }
+            }
+            u += 256;
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The microkernel. Plain definition, for r < R8 rows of decoded weights and the TP tokens of a panel:
+ *     tile[r][t] = sum over blocks b, halves h of  s[r][2b+h] * (d[b][t] * I) - o[r][2b+h] * (d[b][t] * S),
+ *     I = sum_{j in half} u[r][32b + j] * q[b][t][j],   S = the half's sum of q (stored as d * S in lo / hi).
+ * Types whose two halves share a scale (all but Q6_K and NVFP4) take both halves as one sum; types whose offset
+ * is a fixed multiple of the scale (all but Q4_K) have that multiple folded into lo / hi by pack_q8, so their
+ * flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time in int16 before
+ * widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+#ifdef SIMD8
+static inline __m256i bcast4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
+                                                              const float *const *o, int64_t nb, panel8 p,
+                                                              float *tile, const int split, const int chain,
+                                                              const int ratio) {
+    __m256 f[R8][2];
+    for (int r = 0; r < R8; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qa = p.q + b * QB * TP;
+        const __m256 d0 = _mm256_loadu_ps(p.d + b * TP), d1 = _mm256_loadu_ps(p.d + b * TP + 8);
+        for (int h = 0; h < (split ? 2 : 1); h++) {
+            const int g_end = split ? 4 * h + 4 : 8;
+            __m256i acc[R8][2];
+            for (int r = 0; r < R8; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+            for (int g0 = split ? 4 * h : 0; g0 < g_end; g0 += chain) {
+#if defined(DG_INT8_AVX2)
+                __m256i a16[R8][2];
+                for (int r = 0; r < R8; r++) a16[r][0] = a16[r][1] = _mm256_setzero_si256();
+#endif
+                for (int g = g0; g < g0 + chain && g < g_end; g++) {
+                    const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4));
+                    const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32));
+                    for (int r = 0; r < R8; r++) {
+                        const __m256i w = bcast4(u[r] + b * QB + 4 * g);
+#if defined(DG_INT8_AVX512VNNI)
+                        acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], w, a0);
+                        acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], w, a1);
+#elif defined(DG_INT8_AVXVNNI)
+                        acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], w, a0);
+                        acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], w, a1);
+#else
+                        a16[r][0] = _mm256_add_epi16(a16[r][0], _mm256_maddubs_epi16(w, a0));
+                        a16[r][1] = _mm256_add_epi16(a16[r][1], _mm256_maddubs_epi16(w, a1));
+#endif
+                    }
+                }
+#if defined(DG_INT8_AVX2)
+                const __m256i ones = _mm256_set1_epi16(1);
+                for (int r = 0; r < R8; r++) {
+                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(a16[r][0], ones));
+                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(a16[r][1], ones));
+                }
+#endif
+            }
+            const float *lo = split && h ? p.hi : p.lo; /* one sum over the block: pack_q8 put it in lo */
+            const __m256 c0 = _mm256_loadu_ps(lo + b * TP), c1 = _mm256_loadu_ps(lo + b * TP + 8);
+            for (int r = 0; r < R8; r++) {
+                const __m256 sr = _mm256_set1_ps(s[r][2 * b + h]);
+                if (ratio) {
+                    f[r][0] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[r][0]), d0, c0), sr, f[r][0]);
+                    f[r][1] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[r][1]), d1, c1), sr, f[r][1]);
+                } else {
+                    const __m256 orr = _mm256_set1_ps(o[r][2 * b + h]);
+                    f[r][0] = _mm256_fnmadd_ps(c0, orr, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), d0), sr, f[r][0]));
+                    f[r][1] = _mm256_fnmadd_ps(c1, orr, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), d1), sr, f[r][1]));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R8; r++) {
+        _mm256_storeu_ps(tile + r * TP, f[r][0]);
+        _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
+    }
+}
+#elif defined(NEON8)
+/* arm64: 4 tokens per 128-bit vector; USDOT (u8 codes x s8 activations) or SDOT (codes < 128 as signed). */
+static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
+                                                              const float *const *o, int64_t nb, panel8 p,
+                                                              float *tile, const int split, const int chain,
+                                                              const int ratio) {
+    (void)chain;
+    float32x4_t f[R8][4];
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < 4; v++) f[r][v] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qa = p.q + b * QB * TP;
+        for (int h = 0; h < (split ? 2 : 1); h++) {
+            int32x4_t acc[R8][4];
+            for (int r = 0; r < R8; r++)
+                for (int v = 0; v < 4; v++) acc[r][v] = vdupq_n_s32(0);
+            for (int g = split ? 4 * h : 0; g < (split ? 4 * h + 4 : 8); g++) {
+                int8x16_t a[4];
+                for (int v = 0; v < 4; v++) a[v] = vld1q_s8(qa + g * TP * 4 + 16 * v);
+                for (int r = 0; r < R8; r++) {
+                    uint32_t w4;
+                    memcpy(&w4, u[r] + b * QB + 4 * g, 4);
+                    for (int v = 0; v < 4; v++)
+#if defined(DG_INT8_I8MM)
+                        acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), a[v]);
+#else
+                        acc[r][v] = vdotq_s32(acc[r][v], vreinterpretq_s8_u32(vdupq_n_u32(w4)), a[v]);
+#endif
+                }
+            }
+            const float *lo = split && h ? p.hi : p.lo;
+            for (int v = 0; v < 4; v++) {
+                const float32x4_t d = vld1q_f32(p.d + b * TP + 4 * v), c = vld1q_f32(lo + b * TP + 4 * v);
+                for (int r = 0; r < R8; r++) {
+                    const float32x4_t t = vmulq_f32(vcvtq_f32_s32(acc[r][v]), d);
+                    if (ratio) {
+                        f[r][v] = vfmaq_f32(f[r][v], vsubq_f32(t, c), vdupq_n_f32(s[r][2 * b + h]));
+                    } else {
+                        f[r][v] = vfmaq_f32(f[r][v], t, vdupq_n_f32(s[r][2 * b + h]));
+                        f[r][v] = vfmsq_f32(f[r][v], c, vdupq_n_f32(o[r][2 * b + h]));
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < 4; v++) vst1q_f32(tile + r * TP + 4 * v, f[r][v]);
+}
+#else
+static inline void micro8_kind(const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
+                               panel8 p, float *tile, const int split, const int chain, const int ratio) {
+    (void)chain;
+    for (int r = 0; r < R8; r++)
+        for (int t = 0; t < TP; t++) {
+            float f = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const int8_t *qa = p.q + b * QB * TP;
+                for (int h = 0; h < (split ? 2 : 1); h++) {
+                    int32_t acc = 0;
+                    for (int g = split ? 4 * h : 0; g < (split ? 4 * h + 4 : 8); g++)
+                        for (int l = 0; l < 4; l++) acc += (int32_t)u[r][b * QB + 4 * g + l] * qa[(g * TP + t) * 4 + l];
+                    const float c = (split && h ? p.hi : p.lo)[b * TP + t], d = p.d[b * TP + t];
+                    if (ratio)
+                        f = fmaf(fmaf((float)acc, d, -c), s[r][2 * b + h], f);
+                    else
+                        f = fmaf(-c, o[r][2 * b + h], fmaf((float)acc * d, s[r][2 * b + h], f));
+                }
+            }
+            tile[r * TP + t] = f;
+        }
+}
+#endif
+
+static void micro8(int type, const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
+                   panel8 p, float *tile) {
+    switch (type) { /* each kind compiled with its constants */
+    case T_Q4_0: micro8_kind(u, s, o, nb, p, tile, 0, 8, 1); break;
+    case T_Q5_0: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
+    case T_Q8_0: micro8_kind(u, s, o, nb, p, tile, 0, 1, 1); break;
+    case T_MXFP4: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
+    case T_NVFP4: micro8_kind(u, s, o, nb, p, tile, 1, 4, 1); break;
+    case T_Q4_K: micro8_kind(u, s, o, nb, p, tile, 0, 8, 0); break;
+    default: micro8_kind(u, s, o, nb, p, tile, 1, 2, 1); break; /* Q6_K */
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * linear — c[i, j] = sum over k of a[i, k] w[j, k], in the integer arithmetic above. Threads take panels of R8
+ * weight rows; each decodes its rows' codes once and runs them against every token panel.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+/* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
+static int k_fits(int type, int64_t k) {
+    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
+}
+
+typedef struct {
+    uint8_t *u[R8];
+    float *s[R8], *o[R8];
+} rows8;
+
+static int rows8_alloc(rows8 *w, int64_t k) {
+    memset(w, 0, sizeof(*w));
+    for (int r = 0; r < R8; r++) {
+        w->u[r] = alloc8((size_t)k);
+        w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
+        w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
+        if (!w->u[r] || !w->s[r] || !w->o[r]) return 0;
+    }
+    return 1;
+}
+
+static void rows8_free(rows8 *w) {
+    for (int r = 0; r < R8; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]);
+}
+
+/* Rows [r0, r0 + count) of W into w; rows past `count` repeat the first (their results are not stored). */
+static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_bytes, int64_t k, float ts, int64_t r0,
+                         int64_t count) {
+    for (int r = 0; r < R8; r++)
+        decode_codes(type, base + (r0 + (r < count ? r : 0)) * row_bytes, k, ts, w->u[r], w->s[r], w->o[r]);
+}
+
+static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
+                        int64_t n, float *c) {
+    if (!SFX8(supports)(type) || !k_fits(type, k)) return DG_E_TYPE;
+    if (m <= 0 || n <= 0) return 0;
+    const int64_t nb = k / QB, mp = (m + TP - 1) / TP, np_ = (n + R8 - 1) / R8;
+    uint8_t *act = alloc8(panel_bytes(nb) * (size_t)mp);
+    if (!act) return DG_E_NOMEM;
+    int failed = 0;
+#pragma omp parallel num_threads(NT8)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < mp; p++)
+            pack_q8(a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, kind_of(type),
+                    panel_at(act + p * panel_bytes(nb), nb));
+        rows8 wr;
+        float tile[R8 * TP];
+        if (!rows8_alloc(&wr, k)) failed = 1;
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t jp = 0; jp < np_; jp++) {
+            if (failed) continue;
+            const int64_t j0 = jp * R8, rows = n - j0 < R8 ? n - j0 : R8;
+            rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
+            for (int64_t p = 0; p < mp; p++) {
+                const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
+                micro8(type, (const uint8_t *const *)wr.u, (const float *const *)wr.s, (const float *const *)wr.o, nb,
+                       panel_at(act + p * panel_bytes(nb), nb), tile);
+                for (int64_t i = 0; i < cols; i++)
+                    for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TP + i];
+            }
+        }
+        rows8_free(&wr);
+    }
+    free(act);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * ffn — dg_ffn (dense gated MLP and mixture of experts) in the integer arithmetic above, per (token t, slot s),
+ * e = index[t, s]:  h = gelu_tanh(gate_e @ x_t) * (up_e @ x_t);  out[t] += weights[t, s] * (down_e @ h).
+ * As the float kernel: tokens grouped per expert; phase 1 splits (expert, panel of R8 gate/up rows) over threads
+ * and writes h per grouped token; h is quantized per token; phase 2 splits panels of R8 output columns (each
+ * thread owns those columns of `out` for every expert: race-free, experts added in ascending order).
+ * ------------------------------------------------------------------------------------------------------------- */
+
+static inline float gelu_mul(float g, float u) {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * (g * g * g)))) * u;
+}
+
+static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index,
+                     const float *weights, int64_t top_k, int64_t n_experts, int gt, const uint8_t *gw, int64_t grb,
+                     int64_t gstride, float gts, int ut, const uint8_t *uw, int64_t urb, int64_t ustride, float uts,
+                     int dt, const uint8_t *dw, int64_t drb, int64_t dstride, float dts, float *out) {
+    if (!SFX8(supports)(gt) || !SFX8(supports)(ut) || !SFX8(supports)(dt) || !k_fits(gt, hidden) ||
+        !k_fits(ut, hidden) || !k_fits(dt, inter))
+        return DG_E_TYPE;
+    memset(out, 0, (size_t)(n * hidden) * sizeof(float));
+    if (n <= 0) return 0;
+    const int64_t ne = index ? n_experts : 1, slots = index ? top_k : 1;
+    dg_groups grp;
+    int rc = dg_group_experts(index, weights, n, slots, ne, TP, &grp);
+    if (rc) return rc;
+    const int64_t np_ = grp.panel0[ne], nbh = hidden / QB, nbi = inter / QB;
+    const int same = gt == ut;
+    uint8_t *xg = alloc8(panel_bytes(nbh) * (size_t)np_), *xu = same ? xg : alloc8(panel_bytes(nbh) * (size_t)np_);
+    uint8_t *hq = alloc8(panel_bytes(nbi) * (size_t)np_);
+    float *h = alloc8((size_t)(grp.start[ne] + 1) * (size_t)inter * sizeof(float));
+    if (!xg || !xu || !hq || !h) {
+        rc = DG_E_NOMEM;
+        goto done;
+    }
+    const int64_t ip = (inter + R8 - 1) / R8, hp = (hidden + R8 - 1) / R8;
+    int failed = 0;
+#pragma omp parallel num_threads(NT8)
+    {
+        rows8 wg, wu;
+        float tg[R8 * TP], tu[R8 * TP];
+        const int ok_g = rows8_alloc(&wg, hidden), ok_u = rows8_alloc(&wu, hidden); /* both: both get freed */
+        if (!ok_g || !ok_u) failed = 1;
+        /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < ne; e++)
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(gt), panel_at(xg + p * panel_bytes(nbh), nbh));
+                if (!same)
+                    pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
+            }
+        /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and panel of R8 hidden units */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < ne * ip; item++) {
+            const int64_t e = item / ip, j0 = (item % ip) * R8, rows = inter - j0 < R8 ? inter - j0 : R8;
+            if (failed || grp.count[e] == 0) continue;
+            rows8_decode(&wg, gt, gw + e * gstride, grb, hidden, gts, j0, rows);
+            rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                micro8(gt, (const uint8_t *const *)wg.u, (const float *const *)wg.s, (const float *const *)wg.o, nbh,
+                       panel_at(xg + p * panel_bytes(nbh), nbh), tg);
+                micro8(ut, (const uint8_t *const *)wu.u, (const float *const *)wu.s, (const float *const *)wu.o, nbh,
+                       panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                for (int64_t c = 0; c < cols; c++)
+                    for (int64_t r = 0; r < rows; r++)
+                        h[(grp.start[e] + c0 + c) * inter + j0 + r] = gelu_mul(tg[r * TP + c], tu[r * TP + c]);
+            }
+        }
+        /* h quantized per grouped token, for the down projection's kind */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < ne; e++)
+            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                pack_q8(h, inter, NULL, grp.start[e] + c0, cols, kind_of(dt), panel_at(hq + p * panel_bytes(nbi), nbi));
+            }
+        rows8_free(&wg), rows8_free(&wu);
+        rows8 wd;
+        if (!rows8_alloc(&wd, inter)) failed = 1;
+#pragma omp barrier
+        /* phase 2: out[t, j0:j0+R8] += w * (down @ h), experts in ascending order */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t jp = 0; jp < hp; jp++) {
+            if (failed) continue;
+            const int64_t j0 = jp * R8, rows = hidden - j0 < R8 ? hidden - j0 : R8;
+            for (int64_t e = 0; e < ne; e++) {
+                if (grp.count[e] == 0) continue;
+                rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
+                for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
+                    const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+                    micro8(dt, (const uint8_t *const *)wd.u, (const float *const *)wd.s, (const float *const *)wd.o,
+                           nbi, panel_at(hq + p * panel_bytes(nbi), nbi), tg);
+                    for (int64_t c = 0; c < cols; c++) {
+                        float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
+                        const float wc = grp.wt[grp.start[e] + c0 + c];
+                        for (int64_t r = 0; r < rows; r++) dst[r] += tg[r * TP + c] * wc;
+                    }
+                }
+            }
+        }
+        rows8_free(&wd);
+    }
+    if (failed) rc = DG_E_NOMEM;
+done:
+    dg_groups_free(&grp), free(xg), free(hq), free(h);
+    if (!same) free(xu);
+    return rc;
+}
+
+const dg_int8_set SFX8(dg_int8) = {NAME8, SFX8(supports), SFX8(q8_quantize), SFX8(codes), SFX8(linear), SFX8(ffn)};

@@ -1,0 +1,215 @@
+"""The cpu backend's integer arithmetic for quantized weights (native/cpu/dg_int8.c) against a numpy model of the
+same arithmetic, for every int8 kernel set this CPU runs (avx512vnni / avxvnni / avx2 / generic).
+
+What is exact and what is not:
+- Activation quantization (per 32 values: d = amax / 127, q = rint(x / d), ties to even): bit-exact.
+- The weights' codes, scales and offsets (value = s * u - o, per 16 values): the codes are integers and must
+  be exact; s * u - o reproduces gguf-py's dequantized value to float32 rounding (1 ulp of the larger of |o|
+  and |value|: the two formulas round differently).
+- linear: the integer sums are exact in both; what differs is float32 accumulation of one product per block
+  half (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6 relative.
+- ffn: the hidden activations come from tanhf (kernel) and numpy's tanh, a few ulp apart, which can move one of
+  their int8 codes by one step now and then: 1e-4 relative.
+Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul
+on random data (single outputs up to a few %: checked as < 3% here); tools/quant_quality.py publishes what it
+does to whole-model logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+from gguf import GGML_QUANT_SIZES
+
+import dgrun
+from dgrun import quants
+from dgrun.backends.numpy_backend import NumpyBackend, gelu_tanh
+
+cpu_backend = pytest.importorskip("dgrun.backends.cpu_backend")
+try:
+    cpu_backend.load_library()
+except RuntimeError as e:
+    pytest.skip(f"cpu backend unavailable: {e}", allow_module_level=True)
+
+CpuBackend, CpuWeight = cpu_backend.CpuBackend, cpu_backend.CpuWeight
+REF = NumpyBackend()
+INT8_TYPES = [quants.Q4_0, quants.Q5_0, quants.Q8_0, quants.Q4_K, quants.Q6_K, quants.MXFP4, quants.NVFP4]
+
+
+def _int8_sets() -> list[str]:
+    out = []
+    for name in ("avx512vnni", "avxvnni", "avx2", "generic"):
+        try:
+            CpuBackend(int8=name)
+            out.append(name)
+        except RuntimeError:
+            pass
+    return out
+
+
+INT8_SETS = _int8_sets()
+
+
+@pytest.fixture(params=INT8_SETS)
+def cpu(request):
+    return CpuBackend(threads=2, int8=request.param)
+
+
+def _weight(x: np.ndarray, qt) -> CpuWeight:
+    raw, scale = quants.quantize_tensor(np.asarray(x, dtype=np.float32), qt.ggml_type)
+    return CpuWeight(raw, qt.ggml_type, x.shape, scale)
+
+
+def q8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' activation quantization: (int8 codes, float32 scale per 32 values)."""
+    blocks = np.asarray(x, np.float32).reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.clip(np.rint(blocks * inv[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(np.shape(x)), d.reshape(*np.shape(x)[:-1], -1)
+
+
+def codes(cpu, w: CpuWeight, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k = w.shape[-1]
+    u, s, o = np.empty(k, np.uint8), np.empty(k // 16, np.float32), np.empty(k // 16, np.float32)
+    assert cpu.lib.dg_int8_codes(w.ggml_type, cpu._w(w, row * w.row_bytes), k, w.scale, cpu._p(u, "uint8_t *"),
+                                 cpu._p(s), cpu._p(o)) == 0
+    return u, s, o
+
+
+def linear_model(cpu, a: np.ndarray, w: CpuWeight) -> np.ndarray:
+    """c[i, j] = sum over 16-value halves h of s_h * (d * I_h) - o_h * (d * S_h), in float64 from exact ints."""
+    q, d = q8_quantize(a)
+    m, k = a.shape
+    qh = q.reshape(m, k // 16, 16).astype(np.int64)
+    dh = np.repeat(d, 2, axis=1).astype(np.float64)  # each 32-value scale covers two halves
+    out = np.empty((m, w.shape[0]))
+    for j in range(w.shape[0]):
+        u, s, o = codes(cpu, w, j)
+        integer = (qh * u.reshape(k // 16, 16).astype(np.int64)).sum(axis=2)  # exact
+        sums = qh.sum(axis=2)
+        out[:, j] = (s * (dh * integer) - o * (dh * sums)).sum(axis=1)
+    return out
+
+
+def test_activation_quantization_is_bit_exact(cpu):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0, 1, (50, 32)) * rng.uniform(1e-3, 1e3, (50, 1))).astype(np.float32)
+    x[0] = 0  # a zero block: scale 0, codes 0
+    x[1, 5] = -x[1].__abs__().max() * 2  # the block's largest magnitude is negative: code -127
+    x[2] = np.arange(32) - 15.5  # exact halves: ties round to even
+    q, d = np.empty(x.shape, np.int8), np.empty(50, np.float32)
+    assert cpu.lib.dg_q8_quantize(cpu._p(x), x.size, cpu._p(q, "int8_t *"), cpu._p(d)) == 0
+    ref_q, ref_d = q8_quantize(x)
+    np.testing.assert_array_equal(d, ref_d.reshape(-1))
+    np.testing.assert_array_equal(q, ref_q)
+
+
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
+def test_weight_codes_reproduce_the_decoded_values(cpu, qt):
+    if not cpu.lib.dg_int8_supports(qt.ggml_type):
+        pytest.skip(f"{cpu.int8_isa} takes {qt.ggml_type.name} in float32")
+    rng = np.random.default_rng(int(qt.ggml_type))
+    w = _weight(rng.normal(0, 1, (5, 512)) * rng.uniform(0.01, 10, (5, 1)), qt)
+    dense = w.dense()
+    for row in range(5):
+        u, s, o = codes(cpu, w, row)
+        s16, o16 = np.repeat(s, 16), np.repeat(o, 16)
+        value = s16 * u.astype(np.float32) - o16
+        ulp = np.spacing(np.maximum(np.abs(o16), np.abs(dense[row])))
+        assert np.all(np.abs(value - dense[row]) <= ulp), qt.ggml_type.name
+
+
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
+@pytest.mark.parametrize("m", [1, 37])
+def test_linear_matches_the_integer_model(cpu, qt, m):
+    rng = np.random.default_rng(m)
+    w = _weight(rng.normal(0, 0.1, (7, 512)), qt)  # 7 rows: a partial panel
+    a = rng.normal(0, 1, (m, 512)).astype(np.float32)
+    out = cpu.linear(a, w)
+    if not cpu.lib.dg_int8_supports(qt.ggml_type):
+        assert_close(out, REF.linear(a, w), 2e-6, "float32 fallback")
+        return
+    assert_close(out, linear_model(cpu, a, w), 1e-6, f"int8 linear {qt.ggml_type.name} ({cpu.int8_isa})")
+    assert_close(out, REF.linear(a, w), 3e-2, "int8 vs float32")
+
+
+@pytest.mark.parametrize("qt", [quants.Q4_K, quants.Q5_0, quants.NVFP4], ids=lambda t: t.ggml_type.name)
+def test_ffn_matches_the_integer_model(cpu, qt):
+    rng = np.random.default_rng(7)
+    hidden, inter, n, experts, top_k = 256, 256, 40, 5, 2
+    x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
+    gate_up = _weight(rng.normal(0, 0.1, (experts, 2 * inter, hidden)), qt)
+    down = _weight(rng.normal(0, 0.1, (experts, hidden, inter)), qt)
+    index = np.argsort(-rng.random((n, experts)) * np.array([3, 1, 1, 1, 0]), axis=-1, kind="stable")[:, :top_k]
+    weights = rng.uniform(0.2, 1.5, (n, top_k)).astype(np.float32)
+    out = cpu.experts(x, weights, index, gate_up, down)
+    model = np.zeros((n, hidden))
+    for e in np.unique(index):
+        tokens, slots = np.nonzero(index == e)
+        gu = CpuWeight(gate_up.raw[e], qt.ggml_type, gate_up.shape[1:], gate_up.tensor_scale)
+        dn = CpuWeight(down.raw[e], qt.ggml_type, down.shape[1:], down.tensor_scale)
+        both = linear_model(cpu, x[tokens], gu).astype(np.float32)
+        h = gelu_tanh(both[:, :inter]) * both[:, inter:]
+        model[tokens] += linear_model(cpu, h, dn) * weights[tokens, slots][:, None]
+    assert_close(out, model, 1e-4, f"int8 experts {qt.ggml_type.name} ({cpu.int8_isa})")
+    assert_close(out, REF.experts(x, weights, index, gate_up, down), 3e-2, "int8 vs float32")
+
+
+def test_float_files_never_take_the_int8_path():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 1, (20, 256)).astype(np.float32)
+    for qt in (quants.F32, quants.F16, quants.BF16):
+        w = _weight(rng.normal(0, 1, (9, 256)), qt)
+        assert_close(CpuBackend(int8=True).linear(a, w), REF.linear(a, w), 2e-6, qt.ggml_type.name)
+
+
+def test_types_without_int8_codes_take_the_float_path_bit_for_bit():
+    """The quantized types the int8 kernels have no codes for (Q5_1, Q5_K, the IQ types; Q8_0 with AVX2 and
+    dotprod) fall back to the float32 kernels: the same bits as int8 off."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(0, 1, (9, 512)).astype(np.float32)
+    for name in INT8_SETS:
+        on, off = CpuBackend(threads=2, int8=name), CpuBackend(threads=2, int8=False)
+        for ggml_type, qt in quants.QUANT_TYPES.items():
+            if qt in (quants.F32, quants.F16, quants.BF16):
+                continue
+            if quants.can_quantize(ggml_type, 512):
+                w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
+            else:  # decode-only here (the IQ types): random blocks, each led by a finite float16 scale
+                block, size = GGML_QUANT_SIZES[ggml_type]
+                raw = rng.integers(0, 256, (7, 512 // block, size), dtype=np.uint8)
+                raw[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)
+                w = CpuWeight(raw.reshape(7, -1), ggml_type, (7, 512))
+            on._activate()  # the library's int8 set is process-wide: ask about `on`'s, not the last one made
+            if not on.lib.dg_int8_supports(ggml_type):
+                assert np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {ggml_type.name}"
+        w = _weight(rng.normal(0, 0.1, (7, 512)), quants.Q4_0)  # and a type it has codes for does take it
+        assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: Q4_0 did not take int8"
+
+
+def test_switch_from_argument_and_environment(monkeypatch, checkpoints):
+    monkeypatch.setenv("DGRUN_CPU_INT8", "0")
+    assert not CpuBackend().int8 and CpuBackend(int8=True).int8
+    monkeypatch.setenv("DGRUN_CPU_INT8", "1")
+    assert CpuBackend().int8 and not CpuBackend(int8=False).int8
+    # A quantized file's logits move by the activations' rounding with int8 on, not at all with it off. (This
+    # random fixture amplifies any error: measured 18% here, where q4_k_m's own weight error moves its logits
+    # by 80%, see test_quantized.py.)
+    path = checkpoints["quant"].dgf("q4_k_m")
+    canvas = np.arange(16) % 200
+    logits = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("DGRUN_CPU_INT8", setting)
+        with dgrun.load(path, backend="cpu") as model:
+            cache = model.graph.new_cache()
+            model.graph.encode(np.array([2, 7, 9]), cache)
+            logits[setting] = model.graph.decode(canvas, cache, None)
+    with dgrun.load(path, backend="numpy") as model:
+        cache = model.graph.new_cache()
+        model.graph.encode(np.array([2, 7, 9]), cache)
+        ref = model.graph.decode(canvas, cache, None)
+    assert_close(logits["0"], ref, 1e-5, "int8 off")
+    rel = np.linalg.norm(logits["1"] - ref) / np.linalg.norm(ref)
+    assert 1e-5 < rel < 0.4, rel
