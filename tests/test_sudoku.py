@@ -199,8 +199,9 @@ def test_sudoku_by_name_in_the_api_and_dgrun_info():
 
 
 # Measured on these 10 puzzles (the first ten of the 36-46 band of tools/sudoku_eval.txt, seeds 0..9, numpy
-# backend, the file's generation config): SOLVED_MEASURED of 10. The floor leaves room for one unlucky draw.
-SOLVED_MEASURED = 10
+# backend, the file's generation config): SOLVED_MEASURED of 10 (97.5% of the band's 200 on the cpu backend).
+# The floor leaves room for one more unlucky draw.
+SOLVED_MEASURED = 9
 SOLVED_FLOOR = 8
 
 

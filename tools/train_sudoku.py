@@ -71,12 +71,14 @@ CELL_POSITIONS = np.array([10 * (i // 9) + i % 9 for i in range(81)])
 # README's "The Sudoku model" section has the measurements behind each value.
 GENERATION_DEFAULTS: dict[str, Any] = {
     "max_new_tokens": CANVAS_LENGTH,
-    "max_denoising_steps": 48,
+    # Twice the release's steps and a tenth of its entropy bound: fewer cells decided per step, each on more
+    # settled neighbours (92% -> 97% solved at 36-46 givens; adaptive stopping ends most puzzles in ~9 steps).
+    "max_denoising_steps": 96,
     "t_min": 0.4,
     "t_max": 0.8,
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
-    "sampler_config": {"entropy_bound": 0.1},
+    "sampler_config": {"entropy_bound": 0.01},
 }
 
 
