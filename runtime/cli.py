@@ -6,6 +6,7 @@
     dgrun -m model.dgf -i                              # multi-turn chat, one line per turn on stdin
     dgrun -m model.dgf -p "def add(a, b):<FILL>return c"
     dgrun -m model.dgf --edit "x = 1 + 2" --rewrite 4:9
+    dgrun -m sudoku --edit "$(cat puzzle.txt)" --blank 0   # a shipped model by name; fill every 0
     dgrun -m model.dgf -p "2 651 4937" --token-ids    # the prompt as token ids (any file, even without tokenizer)
     dgrun -m model.dgf --chat -p "Name a city" --json-schema '{"type": "object"}'
     dgrun -m model.dgf --lora sudoku-lora.dgf -p "..."  # with a LoRA adapter (--lora-scaled FILE SCALE)
@@ -38,7 +39,7 @@ from dgrun._version import __version__
 from dgrun.backends import BackendUnavailable
 from dgrun.chat import ChatSession
 from dgrun.config import ARCH, ConfigError, GenerationConfig, ModelConfig, written_by_dgrun
-from dgrun.engine import Model, default_model_path, load, type_mix
+from dgrun.engine import Model, load, resolve_model, type_mix
 from dgrun.format import GGUFFile
 from dgrun.generate import Commit, Draft, Stats
 from dgrun.lora import describe as describe_adapter
@@ -93,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="dgrun", description="Generate text with a DiffusionGemma .dgf model.",
         epilog="Run 'dgrun info MODEL' to describe a model (or any GGUF file).")
     parser.add_argument("--version", action="version", version=f"dgrun {__version__}")
-    parser.add_argument("-m", "--model", help="the .dgf file (default: the demo model shipped with dgrun)")
+    parser.add_argument("-m", "--model", metavar="MODEL",
+                        help="the .dgf file, or a model shipped with dgrun by name (demo, sudoku); default: demo")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("-p", "--prompt", metavar="TEXT",
                         help="the prompt; a single <FILL> marker in it asks for an infill")
@@ -146,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     modes.add_argument("--edit", metavar="TEXT", help="edit TEXT in place (the prompt, if any, is its context)")
     modes.add_argument("--rewrite", metavar="START:END", action="append", type=_char_range, default=[],
                        help="edit: a character range of TEXT to rewrite (repeatable; START or END may be left out)")
+    modes.add_argument("--blank", metavar="CHAR",
+                       help="edit: every CHAR in TEXT is one position to fill (CHAR: one token of the vocabulary)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, stats) per answer")
@@ -209,7 +213,8 @@ def _generate_command(argv: list[str]) -> int:
         if mode == "edit":
             spans = [(0 if s is None else s, len(args.edit) if e is None else e) for s, e in args.rewrite]
             prompt_ids = model.tokenize("" if prompt is None else prompt)
-            events = model.stream_edit(args.edit, spans, prompt_ids, seed=args.seed, stats=stats, **params)
+            events = model.stream_edit(args.edit, spans, prompt_ids, blank=args.blank, seed=args.seed, stats=stats,
+                                       **params)
         elif mode == "infill":
             prefix, suffix = (args.prefix or "", args.suffix or "") if prompt is None else prompt.split(FILL_MARKER)
             prompt_ids = model.tokenize(prefix)
@@ -274,8 +279,10 @@ def _check_mode(args: argparse.Namespace, prompt: str | None) -> str:
         raise UsageError(f"{' and '.join(requested)} cannot be combined")
     if args.rewrite and args.edit is None:
         raise UsageError("--rewrite needs --edit TEXT")
-    if args.edit is not None and not args.rewrite:
-        raise UsageError("--edit needs at least one --rewrite START:END")
+    if args.blank is not None and args.edit is None:
+        raise UsageError("--blank needs --edit TEXT")
+    if args.edit is not None and not args.rewrite and args.blank is None:
+        raise UsageError("--edit needs at least one --rewrite START:END or a --blank CHAR")
     if args.fill_length is not None and not (infill_flags or markers):
         raise UsageError("--fill-length applies to infills only (--prefix/--suffix or a <FILL> marker)")
     if args.system is not None and not (args.chat or args.interactive):
@@ -335,9 +342,8 @@ def _parse_token_ids(prompt: str | None) -> list[int]:
 
 
 def _load_model(args: argparse.Namespace) -> Model:
-    path = args.model
-    if path is None:
-        path = default_model_path()
+    path = resolve_model(args.model)
+    if args.model is None:
         if not path.is_file():
             raise UsageError(f"no model given (-m MODEL) and the demo model is not installed (expected {path})")
         sys.stderr.write(f"dgrun: no -m given: using the demo model {path}\n")  # one write: `serve` prints meanwhile
@@ -582,10 +588,10 @@ def _serve_command(argv: list[str]) -> int:
 
 def _info_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dgrun info", description="Describe a .dgf model or any GGUF file.")
-    parser.add_argument("model", help="the file")
+    parser.add_argument("model", help="the file, or a shipped model's name (demo, sudoku)")
     parser.add_argument("--json", action="store_true", help="print the description as one JSON object")
     args = parser.parse_args(argv)
-    info = describe_file(args.model)
+    info = describe_file(resolve_model(args.model))
     print(json.dumps(info) if args.json else _format_info(info))
     return 0
 

@@ -63,23 +63,51 @@ class ModelBusyError(RuntimeError):
     `dgrun.Scheduler` owns)."""
 
 
+_SHIPPED_DIR = Path(__file__).parent / "models"
+
+
 def default_model_path() -> Path:
     """The small demo model shipped inside the package."""
-    return Path(__file__).parent / "models" / "demo.dgf"
+    return _SHIPPED_DIR / "demo.dgf"
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models installed with the package, by name ("demo", "sudoku"): the .dgf files in dgrun/models."""
+    return {path.stem: path for path in sorted(_SHIPPED_DIR.glob("*.dgf"))}
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The file `model` names: a file that exists, else a shipped model's name; the demo model for None.
+
+    A name that is neither raises `FormatError` listing the shipped models.
+    """
+    if model is None:
+        return default_model_path()
+    path = Path(model)
+    if path.is_file():
+        return path
+    shipped = shipped_models()
+    if isinstance(model, str) and model in shipped:
+        return shipped[model]
+    if path.exists():  # a folder, a FIFO...: the reader refuses it with its own message
+        return path
+    names = ", ".join(shipped) or "none installed"
+    raise FormatError(f"cannot open {model}: no such file, and no shipped model of that name (shipped: {names})")
 
 
 def load(path: str | Path | None = None, backend: str = "auto", lora: Sequence[LoraSpec] | None = None,
          merge_lora: bool = False, mmproj: str | Path | None = None) -> Model:
     """Open a .dgf file (memory-mapped) on a backend: "auto", "numpy", "cpu", "cuda" or "mlx".
 
-    With no path, the demo model shipped in the package. Bad files raise `dgrun.FormatError`.
+    `path` is a file, or the name of a model shipped in the package (`shipped_models()`: "demo", "sudoku");
+    with no path, the demo model. A file that exists wins over a name. Bad files raise `dgrun.FormatError`.
     `lora`: LoRA adapter files (`convert-lora-to-dgf`), each a path (scale 1) or a (path, scale) pair, applied
     unmerged (y = W x + scale * alpha / r * B(A x)); the encoder's deltas act in encoder passes, the decoder's
     in decoder passes. `merge_lora=True` adds them into float32 copies of the weights at load instead (float
     bases only; faster passes, more memory, fixed scales). The vision tower is the file's own, or the one in
     `mmproj` (a llama.cpp-style mmproj file, as `convert-hf-to-dgf --mmproj-out` writes).
     """
-    return Model(default_model_path() if path is None else Path(path), backend, lora, merge_lora, mmproj)
+    return Model(resolve_model(path), backend, lora, merge_lora, mmproj)
 
 
 class Model:
@@ -531,16 +559,18 @@ class Model:
         stats = Stats()
         return self._collect(self.stream_infill(prefix, suffix, fill_length, stats=stats, **params), stats)
 
-    def stream_edit(self, text: str, spans: Sequence[tuple[int, int]], context: str | list[int] | None = None, *,
-                    seed: int | None = None, rng: Rng | None = None, stats: Stats | None = None,
-                    **params: Any) -> Iterator[Draft | Commit]:
+    def stream_edit(self, text: str, spans: Sequence[tuple[int, int]] = (), context: str | list[int] | None = None,
+                    *, blank: str | None = None, seed: int | None = None, rng: Rng | None = None,
+                    stats: Stats | None = None, **params: Any) -> Iterator[Draft | Commit]:
         """Events of `edit`; its one `Commit` holds the edited text's tokens. Bad arguments raise ValueError at once."""
-        return self._stream(self.edit_request(text, spans, context, seed=seed, rng=rng, **params), stats)
+        return self._stream(self.edit_request(text, spans, context, blank=blank, seed=seed, rng=rng, **params),
+                            stats)
 
-    def edit_request(self, text: str, spans: Sequence[tuple[int, int]], context: str | list[int] | None = None, *,
-                     seed: int | None = None, rng: Rng | None = None, **params: Any) -> Request:
+    def edit_request(self, text: str, spans: Sequence[tuple[int, int]] = (), context: str | list[int] | None = None,
+                     *, blank: str | None = None, seed: int | None = None, rng: Rng | None = None,
+                     **params: Any) -> Request:
         """The `edit` as a validated request, e.g. for `dgrun.Scheduler.submit`."""
-        ids = self.tokenize(text, add_bos=False)
+        ids, blanks = self._edit_tokens(text, blank)
         canvas_length = self.config.canvas_length
         if not ids:
             raise ValueError("the text to edit is empty")
@@ -548,29 +578,58 @@ class Model:
             raise ValueError(f"the text to edit is {len(ids)} tokens, longer than one canvas ({canvas_length} tokens)")
         starts, ends = self._token_char_ranges(ids, text)
         free = np.zeros(canvas_length, dtype=bool)
+        free[: len(ids)] = blanks
         for span in spans:
             start, end = span
             if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
                 raise ValueError(f"span {span!r} is not a non-empty character range inside the text (0..{len(text)})")
             free[: len(ids)] |= (starts < end) & (ends > start)
         if not free.any():
-            raise ValueError("no span covers any token of the text")
+            raise ValueError("no span covers any token of the text" if blank is None or spans else
+                             f"the text has no blank {blank!r} to fill")
         canvas = np.concatenate([np.asarray(ids, dtype=np.int64), self._end_padding(canvas_length - len(ids))])
         prompt = self.tokenize("") if context is None else context
         return self._canvas_request(prompt, canvas, free, range(len(ids)), seed, rng, params)
 
-    def edit(self, text: str, spans: Sequence[tuple[int, int]], context: str | list[int] | None = None,
-             **params: Any) -> GenerationOutput:
-        """Rewrite the character ranges `spans` ([(start, end), ...]) of `text` and keep the rest token-exact.
+    def edit(self, text: str, spans: Sequence[tuple[int, int]] = (), context: str | list[int] | None = None, *,
+             blank: str | None = None, **params: Any) -> GenerationOutput:
+        """Rewrite the character ranges `spans` ([(start, end), ...]) of `text`, and/or fill its blanks, keeping the
+        rest token-exact.
 
         `text` (at most one canvas of tokens, no BOS) follows `context` (a prompt; default: BOS alone). The
         canvas starts as `text`'s tokens: those overlapping a span are renoised, every other one is clamped, and
-        the rest of the canvas is clamped EOS/pad padding. A rewritten span keeps its token count; EOS/pad tokens
-        the model writes there are dropped, so it can shorten. Returns the whole edited text.
-        Parameters as in `generate`, except `max_new_tokens`.
+        the rest of the canvas is clamped EOS/pad padding. With `blank` (a string that is one token of the
+        vocabulary, e.g. "0" for a Sudoku's empty cells), every occurrence of it in `text` is one position to
+        fill: the text is tokenized around the occurrences, so each is exactly that one token. A rewritten span
+        keeps its token count; EOS/pad tokens the model writes there are dropped, so it can shorten. Returns the
+        whole edited text. Parameters as in `generate`, except `max_new_tokens`.
         """
         stats = Stats()
-        return self._collect(self.stream_edit(text, spans, context, stats=stats, **params), stats)
+        return self._collect(self.stream_edit(text, spans, context, blank=blank, stats=stats, **params), stats)
+
+    def _edit_tokens(self, text: str, blank: str | None) -> tuple[list[int], np.ndarray]:
+        """`text`'s token ids, and which of them are `blank`: the text between blanks is tokenized piece by piece, so
+        every occurrence of `blank` is one token of its own."""
+        if blank is None:
+            ids = self.tokenize(text, add_bos=False)
+            return ids, np.zeros(len(ids), dtype=bool)
+        blank_ids = self.tokenize(blank, add_bos=False) if isinstance(blank, str) and blank else []
+        if len(blank_ids) != 1 or self.detokenize(blank_ids) != blank:
+            raise ValueError(f"the blank {blank!r} is not one token of {self.path.name}'s vocabulary")
+        ids: list[int] = []
+        blanks: list[bool] = []
+        for index, piece in enumerate(text.split(blank)):
+            if index:
+                ids.append(blank_ids[0])
+                blanks.append(True)
+            piece_ids = self.tokenize(piece, add_bos=False) if piece else []
+            ids.extend(piece_ids)
+            blanks.extend([False] * len(piece_ids))
+        decoded = self.detokenize(ids)
+        if decoded != text:  # e.g. SentencePiece's dummy prefix puts a space before every piece
+            raise ValueError(f"the text does not survive tokenization around the blank {blank!r} unchanged (it "
+                             f"decodes to {decoded!r})")
+        return ids, np.asarray(blanks, dtype=bool)
 
     def _canvas_request(self, prompt: str | list[int], canvas: np.ndarray, free: np.ndarray, output: range,
                         seed: int | None, rng: Rng | None, params: dict[str, Any]) -> Request:
