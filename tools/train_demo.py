@@ -275,6 +275,31 @@ def losses(model: Any, batch: Batch, gen: Any, self_condition: bool) -> tuple[An
     return diffusion, autoregressive
 
 
+def adamw(model: Any, lr: float) -> Any:
+    """AdamW with weight decay 0.05 on matrices other than the embedding, none on norms, scales and the embedding."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def learning_rate(base: float, step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth of `base` as `progress` goes 0 -> 1."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def earlier_logs(init: Path | None) -> list[dict[str, Any]]:
+    """The train logs of the runs a continued run builds on (oldest first), so a checkpoint carries its history."""
+    if init is None or not (init / "train_log.json").is_file():
+        return []
+    previous = json.loads((init / "train_log.json").read_text())
+    return [*previous.pop("previous", []), previous]
+
+
 def full_forward_check(model: Any, batch: Batch) -> float:
     """Max |difference| between our split encoder/decoder path and the class's own `forward` (sanity check)."""
     import torch
@@ -378,12 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if check > 1e-4:
         raise RuntimeError("the training path disagrees with DiffusionGemmaForBlockDiffusion.forward")
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    optim = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     flips = np.random.default_rng(args.seed + 3)
     budget_s = args.minutes * 60.0
@@ -406,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log: dict[str, Any] = {"config": model.config.text_config.to_dict(), "train": [], "heldout": [],
                            "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.init is not None and (args.init / "train_log.json").is_file():
-        # Keep the earlier stages' curves, so the final checkpoint carries its whole history.
-        previous = json.loads((args.init / "train_log.json").read_text())
-        log["previous"] = [*previous.pop("previous", []), previous]
+    log["previous"] = earlier_logs(args.init)
     step, tokens, window = 0, 0, []
     last_eval = time.time()
     d0, a0 = evaluate()
@@ -420,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         p = progress(step)
         if p >= 1.0:
             break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        lr = learning_rate(args.lr, step, args.warmup, p)
         for group in optim.param_groups:
             group["lr"] = lr
         batch = sampler.next()

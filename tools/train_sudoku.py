@@ -59,6 +59,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_demo import adamw, earlier_logs, learning_rate, softcapped_logits  # noqa: E402
+
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, NEWLINE_ID = 0, 1, 2, 3, 4
 DIGIT0_ID = 5  # "0".."9" are ids 5..14
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -327,14 +330,6 @@ def build_model(vocab_size: int, hidden: int, layers: int, heads: int, rope_thet
     return DiffusionGemmaForBlockDiffusion(config)
 
 
-def softcapped_logits(model: Any, hidden: Any) -> Any:
-    """The model's own head: tied lm_head, float32, tanh softcap (as in `DiffusionGemmaForBlockDiffusion.forward`)."""
-    import torch
-
-    cap = model.final_logit_softcapping
-    return torch.tanh(model.lm_head(hidden).float() / cap) * cap
-
-
 def noised_canvas(canvas: Any, free: Any, gen: Any, vocab: int, full_noise: float = 0.25,
                   min_noise: float = 0.0) -> tuple[Any, Any]:
     """(noisy canvas, noised mask): free cells replaced by uniform tokens at a per-example rate (see docstring)."""
@@ -483,12 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if check > 1e-4:
         raise RuntimeError("the training path disagrees with DiffusionGemmaForBlockDiffusion.forward")
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    optim = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     flips = np.random.default_rng(args.seed + 3)
     budget_s = args.minutes * 60.0
@@ -521,9 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log: dict[str, Any] = {"config": model.config.text_config.to_dict(), "train": [], "heldout": [],
                            "args": {k: str(v) for k, v in vars(args).items()}}
-    if args.init is not None and (args.init / "train_log.json").is_file():
-        previous = json.loads((args.init / "train_log.json").read_text())
-        log["previous"] = [*previous.pop("previous", []), previous]
+    log["previous"] = earlier_logs(args.init)
     step, window = 0, []
     last_eval = last_save = time.time()
     log["heldout"].append({"step": 0, **evaluate()})
@@ -532,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         p = progress(step)
         if p >= 1.0:
             break
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        lr = learning_rate(args.lr, step, args.warmup, p)
         for group in optim.param_groups:
             group["lr"] = lr
         canvas, free = map(torch.from_numpy, sampler.next(args.batch, givens_now(p)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sudoku as ts  # noqa: E402
+from train_demo import learning_rate, softcapped_logits  # noqa: E402
 
 PROMPT_TOKENS = 1 + ts.GRID_TOKENS + 1  # <bos>, the puzzle, a newline
 
@@ -54,7 +54,7 @@ def batch(sampler: ts.PuzzleSampler, size: int) -> tuple[Any, Any]:
 
 
 def ar_logits(model: Any, ids: Any) -> Any:
-    return ts.softcapped_logits(model, model.model.encoder(input_ids=ids).last_hidden_state)
+    return softcapped_logits(model, model.model.encoder(input_ids=ids).last_hidden_state)
 
 
 def solve(model: Any, puzzle: list[int]) -> list[int]:
@@ -71,7 +71,7 @@ def solve(model: Any, puzzle: list[int]) -> list[int]:
                 out = model.model.encoder(input_ids=torch.tensor([ids[fed:index]]), past_key_values=cache,
                                           use_cache=True)
                 cache, fed = out.past_key_values, index
-                logits = ts.softcapped_logits(model, out.last_hidden_state[0, -1])
+                logits = softcapped_logits(model, out.last_hidden_state[0, -1])
                 digits = logits[ts.DIGIT0_ID + 1: ts.DIGIT0_ID + 10]  # a blank is written as a digit 1-9
                 ids[index] = ts.DIGIT0_ID + 1 + int(digits.argmax())
     return [ids[PROMPT_TOKENS + p] - ts.DIGIT0_ID for p in ts.CELL_POSITIONS]
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     while (elapsed := time.time() - started) < args.minutes * 60:
         p = elapsed / (args.minutes * 60)
         for group in optim.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * p)))
+            group["lr"] = learning_rate(args.lr, step, args.warmup, p)
         ids, targets = batch(sampler, args.batch)
         logits = ar_logits(model, ids[:, :-1])
         loss = F.cross_entropy(logits[targets[:, :-1]], ids[:, 1:][targets[:, :-1]])
