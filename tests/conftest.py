@@ -6,6 +6,7 @@ mismatch on failure, so a broken tolerance says where it broke.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,9 @@ def assert_close(out: np.ndarray, ref: np.ndarray, rtol: float, what: str) -> No
         pytest.fail(f"{what}: rel L2 {rel:.3e} > {rtol:.1e}; max-abs {diff.max():.3e}; "
                     f"first mismatch at {first}: {out[first]!r} vs {ref[first]!r}")
 
+
+def dgrun_cli(*args: object, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m dgrun ARGS` as a user runs it: text output captured, `stdin` fed (else none), bounded in time."""
+    command = [sys.executable, "-m", "dgrun", *map(str, args)]
+    feed: dict[str, Any] = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}
+    return subprocess.run(command, **feed, capture_output=True, text=True, timeout=120, cwd=cwd)

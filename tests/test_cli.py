@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dgrun_cli
 
 import dgrun
 from dgrun.backends import available_backends
@@ -51,13 +52,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def model(files):
     with dgrun.load(files["chat"], backend="numpy") as m:
         yield m
-
-
-def dgrun_cli(*args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "dgrun", *map(str, args)]
-    if stdin is None:
-        return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
 
 
 def visible_text(model, tokens: list[int]) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import eval_sudoku  # tools/ is on sys.path (conftest)
@@ -18,6 +16,7 @@ import fixtures
 import numpy as np
 import pytest
 import train_sudoku
+from conftest import dgrun_cli
 
 import dgrun
 from dgrun import Draft, FormatError
@@ -51,11 +50,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(tiny: Path):
     with dgrun.load(tiny, backend="numpy") as m:
         yield m
-
-
-def dgrun_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dgrun", *map(str, args)], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def first_draft(model: dgrun.Model, text: str, **kwargs: object) -> Draft:
