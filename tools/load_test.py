@@ -143,7 +143,7 @@ def main() -> int:
         server, url = start_server(args)
         pid = server.pid
     try:
-        info = httpx.get(url + "/props", timeout=30).json()
+        info = httpx.get(url + "/props", timeout=30, trust_env=False).json()
         run_level(url, 1, 0, args.max_tokens, 0)  # one warm-up request
         rows = []
         for k, clients in enumerate(levels):
