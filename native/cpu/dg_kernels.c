@@ -520,10 +520,10 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
     {
         float *part = parts + (size_t)TID * m * n;
         memset(part, 0, (size_t)(m * n) * sizeof(float));
-        const int64_t npan = (n + TW - 1) / TW;
-        float *tbuf = scratch(S_W0, (size_t)(KC * npan * TW)), *apad = scratch(S_PAD, R * KC);
+        const int64_t npan = (n + TW - 1) / TW, mpad = (m + R - 1) / R * R;
+        float *tbuf = scratch(S_W0, (size_t)(KC * npan * TW)), *pbuf = scratch(S_PAD, (size_t)(mpad * KC));
         float *tile = scratch(S_TILE, R * TW), *rowbuf = scratch(S_W1, (size_t)(npan * TW));
-        if (!tbuf || !apad || !tile || !rowbuf) failed = 1;
+        if (!tbuf || !pbuf || !tile || !rowbuf) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < nkc; kc++) {
@@ -537,22 +537,27 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
                 for (int64_t p = 0; p < npan; p++) st(tbuf + (p * KC + r) * TW, ld(rowbuf + p * TW)),
                     st(tbuf + (p * KC + r) * TW + VL, ld(rowbuf + p * TW + VL));
             }
-            for (int64_t i0 = 0; i0 < m; i0 += R) {
-                const int64_t nr = m - i0 < R ? m - i0 : R;
-                /* the rows' probabilities for this slice of the vocabulary, side by side (zero-padded to R rows):
-                 * rows a whole vocabulary apart would all fall into the same few L1 sets */
-                if (nr < R || kn < KC) memset(apad, 0, R * KC * sizeof(float));
-                for (int64_t r = 0; r < nr; r++) {
-                    const int64_t row = dense[i0 + r];
+            /* every dense row's probabilities for this slice of the vocabulary, side by side (zero-padded to
+             * whole groups of R rows and to KC columns): rows a whole vocabulary apart would all fall into the
+             * same few L1 sets */
+            for (int64_t r = 0; r < mpad; r++) {
+                float *dst = pbuf + r * KC;
+                int64_t j = 0;
+                if (r < m) {
+                    const int64_t row = dense[r];
                     const float *src = x + row * k + k0, mx = row_max[row], tot = row_total[row];
-                    float *dst = apad + r * KC;
-                    int64_t j = 0;
                     for (; j + VL <= kn; j += VL) st(dst + j, vexp(ld(src + j) - mx) / tot);
                     for (; j < kn; j++) dst[j] = prob(src, j, mx, tot);
                 }
-                for (int64_t j0 = 0; j0 < n; j0 += TW) {
-                    const int64_t cols = n - j0 < TW ? n - j0 : TW;
-                    micro(apad, KC, tbuf + j0 * KC, TW, kn, tile);
+                memset(dst + j, 0, (size_t)(KC - j) * sizeof(float));
+            }
+            /* panel-major: one panel of the decoded slice (KC x TW floats) stays in L1 while every row group
+             * passes over it, instead of the whole slice streaming from L2/L3 once per row group */
+            for (int64_t j0 = 0; j0 < n; j0 += TW) {
+                const int64_t cols = n - j0 < TW ? n - j0 : TW;
+                for (int64_t i0 = 0; i0 < m; i0 += R) {
+                    const int64_t nr = m - i0 < R ? m - i0 : R;
+                    micro(pbuf + i0 * KC, KC, tbuf + j0 * KC, TW, kn, tile);
                     for (int64_t r = 0; r < nr; r++) {
                         float *dst = part + (i0 + r) * n + j0;
                         for (int64_t j = 0; j < cols; j++) dst[j] += tile[r * TW + j];
