@@ -65,6 +65,7 @@
 #define QB 32 /* values per activation block */
 #define TP 16 /* tokens per panel: two vectors of 8 lanes */
 #define R8 3  /* weight rows per microkernel call: 3 x 2 int32 + 3 x 2 float accumulators of 16 registers */
+#define PB8 8 /* linear: R8-row panels per weight block (see there) */
 #define ALIGN8 64
 
 #ifdef _OPENMP
@@ -243,7 +244,12 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                     mj = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
                 }
                 const uint8_t *qq = q + (j / 2) * 32;
+#if defined(__AVX2__)
+                const __m256i v = _mm256_loadu_si256((const __m256i *)qq), low4 = _mm256_set1_epi8(15);
+                _mm256_storeu_si256((__m256i *)(u + 32 * j), _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low4));
+#else
                 for (int l = 0; l < 32; l++) u[32 * j + l] = j % 2 ? qq[l] >> 4 : qq[l] & 15;
+#endif
                 s[16 * b + 2 * j] = s[16 * b + 2 * j + 1] = d * (float)sj;
                 o[16 * b + 2 * j] = o[16 * b + 2 * j + 1] = dmin * (float)mj;
             }
@@ -257,12 +263,24 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                 const uint8_t *ql = row + 64 * half, *qh = row + 128 + 32 * half;
                 const int8_t *sc = (const int8_t *)(row + 192 + 8 * half);
                 uint8_t *y = u + 128 * half;
+#if defined(__AVX2__)
+                /* the loop below, 32 bytes at a time: 16-bit shifts carry bits across bytes, but each result is
+                 * masked to the bits that came from its own byte before it is combined */
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)ql), hi = _mm256_loadu_si256((const __m256i *)(ql + 32));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)qh), low4 = _mm256_set1_epi8(15), low2 = _mm256_set1_epi8(3);
+                for (int quarter = 0; quarter < 4; quarter++) {
+                    const __m256i q = _mm256_and_si256(quarter < 2 ? (quarter ? hi : lo) : _mm256_srli_epi16(quarter == 3 ? hi : lo, 4), low4);
+                    const __m256i top = _mm256_and_si256(_mm256_srli_epi16(h, 2 * quarter), low2);
+                    _mm256_storeu_si256((__m256i *)(y + 32 * quarter), _mm256_or_si256(q, _mm256_slli_epi16(top, 4)));
+                }
+#else
                 for (int l = 0; l < 32; l++) {
                     y[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
                     y[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
                     y[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
                     y[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
                 }
+#endif
                 for (int i = 0; i < 8; i++) {
                     const float si = d * (float)sc[i];
                     s[16 * b + 8 * half + i] = si, o[16 * b + 8 * half + i] = 32.0f * si;
@@ -443,8 +461,11 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * linear — c[i, j] = sum over k of a[i, k] w[j, k], in the integer arithmetic above. Threads take panels of R8
- * weight rows; each decodes its rows' codes once and runs them against every token panel.
+ * linear — c[i, j] = sum over k of a[i, k] w[j, k], in the integer arithmetic above. Threads take blocks of
+ * R8 * PB8 weight rows; each decodes its block's codes once (~100 KB for k = 2816: they stay in L2) and runs every
+ * token panel against the block's PB8 row panels in turn, so a token panel comes from L3 once per block rather than
+ * once per R8 rows (all of them together, a canvas of 256 tokens, do not fit L2), and each token's results are
+ * stored R8 * PB8 at a time.
  * ------------------------------------------------------------------------------------------------------------- */
 
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
@@ -452,14 +473,17 @@ static int k_fits(int type, int64_t k) {
     return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
 }
 
+/* The codes, scales and offsets of up to R8 * PB8 weight rows (`n` of them), a row per pointer. */
 typedef struct {
-    uint8_t *u[R8];
-    float *s[R8], *o[R8];
+    int n;
+    uint8_t *u[R8 * PB8];
+    float *s[R8 * PB8], *o[R8 * PB8];
 } rows8;
 
-static int rows8_alloc(rows8 *w, int64_t k) {
+static int rows8_alloc(rows8 *w, int64_t k, int n) {
     memset(w, 0, sizeof(*w));
-    for (int r = 0; r < R8; r++) {
+    w->n = n;
+    for (int r = 0; r < n; r++) {
         w->u[r] = alloc8((size_t)k);
         w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
@@ -469,21 +493,29 @@ static int rows8_alloc(rows8 *w, int64_t k) {
 }
 
 static void rows8_free(rows8 *w) {
-    for (int r = 0; r < R8; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]);
+    for (int r = 0; r < w->n; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]);
 }
 
-/* Rows [r0, r0 + count) of W into w; rows past `count` repeat the first (their results are not stored). */
+/* Rows [r0, r0 + count) of W into w, and up to the next multiple of R8 rows past them the first again (their
+ * results are not stored). */
 static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_bytes, int64_t k, float ts, int64_t r0,
                          int64_t count) {
-    for (int r = 0; r < R8; r++)
+    const int64_t padded = (count + R8 - 1) / R8 * R8;
+    for (int64_t r = 0; r < padded && r < w->n; r++)
         decode_codes(type, base + (r0 + (r < count ? r : 0)) * row_bytes, k, ts, w->u[r], w->s[r], w->o[r]);
+}
+
+/* micro8 on panel q (rows q * R8 ...) of w, into tile + q * R8 * TP. */
+static void micro8_panel(int type, const rows8 *w, int q, int64_t nb, panel8 p, float *tile) {
+    micro8(type, (const uint8_t *const *)w->u + q * R8, (const float *const *)w->s + q * R8,
+           (const float *const *)w->o + q * R8, nb, p, tile + q * R8 * TP);
 }
 
 static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
                         int64_t n, float *c) {
     if (!SFX8(supports)(type) || !k_fits(type, k)) return DG_E_TYPE;
     if (m <= 0 || n <= 0) return 0;
-    const int64_t nb = k / QB, mp = (m + TP - 1) / TP, np_ = (n + R8 - 1) / R8;
+    const int64_t nb = k / QB, mp = (m + TP - 1) / TP, wb = R8 * PB8, nwb = (n + wb - 1) / wb;
     uint8_t *act = alloc8(panel_bytes(nb) * (size_t)mp);
     if (!act) return DG_E_NOMEM;
     int failed = 0;
@@ -494,18 +526,17 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
             pack_q8(a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, kind_of(type),
                     panel_at(act + p * panel_bytes(nb), nb));
         rows8 wr;
-        float tile[R8 * TP];
-        if (!rows8_alloc(&wr, k)) failed = 1;
+        float tile[R8 * PB8 * TP];
+        if (!rows8_alloc(&wr, k, (int)wb)) failed = 1;
 #pragma omp barrier
-#pragma omp for schedule(dynamic, 2)
-        for (int64_t jp = 0; jp < np_; jp++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t jb = 0; jb < nwb; jb++) {
             if (failed) continue;
-            const int64_t j0 = jp * R8, rows = n - j0 < R8 ? n - j0 : R8;
+            const int64_t j0 = jb * wb, rows = n - j0 < wb ? n - j0 : wb, panels = (rows + R8 - 1) / R8;
             rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
             for (int64_t p = 0; p < mp; p++) {
                 const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
-                micro8(type, (const uint8_t *const *)wr.u, (const float *const *)wr.s, (const float *const *)wr.o, nb,
-                       panel_at(act + p * panel_bytes(nb), nb), tile);
+                for (int q = 0; q < panels; q++) micro8_panel(type, &wr, q, nb, panel_at(act + p * panel_bytes(nb), nb), tile);
                 for (int64_t i = 0; i < cols; i++)
                     for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TP + i];
             }
@@ -556,7 +587,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
     {
         rows8 wg, wu;
         float tg[R8 * TP], tu[R8 * TP];
-        const int ok_g = rows8_alloc(&wg, hidden), ok_u = rows8_alloc(&wu, hidden); /* both: both get freed */
+        const int ok_g = rows8_alloc(&wg, hidden, R8), ok_u = rows8_alloc(&wu, hidden, R8); /* both: both get freed */
         if (!ok_g || !ok_u) failed = 1;
         /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
 #pragma omp for schedule(dynamic, 1)
@@ -576,10 +607,8 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
             rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
             for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                 const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                micro8(gt, (const uint8_t *const *)wg.u, (const float *const *)wg.s, (const float *const *)wg.o, nbh,
-                       panel_at(xg + p * panel_bytes(nbh), nbh), tg);
-                micro8(ut, (const uint8_t *const *)wu.u, (const float *const *)wu.s, (const float *const *)wu.o, nbh,
-                       panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                micro8_panel(gt, &wg, 0, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
+                micro8_panel(ut, &wu, 0, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
                 for (int64_t c = 0; c < cols; c++)
                     for (int64_t r = 0; r < rows; r++)
                         h[(grp.start[e] + c0 + c) * inter + j0 + r] = gelu_mul(tg[r * TP + c], tu[r * TP + c]);
@@ -594,7 +623,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
             }
         rows8_free(&wg), rows8_free(&wu);
         rows8 wd;
-        if (!rows8_alloc(&wd, inter)) failed = 1;
+        if (!rows8_alloc(&wd, inter, R8)) failed = 1;
 #pragma omp barrier
         /* phase 2: out[t, j0:j0+R8] += w * (down @ h), experts in ascending order */
 #pragma omp for schedule(dynamic, 1)
@@ -606,8 +635,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
                 rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
                 for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                     const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                    micro8(dt, (const uint8_t *const *)wd.u, (const float *const *)wd.s, (const float *const *)wd.o,
-                           nbi, panel_at(hq + p * panel_bytes(nbi), nbi), tg);
+                    micro8_panel(dt, &wd, 0, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), tg);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
                         const float wc = grp.wt[grp.start[e] + c0 + c];
