@@ -122,22 +122,46 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
     return p;
 }
 
-/* How a weight type enters the microkernel (see there). */
+/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax) with
+ *   split  its two 16-value halves have scales of their own;
+ *   chain  how many vpmaddubsw results (AVX2) are added in int16 before widening;
+ *   ratio  o = ratio * s, or 0: o is its own (Q4_K, Q5_K, Q5_1);
+ *   umax   its largest code (decode_codes).
+ * AVX2's vpmaddubsw sums a pair of u8 x s8 products into int16 (|q| <= 127), and `chain` of those are added in
+ * int16: exact while chain * 2 * umax * 127 < 2^15. Types whose single pair can reach 2^15 (2 * umax * 127, so
+ * umax > 129: Q8_0 to 255, IQ4_NL / IQ4_XS to 241) have no exact AVX2 product and stay float32 there; SDOT
+ * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain below is the largest the
+ * bound allows (MXFP4's / NVFP4's 4 keep a half's 4 groups in one chain); checked at compile time after the list. */
+#define KINDS8(X)                                                                                                      \
+    X(T_Q4_0, 0, 8, 8.0f, 15)    /* 8 * 2 * 15 * 127 = 30480 */                                                       \
+    X(T_Q5_0, 0, 4, 16.0f, 31)   /* 4 * 2 * 31 * 127 = 31496 */                                                       \
+    X(T_Q5_1, 0, 4, 0.0f, 31)    /* o = -m: value = d u + m */                                                         \
+    X(T_Q8_0, 0, 1, 128.0f, 255) /* VNNI / i8mm / generic only */                                                     \
+    X(T_MXFP4, 0, 4, 12.0f, 24)  /* 4 * 2 * 24 * 127 = 24384 */                                                       \
+    X(T_NVFP4, 1, 4, 12.0f, 24)                                                                                        \
+    X(T_Q4_K, 0, 8, 0.0f, 15)                                                                                          \
+    X(T_Q5_K, 0, 4, 0.0f, 31)                                                                                          \
+    X(T_Q6_K, 1, 2, 32.0f, 63)      /* 2 * 2 * 63 * 127 = 32004 */                                                    \
+    X(T_IQ4_NL, 0, 1, 128.0f, 241)  /* VNNI / i8mm / generic only */                                                  \
+    X(T_IQ4_XS, 0, 1, 128.0f, 241)                                                                                     \
+    X(T_IQ3_S, 0, 4, 16.0f, 31)     /* codes 16 +- 1..15 */                                                           \
+    X(T_IQ2_S, 1, 1, 43.0f, 86)     /* codes 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844, 2 would overflow */
+
+#define KIND8_EXACT(type, split, chain, ratio, umax)                                                                 \
+    _Static_assert(2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15, #type ": chain overflows int16");
+KINDS8(KIND8_EXACT)
+
 typedef struct {
-    int split;   /* halves have their own scales */
-    int chain;   /* vpmaddubsw results summed in int16 before widening (AVX2) */
-    float ratio; /* o = ratio * s, or 0: o is its own (Q4_K) */
+    int split, chain;
+    float ratio;
+    int umax; /* 0: no int8 codes */
 } kind8;
 
 static kind8 kind_of(int type) {
     switch (type) {
-    case T_Q4_0: return (kind8){0, 8, 8.0f};
-    case T_Q5_0: return (kind8){0, 4, 16.0f};
-    case T_Q8_0: return (kind8){0, 1, 128.0f};
-    case T_MXFP4: return (kind8){0, 4, 12.0f};
-    case T_NVFP4: return (kind8){1, 4, 12.0f};
-    case T_Q4_K: return (kind8){0, 8, 0.0f};
-    default: return (kind8){1, 2, 32.0f}; /* Q6_K */
+#define KIND8_CASE(type, split, chain, ratio, umax) case type: return (kind8){split, chain, ratio, umax};
+        KINDS8(KIND8_CASE)
+    default: return (kind8){0, 1, 0.0f, 0};
     }
 }
 
@@ -170,13 +194,14 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o);
 
 static int SFX8(supports)(int type) {
-    switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q4_K: case T_Q6_K: case T_MXFP4: case T_NVFP4: return 1;
-#if !defined(DG_INT8_AVX2) && !defined(DG_INT8_DOTPROD)
-    case T_Q8_0: return 1; /* codes to 255: vpmaddubsw's int16 pair sums overflow, SDOT takes signed bytes */
+    const int umax = kind_of(type).umax;
+#if defined(DG_INT8_AVX2)
+    return umax && 2 * umax * 127 < 1 << 15; /* vpmaddubsw's int16 pair sum (see KINDS8) */
+#elif defined(DG_INT8_DOTPROD)
+    return umax && umax < 128; /* SDOT: codes as signed bytes */
+#else
+    return umax != 0;
 #endif
-    default: return 0;
-    }
 }
 
 /* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
@@ -186,31 +211,39 @@ static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_
     return 0;
 }
 
+/* 2n codes from n bytes of 4-bit indices (byte j: values j, j + n) through a table of signed values, plus bias. */
+static inline void table_codes(const uint8_t *q, int n, const int8_t *table, int bias, uint8_t *u) {
+    for (int j = 0; j < n; j++) {
+        u[j] = (uint8_t)(table[q[j] & 15] + bias);
+        u[j + n] = (uint8_t)(table[q[j] >> 4] + bias);
+    }
+}
+
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
     switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_MXFP4: {
-        const int64_t bytes = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : 17;
-        for (int64_t b = 0; b < k / 32; b++, row += bytes, u += 32) {
+    case T_Q4_0: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_MXFP4: case T_IQ4_NL: {
+        for (int64_t b = 0; b < k / 32; b++, row += dg_type_size(type), u += 32) {
             float d, off;
             if (type == T_MXFP4) {
                 d = dg_e8m0_half(row[0]), off = 12.0f * d;
-                for (int j = 0; j < 16; j++) {
-                    u[j] = (uint8_t)(dg_kvalues_fp4[row[1 + j] & 15] + 12);
-                    u[j + 16] = (uint8_t)(dg_kvalues_fp4[row[1 + j] >> 4] + 12);
-                }
+                table_codes(row + 1, 16, dg_kvalues_fp4, 12, u);
+            } else if (type == T_IQ4_NL) { /* value = d * kvalues[q]: u = kvalues[q] + 128, 1..241 */
+                d = dg_rd_fp16(row), off = 128.0f * d;
+                table_codes(row + 2, 16, dg_kvalues_iq4nl, 128, u);
             } else if (type == T_Q8_0) {
                 d = dg_rd_fp16(row), off = 128.0f * d;
                 for (int j = 0; j < 32; j++) u[j] = (uint8_t)((int8_t)row[2 + j] + 128);
             } else if (type == T_Q4_0) {
                 d = dg_rd_fp16(row), off = 8.0f * d;
                 for (int j = 0; j < 16; j++) u[j] = row[2 + j] & 15, u[j + 16] = row[2 + j] >> 4;
-            } else {
+            } else { /* Q5_0: fp16 d, u32 fifth bits, nibbles; Q5_1: fp16 d, fp16 m, then the same (value = d u + m) */
+                const int head = type == T_Q5_1 ? 4 : 2;
                 uint32_t qh;
-                memcpy(&qh, row + 2, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
-                d = dg_rd_fp16(row), off = 16.0f * d;
+                memcpy(&qh, row + head, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
+                d = dg_rd_fp16(row), off = type == T_Q5_1 ? -dg_rd_fp16(row + 2) : 16.0f * d;
                 for (int j = 0; j < 16; j++) {
-                    u[j] = (uint8_t)((row[6 + j] & 15) | ((qh >> j) & 1) << 4);
-                    u[j + 16] = (uint8_t)((row[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+                    u[j] = (uint8_t)((row[head + 4 + j] & 15) | ((qh >> j) & 1) << 4);
+                    u[j + 16] = (uint8_t)((row[head + 4 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
                 }
             }
             s[2 * b] = s[2 * b + 1] = d;
@@ -222,32 +255,25 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
         for (int64_t b = 0; b < k / 64; b++, row += 36, u += 64) {
             for (int sb = 0; sb < 4; sb++) {
                 const float d = dg_ue4m3_half(row[sb]) * ts;
-                for (int t = 0; t < 8; t++) {
-                    u[16 * sb + t] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] & 15] + 12);
-                    u[16 * sb + t + 8] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] >> 4] + 12);
-                }
+                table_codes(row + 4 + 8 * sb, 8, dg_kvalues_fp4, 12, u + 16 * sb);
                 s[4 * b + sb] = d, o[4 * b + sb] = 12.0f * d;
             }
         }
         break;
-    case T_Q4_K:
-        for (int64_t b = 0; b < k / 256; b++, row += 144) {
+    case T_Q4_K: case T_Q5_K: /* Q5_K: Q4_K's fields plus qh[32] before the nibbles, bit j of qh[l]: sub-block j */
+        for (int64_t b = 0; b < k / 256; b++, row += dg_type_size(type), u += 256) {
             const float d = dg_rd_fp16(row), dmin = dg_rd_fp16(row + 2);
-            const uint8_t *sc = row + 4, *q = row + 16;
-            for (int j = 0; j < 8; j++) { /* ggml's get_scale_min_k4 */
+            const uint8_t *q = row + (type == T_Q5_K ? 48 : 16), *qh = row + 16;
+            for (int j = 0; j < 8; j++) {
                 int sj, mj;
-                if (j < 4) {
-                    sj = sc[j] & 63, mj = sc[j + 4] & 63;
-                } else {
-                    sj = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
-                    mj = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-                }
+                dg_scale_min_k4(row + 4, j, &sj, &mj);
                 const uint8_t *qq = q + (j / 2) * 32;
-                for (int l = 0; l < 32; l++) u[32 * j + l] = j % 2 ? qq[l] >> 4 : qq[l] & 15;
+                for (int l = 0; l < 32; l++)
+                    u[32 * j + l] = (uint8_t)((j % 2 ? qq[l] >> 4 : qq[l] & 15) |
+                                              (type == T_Q5_K ? ((qh[l] >> j) & 1) << 4 : 0));
                 s[16 * b + 2 * j] = s[16 * b + 2 * j + 1] = d * (float)sj;
                 o[16 * b + 2 * j] = o[16 * b + 2 * j + 1] = dmin * (float)mj;
             }
-            u += 256;
         }
         break;
     case T_Q6_K:
@@ -269,6 +295,41 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                 }
             }
             u += 256;
+        }
+        break;
+    case T_IQ4_XS: /* value = d (ls - 32) kvalues[q] per 32 values */
+        for (int64_t b = 0; b < k / 256; b++, row += 136, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int ib = 0; ib < 8; ib++) {
+                const float si = d * (float)(dg_iq4xs_ls(row, ib) - 32);
+                table_codes(row + 8 + 16 * ib, 16, dg_kvalues_iq4nl, 128, u + 32 * ib);
+                s[16 * b + 2 * ib] = s[16 * b + 2 * ib + 1] = si;
+                o[16 * b + 2 * ib] = o[16 * b + 2 * ib + 1] = 128.0f * si;
+            }
+        }
+        break;
+    case T_IQ3_S: /* value = db * (+-magnitude), magnitude 1..15: u = 16 +- magnitude */
+        for (int64_t b = 0; b < k / 256; b++, row += 110, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int j = 0; j < 256; j++) {
+                const int mag = dg_iq3s_group(row, j / 4)[j % 4];
+                u[j] = (uint8_t)((row[74 + j / 8] >> (j % 8)) & 1 ? 16 - mag : 16 + mag);
+            }
+            for (int ib = 0; ib < 8; ib++) {
+                const float si = dg_iq3s_scale(d, row, ib);
+                s[16 * b + 2 * ib] = s[16 * b + 2 * ib + 1] = si;
+                o[16 * b + 2 * ib] = o[16 * b + 2 * ib + 1] = 16.0f * si;
+            }
+        }
+        break;
+    case T_IQ2_S: /* value = db * (+-magnitude), magnitude 8, 25 or 43: u = 43 +- magnitude; db per 16 values */
+        for (int64_t b = 0; b < k / 256; b++, row += 82, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int g = 0; g < 32; g++) {
+                const uint8_t *mag = dg_iq2s_group(row, g);
+                for (int e = 0; e < 8; e++) u[8 * g + e] = (uint8_t)((row[34 + g] >> e) & 1 ? 43 - mag[e] : 43 + mag[e]);
+            }
+            for (int h = 0; h < 16; h++) s[16 * b + h] = dg_iq2s_scale(d, row, h), o[16 * b + h] = 43.0f * s[16 * b + h];
         }
         break;
     default:
@@ -432,13 +493,9 @@ static inline void micro8_kind(const uint8_t *const *u, const float *const *s, c
 static void micro8(int type, const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
                    panel8 p, float *tile) {
     switch (type) { /* each kind compiled with its constants */
-    case T_Q4_0: micro8_kind(u, s, o, nb, p, tile, 0, 8, 1); break;
-    case T_Q5_0: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
-    case T_Q8_0: micro8_kind(u, s, o, nb, p, tile, 0, 1, 1); break;
-    case T_MXFP4: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
-    case T_NVFP4: micro8_kind(u, s, o, nb, p, tile, 1, 4, 1); break;
-    case T_Q4_K: micro8_kind(u, s, o, nb, p, tile, 0, 8, 0); break;
-    default: micro8_kind(u, s, o, nb, p, tile, 1, 2, 1); break; /* Q6_K */
+#define KIND8_MICRO(type, split, chain, ratio, umax) case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
+        KINDS8(KIND8_MICRO)
+    default: break;
     }
 }
 
@@ -448,9 +505,7 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
  * ------------------------------------------------------------------------------------------------------------- */
 
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
-static int k_fits(int type, int64_t k) {
-    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
-}
+static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
 typedef struct {
     uint8_t *u[R8];
