@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close
+from fixtures import quantized_or_random
 
 import dgrun
 from dgrun import quants
@@ -35,7 +36,6 @@ except RuntimeError as e:
     pytest.skip(f"cpu backend unavailable: {e}", allow_module_level=True)
 
 CpuBackend, CpuWeight = cpu_backend.CpuBackend, cpu_backend.CpuWeight
-from test_cpu_backend import _weight as cpu_weight  # noqa: E402  (after the skip: it needs the cpu backend)
 REF = NumpyBackend()
 INT8_TYPES = [quants.Q4_0, quants.Q5_0, quants.Q5_1, quants.Q8_0, quants.Q4_K, quants.Q5_K, quants.Q6_K, quants.MXFP4,
               quants.NVFP4, quants.IQ4_NL, quants.IQ4_XS, quants.IQ3_S, quants.IQ2_S]
@@ -62,7 +62,8 @@ def cpu(request):
 
 def _weight(x: np.ndarray, qt) -> CpuWeight:
     """`x` quantized to `qt`, or random valid blocks of its shape for the types dgrun only reads (the IQ types)."""
-    return cpu_weight(x, qt.ggml_type)
+    raw, scale = quantized_or_random(np.asarray(x), qt.ggml_type)
+    return CpuWeight(raw, qt.ggml_type, x.shape, scale)
 
 
 def q8_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
