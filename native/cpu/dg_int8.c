@@ -7,9 +7,14 @@
  *                even), |q| <= 127 (Q8_0-style, with a float32 scale). q8_quantize below is the definition.
  *   weights      each 32-value block of a row as unsigned codes u (0..255) and, per 16-value half h, a scale
  *                s_h and an offset o_h with value = s_h * u - o_h: Q4_0 u = nibble, s = d, o = 8 d; Q5_0 u = 5
- *                bits, o = 16 d; Q8_0 u = q + 128, o = 128 d; MXFP4/NVFP4 u = doubled E2M1 value + 12, s = the
- *                block (half) scale, o = 12 s; Q4_K u = nibble, s = d sc, o = dmin m; Q6_K u = 6 bits, s = d sc,
- *                o = 32 s (the scales of its 16-value sub-blocks). decode_codes below is the definition.
+ *                bits, o = 16 d; Q5_1 u = 5 bits, s = d, o = -m; Q8_0 u = q + 128, o = 128 d; MXFP4/NVFP4 u =
+ *                doubled E2M1 value + 12, s = the block (half) scale, o = 12 s; Q4_K / Q5_K u = 4 / 5 bits,
+ *                s = d sc, o = dmin m; Q6_K u = 6 bits, s = d sc, o = 32 s (the scales of its 16-value
+ *                sub-blocks); IQ4_NL / IQ4_XS u = kvalues_iq4nl[q] + 128 (1..241), s = d / d (ls - 32), o = 128 s;
+ *                IQ3_S u = 16 +- grid magnitude (1..15), s = d (1 + 2 sc), o = 16 s; IQ2_S u = 43 +- grid
+ *                magnitude (8, 25, 43), s = d (0.5 + sc) / 4 per 16 values, o = 43 s. decode_codes below is the
+ *                definition; s u - o is the float decoders' value bit for bit (but NVFP4's, whose tensor scale
+ *                folded into s rounds once more: tests/test_int8.py).
  *   dot product  per (output, token, block, half): the integer sum I = sum u * q and the activation sum
  *                S = sum q (both exact, int32), then in float32
  *                    c += s_h * (d * I) - o_h * (d * S),
@@ -19,10 +24,10 @@
  * The microkernel keeps R8 weight rows x 16 tokens of int32 sums in registers: tokens are the vector lanes (8
  * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
  * them by 4 bytes of a weight row broadcast to every lane (u8 x s8, summed into the int32 lane): VNNI's
- * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while a byte pair's sum fits int16: 2 * 255 * 127
- * overflows, so Q8_0's codes need VNNI; every other type's codes are < 64); on arm64 (4 tokens per vector)
- * USDOT, or SDOT, which takes the codes as signed bytes (so again not Q8_0's). The float flush happens once per
- * block, or per 16-value half for types with two scales per block.
+ * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while the int16 sums fit: codes to 129 at most, so
+ * Q8_0's and IQ4_NL's / IQ4_XS's need VNNI; see KINDS8); on arm64 (4 tokens per vector) USDOT, or SDOT, which
+ * takes the codes as signed bytes (so again not those three). The float flush happens once per block, or per
+ * 16-value half for types with two scales per block.
  */
 #include <math.h>
 #include <stdint.h>
@@ -130,25 +135,27 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
  * AVX2's vpmaddubsw sums a pair of u8 x s8 products into int16 (|q| <= 127), and `chain` of those are added in
  * int16: exact while chain * 2 * umax * 127 < 2^15. Types whose single pair can reach 2^15 (2 * umax * 127, so
  * umax > 129: Q8_0 to 255, IQ4_NL / IQ4_XS to 241) have no exact AVX2 product and stay float32 there; SDOT
- * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain below is the largest the
- * bound allows (MXFP4's / NVFP4's 4 keep a half's 4 groups in one chain); checked at compile time after the list. */
+ * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain is the largest the bound
+ * allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4); checked at compile
+ * time below. */
 #define KINDS8(X)                                                                                                      \
-    X(T_Q4_0, 0, 8, 8.0f, 15)    /* 8 * 2 * 15 * 127 = 30480 */                                                       \
-    X(T_Q5_0, 0, 4, 16.0f, 31)   /* 4 * 2 * 31 * 127 = 31496 */                                                       \
-    X(T_Q5_1, 0, 4, 0.0f, 31)    /* o = -m: value = d u + m */                                                         \
-    X(T_Q8_0, 0, 1, 128.0f, 255) /* VNNI / i8mm / generic only */                                                     \
-    X(T_MXFP4, 0, 4, 12.0f, 24)  /* 4 * 2 * 24 * 127 = 24384 */                                                       \
+    X(T_Q4_0, 0, 8, 8.0f, 15)      /* 8 * 2 * 15 * 127 = 30480 */                                                      \
+    X(T_Q5_0, 0, 4, 16.0f, 31)     /* 4 * 2 * 31 * 127 = 31496 */                                                      \
+    X(T_Q5_1, 0, 4, 0.0f, 31)      /* o = -m: value = d u + m */                                                       \
+    X(T_Q8_0, 0, 1, 128.0f, 255)   /* VNNI / i8mm / generic only */                                                    \
+    X(T_MXFP4, 0, 4, 12.0f, 24)    /* 4 * 2 * 24 * 127 = 24384 */                                                      \
     X(T_NVFP4, 1, 4, 12.0f, 24)                                                                                        \
     X(T_Q4_K, 0, 8, 0.0f, 15)                                                                                          \
     X(T_Q5_K, 0, 4, 0.0f, 31)                                                                                          \
-    X(T_Q6_K, 1, 2, 32.0f, 63)      /* 2 * 2 * 63 * 127 = 32004 */                                                    \
-    X(T_IQ4_NL, 0, 1, 128.0f, 241)  /* VNNI / i8mm / generic only */                                                  \
+    X(T_Q6_K, 1, 2, 32.0f, 63)     /* 2 * 2 * 63 * 127 = 32004 */                                                      \
+    X(T_IQ4_NL, 0, 1, 128.0f, 241) /* VNNI / i8mm / generic only */                                                    \
     X(T_IQ4_XS, 0, 1, 128.0f, 241)                                                                                     \
-    X(T_IQ3_S, 0, 4, 16.0f, 31)     /* codes 16 +- 1..15 */                                                           \
-    X(T_IQ2_S, 1, 1, 43.0f, 86)     /* codes 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844, 2 would overflow */
+    X(T_IQ3_S, 0, 4, 16.0f, 31)    /* 16 +- 1..15 */                                                                   \
+    X(T_IQ2_S, 1, 1, 43.0f, 86)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
 
 #define KIND8_EXACT(type, split, chain, ratio, umax)                                                                 \
-    _Static_assert(2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15, #type ": chain overflows int16");
+    _Static_assert(2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                            \
+                   #type ": chain overflows int16");
 KINDS8(KIND8_EXACT)
 
 typedef struct {
@@ -327,9 +334,11 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
             const float d = dg_rd_fp16(row);
             for (int g = 0; g < 32; g++) {
                 const uint8_t *mag = dg_iq2s_group(row, g);
-                for (int e = 0; e < 8; e++) u[8 * g + e] = (uint8_t)((row[34 + g] >> e) & 1 ? 43 - mag[e] : 43 + mag[e]);
+                for (int e = 0; e < 8; e++)
+                    u[8 * g + e] = (uint8_t)((row[34 + g] >> e) & 1 ? 43 - mag[e] : 43 + mag[e]);
             }
-            for (int h = 0; h < 16; h++) s[16 * b + h] = dg_iq2s_scale(d, row, h), o[16 * b + h] = 43.0f * s[16 * b + h];
+            for (int h = 0; h < 16; h++)
+                s[16 * b + h] = dg_iq2s_scale(d, row, h), o[16 * b + h] = 43.0f * s[16 * b + h];
         }
         break;
     default:
@@ -341,10 +350,10 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
  * The microkernel. Plain definition, for r < R8 rows of decoded weights and the TP tokens of a panel:
  *     tile[r][t] = sum over blocks b, halves h of  s[r][2b+h] * (d[b][t] * I) - o[r][2b+h] * (d[b][t] * S),
  *     I = sum_{j in half} u[r][32b + j] * q[b][t][j],   S = the half's sum of q (stored as d * S in lo / hi).
- * Types whose two halves share a scale (all but Q6_K and NVFP4) take both halves as one sum; types whose offset
- * is a fixed multiple of the scale (all but Q4_K) have that multiple folded into lo / hi by pack_q8, so their
- * flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time in int16 before
- * widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code).
+ * Types whose two halves share a scale (all but Q6_K, NVFP4 and IQ2_S) take both halves as one sum; types whose
+ * offset is a fixed multiple of the scale (all but Q4_K, Q5_K and Q5_1) have that multiple folded into lo / hi by
+ * pack_q8, so their flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time
+ * in int16 before widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code: KINDS8).
  * ------------------------------------------------------------------------------------------------------------- */
 
 #ifdef SIMD8
@@ -493,7 +502,8 @@ static inline void micro8_kind(const uint8_t *const *u, const float *const *s, c
 static void micro8(int type, const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
                    panel8 p, float *tile) {
     switch (type) { /* each kind compiled with its constants */
-#define KIND8_MICRO(type, split, chain, ratio, umax) case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
+#define KIND8_MICRO(type, split, chain, ratio, umax)                                                                 \
+    case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
         KINDS8(KIND8_MICRO)
     default: break;
     }
