@@ -144,6 +144,18 @@ def test_linear_matches_the_integer_model(cpu, qt, m):
 
 
 @pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
+def test_a_row_is_the_same_bits_alone_and_among_others(cpu, qt):
+    """Batch invariance per type (test_batch.py checks whole models, on q4_k_m): each token's activations are
+    quantized on their own and its sums never depend on the panel it shares."""
+    rng = np.random.default_rng(11)
+    w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
+    a = rng.normal(0, 1, (37, 512)).astype(np.float32)
+    together = cpu.linear(a, w)
+    for i in (0, 15, 16, 36):
+        assert np.array_equal(cpu.linear(a[i:i + 1], w)[0], together[i]), f"{qt.ggml_type.name} row {i}"
+
+
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
 def test_ffn_matches_the_integer_model(cpu, qt):
     if not cpu.lib.dg_int8_supports(qt.ggml_type):
         pytest.skip(f"{cpu.int8_isa} takes {qt.ggml_type.name} in float32")
