@@ -218,12 +218,32 @@ static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_
     return 0;
 }
 
-/* 2n codes from n bytes of 4-bit indices (byte j: values j, j + n) through a table of signed values, plus bias. */
+/* 2n codes from n bytes of 4-bit indices (byte j: values j, j + n) through a table of signed values, plus bias
+ * (mod 256: the codes are the bytes). With SSSE3 (every x86 int8 set) 16 bytes are two byte shuffles. */
 static inline void table_codes(const uint8_t *q, int n, const int8_t *table, int bias, uint8_t *u) {
+#if defined(__AVX2__)
+    if (n == 16) {
+        const __m128i t = _mm_add_epi8(_mm_loadu_si128((const __m128i *)table), _mm_set1_epi8((char)bias));
+        const __m128i v = _mm_loadu_si128((const __m128i *)q), low4 = _mm_set1_epi8(15);
+        _mm_storeu_si128((__m128i *)u, _mm_shuffle_epi8(t, _mm_and_si128(v, low4)));
+        _mm_storeu_si128((__m128i *)(u + 16), _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+        return;
+    }
+#endif
     for (int j = 0; j < n; j++) {
         u[j] = (uint8_t)(table[q[j] & 15] + bias);
         u[j + n] = (uint8_t)(table[q[j] >> 4] + bias);
     }
+}
+
+/* 8 codes bias -+ magnitude (bytes of `mag`; bit e of `signs` set: minus) for the grid types, in the bytes of one
+ * word: magnitude <= bias and bias + magnitude < 256, so no byte carries into the next. */
+static inline void signed_codes8(uint64_t mag, unsigned signs, unsigned bias, uint8_t *u) {
+    const uint64_t ones = 0x0101010101010101ull, low7 = 0x7F7F7F7F7F7F7F7Full;
+    const uint64_t bit = ((uint64_t)signs * ones) & 0x8040201008040201ull; /* byte e: bit e of signs */
+    const uint64_t minus = (((((bit & low7) + low7) | bit) >> 7) & ones) * 0xFF; /* byte e: 0xFF where set */
+    const uint64_t b = bias * ones, codes = ((b + mag) & ~minus) | ((b - mag) & minus);
+    memcpy(u, &codes, 8);
 }
 
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
@@ -318,9 +338,10 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
     case T_IQ3_S: /* value = db * (+-magnitude), magnitude 1..15: u = 16 +- magnitude */
         for (int64_t b = 0; b < k / 256; b++, row += 110, u += 256) {
             const float d = dg_rd_fp16(row);
-            for (int j = 0; j < 256; j++) {
-                const int mag = dg_iq3s_group(row, j / 4)[j % 4];
-                u[j] = (uint8_t)((row[74 + j / 8] >> (j % 8)) & 1 ? 16 - mag : 16 + mag);
+            for (int i = 0; i < 32; i++) { /* 8 values: groups 2i, 2i + 1 and sign byte i */
+                uint32_t mag[2];
+                memcpy(&mag[0], dg_iq3s_group(row, 2 * i), 4), memcpy(&mag[1], dg_iq3s_group(row, 2 * i + 1), 4);
+                signed_codes8(mag[0] | (uint64_t)mag[1] << 32, row[74 + i], 16, u + 8 * i);
             }
             for (int ib = 0; ib < 8; ib++) {
                 const float si = dg_iq3s_scale(d, row, ib);
@@ -333,9 +354,9 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
         for (int64_t b = 0; b < k / 256; b++, row += 82, u += 256) {
             const float d = dg_rd_fp16(row);
             for (int g = 0; g < 32; g++) {
-                const uint8_t *mag = dg_iq2s_group(row, g);
-                for (int e = 0; e < 8; e++)
-                    u[8 * g + e] = (uint8_t)((row[34 + g] >> e) & 1 ? 43 - mag[e] : 43 + mag[e]);
+                uint64_t mag;
+                memcpy(&mag, dg_iq2s_group(row, g), 8);
+                signed_codes8(mag, row[34 + g], 43, u + 8 * g);
             }
             for (int h = 0; h < 16; h++)
                 s[16 * b + h] = dg_iq2s_scale(d, row, h), o[16 * b + h] = 43.0f * s[16 * b + h];
