@@ -21,14 +21,15 @@ What makes it fast, and what it keeps from the reference:
   $DGRUN_CPU_ISA forces one (tests run each one this CPU supports). Both are process-wide settings of the
   library: each backend re-applies its own before its calls, so backends may differ but must not run
   concurrently in two Python threads with different settings.
-- Quantized weights (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, MXFP4, NVFP4) multiply in integer arithmetic by default, as
-  ggml does (native/cpu/dg_int8.c): activations quantized to int8 per 32 values, int8 x int8 dot products with
-  VNNI (AVX512-VNNI or AVX-VNNI) or AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or
-  $DGRUN_CPU_INT8=0 turns it off, `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on:
-  users of a quantized file came for speed, and the activations' rounding (~0.5% per matmul) is small next to
-  the weights' own quantization error (tools/quant_quality.py publishes both). AVX2 has no exact int8
-  product for Q8_0's codes: there, and for any weight of another type (Q5_1, Q5_K, the IQ types, adapters'
-  float halves), the float32 kernels run, the same bits as with int8 off. Row-independent like the float
+- Quantized weights (every quantized type: Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4, NVFP4, IQ4_NL,
+  IQ4_XS, IQ3_S, IQ2_S) multiply in integer arithmetic by default, as ggml does (native/cpu/dg_int8.c):
+  activations quantized to int8 per 32 values, int8 x int8 dot products with VNNI (AVX512-VNNI or AVX-VNNI) or
+  AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or $DGRUN_CPU_INT8=0 turns it off,
+  `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on: users of a quantized file came for
+  speed, and the activations' rounding (~0.5% per matmul) is small next to the weights' own quantization error
+  (tools/quant_quality.py publishes both). AVX2 (and arm64's dotprod) has no exact int8 product for the codes
+  of Q8_0, IQ4_NL and IQ4_XS (up to 255 and 241): there, and for adapters' float halves, the float32 kernels
+  run, the same bits as with int8 off. Row-independent like the float
   kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.
 
 Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, assert_close
-from fixtures import FP16_FIELDS, random_blocks
+from fixtures import FP16_FIELDS, quantized_or_random, random_blocks
 from test_reference import GENERATION_CASES, replay_case
 
 import dgrun
@@ -78,15 +78,9 @@ def cpu(request):
 
 
 def _weight(x: np.ndarray, ggml_type) -> CpuWeight:
-    """`x` quantized to `ggml_type`; for a type dgrun only reads, random valid blocks of x's shape instead
-    (fp16 scales 2^-12..2^-7: weights of roughly x's size)."""
-    qt = quants.get_quant_type(ggml_type)
-    if issubclass(qt, quants.DecodeOnlyType):
-        rows = random_blocks(ggml_type, int(np.prod(x.shape[:-1])), x.shape[-1],
-                             np.random.default_rng(x.size), (-12, -7))
-        return CpuWeight(rows.reshape(*x.shape[:-1], -1), qt.ggml_type, x.shape)
-    raw, scale = quants.quantize_tensor(np.asarray(x, dtype=np.float32), ggml_type)
-    return CpuWeight(raw, qt.ggml_type, x.shape, scale)
+    """`x` quantized to `ggml_type`; for a type dgrun only reads, random valid blocks of x's shape instead."""
+    raw, scale = quantized_or_random(x, ggml_type)
+    return CpuWeight(raw, quants.get_quant_type(ggml_type).ggml_type, x.shape, scale)
 
 
 def _matrix(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

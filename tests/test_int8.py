@@ -4,8 +4,11 @@ same arithmetic, for every int8 kernel set this CPU runs (avx512vnni / avxvnni /
 What is exact and what is not:
 - Activation quantization (per 32 values: d = amax / 127, q = rint(x / d), ties to even): bit-exact.
 - The weights' codes, scales and offsets (value = s * u - o, per 16 values): the codes are integers and must
-  be exact; s * u - o reproduces gguf-py's dequantized value to float32 rounding (1 ulp of the larger of |o|
-  and |value|: the two formulas round differently).
+  be exact, and s * u - o is gguf-py's dequantized value bit for bit: s * u and o are exact products of a
+  float16 scale and small integers (< 24 significant bits), so the subtraction's one rounding is the one the
+  decoder makes (Q4_K / Q5_K: d sc q - dmin m; Q5_1: d q + m with o = -m), or none where the value s (u - bias)
+  is itself exact (every type with o = bias * s). Except NVFP4, whose tensor scale is folded into s (one more
+  rounding, where gguf-py multiplies (d * value) * ts): within 1 ulp of the larger of |o| and |value| there.
 - linear: the integer sums are exact in both; what differs is float32 accumulation of one product per block
   half (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6 relative.
 - ffn: the hidden activations come from tanhf (kernel) and numpy's tanh, a few ulp apart, which can move one of
@@ -20,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_close
-from gguf import GGML_QUANT_SIZES
+from fixtures import quantized_or_random
 
 import dgrun
 from dgrun import quants
@@ -34,7 +37,8 @@ except RuntimeError as e:
 
 CpuBackend, CpuWeight = cpu_backend.CpuBackend, cpu_backend.CpuWeight
 REF = NumpyBackend()
-INT8_TYPES = [quants.Q4_0, quants.Q5_0, quants.Q8_0, quants.Q4_K, quants.Q6_K, quants.MXFP4, quants.NVFP4]
+INT8_TYPES = [quants.Q4_0, quants.Q5_0, quants.Q5_1, quants.Q8_0, quants.Q4_K, quants.Q5_K, quants.Q6_K, quants.MXFP4,
+              quants.NVFP4, quants.IQ4_NL, quants.IQ4_XS, quants.IQ3_S, quants.IQ2_S]
 
 
 def _int8_sets() -> list[str]:
@@ -57,7 +61,8 @@ def cpu(request):
 
 
 def _weight(x: np.ndarray, qt) -> CpuWeight:
-    raw, scale = quants.quantize_tensor(np.asarray(x, dtype=np.float32), qt.ggml_type)
+    """`x` quantized to `qt`, or random valid blocks of its shape for the types dgrun only reads (the IQ types)."""
+    raw, scale = quantized_or_random(np.asarray(x), qt.ggml_type)
     return CpuWeight(raw, qt.ggml_type, x.shape, scale)
 
 
@@ -117,8 +122,11 @@ def test_weight_codes_reproduce_the_decoded_values(cpu, qt):
         u, s, o = codes(cpu, w, row)
         s16, o16 = np.repeat(s, 16), np.repeat(o, 16)
         value = s16 * u.astype(np.float32) - o16
-        ulp = np.spacing(np.maximum(np.abs(o16), np.abs(dense[row])))
-        assert np.all(np.abs(value - dense[row]) <= ulp), qt.ggml_type.name
+        if qt is quants.NVFP4:  # s = d * ts rounds (see the top of the file)
+            ulp = np.spacing(np.maximum(np.abs(o16), np.abs(dense[row])))
+            assert np.all(np.abs(value - dense[row]) <= ulp), qt.ggml_type.name
+        else:
+            np.testing.assert_array_equal(value, dense[row], err_msg=qt.ggml_type.name)
 
 
 @pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
@@ -135,8 +143,22 @@ def test_linear_matches_the_integer_model(cpu, qt, m):
     assert_close(out, REF.linear(a, w), 3e-2, "int8 vs float32")
 
 
-@pytest.mark.parametrize("qt", [quants.Q4_K, quants.Q5_0, quants.NVFP4], ids=lambda t: t.ggml_type.name)
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
+def test_a_row_is_the_same_bits_alone_and_among_others(cpu, qt):
+    """Batch invariance per type (test_batch.py checks whole models, on q4_k_m): each token's activations are
+    quantized on their own and its sums never depend on the panel it shares."""
+    rng = np.random.default_rng(11)
+    w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
+    a = rng.normal(0, 1, (37, 512)).astype(np.float32)
+    together = cpu.linear(a, w)
+    for i in (0, 15, 16, 36):
+        assert np.array_equal(cpu.linear(a[i:i + 1], w)[0], together[i]), f"{qt.ggml_type.name} row {i}"
+
+
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
 def test_ffn_matches_the_integer_model(cpu, qt):
+    if not cpu.lib.dg_int8_supports(qt.ggml_type):
+        pytest.skip(f"{cpu.int8_isa} takes {qt.ggml_type.name} in float32")
     rng = np.random.default_rng(7)
     hidden, inter, n, experts, top_k = 256, 256, 40, 5, 2
     x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
@@ -166,8 +188,9 @@ def test_float_files_never_take_the_int8_path():
 
 
 def test_types_without_int8_codes_take_the_float_path_bit_for_bit():
-    """The quantized types the int8 kernels have no codes for (Q5_1, Q5_K, the IQ types; Q8_0 with AVX2 and
-    dotprod) fall back to the float32 kernels: the same bits as int8 off."""
+    """The quantized types a kernel set has no exact int8 product for (codes above 129 with AVX2's int16 pair
+    sums, above 127 with dotprod's signed bytes: Q8_0, IQ4_NL and IQ4_XS there) fall back to the float32
+    kernels: the same bits as int8 off."""
     rng = np.random.default_rng(5)
     a = rng.normal(0, 1, (9, 512)).astype(np.float32)
     for name in INT8_SETS:
@@ -175,15 +198,10 @@ def test_types_without_int8_codes_take_the_float_path_bit_for_bit():
         for ggml_type, qt in quants.QUANT_TYPES.items():
             if qt in (quants.F32, quants.F16, quants.BF16):
                 continue
-            if quants.can_quantize(ggml_type, 512):
-                w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
-            else:  # decode-only here (the IQ types): random blocks, each led by a finite float16 scale
-                block, size = GGML_QUANT_SIZES[ggml_type]
-                raw = rng.integers(0, 256, (7, 512 // block, size), dtype=np.uint8)
-                raw[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)
-                w = CpuWeight(raw.reshape(7, -1), ggml_type, (7, 512))
+            w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
             on._activate()  # the library's int8 set is process-wide: ask about `on`'s, not the last one made
             if not on.lib.dg_int8_supports(ggml_type):
+                assert qt not in INT8_TYPES or name in ("avx2", "dotprod"), f"{name} takes no {ggml_type.name}"
                 assert np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {ggml_type.name}"
         w = _weight(rng.normal(0, 0.1, (7, 512)), quants.Q4_0)  # and a type it has codes for does take it
         assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: Q4_0 did not take int8"

@@ -7,6 +7,8 @@ checkpoints of `fixtures.PEER_CHECKPOINTS` (tests/data/peer/README.md has the co
 - each quantized file runs on numpy bit-identically to its twin dequantized by gguf-py (which is bit-exact with
   ggml), so every ggml type in it is decoded as ggml decodes it; the cpu backend stays within the tolerances of
   test_cpu_backend.py (relative L2 2e-6 on encoder K/V, 1e-5 on logits: summation order only, justified there);
+  with its integer arithmetic on (the default for quantized files) each one loads, generates, and its logits move
+  by the activations' int8 rounding only;
 - truncated and corrupted variants are refused with one FormatError line.
 """
 
@@ -163,6 +165,32 @@ def test_cpu_backend_matches_numpy_on_the_forks_files(path):
     for i, (k, ref) in enumerate(zip(keys, ref_keys, strict=True)):
         assert_close(k, ref, KV_RTOL, f"{path.stem} layer {i} keys")
     assert_close(logits, ref_logits, LOGITS_RTOL, f"{path.stem} logits")
+
+
+@pytest.mark.parametrize("path", QUANTIZED, ids=lambda p: p.stem)
+def test_cpu_integer_arithmetic_runs_the_forks_files(path, monkeypatch):
+    """With the cpu backend's int8 arithmetic on (its default for quantized files; off in the test above, which
+    checks float32 parity), every published type mix loads and generates, and its logits move by the
+    activations' rounding only: ~0.5% per matmul, which this random fixture amplifies (measured 0.03-0.22 rel.
+    L2 over five prompts per file; the bound is 0.5, as test_int8.py's 0.4 for its fixture). A file none of
+    whose types the int8 kernel set takes (Q8_0 with AVX2) runs in float32, within the tolerance above."""
+    _skip_unless_runs(path, "cpu")
+    from dgrun.backends.cpu_backend import CpuBackend
+
+    monkeypatch.setenv("DGRUN_CPU_INT8", "1")
+    int8 = CpuBackend()
+    with GGUFFile(path) as f:
+        taken = {t.ggml_type.name for t in f.tensors.values() if int8.lib.dg_int8_supports(t.ggml_type)}
+    rng = np.random.default_rng(1)
+    prompt, canvas = rng.integers(0, 384, 12), rng.integers(0, 384, 16)
+    logits, _, tokens = _decode_logits(path, "cpu", prompt, canvas)
+    ref_logits, _, _ = _decode_logits(path, "numpy", prompt, canvas)
+    assert tokens and all(0 <= t < 384 for t in tokens) and np.all(np.isfinite(logits))
+    if not taken:
+        assert_close(logits, ref_logits, LOGITS_RTOL, f"{path.stem} logits (float32: no int8 type)")
+        return
+    rel = np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits)
+    assert 1e-5 < rel < 0.5, f"{path.stem} ({sorted(taken)} in int8 {int8.int8_isa}): rel. L2 {rel:.3g}"
 
 
 # -- tokenizer -----------------------------------------------------------------------------------------------

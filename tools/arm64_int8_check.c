@@ -13,7 +13,8 @@ static uint16_t f16(float x) { /* positive normal halves only */
     int e = ((u >> 23) & 255) - 127 + 15; return (uint16_t)((e << 10) | ((u >> 13) & 1023));
 }
 int main(void) {
-    const int types[] = {T_Q4_0, T_Q5_0, T_Q8_0, T_Q4_K, T_Q6_K, T_MXFP4, T_NVFP4};
+    const int types[] = {T_Q4_0, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K, T_MXFP4, T_NVFP4, T_IQ4_NL, T_IQ4_XS,
+                         T_IQ3_S, T_IQ2_S};
     const int64_t m = 37, k = 512, n = 7;
     srand(1);
     float *a = malloc(m * k * 4), *c0 = malloc(m * n * 4), *c1 = malloc(m * n * 4);
@@ -33,7 +34,10 @@ int main(void) {
                 if (type == T_Q6_K) memcpy(blk + 208, &h, 2);
                 else if (type == T_MXFP4) blk[0] = 120 + rand() % 8;
                 else if (type == T_NVFP4) for (int s = 0; s < 4; s++) blk[s] = (uint8_t)((7 << 3) | (rand() & 7));
-                else { memcpy(blk, &h, 2); if (type == T_Q4_K) memcpy(blk + 2, &h, 2); }
+                else { /* d first; then Q4_K's and Q5_K's dmin, Q5_1's m */
+                    memcpy(blk, &h, 2);
+                    if (type == T_Q4_K || type == T_Q5_K || type == T_Q5_1) memcpy(blk + 2, &h, 2);
+                }
             }
         }
         const dg_int8_set *sets[] = {&dg_int8_dotprod, &dg_int8_i8mm};

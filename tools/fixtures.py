@@ -426,6 +426,17 @@ def random_blocks(ggml_type: Any, rows: int, width: int, rng: np.random.Generato
     return raw.reshape(rows, -1)
 
 
+def quantized_or_random(x: np.ndarray, ggml_type: Any) -> tuple[np.ndarray, float | None]:
+    """(raw uint8 [..., row_bytes], tensor scale or None): `x` quantized to `ggml_type`, or for a type dgrun only
+    reads (the i-quants) random valid blocks of x's shape (fp16 scales 2^-12..2^-7: weights of roughly 0.01-0.1)."""
+    from dgrun import quants
+
+    if quants.can_quantize(ggml_type, x.shape[-1]):
+        return quants.quantize_tensor(np.asarray(x, dtype=np.float32), ggml_type)
+    rows = random_blocks(ggml_type, int(np.prod(x.shape[:-1])), x.shape[-1], np.random.default_rng(x.size), (-12, -7))
+    return rows.reshape(*x.shape[:-1], -1), None
+
+
 # llama-quantize's type for a matrix whose rows do not split into 256-value super-blocks (llama.cpp's fallback).
 ROW_FALLBACK = {"Q5_K": "Q5_1", "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ2_S": "IQ4_NL"}
 

@@ -7,9 +7,14 @@
  *                even), |q| <= 127 (Q8_0-style, with a float32 scale). q8_quantize below is the definition.
  *   weights      each 32-value block of a row as unsigned codes u (0..255) and, per 16-value half h, a scale
  *                s_h and an offset o_h with value = s_h * u - o_h: Q4_0 u = nibble, s = d, o = 8 d; Q5_0 u = 5
- *                bits, o = 16 d; Q8_0 u = q + 128, o = 128 d; MXFP4/NVFP4 u = doubled E2M1 value + 12, s = the
- *                block (half) scale, o = 12 s; Q4_K u = nibble, s = d sc, o = dmin m; Q6_K u = 6 bits, s = d sc,
- *                o = 32 s (the scales of its 16-value sub-blocks). decode_codes below is the definition.
+ *                bits, o = 16 d; Q5_1 u = 5 bits, s = d, o = -m; Q8_0 u = q + 128, o = 128 d; MXFP4/NVFP4 u =
+ *                doubled E2M1 value + 12, s = the block (half) scale, o = 12 s; Q4_K / Q5_K u = 4 / 5 bits,
+ *                s = d sc, o = dmin m; Q6_K u = 6 bits, s = d sc, o = 32 s (the scales of its 16-value
+ *                sub-blocks); IQ4_NL / IQ4_XS u = kvalues_iq4nl[q] + 128 (1..241), s = d / d (ls - 32), o = 128 s;
+ *                IQ3_S u = 16 +- grid magnitude (1..15), s = d (1 + 2 sc), o = 16 s; IQ2_S u = 43 +- grid
+ *                magnitude (8, 25, 43), s = d (0.5 + sc) / 4 per 16 values, o = 43 s. decode_codes below is the
+ *                definition; s u - o is the float decoders' value bit for bit (but NVFP4's, whose tensor scale
+ *                folded into s rounds once more: tests/test_int8.py).
  *   dot product  per (output, token, block, half): the integer sum I = sum u * q and the activation sum
  *                S = sum q (both exact, int32), then in float32
  *                    c += s_h * (d * I) - o_h * (d * S),
@@ -19,10 +24,10 @@
  * The microkernel keeps R8 weight rows x 16 tokens of int32 sums in registers: tokens are the vector lanes (8
  * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
  * them by 4 bytes of a weight row broadcast to every lane (u8 x s8, summed into the int32 lane): VNNI's
- * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while a byte pair's sum fits int16: 2 * 255 * 127
- * overflows, so Q8_0's codes need VNNI; every other type's codes are < 64); on arm64 (4 tokens per vector)
- * USDOT, or SDOT, which takes the codes as signed bytes (so again not Q8_0's). The float flush happens once per
- * block, or per 16-value half for types with two scales per block.
+ * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while the int16 sums fit: codes to 129 at most, so
+ * Q8_0's and IQ4_NL's / IQ4_XS's need VNNI; see KINDS8); on arm64 (4 tokens per vector) USDOT, or SDOT, which
+ * takes the codes as signed bytes (so again not those three). The float flush happens once per block, or per
+ * 16-value half for types with two scales per block.
  */
 #include <math.h>
 #include <stdint.h>
@@ -123,22 +128,48 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
     return p;
 }
 
-/* How a weight type enters the microkernel (see there). */
+/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax) with
+ *   split  its two 16-value halves have scales of their own;
+ *   chain  how many vpmaddubsw results (AVX2) are added in int16 before widening;
+ *   ratio  o = ratio * s, or 0: o is its own (Q4_K, Q5_K, Q5_1);
+ *   umax   its largest code (decode_codes).
+ * AVX2's vpmaddubsw sums a pair of u8 x s8 products into int16 (|q| <= 127), and `chain` of those are added in
+ * int16: exact while chain * 2 * umax * 127 < 2^15. Types whose single pair can reach 2^15 (2 * umax * 127, so
+ * umax > 129: Q8_0 to 255, IQ4_NL / IQ4_XS to 241) have no exact AVX2 product and stay float32 there; SDOT
+ * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain is the largest the bound
+ * allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4); checked at compile
+ * time below. */
+#define KINDS8(X)                                                                                                      \
+    X(T_Q4_0, 0, 8, 8.0f, 15)      /* 8 * 2 * 15 * 127 = 30480 */                                                      \
+    X(T_Q5_0, 0, 4, 16.0f, 31)     /* 4 * 2 * 31 * 127 = 31496 */                                                      \
+    X(T_Q5_1, 0, 4, 0.0f, 31)      /* o = -m: value = d u + m */                                                       \
+    X(T_Q8_0, 0, 1, 128.0f, 255)   /* VNNI / i8mm / generic only */                                                    \
+    X(T_MXFP4, 0, 4, 12.0f, 24)    /* 4 * 2 * 24 * 127 = 24384 */                                                      \
+    X(T_NVFP4, 1, 4, 12.0f, 24)                                                                                        \
+    X(T_Q4_K, 0, 8, 0.0f, 15)                                                                                          \
+    X(T_Q5_K, 0, 4, 0.0f, 31)                                                                                          \
+    X(T_Q6_K, 1, 2, 32.0f, 63)     /* 2 * 2 * 63 * 127 = 32004 */                                                      \
+    X(T_IQ4_NL, 0, 1, 128.0f, 241) /* VNNI / i8mm / generic only */                                                    \
+    X(T_IQ4_XS, 0, 1, 128.0f, 241)                                                                                     \
+    X(T_IQ3_S, 0, 4, 16.0f, 31)    /* 16 +- 1..15 */                                                                   \
+    X(T_IQ2_S, 1, 1, 43.0f, 86)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
+
+#define KIND8_EXACT(type, split, chain, ratio, umax)                                                                 \
+    _Static_assert(2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                            \
+                   #type ": chain overflows int16");
+KINDS8(KIND8_EXACT)
+
 typedef struct {
-    int split;   /* halves have their own scales */
-    int chain;   /* vpmaddubsw results summed in int16 before widening (AVX2) */
-    float ratio; /* o = ratio * s, or 0: o is its own (Q4_K) */
+    int split, chain;
+    float ratio;
+    int umax; /* 0: no int8 codes */
 } kind8;
 
 static kind8 kind_of(int type) {
     switch (type) {
-    case T_Q4_0: return (kind8){0, 8, 8.0f};
-    case T_Q5_0: return (kind8){0, 4, 16.0f};
-    case T_Q8_0: return (kind8){0, 1, 128.0f};
-    case T_MXFP4: return (kind8){0, 4, 12.0f};
-    case T_NVFP4: return (kind8){1, 4, 12.0f};
-    case T_Q4_K: return (kind8){0, 8, 0.0f};
-    default: return (kind8){1, 2, 32.0f}; /* Q6_K */
+#define KIND8_CASE(type, split, chain, ratio, umax) case type: return (kind8){split, chain, ratio, umax};
+        KINDS8(KIND8_CASE)
+    default: return (kind8){0, 1, 0.0f, 0};
     }
 }
 
@@ -171,13 +202,14 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o);
 
 static int SFX8(supports)(int type) {
-    switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q4_K: case T_Q6_K: case T_MXFP4: case T_NVFP4: return 1;
-#if !defined(DG_INT8_AVX2) && !defined(DG_INT8_DOTPROD)
-    case T_Q8_0: return 1; /* codes to 255: vpmaddubsw's int16 pair sums overflow, SDOT takes signed bytes */
+    const int umax = kind_of(type).umax;
+#if defined(DG_INT8_AVX2)
+    return umax && 2 * umax * 127 < 1 << 15; /* vpmaddubsw's int16 pair sum (see KINDS8) */
+#elif defined(DG_INT8_DOTPROD)
+    return umax && umax < 128; /* SDOT: codes as signed bytes */
+#else
+    return umax != 0;
 #endif
-    default: return 0;
-    }
 }
 
 /* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
@@ -187,31 +219,59 @@ static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_
     return 0;
 }
 
+/* 2n codes from n bytes of 4-bit indices (byte j: values j, j + n) through a table of signed values, plus bias
+ * (mod 256: the codes are the bytes). With SSSE3 (every x86 int8 set) 16 bytes are two byte shuffles. */
+static inline void table_codes(const uint8_t *q, int n, const int8_t *table, int bias, uint8_t *u) {
+#if defined(__AVX2__)
+    if (n == 16) {
+        const __m128i t = _mm_add_epi8(_mm_loadu_si128((const __m128i *)table), _mm_set1_epi8((char)bias));
+        const __m128i v = _mm_loadu_si128((const __m128i *)q), low4 = _mm_set1_epi8(15);
+        _mm_storeu_si128((__m128i *)u, _mm_shuffle_epi8(t, _mm_and_si128(v, low4)));
+        _mm_storeu_si128((__m128i *)(u + 16), _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), low4)));
+        return;
+    }
+#endif
+    for (int j = 0; j < n; j++) {
+        u[j] = (uint8_t)(table[q[j] & 15] + bias);
+        u[j + n] = (uint8_t)(table[q[j] >> 4] + bias);
+    }
+}
+
+/* 8 codes bias -+ magnitude (bytes of `mag`; bit e of `signs` set: minus) for the grid types, in the bytes of one
+ * word: magnitude <= bias and bias + magnitude < 256, so no byte carries into the next. */
+static inline void signed_codes8(uint64_t mag, unsigned signs, unsigned bias, uint8_t *u) {
+    const uint64_t ones = 0x0101010101010101ull, low7 = 0x7F7F7F7F7F7F7F7Full;
+    const uint64_t bit = ((uint64_t)signs * ones) & 0x8040201008040201ull; /* byte e: bit e of signs */
+    const uint64_t minus = (((((bit & low7) + low7) | bit) >> 7) & ones) * 0xFF; /* byte e: 0xFF where set */
+    const uint64_t b = bias * ones, codes = ((b + mag) & ~minus) | ((b - mag) & minus);
+    memcpy(u, &codes, 8);
+}
+
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
     switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_MXFP4: {
-        const int64_t bytes = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : type == T_Q8_0 ? 34 : 17;
-        for (int64_t b = 0; b < k / 32; b++, row += bytes, u += 32) {
+    case T_Q4_0: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_MXFP4: case T_IQ4_NL: {
+        for (int64_t b = 0; b < k / 32; b++, row += dg_type_size(type), u += 32) {
             float d, off;
             if (type == T_MXFP4) {
                 d = dg_e8m0_half(row[0]), off = 12.0f * d;
-                for (int j = 0; j < 16; j++) {
-                    u[j] = (uint8_t)(dg_kvalues_fp4[row[1 + j] & 15] + 12);
-                    u[j + 16] = (uint8_t)(dg_kvalues_fp4[row[1 + j] >> 4] + 12);
-                }
+                table_codes(row + 1, 16, dg_kvalues_fp4, 12, u);
+            } else if (type == T_IQ4_NL) { /* value = d * kvalues[q]: u = kvalues[q] + 128, 1..241 */
+                d = dg_rd_fp16(row), off = 128.0f * d;
+                table_codes(row + 2, 16, dg_kvalues_iq4nl, 128, u);
             } else if (type == T_Q8_0) {
                 d = dg_rd_fp16(row), off = 128.0f * d;
                 for (int j = 0; j < 32; j++) u[j] = (uint8_t)((int8_t)row[2 + j] + 128);
             } else if (type == T_Q4_0) {
                 d = dg_rd_fp16(row), off = 8.0f * d;
                 for (int j = 0; j < 16; j++) u[j] = row[2 + j] & 15, u[j + 16] = row[2 + j] >> 4;
-            } else {
+            } else { /* Q5_0: fp16 d, u32 fifth bits, nibbles; Q5_1: fp16 d, fp16 m, then the same (value = d u + m) */
+                const int head = type == T_Q5_1 ? 4 : 2;
                 uint32_t qh;
-                memcpy(&qh, row + 2, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
-                d = dg_rd_fp16(row), off = 16.0f * d;
+                memcpy(&qh, row + head, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
+                d = dg_rd_fp16(row), off = type == T_Q5_1 ? -dg_rd_fp16(row + 2) : 16.0f * d;
                 for (int j = 0; j < 16; j++) {
-                    u[j] = (uint8_t)((row[6 + j] & 15) | ((qh >> j) & 1) << 4);
-                    u[j + 16] = (uint8_t)((row[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+                    u[j] = (uint8_t)((row[head + 4 + j] & 15) | ((qh >> j) & 1) << 4);
+                    u[j + 16] = (uint8_t)((row[head + 4 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
                 }
             }
             s[2 * b] = s[2 * b + 1] = d;
@@ -223,37 +283,36 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
         for (int64_t b = 0; b < k / 64; b++, row += 36, u += 64) {
             for (int sb = 0; sb < 4; sb++) {
                 const float d = dg_ue4m3_half(row[sb]) * ts;
-                for (int t = 0; t < 8; t++) {
-                    u[16 * sb + t] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] & 15] + 12);
-                    u[16 * sb + t + 8] = (uint8_t)(dg_kvalues_fp4[row[4 + 8 * sb + t] >> 4] + 12);
-                }
+                table_codes(row + 4 + 8 * sb, 8, dg_kvalues_fp4, 12, u + 16 * sb);
                 s[4 * b + sb] = d, o[4 * b + sb] = 12.0f * d;
             }
         }
         break;
-    case T_Q4_K:
-        for (int64_t b = 0; b < k / 256; b++, row += 144) {
+    case T_Q4_K: case T_Q5_K: /* Q5_K: Q4_K's fields plus qh[32] before the nibbles, bit j of qh[l]: sub-block j */
+        for (int64_t b = 0; b < k / 256; b++, row += dg_type_size(type), u += 256) {
             const float d = dg_rd_fp16(row), dmin = dg_rd_fp16(row + 2);
-            const uint8_t *sc = row + 4, *q = row + 16;
-            for (int j = 0; j < 8; j++) { /* ggml's get_scale_min_k4 */
+            const uint8_t *q = row + (type == T_Q5_K ? 48 : 16), *qh = row + 16;
+            for (int j = 0; j < 8; j++) {
                 int sj, mj;
-                if (j < 4) {
-                    sj = sc[j] & 63, mj = sc[j + 4] & 63;
-                } else {
-                    sj = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
-                    mj = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-                }
+                dg_scale_min_k4(row + 4, j, &sj, &mj);
                 const uint8_t *qq = q + (j / 2) * 32;
 #if defined(__AVX2__)
                 const __m256i v = _mm256_loadu_si256((const __m256i *)qq), low4 = _mm256_set1_epi8(15);
-                _mm256_storeu_si256((__m256i *)(u + 32 * j), _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low4));
+                __m256i code = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low4);
+                if (type == T_Q5_K) { /* bit j of each qh byte as bit 4 (masked to its own byte after the shift) */
+                    const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+                    const __m256i fifth = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+                    code = _mm256_or_si256(code, _mm256_slli_epi16(fifth, 4));
+                }
+                _mm256_storeu_si256((__m256i *)(u + 32 * j), code);
 #else
-                for (int l = 0; l < 32; l++) u[32 * j + l] = j % 2 ? qq[l] >> 4 : qq[l] & 15;
+                for (int l = 0; l < 32; l++)
+                    u[32 * j + l] = (uint8_t)((j % 2 ? qq[l] >> 4 : qq[l] & 15) |
+                                              (type == T_Q5_K ? ((qh[l] >> j) & 1) << 4 : 0));
 #endif
                 s[16 * b + 2 * j] = s[16 * b + 2 * j + 1] = d * (float)sj;
                 o[16 * b + 2 * j] = o[16 * b + 2 * j + 1] = dmin * (float)mj;
             }
-            u += 256;
         }
         break;
     case T_Q6_K:
@@ -289,6 +348,44 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
             u += 256;
         }
         break;
+    case T_IQ4_XS: /* value = d (ls - 32) kvalues[q] per 32 values */
+        for (int64_t b = 0; b < k / 256; b++, row += 136, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int ib = 0; ib < 8; ib++) {
+                const float si = d * (float)(dg_iq4xs_ls(row, ib) - 32);
+                table_codes(row + 8 + 16 * ib, 16, dg_kvalues_iq4nl, 128, u + 32 * ib);
+                s[16 * b + 2 * ib] = s[16 * b + 2 * ib + 1] = si;
+                o[16 * b + 2 * ib] = o[16 * b + 2 * ib + 1] = 128.0f * si;
+            }
+        }
+        break;
+    case T_IQ3_S: /* value = db * (+-magnitude), magnitude 1..15: u = 16 +- magnitude */
+        for (int64_t b = 0; b < k / 256; b++, row += 110, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int i = 0; i < 32; i++) { /* 8 values: groups 2i, 2i + 1 and sign byte i */
+                uint32_t mag[2];
+                memcpy(&mag[0], dg_iq3s_group(row, 2 * i), 4), memcpy(&mag[1], dg_iq3s_group(row, 2 * i + 1), 4);
+                signed_codes8(mag[0] | (uint64_t)mag[1] << 32, row[74 + i], 16, u + 8 * i);
+            }
+            for (int ib = 0; ib < 8; ib++) {
+                const float si = dg_iq3s_scale(d, row, ib);
+                s[16 * b + 2 * ib] = s[16 * b + 2 * ib + 1] = si;
+                o[16 * b + 2 * ib] = o[16 * b + 2 * ib + 1] = 16.0f * si;
+            }
+        }
+        break;
+    case T_IQ2_S: /* value = db * (+-magnitude), magnitude 8, 25 or 43: u = 43 +- magnitude; db per 16 values */
+        for (int64_t b = 0; b < k / 256; b++, row += 82, u += 256) {
+            const float d = dg_rd_fp16(row);
+            for (int g = 0; g < 32; g++) {
+                uint64_t mag;
+                memcpy(&mag, dg_iq2s_group(row, g), 8);
+                signed_codes8(mag, row[34 + g], 43, u + 8 * g);
+            }
+            for (int h = 0; h < 16; h++)
+                s[16 * b + h] = dg_iq2s_scale(d, row, h), o[16 * b + h] = 43.0f * s[16 * b + h];
+        }
+        break;
     default:
         break;
     }
@@ -298,10 +395,10 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
  * The microkernel. Plain definition, for r < R8 rows of decoded weights and the TP tokens of a panel:
  *     tile[r][t] = sum over blocks b, halves h of  s[r][2b+h] * (d[b][t] * I) - o[r][2b+h] * (d[b][t] * S),
  *     I = sum_{j in half} u[r][32b + j] * q[b][t][j],   S = the half's sum of q (stored as d * S in lo / hi).
- * Types whose two halves share a scale (all but Q6_K and NVFP4) take both halves as one sum; types whose offset
- * is a fixed multiple of the scale (all but Q4_K) have that multiple folded into lo / hi by pack_q8, so their
- * flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time in int16 before
- * widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code).
+ * Types whose two halves share a scale (all but Q6_K, NVFP4 and IQ2_S) take both halves as one sum; types whose
+ * offset is a fixed multiple of the scale (all but Q4_K, Q5_K and Q5_1) have that multiple folded into lo / hi by
+ * pack_q8, so their flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time
+ * in int16 before widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code: KINDS8).
  * ------------------------------------------------------------------------------------------------------------- */
 
 #ifdef SIMD8
@@ -450,13 +547,10 @@ static inline void micro8_kind(const uint8_t *const *u, const float *const *s, c
 static void micro8(int type, const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
                    panel8 p, float *tile) {
     switch (type) { /* each kind compiled with its constants */
-    case T_Q4_0: micro8_kind(u, s, o, nb, p, tile, 0, 8, 1); break;
-    case T_Q5_0: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
-    case T_Q8_0: micro8_kind(u, s, o, nb, p, tile, 0, 1, 1); break;
-    case T_MXFP4: micro8_kind(u, s, o, nb, p, tile, 0, 4, 1); break;
-    case T_NVFP4: micro8_kind(u, s, o, nb, p, tile, 1, 4, 1); break;
-    case T_Q4_K: micro8_kind(u, s, o, nb, p, tile, 0, 8, 0); break;
-    default: micro8_kind(u, s, o, nb, p, tile, 1, 2, 1); break; /* Q6_K */
+#define KIND8_MICRO(type, split, chain, ratio, umax)                                                                 \
+    case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
+        KINDS8(KIND8_MICRO)
+    default: break;
     }
 }
 
@@ -469,9 +563,7 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
  * ------------------------------------------------------------------------------------------------------------- */
 
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
-static int k_fits(int type, int64_t k) {
-    return k % QB == 0 && (k % 256 == 0 || (type != T_Q4_K && type != T_Q6_K)) && (k % 64 == 0 || type != T_NVFP4);
-}
+static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
 /* The codes, scales and offsets of up to R8 * PB8 weight rows (`n` of them), a row per pointer. */
 typedef struct {

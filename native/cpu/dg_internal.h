@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "dg_iq_tables.h"
 
 #define DG_E_TYPE (-1)  /* unsupported ggml type */
 #define DG_E_ISA (-2)   /* kernel set not built or not supported by this CPU */
@@ -142,6 +143,40 @@ static inline void dg_scale_min_k4(const uint8_t *sc, int j, int *s, int *m) {
 
 /* E2M1 values doubled (ggml's kvalues_mxfp4). */
 static const int8_t dg_kvalues_fp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/* The i-quants' tables and block fields (layouts: dgrun/quants.py, after ggml-common.h), read by the float
+ * decoders (dg_quants_iq.h) and the int8 codes (dg_int8.c). A grid entry is read as bytes: magnitude e of a
+ * group is byte e on the little-endian hosts ggml supports. */
+static const int8_t dg_kvalues_iq4nl[16] = DG_KVALUES_IQ4NL_INIT;
+static const uint32_t dg_iq3s_grid[512] = DG_IQ3S_GRID_INIT;
+static const uint64_t dg_iq2s_grid[1024] = DG_IQ2S_GRID_INIT;
+
+/* IQ4_XS (136 bytes / 256): the 6-bit scale ls of 32 values ib (a nibble of scales_l, 2 bits of scales_h);
+ * they are multiplied by d * (ls - 32). */
+static inline int dg_iq4xs_ls(const uint8_t *block, int ib) {
+    const uint32_t scales_h = (uint32_t)(block[2] | (block[3] << 8));
+    return ((block[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
+}
+
+/* IQ3_S (110 bytes / 256: fp16 d, qs[64], qh[8], signs[32], scales[4]): the 4 magnitudes (1..15) of group g
+ * (g < 64; grid entry qs[g] | bit g % 8 of qh[g / 8] << 8), and the scale of 32 values ib, d * (1 + 2 s).
+ * Value j's sign is bit j % 8 of signs[j / 8]. */
+static inline const uint8_t *dg_iq3s_group(const uint8_t *block, int g) {
+    return (const uint8_t *)&dg_iq3s_grid[block[2 + g] | (((block[66 + g / 8] >> (g % 8)) & 1) << 8)];
+}
+static inline float dg_iq3s_scale(float d, const uint8_t *block, int ib) {
+    return d * (float)(1 + 2 * ((block[106 + ib / 2] >> (4 * (ib & 1))) & 15));
+}
+
+/* IQ2_S (82 bytes / 256: fp16 d, qs[32], signs[32], qh[8], scales[8]): the 8 magnitudes (8, 25 or 43) of group
+ * g (g < 32; grid entry qs[g] | bits 2 (g % 4) of qh[g / 4] << 8; bit e of signs[g]: value e's sign), and the
+ * scale of 16 values h, d * (0.5 + s) * 0.25. */
+static inline const uint8_t *dg_iq2s_group(const uint8_t *block, int g) {
+    return (const uint8_t *)&dg_iq2s_grid[block[2 + g] | (((block[66 + g / 4] >> (2 * (g % 4))) & 3) << 8)];
+}
+static inline float dg_iq2s_scale(float d, const uint8_t *block, int h) {
+    return d * (0.5f + (float)((block[74 + h / 2] >> (4 * (h & 1))) & 15)) * 0.25f;
+}
 
 static inline int dg_block_size(int type) {
     switch (type) {

@@ -11,12 +11,7 @@
  */
 #ifndef DG_QUANTS_IQ_H
 #define DG_QUANTS_IQ_H
-#include "dg_internal.h"
-#include "dg_iq_tables.h"
-
-static const int8_t dg_kvalues_iq4nl[16] = DG_KVALUES_IQ4NL_INIT;
-static const uint32_t dg_iq3s_grid[512] = DG_IQ3S_GRID_INIT;
-static const uint64_t dg_iq2s_grid[1024] = DG_IQ2S_GRID_INIT;
+#include "dg_internal.h" /* the tables and the i-quants' block fields */
 
 /* Q5_1 (24 bytes / 32): fp16 d, fp16 m, u32 fifth bits (bit j: value j), nibbles (byte j: values j, j + 16).
  * x = d * q + m. */
@@ -84,16 +79,13 @@ static void decode_iq4_nl(const uint8_t *restrict row, int64_t cols, float *rest
     for (int64_t b = 0; b < cols / 32; b++, row += 18, y += 32) decode_iq4_32(row + 2, dg_rd_fp16(row), y);
 }
 
-/* IQ4_XS (136 bytes / 256): fp16 d, u16 scales_h (2 bits per sub-block), scales_l[4] (a nibble per sub-block),
- * 8 x 16 nibble bytes. x = (d * (ls - 32)) * kvalues[q] with the 6-bit ls of each 32 values. */
+/* IQ4_XS (136 bytes / 256): fp16 d, u16 scales_h, scales_l[4], 8 x 16 nibble bytes. x = (d * (ls - 32)) *
+ * kvalues[q] with the 6-bit ls of each 32 values (dg_iq4xs_ls in dg_internal.h). */
 static void decode_iq4_xs(const uint8_t *restrict row, int64_t cols, float *restrict y) {
     for (int64_t b = 0; b < cols / 256; b++, row += 136) {
         const float d = dg_rd_fp16(row);
-        const uint32_t scales_h = (uint32_t)(row[2] | (row[3] << 8));
-        for (int ib = 0; ib < 8; ib++, y += 32) {
-            const int ls = ((row[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((scales_h >> (2 * ib)) & 3) << 4);
-            decode_iq4_32(row + 8 + 16 * ib, d * (float)(ls - 32), y);
-        }
+        for (int ib = 0; ib < 8; ib++, y += 32)
+            decode_iq4_32(row + 8 + 16 * ib, d * (float)(dg_iq4xs_ls(row, ib) - 32), y);
     }
 }
 
@@ -104,41 +96,30 @@ static inline void signed_group8(const uint8_t *restrict magnitude, int signs, f
     *(f32x8u *)y = (f32x8)((i32x8)v ^ flip);
 }
 
-/* IQ3_S (110 bytes / 256): fp16 d, qs[64], qh[8], signs[32], scales[4]. Group g of 4 values (g < 64) is grid
- * entry qs[g] | bit g % 8 of qh[g / 8] << 8; value j's sign is bit j % 8 of signs[j / 8]; the 4-bit scale s of
- * each 32 values gives db = d * (1 + 2 s). x = db * magnitude * sign. */
+/* IQ3_S (110 bytes / 256; fields: dg_iq3s_group, dg_iq3s_scale in dg_internal.h): 64 groups of 4 grid
+ * magnitudes, a sign bit per value, a scale db per 32 values. x = db * magnitude * sign. */
 static void decode_iq3_s(const uint8_t *restrict row, int64_t cols, float *restrict y) {
     for (int64_t b = 0; b < cols / 256; b++, row += 110) {
         const float d = dg_rd_fp16(row);
-        const uint8_t *qs = row + 2, *qh = row + 66, *signs = row + 74, *scales = row + 106;
         for (int ib = 0; ib < 8; ib++) {
-            const float db = d * (float)(1 + 2 * ((scales[ib / 2] >> (4 * (ib & 1))) & 15));
+            const float db = dg_iq3s_scale(d, row, ib);
             for (int k = 0; k < 4; k++, y += 8) { /* groups 2k and 2k + 1: 8 values, sign byte 4 ib + k */
                 const int g = 8 * ib + 2 * k;
-                const uint32_t pair[2] = {dg_iq3s_grid[qs[g] | (((qh[ib] >> (2 * k)) & 1) << 8)],
-                                          dg_iq3s_grid[qs[g + 1] | (((qh[ib] >> (2 * k + 1)) & 1) << 8)]};
-                signed_group8((const uint8_t *)pair, signs[4 * ib + k], db, y);
+                uint8_t pair[8];
+                memcpy(pair, dg_iq3s_group(row, g), 4), memcpy(pair + 4, dg_iq3s_group(row, g + 1), 4);
+                signed_group8(pair, row[74 + 4 * ib + k], db, y);
             }
         }
     }
 }
 
-/* IQ2_S (82 bytes / 256): fp16 d, qs[32], signs[32], qh[8], scales[8]. Group g of 8 values (g < 32) is grid
- * entry qs[g] | bits 2 (g % 4) of qh[g / 4] << 8, with signs[g] (bit e: value e); the 4-bit scale s of each 16
- * values gives db = d * (0.5 + s) * 0.25. x = db * magnitude * sign. */
+/* IQ2_S (82 bytes / 256; fields: dg_iq2s_group, dg_iq2s_scale in dg_internal.h): 32 groups of 8 grid
+ * magnitudes with a sign byte each, a scale db per 16 values. x = db * magnitude * sign. */
 static void decode_iq2_s(const uint8_t *restrict row, int64_t cols, float *restrict y) {
     for (int64_t b = 0; b < cols / 256; b++, row += 82) {
         const float d = dg_rd_fp16(row);
-        const uint8_t *qs = row + 2, *signs = row + 34, *qh = row + 66, *scales = row + 74;
-        for (int ib = 0; ib < 8; ib++) {
-            const float db[2] = {d * (0.5f + (float)(scales[ib] & 15)) * 0.25f,
-                                 d * (0.5f + (float)(scales[ib] >> 4)) * 0.25f};
-            for (int l = 0; l < 4; l++, y += 8) {
-                const int g = 4 * ib + l;
-                const uint64_t *grid = &dg_iq2s_grid[qs[g] | (((qh[ib] >> (2 * l)) & 3) << 8)];
-                signed_group8((const uint8_t *)grid, signs[g], db[l / 2], y);
-            }
-        }
+        for (int g = 0; g < 32; g++, y += 8) /* 8 values, sign byte g, scale of 16 values g / 2 */
+            signed_group8(dg_iq2s_group(row, g), row[34 + g], dg_iq2s_scale(d, row, g / 2), y);
     }
 }
 
