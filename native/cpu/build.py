@@ -29,7 +29,7 @@ from typing import Any
 NATIVE_CPU = Path(__file__).resolve().parent
 HEADER = NATIVE_CPU / "dg_cpu.h"
 SOURCES = ["dg_cpu.c", "dg_kernels.c", "dg_int8.c"]
-DEPENDS = ["dg_cpu.h", "dg_internal.h", "dg_quants_iq.h", "dg_iq_tables.h", "build.py"]
+DEPENDS = ["dg_cpu.h", "dg_internal.h", "dg_quants_iq.h", "dg_iq_tables.h", "dg_vmath.h", "build.py"]
 LIB_NAME = "libdgcpu.dylib" if sys.platform == "darwin" else "libdgcpu.so"
 # No -ffast-math: -inf masks, NaN checks and IEEE division must behave. Contraction into FMA is fine.
 BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fno-math-errno", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]

@@ -67,10 +67,19 @@
 #include <arm_neon.h>
 #endif
 
+/* float vectors for the elementwise work (dg_vmath.h): 8 lanes where AVX2 is there (every x86 int8 set) */
+#ifdef SIMD8
+#define VL 8
+#else
+#define VL 4
+#endif
+#include "dg_vmath.h"
+
 #define QB 32 /* values per activation block */
 #define TP 16 /* tokens per panel: two vectors of 8 lanes */
 #define R8 3  /* weight rows per microkernel call: 3 x 2 int32 + 3 x 2 float accumulators of 16 registers */
-#define PB8 8 /* linear: R8-row panels per weight block (see there) */
+#define PB8 8 /* R8-row panels per weight block of linear and the ffn (see linear) */
+#define WB8 (R8 * PB8)
 #define ALIGN8 64
 
 #ifdef _OPENMP
@@ -556,20 +565,20 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
 
 /* ---------------------------------------------------------------------------------------------------------------
  * linear — c[i, j] = sum over k of a[i, k] w[j, k], in the integer arithmetic above. Threads take blocks of
- * R8 * PB8 weight rows; each decodes its block's codes once (~100 KB for k = 2816: they stay in L2) and runs every
+ * WB8 = R8 * PB8 weight rows; each decodes its block's codes once (~100 KB for k = 2816: they stay in L2) and runs every
  * token panel against the block's PB8 row panels in turn, so a token panel comes from L3 once per block rather than
  * once per R8 rows (all of them together, a canvas of 256 tokens, do not fit L2), and each token's results are
- * stored R8 * PB8 at a time.
+ * stored WB8 at a time.
  * ------------------------------------------------------------------------------------------------------------- */
 
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
 static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
-/* The codes, scales and offsets of up to R8 * PB8 weight rows (`n` of them), a row per pointer. */
+/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer. */
 typedef struct {
     int n;
-    uint8_t *u[R8 * PB8];
-    float *s[R8 * PB8], *o[R8 * PB8];
+    uint8_t *u[WB8];
+    float *s[WB8], *o[WB8];
 } rows8;
 
 static int rows8_alloc(rows8 *w, int64_t k, int n) {
@@ -607,7 +616,7 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
                         int64_t n, float *c) {
     if (!SFX8(supports)(type) || !k_fits(type, k)) return DG_E_TYPE;
     if (m <= 0 || n <= 0) return 0;
-    const int64_t nb = k / QB, mp = (m + TP - 1) / TP, wb = R8 * PB8, nwb = (n + wb - 1) / wb;
+    const int64_t nb = k / QB, mp = (m + TP - 1) / TP, nwb = (n + WB8 - 1) / WB8;
     uint8_t *act = alloc8(panel_bytes(nb) * (size_t)mp);
     if (!act) return DG_E_NOMEM;
     int failed = 0;
@@ -618,13 +627,13 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
             pack_q8(a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, kind_of(type),
                     panel_at(act + p * panel_bytes(nb), nb));
         rows8 wr;
-        float tile[R8 * PB8 * TP];
-        if (!rows8_alloc(&wr, k, (int)wb)) failed = 1;
+        float tile[WB8 * TP];
+        if (!rows8_alloc(&wr, k, WB8)) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jb = 0; jb < nwb; jb++) {
             if (failed) continue;
-            const int64_t j0 = jb * wb, rows = n - j0 < wb ? n - j0 : wb, panels = (rows + R8 - 1) / R8;
+            const int64_t j0 = jb * WB8, rows = n - j0 < WB8 ? n - j0 : WB8, panels = (rows + R8 - 1) / R8;
             rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
             for (int64_t p = 0; p < mp; p++) {
                 const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
@@ -642,13 +651,16 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
 /* ---------------------------------------------------------------------------------------------------------------
  * ffn — dg_ffn (dense gated MLP and mixture of experts) in the integer arithmetic above, per (token t, slot s),
  * e = index[t, s]:  h = gelu_tanh(gate_e @ x_t) * (up_e @ x_t);  out[t] += weights[t, s] * (down_e @ h).
- * As the float kernel: tokens grouped per expert; phase 1 splits (expert, panel of R8 gate/up rows) over threads
- * and writes h per grouped token; h is quantized per token; phase 2 splits panels of R8 output columns (each
- * thread owns those columns of `out` for every expert: race-free, experts added in ascending order).
+ * As the float kernel: tokens grouped per expert; phase 1 splits (expert, block of WB8 gate/up rows) over threads
+ * and writes h per grouped token; h is quantized per token; phase 2 splits blocks of WB8 output columns (each
+ * thread owns those columns of `out` for every expert: race-free, experts added in ascending order). Blocks of
+ * WB8 rows, as in linear, so each token's row of h or `out` is written WB8 values at a time.
  * ------------------------------------------------------------------------------------------------------------- */
 
-static inline float gelu_mul(float g, float u) {
-    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * (g * g * g)))) * u;
+/* tile[:n] = gelu_tanh(tile) * up (n a multiple of VL), with the float kernels' vector tanh: libm's scalar tanhf
+ * took a sixth of a decoder pass on the bench model. */
+static void gelu_mul_tile(float *tile, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i += VL) st(tile + i, vgelu_mul(ld(tile + i), ld(up + i)));
 }
 
 static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index,
@@ -673,13 +685,13 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         rc = DG_E_NOMEM;
         goto done;
     }
-    const int64_t ip = (inter + R8 - 1) / R8, hp = (hidden + R8 - 1) / R8;
+    const int64_t ib = (inter + WB8 - 1) / WB8, hb = (hidden + WB8 - 1) / WB8;
     int failed = 0;
 #pragma omp parallel num_threads(NT8)
     {
         rows8 wg, wu;
-        float tg[R8 * TP], tu[R8 * TP];
-        const int ok_g = rows8_alloc(&wg, hidden, R8), ok_u = rows8_alloc(&wu, hidden, R8); /* both: both get freed */
+        float tg[WB8 * TP], tu[WB8 * TP];
+        const int ok_g = rows8_alloc(&wg, hidden, WB8), ok_u = rows8_alloc(&wu, hidden, WB8); /* both: both get freed */
         if (!ok_g || !ok_u) failed = 1;
         /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
 #pragma omp for schedule(dynamic, 1)
@@ -690,20 +702,23 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
                 if (!same)
                     pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
             }
-        /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and panel of R8 hidden units */
+        /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and block of WB8 hidden units */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < ne * ip; item++) {
-            const int64_t e = item / ip, j0 = (item % ip) * R8, rows = inter - j0 < R8 ? inter - j0 : R8;
+        for (int64_t item = 0; item < ne * ib; item++) {
+            const int64_t e = item / ib, j0 = (item % ib) * WB8, rows = inter - j0 < WB8 ? inter - j0 : WB8;
+            const int panels = (int)((rows + R8 - 1) / R8);
             if (failed || grp.count[e] == 0) continue;
             rows8_decode(&wg, gt, gw + e * gstride, grb, hidden, gts, j0, rows);
             rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
             for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                 const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                micro8_panel(gt, &wg, 0, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
-                micro8_panel(ut, &wu, 0, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                for (int q = 0; q < panels; q++) {
+                    micro8_panel(gt, &wg, q, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
+                    micro8_panel(ut, &wu, q, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                }
+                gelu_mul_tile(tg, tu, panels * R8 * TP);
                 for (int64_t c = 0; c < cols; c++)
-                    for (int64_t r = 0; r < rows; r++)
-                        h[(grp.start[e] + c0 + c) * inter + j0 + r] = gelu_mul(tg[r * TP + c], tu[r * TP + c]);
+                    for (int64_t r = 0; r < rows; r++) h[(grp.start[e] + c0 + c) * inter + j0 + r] = tg[r * TP + c];
             }
         }
         /* h quantized per grouped token, for the down projection's kind */
@@ -715,23 +730,24 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
             }
         rows8_free(&wg), rows8_free(&wu);
         rows8 wd;
-        if (!rows8_alloc(&wd, inter, R8)) failed = 1;
+        float td[WB8 * TP];
+        if (!rows8_alloc(&wd, inter, WB8)) failed = 1;
 #pragma omp barrier
-        /* phase 2: out[t, j0:j0+R8] += w * (down @ h), experts in ascending order */
+        /* phase 2: out[t, j0:j0+WB8] += w * (down @ h), experts in ascending order */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t jp = 0; jp < hp; jp++) {
+        for (int64_t jb = 0; jb < hb; jb++) {
             if (failed) continue;
-            const int64_t j0 = jp * R8, rows = hidden - j0 < R8 ? hidden - j0 : R8;
+            const int64_t j0 = jb * WB8, rows = hidden - j0 < WB8 ? hidden - j0 : WB8, panels = (rows + R8 - 1) / R8;
             for (int64_t e = 0; e < ne; e++) {
                 if (grp.count[e] == 0) continue;
                 rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
                 for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                     const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                    micro8_panel(dt, &wd, 0, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), tg);
+                    for (int q = 0; q < panels; q++) micro8_panel(dt, &wd, q, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), td);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
                         const float wc = grp.wt[grp.start[e] + c0 + c];
-                        for (int64_t r = 0; r < rows; r++) dst[r] += tg[r * TP + c] * wc;
+                        for (int64_t r = 0; r < rows; r++) dst[r] += td[r * TP + c] * wc;
                     }
                 }
             }
