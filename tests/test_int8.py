@@ -11,8 +11,8 @@ What is exact and what is not:
   rounding, where gguf-py multiplies (d * value) * ts): within 1 ulp of the larger of |o| and |value| there.
 - linear: the integer sums are exact in both; what differs is float32 accumulation of one product per block
   half (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6 relative.
-- ffn: the hidden activations come from the kernels' vector tanh (dg_vmath.h, within 2 ulp) and numpy's tanh, which can move one of
-  their int8 codes by one step now and then: 1e-4 relative.
+- ffn: the hidden activations come from the kernels' vector tanh (dg_vmath.h, within 2 ulp) and numpy's tanh,
+  which can move one of their int8 codes by one step now and then: 1e-4 relative.
 Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul
 on random data (single outputs up to a few %: checked as < 3% here); tools/quant_quality.py publishes what it
 does to whole-model logits.
