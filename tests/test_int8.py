@@ -130,10 +130,11 @@ def test_weight_codes_reproduce_the_decoded_values(cpu, qt):
 
 
 @pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
-@pytest.mark.parametrize("m", [1, 37])
-def test_linear_matches_the_integer_model(cpu, qt, m):
+@pytest.mark.parametrize("m,n", [(1, 7), (37, 7), (37, 53)])
+def test_linear_matches_the_integer_model(cpu, qt, m, n):
     rng = np.random.default_rng(m)
-    w = _weight(rng.normal(0, 0.1, (7, 512)), qt)  # 7 rows: a partial panel
+    # 7 rows: one partial panel; 53: two whole blocks of 24 rows (dg_int8.c's WB8) and one with a partial panel
+    w = _weight(rng.normal(0, 0.1, (n, 512)), qt)
     a = rng.normal(0, 1, (m, 512)).astype(np.float32)
     out = cpu.linear(a, w)
     if not cpu.lib.dg_int8_supports(qt.ggml_type):

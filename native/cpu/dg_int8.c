@@ -606,10 +606,12 @@ static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_by
         decode_codes(type, base + (r0 + (r < count ? r : 0)) * row_bytes, k, ts, w->u[r], w->s[r], w->o[r]);
 }
 
-/* micro8 on panel q (rows q * R8 ...) of w, into tile + q * R8 * TP. */
-static void micro8_panel(int type, const rows8 *w, int q, int64_t nb, panel8 p, float *tile) {
-    micro8(type, (const uint8_t *const *)w->u + q * R8, (const float *const *)w->s + q * R8,
-           (const float *const *)w->o + q * R8, nb, p, tile + q * R8 * TP);
+/* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against token panel p: tile[r * TP + t]
+ * for r < rows rounded up to R8. */
+static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, panel8 p, float *tile) {
+    for (int64_t q = 0; q * R8 < rows; q++)
+        micro8(type, (const uint8_t *const *)w->u + q * R8, (const float *const *)w->s + q * R8,
+               (const float *const *)w->o + q * R8, nb, p, tile + q * R8 * TP);
 }
 
 static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
@@ -633,11 +635,11 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jb = 0; jb < nwb; jb++) {
             if (failed) continue;
-            const int64_t j0 = jb * WB8, rows = n - j0 < WB8 ? n - j0 : WB8, panels = (rows + R8 - 1) / R8;
+            const int64_t j0 = jb * WB8, rows = n - j0 < WB8 ? n - j0 : WB8;
             rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
             for (int64_t p = 0; p < mp; p++) {
                 const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
-                for (int q = 0; q < panels; q++) micro8_panel(type, &wr, q, nb, panel_at(act + p * panel_bytes(nb), nb), tile);
+                micro8_block(type, &wr, rows, nb, panel_at(act + p * panel_bytes(nb), nb), tile);
                 for (int64_t i = 0; i < cols; i++)
                     for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TP + i];
             }
@@ -657,9 +659,10 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
  * WB8 rows, as in linear, so each token's row of h or `out` is written WB8 values at a time.
  * ------------------------------------------------------------------------------------------------------------- */
 
-/* tile[:n] = gelu_tanh(tile) * up (n a multiple of VL), with the float kernels' vector tanh: libm's scalar tanhf
- * took a sixth of a decoder pass on the bench model. */
-static void gelu_mul_tile(float *tile, const float *up, int64_t n) {
+/* tile = gelu_tanh(tile) * up over micro8_block's tiles of `rows` rows, with the float kernels' vector tanh:
+ * libm's scalar tanhf took a sixth of a decoder pass on the bench model. */
+static void gelu_mul_tile(float *tile, const float *up, int64_t rows) {
+    const int64_t n = (rows + R8 - 1) / R8 * R8 * TP; /* R8 * TP is a multiple of VL */
     for (int64_t i = 0; i < n; i += VL) st(tile + i, vgelu_mul(ld(tile + i), ld(up + i)));
 }
 
@@ -706,17 +709,14 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < ne * ib; item++) {
             const int64_t e = item / ib, j0 = (item % ib) * WB8, rows = inter - j0 < WB8 ? inter - j0 : WB8;
-            const int panels = (int)((rows + R8 - 1) / R8);
             if (failed || grp.count[e] == 0) continue;
             rows8_decode(&wg, gt, gw + e * gstride, grb, hidden, gts, j0, rows);
             rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
             for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                 const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                for (int q = 0; q < panels; q++) {
-                    micro8_panel(gt, &wg, q, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
-                    micro8_panel(ut, &wu, q, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
-                }
-                gelu_mul_tile(tg, tu, panels * R8 * TP);
+                micro8_block(gt, &wg, rows, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
+                micro8_block(ut, &wu, rows, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
+                gelu_mul_tile(tg, tu, rows);
                 for (int64_t c = 0; c < cols; c++)
                     for (int64_t r = 0; r < rows; r++) h[(grp.start[e] + c0 + c) * inter + j0 + r] = tg[r * TP + c];
             }
@@ -737,13 +737,13 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jb = 0; jb < hb; jb++) {
             if (failed) continue;
-            const int64_t j0 = jb * WB8, rows = hidden - j0 < WB8 ? hidden - j0 : WB8, panels = (rows + R8 - 1) / R8;
+            const int64_t j0 = jb * WB8, rows = hidden - j0 < WB8 ? hidden - j0 : WB8;
             for (int64_t e = 0; e < ne; e++) {
                 if (grp.count[e] == 0) continue;
                 rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
                 for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                     const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                    for (int q = 0; q < panels; q++) micro8_panel(dt, &wd, q, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), td);
+                    micro8_block(dt, &wd, rows, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), td);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
                         const float wc = grp.wt[grp.start[e] + c0 + c];
