@@ -51,6 +51,7 @@ import sys
 import sysconfig
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,17 +329,50 @@ def save(model: Any, out: Path, tokenizer_dir: Path, log: dict[str, Any]) -> Non
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
 
 
-def generation_config() -> Any:
-    """The demo's `DiffusionGemmaGenerationConfig`, built by the class so `from_pretrained` reads it back."""
+def generation_config(defaults: dict[str, Any] = GENERATION_DEFAULTS, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+                      bos_id: int = BOS_ID) -> Any:
+    """A `DiffusionGemmaGenerationConfig` of `defaults` (the demo's unless given), built by the class so
+    `from_pretrained` reads it back."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
     )
 
-    values = {k: v for k, v in GENERATION_DEFAULTS.items() if k != "sampler_config"}
+    values = {k: v for k, v in defaults.items() if k != "sampler_config"}
     return DiffusionGemmaGenerationConfig(
-        **values, sampler_config=EntropyBoundSamplerConfig(**GENERATION_DEFAULTS["sampler_config"]),
-        eos_token_id=[EOS_ID], pad_token_id=PAD_ID, bos_token_id=BOS_ID)
+        **values, sampler_config=EntropyBoundSamplerConfig(**defaults["sampler_config"]),
+        eos_token_id=[eos_id], pad_token_id=pad_id, bos_token_id=bos_id)
+
+
+def require_split_path(max_diff: float) -> None:
+    """Stop unless the trainer's split encoder/decoder path gave the class's own `forward` logits (a
+    `full_forward_check` result)."""
+    print(f"split encoder/decoder path vs model.forward: max |diff| {max_diff:.2e}", flush=True)
+    if max_diff > 1e-4:
+        raise RuntimeError("the training path disagrees with DiffusionGemmaForBlockDiffusion.forward")
+
+
+def progress_clock(minutes: float, steps: int) -> Callable[[int], float]:
+    """progress(step) in [0, 1+): the share of the time budget spent, or of `steps` when that is further."""
+    budget_s, started = minutes * 60.0, time.time()
+
+    def progress(step: int) -> float:
+        by_time = (time.time() - started) / budget_s
+        return max(by_time, step / steps) if steps else by_time
+
+    return progress
+
+
+def optimizer_step(model: Any, optim: Any, loss: Any, lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1."""
+    import torch
+
+    for group in optim.param_groups:
+        group["lr"] = lr
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,20 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     # A fixed held-out set: the same windows and the same noise at every evaluation, so the curve is comparable.
     heldout = Sampler(heldout_stream, canvas_length, 1, args.tokens_per_batch)
     heldout_batches = [heldout.next() for _ in range(6)]
-    check = full_forward_check(model, heldout_batches[0])
-    print(f"split encoder/decoder path vs model.forward: max |diff| {check:.2e}", flush=True)
-    if check > 1e-4:
-        raise RuntimeError("the training path disagrees with DiffusionGemmaForBlockDiffusion.forward")
+    require_split_path(full_forward_check(model, heldout_batches[0]))
 
     optim = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     flips = np.random.default_rng(args.seed + 3)
-    budget_s = args.minutes * 60.0
     train_started = time.time()
-
-    def progress(step: int) -> float:
-        by_time = (time.time() - train_started) / budget_s
-        return max(by_time, step / args.steps) if args.steps else by_time
+    progress = progress_clock(args.minutes, args.steps)
 
     def evaluate() -> tuple[float, float]:
         model.eval()
@@ -438,15 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         if p >= 1.0:
             break
         lr = learning_rate(args.lr, step, args.warmup, p)
-        for group in optim.param_groups:
-            group["lr"] = lr
         batch = sampler.next()
         diffusion, autoregressive = losses(model, batch, gen, self_condition=bool(flips.random() < 0.5))
-        loss = diffusion + autoregressive
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+        optimizer_step(model, optim, diffusion + autoregressive, lr)
         step += 1
         tokens += batch.context.numel() + batch.canvas.numel()
         window.append((diffusion.item(), autoregressive.item()))

@@ -60,7 +60,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import adamw, earlier_logs, learning_rate, softcapped_logits  # noqa: E402
+from train_demo import (  # noqa: E402
+    adamw,
+    earlier_logs,
+    learning_rate,
+    optimizer_step,
+    progress_clock,
+    require_split_path,
+    softcapped_logits,
+)
+from train_demo import generation_config as demo_generation_config  # noqa: E402
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, NEWLINE_ID = 0, 1, 2, 3, 4
 DIGIT0_ID = 5  # "0".."9" are ids 5..14
@@ -392,16 +401,8 @@ def full_forward_check(model: Any, canvas: Any) -> float:
 
 
 def generation_config() -> Any:
-    """The Sudoku model's `DiffusionGemmaGenerationConfig`, built by the class so `from_pretrained` reads it back."""
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-        DiffusionGemmaGenerationConfig,
-        EntropyBoundSamplerConfig,
-    )
-
-    values = {k: v for k, v in GENERATION_DEFAULTS.items() if k != "sampler_config"}
-    return DiffusionGemmaGenerationConfig(
-        **values, sampler_config=EntropyBoundSamplerConfig(**GENERATION_DEFAULTS["sampler_config"]),
-        eos_token_id=[EOS_ID], pad_token_id=PAD_ID, bos_token_id=BOS_ID)
+    """The Sudoku model's `DiffusionGemmaGenerationConfig` (train_demo builds it from these defaults and ids)."""
+    return demo_generation_config(GENERATION_DEFAULTS, EOS_ID, PAD_ID, BOS_ID)
 
 
 def save(model: Any, out: Path, log: dict[str, Any]) -> None:
@@ -473,20 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     # Held out: other base grids, 36-46 givens (the target band), the same noise at every evaluation.
     heldout_sampler = PuzzleSampler(random_grids(64, seed=999_999), 12345, (36, 46))
     heldout = [tuple(map(torch.from_numpy, heldout_sampler.next(128)))]
-    check = full_forward_check(model, heldout[0][0][:4])
-    print(f"split encoder/decoder path vs model.forward: max |diff| {check:.2e}", flush=True)
-    if check > 1e-4:
-        raise RuntimeError("the training path disagrees with DiffusionGemmaForBlockDiffusion.forward")
+    require_split_path(full_forward_check(model, heldout[0][0][:4]))
 
     optim = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)
     flips = np.random.default_rng(args.seed + 3)
-    budget_s = args.minutes * 60.0
     train_started = time.time()
-
-    def progress(step: int) -> float:
-        by_time = (time.time() - train_started) / budget_s
-        return max(by_time, step / args.steps) if args.steps else by_time
+    progress = progress_clock(args.minutes, args.steps)
 
     def givens_now(p: float) -> tuple[int, int]:
         low, high = args.givens
@@ -521,15 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         if p >= 1.0:
             break
         lr = learning_rate(args.lr, step, args.warmup, p)
-        for group in optim.param_groups:
-            group["lr"] = lr
         canvas, free = map(torch.from_numpy, sampler.next(args.batch, givens_now(p)))
         loss, accuracy = loss_and_accuracy(model, canvas, free, gen, bool(flips.random() < 0.5), args.full_noise,
                                            args.min_noise)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+        optimizer_step(model, optim, loss, lr)
         step += 1
         window.append((loss.item(), accuracy))
         if step % args.log_every == 0:

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sudoku as ts  # noqa: E402
-from train_demo import learning_rate, softcapped_logits  # noqa: E402
+from train_demo import learning_rate, optimizer_step, softcapped_logits  # noqa: E402
 
 PROMPT_TOKENS = 1 + ts.GRID_TOKENS + 1  # <bos>, the puzzle, a newline
 
@@ -129,16 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "train": []}
     started, step, window = time.time(), 0, []
     while (elapsed := time.time() - started) < args.minutes * 60:
-        p = elapsed / (args.minutes * 60)
-        for group in optim.param_groups:
-            group["lr"] = learning_rate(args.lr, step, args.warmup, p)
         ids, targets = batch(sampler, args.batch)
         logits = ar_logits(model, ids[:, :-1])
         loss = F.cross_entropy(logits[targets[:, :-1]], ids[:, 1:][targets[:, :-1]])
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim.step()
+        optimizer_step(model, optim, loss, learning_rate(args.lr, step, args.warmup, elapsed / (args.minutes * 60)))
         step += 1
         window.append(loss.item())
         if step % 25 == 0:
