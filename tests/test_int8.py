@@ -10,7 +10,8 @@ What is exact and what is not:
   is itself exact (every type with o = bias * s). Except NVFP4, whose tensor scale is folded into s (one more
   rounding, where gguf-py multiplies (d * value) * ts): within 1 ulp of the larger of |o| and |value| there.
 - linear: the integer sums are exact in both; what differs is float32 accumulation of one product per block
-  half (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6 relative.
+  half, or per block for Q6_K on avx2 (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6
+  relative.
 - ffn: the hidden activations come from the kernels' vector tanh (dg_vmath.h, within 2 ulp) and numpy's tanh,
   which can move one of their int8 codes by one step now and then: 1e-4 relative.
 Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul

@@ -656,9 +656,11 @@ def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -
         path = real_shape_file(args.workdir, layers, args.rebuild, log)
         for setting in settings:
             label = f"{layers} layers" + ("" if setting is None else f" int8 {setting}")
-            workers.append(Worker(label, {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
-                                          "prompt_tokens": args.prompt_tokens, "int8": setting, "layers": layers},
-                                  path.stat().st_size / 2**20))
+            spec = {"engine": "step", "path": str(path), "backend": backend, "threads": threads,
+                    "prompt_tokens": args.prompt_tokens, "int8": setting, "layers": layers}
+            workers.append(Worker(label, spec, path.stat().st_size / 2**20))
+            if args.baseline:
+                workers.append(Worker(f"baseline {label}", spec, path.stat().st_size / 2**20, str(args.baseline)))
     if not args.no_matmul:
         workers.append(Worker("numpy matmul", {"engine": "matmul", "rows": canvas, "hidden": hidden,
                                                "vocab": vocab, "threads": threads}, None))
@@ -688,6 +690,7 @@ def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -
             continue
         step, enc, peak, file_mb = med(w, "step"), med(w, "enc"), w.peak_rss_mb or 0.0, w.file_mb or 0.0
         rows.append({"engine": w.label, "layers": w.spec["layers"], "int8": w.spec["int8"], "info": w.info,
+                     "baseline": w.pythonpath is not None,
                      "step_s": step, "decode_s": med(w, "decode"), "enc_s": enc,
                      "step_vs_matmul": None if bare is None else step / bare,
                      "tok_s_16_steps": canvas / (16 * step + enc), "peak_rss_mb": peak, "file_mb": file_mb,
@@ -696,7 +699,7 @@ def real_shape(args: argparse.Namespace, backend: str, threads: int, log: Any) -
     target = released["num_hidden_layers"]
     extrapolated = []
     for setting in settings:
-        fit = [r for r in rows if r["int8"] == setting]
+        fit = [r for r in rows if r["int8"] == setting and not r["baseline"]]
         if len({r["layers"] for r in fit}) < 2 or any(r["layers"] == target for r in fit):
             continue
         xs = [float(r["layers"]) for r in fit]

@@ -19,7 +19,9 @@
  *                S = sum q (both exact, int32), then in float32
  *                    c += s_h * (d * I) - o_h * (d * S),
  *                summed over halves and blocks in order. The integer parts are exact; what is rounded is the
- *                float accumulation above (tests/test_int8.py checks both against a numpy model of it).
+ *                float accumulation above (tests/test_int8.py checks both against a numpy model of it). Q6_K on
+ *                AVX2 (micro8_iscale) applies its integer sub-block scales in integer arithmetic and rounds once
+ *                per block: the same sum, in another float32 order.
  *
  * The microkernel keeps R8 weight rows x 16 tokens of int32 sums in registers: tokens are the vector lanes (8
  * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
@@ -120,13 +122,16 @@ static int SFX8(q8_quantize)(const float *x, int64_t n, int8_t *q, float *d) {
 }
 
 typedef struct {
-    int8_t *q;  /* [nb][8][TP][4] */
-    float *d;   /* [nb][TP] */
-    float *lo;  /* [nb][TP]: d * (sum of the first 16 codes) */
-    float *hi;  /* [nb][TP]: d * (sum of the last 16 codes) */
+    int8_t *q;    /* [nb][8][TP][4] */
+    float *d;     /* [nb][TP] */
+    float *lo;    /* [nb][TP]: d * (sum of the first 16 codes) */
+    float *hi;    /* [nb][TP]: d * (sum of the last 16 codes) */
+    int16_t *off; /* [nb][2][TP][2]: iscale kinds only (micro8_iscale) */
 } panel8;
 
-static size_t panel_bytes(int64_t nb) { return (size_t)nb * (QB * TP + 3 * TP * sizeof(float)); }
+static size_t panel_bytes(int64_t nb) {
+    return (size_t)nb * (QB * TP + 3 * TP * sizeof(float) + 2 * TP * 2 * sizeof(int16_t));
+}
 
 static panel8 panel_at(uint8_t *base, int64_t nb) {
     panel8 p;
@@ -134,37 +139,44 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
     p.d = (float *)(base + nb * QB * TP);
     p.lo = p.d + nb * TP;
     p.hi = p.lo + nb * TP;
+    p.off = (int16_t *)(p.hi + nb * TP);
     return p;
 }
 
-/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax) with
- *   split  its two 16-value halves have scales of their own;
- *   chain  how many vpmaddubsw results (AVX2) are added in int16 before widening;
- *   ratio  o = ratio * s, or 0: o is its own (Q4_K, Q5_K, Q5_1);
- *   umax   its largest code (decode_codes).
+/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax, iscale) with
+ *   split   its two 16-value halves have scales of their own;
+ *   chain   how many vpmaddubsw results (AVX2) are added in int16 before widening;
+ *   ratio   o = ratio * s, or 0: o is its own (Q4_K, Q5_K, Q5_1);
+ *   umax    its largest code (decode_codes);
+ *   iscale  on AVX2, the halves' scales are small integers times one float per 256 values, applied in integer
+ *           arithmetic (micro8_iscale).
  * AVX2's vpmaddubsw sums a pair of u8 x s8 products into int16 (|q| <= 127), and `chain` of those are added in
  * int16: exact while chain * 2 * umax * 127 < 2^15. Types whose single pair can reach 2^15 (2 * umax * 127, so
  * umax > 129: Q8_0 to 255, IQ4_NL / IQ4_XS to 241) have no exact AVX2 product and stay float32 there; SDOT
  * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain is the largest the bound
- * allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4); checked at compile
- * time below. */
+ * allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4). An iscale kind
+ * subtracts the offset ratio * S in int16 before widening, so what must fit is the sum of (u - ratio) q, not of
+ * u q (int16 addition wraps: the raw sums may overflow on the way, the true one is exact):
+ * chain * 2 * max|u - ratio| * 127 < 2^15. Both bounds are checked at compile time below. */
 #define KINDS8(X)                                                                                                      \
-    X(T_Q4_0, 0, 8, 8.0f, 15)      /* 8 * 2 * 15 * 127 = 30480 */                                                      \
-    X(T_Q5_0, 0, 4, 16.0f, 31)     /* 4 * 2 * 31 * 127 = 31496 */                                                      \
-    X(T_Q5_1, 0, 4, 0.0f, 31)      /* o = -m: value = d u + m */                                                       \
-    X(T_Q8_0, 0, 1, 128.0f, 255)   /* VNNI / i8mm / generic only */                                                    \
-    X(T_MXFP4, 0, 4, 12.0f, 24)    /* 4 * 2 * 24 * 127 = 24384 */                                                      \
-    X(T_NVFP4, 1, 4, 12.0f, 24)                                                                                        \
-    X(T_Q4_K, 0, 8, 0.0f, 15)                                                                                          \
-    X(T_Q5_K, 0, 4, 0.0f, 31)                                                                                          \
-    X(T_Q6_K, 1, 2, 32.0f, 63)     /* 2 * 2 * 63 * 127 = 32004 */                                                      \
-    X(T_IQ4_NL, 0, 1, 128.0f, 241) /* VNNI / i8mm / generic only */                                                    \
-    X(T_IQ4_XS, 0, 1, 128.0f, 241)                                                                                     \
-    X(T_IQ3_S, 0, 4, 16.0f, 31)    /* 16 +- 1..15 */                                                                   \
-    X(T_IQ2_S, 1, 1, 43.0f, 86)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
+    X(T_Q4_0, 0, 8, 8.0f, 15, 0)      /* 8 * 2 * 15 * 127 = 30480 */                                                   \
+    X(T_Q5_0, 0, 4, 16.0f, 31, 0)     /* 4 * 2 * 31 * 127 = 31496 */                                                   \
+    X(T_Q5_1, 0, 4, 0.0f, 31, 0)      /* o = -m: value = d u + m */                                                    \
+    X(T_Q8_0, 0, 1, 128.0f, 255, 0)   /* VNNI / i8mm / generic only */                                                 \
+    X(T_MXFP4, 0, 4, 12.0f, 24, 0)    /* 4 * 2 * 24 * 127 = 24384 */                                                   \
+    X(T_NVFP4, 1, 4, 12.0f, 24, 0)                                                                                     \
+    X(T_Q4_K, 0, 8, 0.0f, 15, 0)                                                                                       \
+    X(T_Q5_K, 0, 4, 0.0f, 31, 0)                                                                                       \
+    X(T_Q6_K, 1, 4, 32.0f, 63, 1)     /* u - 32 in -32..31: 4 * 2 * 32 * 127 = 32512 */                                \
+    X(T_IQ4_NL, 0, 1, 128.0f, 241, 0) /* VNNI / i8mm / generic only */                                                 \
+    X(T_IQ4_XS, 0, 1, 128.0f, 241, 0)                                                                                  \
+    X(T_IQ3_S, 0, 4, 16.0f, 31, 0)    /* 16 +- 1..15 */                                                                \
+    X(T_IQ2_S, 1, 1, 43.0f, 86, 0)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
 
-#define KIND8_EXACT(type, split, chain, ratio, umax)                                                                 \
-    _Static_assert(2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                            \
+#define KIND8_MAG(ratio, umax) ((int)(ratio) > (umax) - (int)(ratio) ? (int)(ratio) : (umax) - (int)(ratio))
+#define KIND8_EXACT(type, split, chain, ratio, umax, iscale)                                                         \
+    _Static_assert(iscale ? (chain) == 4 && (chain) * 2 * KIND8_MAG(ratio, umax) * 127 < 1 << 15                                   \
+                          : 2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                   \
                    #type ": chain overflows int16");
 KINDS8(KIND8_EXACT)
 
@@ -172,18 +184,28 @@ typedef struct {
     int split, chain;
     float ratio;
     int umax; /* 0: no int8 codes */
+    int iscale;
 } kind8;
 
+/* The kind as this kernel set uses it: iscale is AVX2's (VNNI sums u q in int32 directly). */
 static kind8 kind_of(int type) {
+#if defined(DG_INT8_AVX2)
+#define ISCALE8(iscale) iscale
+#else
+#define ISCALE8(iscale) 0
+#endif
     switch (type) {
-#define KIND8_CASE(type, split, chain, ratio, umax) case type: return (kind8){split, chain, ratio, umax};
+#define KIND8_CASE(type, split, chain, ratio, umax, iscale)                                                          \
+    case type: return (kind8){split, chain, ratio, umax, ISCALE8(iscale)};
         KINDS8(KIND8_CASE)
-    default: return (kind8){0, 1, 0.0f, 0};
+    default: return (kind8){0, 1, 0.0f, 0, 0};
     }
 }
 
 /* Rows rows[0..count) of x (row stride k) into panel p for weights of kind `kind` (see the microkernel): lo / hi
- * hold ratio * d * S per half, or (halves sharing a scale) lo the block's; missing tokens are zeros. */
+ * hold ratio * d * S per half, or (halves sharing a scale) lo the block's; for iscale kinds off holds ratio times
+ * each token's int16 lane sums per half (lane j: values 4g + 2j and 4g + 2j + 1 of the half's groups g, what
+ * vpmaddubsw pairs into that lane); missing tokens are zeros. */
 static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t first, int64_t count, kind8 kind,
                     panel8 p) {
     const int64_t nb = k / QB;
@@ -200,6 +222,12 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
             p.d[b * TP + t] = d;
             p.lo[b * TP + t] = ratio * (d * (float)(kind.split ? lo : lo + hi));
             p.hi[b * TP + t] = ratio * (d * (float)hi);
+            for (int h = 0; kind.iscale && h < 2; h++)
+                for (int j = 0; j < 2; j++) {
+                    int lane = 0;
+                    for (int g = 4 * h; g < 4 * h + 4; g++) lane += q[4 * g + 2 * j] + q[4 * g + 2 * j + 1];
+                    p.off[((b * 2 + h) * TP + t) * 2 + j] = (int16_t)(kind.ratio * lane); /* |.| <= 32512 */
+                }
         }
     }
 }
@@ -208,7 +236,8 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
  * Weights: decode_codes is the definition of the codes, scales and offsets (see the top of the file).
  * ------------------------------------------------------------------------------------------------------------- */
 
-static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o);
+static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o,
+                         int16_t *isc, float *isd);
 
 static int SFX8(supports)(int type) {
     const int umax = kind_of(type).umax;
@@ -224,7 +253,7 @@ static int SFX8(supports)(int type) {
 /* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
 static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
     if (!SFX8(supports)(type) || k % 256) return DG_E_TYPE;
-    decode_codes(type, row, k, ts, u, s, o);
+    decode_codes(type, row, k, ts, u, s, o, NULL, NULL);
     return 0;
 }
 
@@ -256,7 +285,10 @@ static inline void signed_codes8(uint64_t mag, unsigned signs, unsigned bias, ui
     memcpy(u, &codes, 8);
 }
 
-static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
+/* For iscale kinds (and isc, isd non-NULL) also each half's integer scale isc[k / 16] and the float isd[k / 256]
+ * they multiply: s = isd * isc exactly. */
+static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o,
+                         int16_t *isc, float *isd) {
     switch (type) {
     case T_Q4_0: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_MXFP4: case T_IQ4_NL: {
         for (int64_t b = 0; b < k / 32; b++, row += dg_type_size(type), u += 32) {
@@ -352,8 +384,10 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                 for (int i = 0; i < 8; i++) {
                     const float si = d * (float)sc[i];
                     s[16 * b + 8 * half + i] = si, o[16 * b + 8 * half + i] = 32.0f * si;
+                    if (isc) isc[16 * b + 8 * half + i] = sc[i];
                 }
             }
+            if (isd) isd[b] = d;
             u += 256;
         }
         break;
@@ -398,6 +432,44 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
     default:
         break;
     }
+}
+
+/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer. */
+typedef struct {
+    int n;
+    uint8_t *u[WB8];
+    float *s[WB8], *o[WB8];
+    int16_t *isc[WB8]; /* iscale kinds: decode_codes' isc and isd */
+    float *isd[WB8];
+} rows8;
+
+static int rows8_alloc(rows8 *w, int64_t k, int n) {
+    memset(w, 0, sizeof(*w));
+    w->n = n;
+    for (int r = 0; r < n; r++) {
+        w->u[r] = alloc8((size_t)k);
+        w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
+        w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
+        w->isc[r] = alloc8((size_t)k / 16 * sizeof(int16_t));
+        w->isd[r] = alloc8((size_t)k / 256 * sizeof(float) + sizeof(float));
+        if (!w->u[r] || !w->s[r] || !w->o[r] || !w->isc[r] || !w->isd[r]) return 0;
+    }
+    return 1;
+}
+
+static void rows8_free(rows8 *w) {
+    for (int r = 0; r < w->n; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]), free(w->isc[r]), free(w->isd[r]);
+}
+
+/* Rows [r0, r0 + count) of W into w, and up to the next multiple of R8 rows past them the first again (their
+ * results are not stored). */
+static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_bytes, int64_t k, float ts, int64_t r0,
+                         int64_t count) {
+    const int64_t padded = (count + R8 - 1) / R8 * R8;
+    const int iscale = kind_of(type).iscale;
+    for (int64_t r = 0; r < padded && r < w->n; r++)
+        decode_codes(type, base + (r0 + (r < count ? r : 0)) * row_bytes, k, ts, w->u[r], w->s[r], w->o[r],
+                     iscale ? w->isc[r] : NULL, iscale ? w->isd[r] : NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -480,6 +552,58 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
         _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
     }
 }
+#if defined(DG_INT8_AVX2)
+/* An iscale kind (Q6_K) on AVX2: value = isd * isc_h * (u - ratio), isc_h a small integer per 16-value half and
+ * isd one float per 256 values. Per block b, exactly in integers (int16 sums, see KINDS8; then vpmaddwd by the
+ * half's scale into int32):
+ *     I_b = sum over halves h of isc_h * sum_{j in half} (u_j - ratio) q_j,   |I_b| <= 2 * 128 * 16 * 32 * 127 < 2^24,
+ * so its float32 conversion is exact too, and then in float32  c += (isd * d_b) * I_b  over blocks in order.
+ * The same number as micro8_kind's sum over halves of s_h (d I_h) - o_h (d S_h) (s = isd isc, o = ratio s),
+ * rounded once per block instead of twice per half, and a quarter of the widening and float work. */
+static inline void micro8_iscale(uint8_t *const *u, int16_t *const *isc, float *const *isd, int64_t nb, panel8 p,
+                                 float *tile) {
+    __m256 f[R8][2];
+    for (int r = 0; r < R8; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qa = p.q + b * QB * TP;
+        __m256i t[R8][2];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i a16[R8][2];
+#pragma GCC unroll 4
+            for (int g = 4 * h; g < 4 * h + 4; g++) {
+                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4));
+                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32));
+                for (int r = 0; r < R8; r++) {
+                    const __m256i w = bcast4(u[r] + b * QB + 4 * g);
+                    const __m256i m0 = _mm256_maddubs_epi16(w, a0), m1 = _mm256_maddubs_epi16(w, a1);
+                    a16[r][0] = g == 4 * h ? m0 : _mm256_add_epi16(a16[r][0], m0);
+                    a16[r][1] = g == 4 * h ? m1 : _mm256_add_epi16(a16[r][1], m1);
+                }
+            }
+            const int16_t *off = p.off + (b * 2 + h) * TP * 2;
+            const __m256i o0 = _mm256_loadu_si256((const __m256i *)off), o1 = _mm256_loadu_si256((const __m256i *)(off + 16));
+            for (int r = 0; r < R8; r++) {
+                const __m256i sc = _mm256_set1_epi16(isc[r][2 * b + h]);
+                const __m256i m0 = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][0], o0), sc);
+                const __m256i m1 = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][1], o1), sc);
+                t[r][0] = h ? _mm256_add_epi32(t[r][0], m0) : m0;
+                t[r][1] = h ? _mm256_add_epi32(t[r][1], m1) : m1;
+            }
+        }
+        const __m256 d0 = _mm256_loadu_ps(p.d + b * TP), d1 = _mm256_loadu_ps(p.d + b * TP + 8);
+        for (int r = 0; r < R8; r++) {
+            const __m256 dw = _mm256_set1_ps(isd[r][b * QB / 256]);
+            f[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(dw, d0), _mm256_cvtepi32_ps(t[r][0]), f[r][0]);
+            f[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(dw, d1), _mm256_cvtepi32_ps(t[r][1]), f[r][1]);
+        }
+    }
+    for (int r = 0; r < R8; r++) {
+        _mm256_storeu_ps(tile + r * TP, f[r][0]);
+        _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
+    }
+}
+#endif
 #elif defined(NEON8)
 /* arm64: 4 tokens per 128-bit vector; USDOT (u8 codes x s8 activations) or SDOT (codes < 128 as signed). */
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
@@ -553,10 +677,18 @@ static inline void micro8_kind(const uint8_t *const *u, const float *const *s, c
 }
 #endif
 
-static void micro8(int type, const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
-                   panel8 p, float *tile) {
+/* Rows r0 .. r0 + R8 of w against panel p. */
+static void micro8(int type, const rows8 *w, int r0, int64_t nb, panel8 p, float *tile) {
+#if defined(DG_INT8_AVX2)
+    if (kind_of(type).iscale) {
+        micro8_iscale(w->u + r0, w->isc + r0, w->isd + r0, nb, p, tile);
+        return;
+    }
+#endif
+    const uint8_t *const *u = (const uint8_t *const *)w->u + r0;
+    const float *const *s = (const float *const *)w->s + r0, *const *o = (const float *const *)w->o + r0;
     switch (type) { /* each kind compiled with its constants */
-#define KIND8_MICRO(type, split, chain, ratio, umax)                                                                 \
+#define KIND8_MICRO(type, split, chain, ratio, umax, iscale)                                                         \
     case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
         KINDS8(KIND8_MICRO)
     default: break;
@@ -574,44 +706,10 @@ static void micro8(int type, const uint8_t *const *u, const float *const *s, con
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
 static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
-/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer. */
-typedef struct {
-    int n;
-    uint8_t *u[WB8];
-    float *s[WB8], *o[WB8];
-} rows8;
-
-static int rows8_alloc(rows8 *w, int64_t k, int n) {
-    memset(w, 0, sizeof(*w));
-    w->n = n;
-    for (int r = 0; r < n; r++) {
-        w->u[r] = alloc8((size_t)k);
-        w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
-        w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
-        if (!w->u[r] || !w->s[r] || !w->o[r]) return 0;
-    }
-    return 1;
-}
-
-static void rows8_free(rows8 *w) {
-    for (int r = 0; r < w->n; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]);
-}
-
-/* Rows [r0, r0 + count) of W into w, and up to the next multiple of R8 rows past them the first again (their
- * results are not stored). */
-static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_bytes, int64_t k, float ts, int64_t r0,
-                         int64_t count) {
-    const int64_t padded = (count + R8 - 1) / R8 * R8;
-    for (int64_t r = 0; r < padded && r < w->n; r++)
-        decode_codes(type, base + (r0 + (r < count ? r : 0)) * row_bytes, k, ts, w->u[r], w->s[r], w->o[r]);
-}
-
 /* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against token panel p: tile[r * TP + t]
  * for r < rows rounded up to R8. */
 static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, panel8 p, float *tile) {
-    for (int64_t q = 0; q * R8 < rows; q++)
-        micro8(type, (const uint8_t *const *)w->u + q * R8, (const float *const *)w->s + q * R8,
-               (const float *const *)w->o + q * R8, nb, p, tile + q * R8 * TP);
+    for (int q = 0; q * R8 < rows; q++) micro8(type, w, q * R8, nb, p, tile + q * R8 * TP);
 }
 
 static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
