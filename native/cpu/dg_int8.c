@@ -99,6 +99,32 @@ static void *alloc8(size_t bytes) { return aligned_alloc(ALIGN8, (bytes + ALIGN8
  * ------------------------------------------------------------------------------------------------------------- */
 
 static void q8_block(const float *x, int8_t *q, float *d, int32_t *sum_lo, int32_t *sum_hi) {
+#ifdef SIMD8 /* the loop below, 8 values at a time (the same operations, so the same bits) */
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], vmax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) { /* max(|x|, running): a NaN is passed over, as by the loop's comparison */
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        vmax = _mm256_max_ps(_mm256_and_ps(v[i], magnitude), vmax);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+    }
+    /* int32 -> int8 with saturating packs (values already in range), which interleave 128-bit lanes: undo it */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    int32_t sums[2][8];
+    _mm256_storeu_si256((__m256i *)sums[0], _mm256_add_epi32(c[0], c[1]));
+    _mm256_storeu_si256((__m256i *)sums[1], _mm256_add_epi32(c[2], c[3]));
+    int32_t lo = 0, hi = 0;
+    for (int j = 0; j < 8; j++) lo += sums[0][j], hi += sums[1][j];
+    *d = dd, *sum_lo = lo, *sum_hi = hi;
+#else
     float amax = 0;
     for (int j = 0; j < QB; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
     const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
@@ -110,6 +136,7 @@ static void q8_block(const float *x, int8_t *q, float *d, int32_t *sum_lo, int32
         if (j < QB / 2) lo += q[j]; else hi += q[j];
     }
     *d = dd, *sum_lo = lo, *sum_hi = hi;
+#endif
 }
 
 static int SFX8(q8_quantize)(const float *x, int64_t n, int8_t *q, float *d) {
