@@ -25,6 +25,7 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -318,6 +319,31 @@ def test_fused_sampler_is_in_place_and_draws_as_default_rng(cpu):
     for i in np.flatnonzero(stats.kept_n <= 8):
         np.testing.assert_array_equal(kept[i, :stats.kept_n[i]], np.flatnonzero(keep[i]))
     assert stats.kept_n[5] == 1 and stats.mass[5] < 1e-20
+
+
+@pytest.mark.parametrize("vocab", [3, 8, 17, 1000, 4099])
+def test_native_draw_resumes_at_the_right_mark(cpu, vocab):
+    """The inverse CDF's second pass resumes the running sums at the last mark (every vocab / 64 values) at or
+    below the target: targets just below, at and above the marks, at 0 and near 1 draw what the whole-row
+    definition draws (cdf = cumsum(float64(p)), the count of cdf <= u * cdf[-1])."""
+    rng = np.random.default_rng(vocab)
+    x = rng.normal(0, 3, (1, vocab)).astype(np.float32)
+    x[0, rng.integers(0, vocab, 2)] = -200  # probabilities that underflow: flat stretches of the cdf
+    cdf = np.cumsum(cpu.softmax(x)[0].astype(np.float64))
+    lanes = {"avx512": 16, "avx2": 8}.get(cpu.isa, 4)  # the kernel set's vector width (VL)
+    chunk = math.ceil(math.ceil(vocab / 64) / lanes) * lanes  # dg_kernels.c's inverse_cdf
+    ks = [k for c in range(1, vocab // chunk + 1) for k in (c * chunk - 2, c * chunk - 1, c * chunk) if k < vocab]
+    us = [0.0, 1 - 2**-53, 0.5] + [float(np.nextafter(cdf[k] / cdf[-1], d)) for k in ks for d in (0, 2)]
+    us += [cdf[k] / cdf[-1] for k in ks]
+    u = np.array(us)
+    rows = np.repeat(x, len(u), axis=0)
+    want = np.minimum((cdf[None, :] <= u[:, None] * cdf[-1]).sum(axis=1), vocab - 1)
+    sampled, argmax = np.empty(len(u), np.int64), np.empty(len(u), np.int64)
+    entropy, stats = np.empty(len(u), np.float32), cpu_backend.RowStats.empty(len(u))
+    assert cpu.lib.dg_sampler(cpu._p(rows), len(u), vocab, 1.0, cpu._p(argmax, "int64_t *"), cpu._p(entropy),
+                              cpu._p(u, "double *"), cpu._p(sampled, "int64_t *"), 20.0, 8,
+                              *cpu._stats_args(stats)) == 0
+    np.testing.assert_array_equal(sampled, want)
 
 
 def test_denoise_step_with_another_rng_gets_the_probabilities(cpu):

@@ -931,29 +931,39 @@ static int SFX(row_stats)(const float *x, int64_t rows, int64_t vocab, float kee
  * above writes) — plain definition, per row:
  *     cdf = cumsum(float64(p)); out = min(#{j : cdf[j] <= u * cdf[-1]}, vocab - 1)
  * The float64 running sums are sequential, exactly as numpy's cumsum, so the draw is numpy's given the same
- * probabilities; interleaving G independent rows hides the latency of each row's chain of additions. The
- * second pass stops at the draw (the cdf only grows, so the count is the first index past the target). */
+ * probabilities; interleaving G independent rows hides the latency of each row's chain of additions. The first
+ * pass, for the total, also keeps the running sum at the start of every `chunk` values (marks); the cdf only
+ * grows, so the draw lies at or after the last mark <= the target, and the second pass resumes the same sums
+ * there, for at most a chunk and the tail, and stops at the draw (the first index past the target). */
 #define G 4
+#define MARKS 64 /* marks per row: the second pass reads at most vocab / MARKS values (rounded up to VL) */
 static void inverse_cdf(const float *const *x, const float *mx, const float *tot, int64_t vocab, const double *u,
                         int64_t *out) {
-    double total[G] = {0}, cdf[G] = {0}, target[G];
-    const int64_t nv = vocab / VL * VL;
-    for (int64_t j = 0; j < nv; j += VL)
+    double total[G] = {0}, cdf[G], target[G], marks[G][MARKS];
+    const int64_t nv = vocab / VL * VL, chunk = ((vocab + MARKS - 1) / MARKS + VL - 1) / VL * VL;
+    for (int64_t j = 0, mark = 0; j < nv; j += VL) {
+        if (j == mark * chunk) {
+            for (int r = 0; r < G; r++) marks[r][mark] = total[r];
+            mark++;
+        }
         for (int r = 0; r < G; r++) {
             const vf p = vexp(ld(x[r] + j) - mx[r]) / tot[r];
             for (int l = 0; l < VL; l++) total[r] += (double)p[l];
         }
+    }
     for (int64_t j = nv; j < vocab; j++)
         for (int r = 0; r < G; r++) total[r] += (double)prob(x[r], j, mx[r], tot[r]);
     int left = 0;
+    int64_t from[G];
     for (int r = 0; r < G; r++) {
         target[r] = u[r] * total[r];
-        out[r] = -1;
-        left += 1;
+        out[r] = -1, left++;
+        int64_t c = 0; /* the last mark <= target (marks[r][0] = 0 <= target) */
+        while ((c + 1) * chunk < nv && marks[r][c + 1] <= target[r]) c++;
+        from[r] = nv ? c * chunk : 0, cdf[r] = nv ? marks[r][c] : 0.0;
     }
-    for (int64_t j = 0; j < nv && left; j += VL) {
-        for (int r = 0; r < G; r++) {
-            if (out[r] >= 0) continue;
+    for (int r = 0; r < G; r++)
+        for (int64_t j = from[r]; j < nv; j += VL) {
             const vf p = vexp(ld(x[r] + j) - mx[r]) / tot[r];
             for (int l = 0; l < VL; l++) {
                 cdf[r] += (double)p[l];
@@ -962,8 +972,8 @@ static void inverse_cdf(const float *const *x, const float *mx, const float *tot
                     break;
                 }
             }
+            if (out[r] >= 0) break;
         }
-    }
     for (int64_t j = nv; j < vocab && left; j++)
         for (int r = 0; r < G; r++) {
             if (out[r] >= 0) continue;
