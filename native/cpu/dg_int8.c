@@ -112,7 +112,8 @@ static void q8_block(const float *x, int8_t *q, float *d, int32_t *sum_lo, int32
     const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
     __m256i c[4];
     for (int i = 0; i < 4; i++) {
-        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* rintf */
         c[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
     }
     /* int32 -> int8 with saturating packs (values already in range), which interleave 128-bit lanes: undo it */
@@ -202,7 +203,7 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
 
 #define KIND8_MAG(ratio, umax) ((int)(ratio) > (umax) - (int)(ratio) ? (int)(ratio) : (umax) - (int)(ratio))
 #define KIND8_EXACT(type, split, chain, ratio, umax, iscale)                                                         \
-    _Static_assert(iscale ? (chain) == 4 && (chain) * 2 * KIND8_MAG(ratio, umax) * 127 < 1 << 15                                   \
+    _Static_assert(iscale ? (chain) == 4 && (chain) * 2 * KIND8_MAG(ratio, umax) * 127 < 1 << 15                 \
                           : 2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                   \
                    #type ": chain overflows int16");
 KINDS8(KIND8_EXACT)
@@ -253,7 +254,7 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
                 for (int j = 0; j < 2; j++) {
                     int lane = 0;
                     for (int g = 4 * h; g < 4 * h + 4; g++) lane += q[4 * g + 2 * j] + q[4 * g + 2 * j + 1];
-                    p.off[((b * 2 + h) * TP + t) * 2 + j] = (int16_t)(kind.ratio * lane); /* |.| <= 32512 */
+                    p.off[((b * 2 + h) * TP + t) * 2 + j] = (int16_t)(kind.ratio * lane); /* < 2^15: KINDS8 */
                 }
         }
     }
@@ -478,7 +479,7 @@ static int rows8_alloc(rows8 *w, int64_t k, int n) {
         w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->isc[r] = alloc8((size_t)k / 16 * sizeof(int16_t));
-        w->isd[r] = alloc8((size_t)k / 256 * sizeof(float) + sizeof(float));
+        w->isd[r] = alloc8((size_t)k / 256 * sizeof(float));
         if (!w->u[r] || !w->s[r] || !w->o[r] || !w->isc[r] || !w->isd[r]) return 0;
     }
     return 1;
@@ -594,10 +595,8 @@ static inline void micro8_iscale(uint8_t *const *u, int16_t *const *isc, float *
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *qa = p.q + b * QB * TP;
         __m256i t[R8][2];
-#pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             __m256i a16[R8][2];
-#pragma GCC unroll 4
             for (int g = 4 * h; g < 4 * h + 4; g++) {
                 const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4));
                 const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32));
@@ -609,7 +608,8 @@ static inline void micro8_iscale(uint8_t *const *u, int16_t *const *isc, float *
                 }
             }
             const int16_t *off = p.off + (b * 2 + h) * TP * 2;
-            const __m256i o0 = _mm256_loadu_si256((const __m256i *)off), o1 = _mm256_loadu_si256((const __m256i *)(off + 16));
+            const __m256i o0 = _mm256_loadu_si256((const __m256i *)off);
+            const __m256i o1 = _mm256_loadu_si256((const __m256i *)(off + 16));
             for (int r = 0; r < R8; r++) {
                 const __m256i sc = _mm256_set1_epi16(isc[r][2 * b + h]);
                 const __m256i m0 = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][0], o0), sc);
