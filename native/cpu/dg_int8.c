@@ -315,6 +315,26 @@ static inline void signed_codes8(uint64_t mag, unsigned signs, unsigned bias, ui
 
 /* For iscale kinds (and isc, isd non-NULL) also each half's integer scale isc[k / 16] and the float isd[k / 256]
  * they multiply: s = isd * isc exactly. */
+/* 32 codes from 16 bytes of nibbles (byte j: values j and j + 16) with bit j of `fifth` as their bit 4 (Q5_0 /
+ * Q5_1; 0 for Q4_0). With AVX2: byte j of a 32-byte vector holds byte j / 8 of `fifth`, tested against bit j % 8. */
+static inline void nibble_codes(const uint8_t *q, uint32_t fifth, uint8_t *u) {
+#if defined(__AVX2__)
+    const __m128i v = _mm_loadu_si128((const __m128i *)q), low4 = _mm_set1_epi8(15);
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)fifth),
+                                               _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
+                                                                2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    _mm256_storeu_si256((__m256i *)u, _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(16))));
+#else
+    for (int j = 0; j < 16; j++) {
+        u[j] = (uint8_t)((q[j] & 15) | ((fifth >> j) & 1) << 4);
+        u[j + 16] = (uint8_t)((q[j] >> 4) | ((fifth >> (j + 16)) & 1) << 4);
+    }
+#endif
+}
+
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o,
                          int16_t *isc, float *isd) {
     switch (type) {
@@ -332,16 +352,13 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                 for (int j = 0; j < 32; j++) u[j] = (uint8_t)((int8_t)row[2 + j] + 128);
             } else if (type == T_Q4_0) {
                 d = dg_rd_fp16(row), off = 8.0f * d;
-                for (int j = 0; j < 16; j++) u[j] = row[2 + j] & 15, u[j + 16] = row[2 + j] >> 4;
+                nibble_codes(row + 2, 0, u);
             } else { /* Q5_0: fp16 d, u32 fifth bits, nibbles; Q5_1: fp16 d, fp16 m, then the same (value = d u + m) */
                 const int head = type == T_Q5_1 ? 4 : 2;
                 uint32_t qh;
                 memcpy(&qh, row + head, 4); /* bit j: the fifth bit of value j (little-endian, as ggml) */
                 d = dg_rd_fp16(row), off = type == T_Q5_1 ? -dg_rd_fp16(row + 2) : 16.0f * d;
-                for (int j = 0; j < 16; j++) {
-                    u[j] = (uint8_t)((row[head + 4 + j] & 15) | ((qh >> j) & 1) << 4);
-                    u[j + 16] = (uint8_t)((row[head + 4 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
-                }
+                nibble_codes(row + head + 4, qh, u);
             }
             s[2 * b] = s[2 * b + 1] = d;
             o[2 * b] = o[2 * b + 1] = off;
