@@ -534,68 +534,64 @@ static inline __m256i bcast4(const uint8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
+/* nv: the panel's vectors of 8 tokens to compute, 2 or (a panel of at most 8 tokens) 1 */
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
                                                               const float *const *o, int64_t nb, panel8 p,
                                                               float *tile, const int split, const int chain,
-                                                              const int ratio) {
+                                                              const int ratio, const int nv) {
     __m256 f[R8][2];
-    for (int r = 0; r < R8; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < nv; v++) f[r][v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *qa = p.q + b * QB * TP;
-        const __m256 d0 = _mm256_loadu_ps(p.d + b * TP), d1 = _mm256_loadu_ps(p.d + b * TP + 8);
         for (int h = 0; h < (split ? 2 : 1); h++) {
             const int g_end = split ? 4 * h + 4 : 8;
             __m256i acc[R8][2];
-            for (int r = 0; r < R8; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+            for (int r = 0; r < R8; r++)
+                for (int v = 0; v < nv; v++) acc[r][v] = _mm256_setzero_si256();
             for (int g0 = split ? 4 * h : 0; g0 < g_end; g0 += chain) {
 #if defined(DG_INT8_AVX2)
                 __m256i a16[R8][2];
-                for (int r = 0; r < R8; r++) a16[r][0] = a16[r][1] = _mm256_setzero_si256();
+                for (int r = 0; r < R8; r++)
+                    for (int v = 0; v < nv; v++) a16[r][v] = _mm256_setzero_si256();
 #endif
                 for (int g = g0; g < g0 + chain && g < g_end; g++) {
-                    const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4));
-                    const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32));
+                    __m256i a[2];
+                    for (int v = 0; v < nv; v++) a[v] = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32 * v));
                     for (int r = 0; r < R8; r++) {
                         const __m256i w = bcast4(u[r] + b * QB + 4 * g);
+                        for (int v = 0; v < nv; v++)
 #if defined(DG_INT8_AVX512VNNI)
-                        acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], w, a0);
-                        acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], w, a1);
+                            acc[r][v] = _mm256_dpbusd_epi32(acc[r][v], w, a[v]);
 #elif defined(DG_INT8_AVXVNNI)
-                        acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], w, a0);
-                        acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], w, a1);
+                            acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], w, a[v]);
 #else
-                        a16[r][0] = _mm256_add_epi16(a16[r][0], _mm256_maddubs_epi16(w, a0));
-                        a16[r][1] = _mm256_add_epi16(a16[r][1], _mm256_maddubs_epi16(w, a1));
+                            a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(w, a[v]));
 #endif
                     }
                 }
 #if defined(DG_INT8_AVX2)
                 const __m256i ones = _mm256_set1_epi16(1);
-                for (int r = 0; r < R8; r++) {
-                    acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(a16[r][0], ones));
-                    acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(a16[r][1], ones));
-                }
+                for (int r = 0; r < R8; r++)
+                    for (int v = 0; v < nv; v++) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(a16[r][v], ones));
 #endif
             }
             const float *lo = split && h ? p.hi : p.lo; /* one sum over the block: pack_q8 put it in lo */
-            const __m256 c0 = _mm256_loadu_ps(lo + b * TP), c1 = _mm256_loadu_ps(lo + b * TP + 8);
-            for (int r = 0; r < R8; r++) {
-                const __m256 sr = _mm256_set1_ps(s[r][2 * b + h]);
-                if (ratio) {
-                    f[r][0] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[r][0]), d0, c0), sr, f[r][0]);
-                    f[r][1] = _mm256_fmadd_ps(_mm256_fmsub_ps(_mm256_cvtepi32_ps(acc[r][1]), d1, c1), sr, f[r][1]);
-                } else {
-                    const __m256 orr = _mm256_set1_ps(o[r][2 * b + h]);
-                    f[r][0] = _mm256_fnmadd_ps(c0, orr, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][0]), d0), sr, f[r][0]));
-                    f[r][1] = _mm256_fnmadd_ps(c1, orr, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][1]), d1), sr, f[r][1]));
+            for (int v = 0; v < nv; v++) {
+                const __m256 d = _mm256_loadu_ps(p.d + b * TP + 8 * v), c = _mm256_loadu_ps(lo + b * TP + 8 * v);
+                for (int r = 0; r < R8; r++) {
+                    const __m256 sr = _mm256_set1_ps(s[r][2 * b + h]), x = _mm256_cvtepi32_ps(acc[r][v]);
+                    if (ratio)
+                        f[r][v] = _mm256_fmadd_ps(_mm256_fmsub_ps(x, d, c), sr, f[r][v]);
+                    else
+                        f[r][v] = _mm256_fnmadd_ps(c, _mm256_set1_ps(o[r][2 * b + h]),
+                                                   _mm256_fmadd_ps(_mm256_mul_ps(x, d), sr, f[r][v]));
                 }
             }
         }
     }
-    for (int r = 0; r < R8; r++) {
-        _mm256_storeu_ps(tile + r * TP, f[r][0]);
-        _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
-    }
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(tile + r * TP + 8 * v, f[r][v]);
 }
 #if defined(DG_INT8_AVX2)
 /* An iscale kind (Q6_K) on AVX2: value = isd * isc_h * (u - ratio), isc_h a small integer per 16-value half and
@@ -605,47 +601,46 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
  * so its float32 conversion is exact too, and then in float32  c += (isd * d_b) * I_b  over blocks in order.
  * The same number as micro8_kind's sum over halves of s_h (d I_h) - o_h (d S_h) (s = isd isc, o = ratio s),
  * rounded once per block instead of twice per half, and a quarter of the widening and float work. */
-static inline void micro8_iscale(uint8_t *const *u, int16_t *const *isc, float *const *isd, int64_t nb, panel8 p,
-                                 float *tile) {
+static inline __attribute__((always_inline)) void micro8_iscale(uint8_t *const *u, int16_t *const *isc,
+                                                                float *const *isd, int64_t nb, panel8 p,
+                                                                float *tile, const int nv) {
     __m256 f[R8][2];
-    for (int r = 0; r < R8; r++) f[r][0] = f[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < nv; v++) f[r][v] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *qa = p.q + b * QB * TP;
         __m256i t[R8][2];
         for (int h = 0; h < 2; h++) {
             __m256i a16[R8][2];
             for (int g = 4 * h; g < 4 * h + 4; g++) {
-                const __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4));
-                const __m256i a1 = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32));
+                __m256i a[2];
+                for (int v = 0; v < nv; v++) a[v] = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32 * v));
                 for (int r = 0; r < R8; r++) {
                     const __m256i w = bcast4(u[r] + b * QB + 4 * g);
-                    const __m256i m0 = _mm256_maddubs_epi16(w, a0), m1 = _mm256_maddubs_epi16(w, a1);
-                    a16[r][0] = g == 4 * h ? m0 : _mm256_add_epi16(a16[r][0], m0);
-                    a16[r][1] = g == 4 * h ? m1 : _mm256_add_epi16(a16[r][1], m1);
+                    for (int v = 0; v < nv; v++) {
+                        const __m256i m = _mm256_maddubs_epi16(w, a[v]);
+                        a16[r][v] = g == 4 * h ? m : _mm256_add_epi16(a16[r][v], m);
+                    }
                 }
             }
             const int16_t *off = p.off + (b * 2 + h) * TP * 2;
-            const __m256i o0 = _mm256_loadu_si256((const __m256i *)off);
-            const __m256i o1 = _mm256_loadu_si256((const __m256i *)(off + 16));
-            for (int r = 0; r < R8; r++) {
-                const __m256i sc = _mm256_set1_epi16(isc[r][2 * b + h]);
-                const __m256i m0 = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][0], o0), sc);
-                const __m256i m1 = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][1], o1), sc);
-                t[r][0] = h ? _mm256_add_epi32(t[r][0], m0) : m0;
-                t[r][1] = h ? _mm256_add_epi32(t[r][1], m1) : m1;
+            for (int v = 0; v < nv; v++) {
+                const __m256i ov = _mm256_loadu_si256((const __m256i *)(off + 16 * v));
+                for (int r = 0; r < R8; r++) {
+                    const __m256i m = _mm256_madd_epi16(_mm256_sub_epi16(a16[r][v], ov), _mm256_set1_epi16(isc[r][2 * b + h]));
+                    t[r][v] = h ? _mm256_add_epi32(t[r][v], m) : m;
+                }
             }
         }
-        const __m256 d0 = _mm256_loadu_ps(p.d + b * TP), d1 = _mm256_loadu_ps(p.d + b * TP + 8);
-        for (int r = 0; r < R8; r++) {
-            const __m256 dw = _mm256_set1_ps(isd[r][b * QB / 256]);
-            f[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(dw, d0), _mm256_cvtepi32_ps(t[r][0]), f[r][0]);
-            f[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(dw, d1), _mm256_cvtepi32_ps(t[r][1]), f[r][1]);
+        for (int v = 0; v < nv; v++) {
+            const __m256 d = _mm256_loadu_ps(p.d + b * TP + 8 * v);
+            for (int r = 0; r < R8; r++)
+                f[r][v] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(isd[r][b * QB / 256]), d),
+                                          _mm256_cvtepi32_ps(t[r][v]), f[r][v]);
         }
     }
-    for (int r = 0; r < R8; r++) {
-        _mm256_storeu_ps(tile + r * TP, f[r][0]);
-        _mm256_storeu_ps(tile + r * TP + 8, f[r][1]);
-    }
+    for (int r = 0; r < R8; r++)
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(tile + r * TP + 8 * v, f[r][v]);
 }
 #endif
 #elif defined(NEON8)
@@ -653,24 +648,25 @@ static inline void micro8_iscale(uint8_t *const *u, int16_t *const *isc, float *
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
                                                               const float *const *o, int64_t nb, panel8 p,
                                                               float *tile, const int split, const int chain,
-                                                              const int ratio) {
+                                                              const int ratio, const int nv) {
     (void)chain;
+    const int nq = 2 * nv; /* vectors of 4 tokens */
     float32x4_t f[R8][4];
     for (int r = 0; r < R8; r++)
-        for (int v = 0; v < 4; v++) f[r][v] = vdupq_n_f32(0.0f);
+        for (int v = 0; v < nq; v++) f[r][v] = vdupq_n_f32(0.0f);
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *qa = p.q + b * QB * TP;
         for (int h = 0; h < (split ? 2 : 1); h++) {
             int32x4_t acc[R8][4];
             for (int r = 0; r < R8; r++)
-                for (int v = 0; v < 4; v++) acc[r][v] = vdupq_n_s32(0);
+                for (int v = 0; v < nq; v++) acc[r][v] = vdupq_n_s32(0);
             for (int g = split ? 4 * h : 0; g < (split ? 4 * h + 4 : 8); g++) {
                 int8x16_t a[4];
-                for (int v = 0; v < 4; v++) a[v] = vld1q_s8(qa + g * TP * 4 + 16 * v);
+                for (int v = 0; v < nq; v++) a[v] = vld1q_s8(qa + g * TP * 4 + 16 * v);
                 for (int r = 0; r < R8; r++) {
                     uint32_t w4;
                     memcpy(&w4, u[r] + b * QB + 4 * g, 4);
-                    for (int v = 0; v < 4; v++)
+                    for (int v = 0; v < nq; v++)
 #if defined(DG_INT8_I8MM)
                         acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), a[v]);
 #else
@@ -679,7 +675,7 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
                 }
             }
             const float *lo = split && h ? p.hi : p.lo;
-            for (int v = 0; v < 4; v++) {
+            for (int v = 0; v < nq; v++) {
                 const float32x4_t d = vld1q_f32(p.d + b * TP + 4 * v), c = vld1q_f32(lo + b * TP + 4 * v);
                 for (int r = 0; r < R8; r++) {
                     const float32x4_t t = vmulq_f32(vcvtq_f32_s32(acc[r][v]), d);
@@ -694,14 +690,14 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
         }
     }
     for (int r = 0; r < R8; r++)
-        for (int v = 0; v < 4; v++) vst1q_f32(tile + r * TP + 4 * v, f[r][v]);
+        for (int v = 0; v < nq; v++) vst1q_f32(tile + r * TP + 4 * v, f[r][v]);
 }
 #else
 static inline void micro8_kind(const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
-                               panel8 p, float *tile, const int split, const int chain, const int ratio) {
+                               panel8 p, float *tile, const int split, const int chain, const int ratio, const int nv) {
     (void)chain;
     for (int r = 0; r < R8; r++)
-        for (int t = 0; t < TP; t++) {
+        for (int t = 0; t < 8 * nv; t++) {
             float f = 0;
             for (int64_t b = 0; b < nb; b++) {
                 const int8_t *qa = p.q + b * QB * TP;
@@ -721,19 +717,25 @@ static inline void micro8_kind(const uint8_t *const *u, const float *const *s, c
 }
 #endif
 
-/* Rows r0 .. r0 + R8 of w against panel p. */
-static void micro8(int type, const rows8 *w, int r0, int64_t nb, panel8 p, float *tile) {
+/* Rows r0 .. r0 + R8 of w against the first `cols` tokens of panel p: the whole panel, or its first 8 tokens
+ * (one vector of them) where those are all it holds — a mixture of experts' last panel of an expert often. */
+static void micro8(int type, const rows8 *w, int r0, int64_t nb, panel8 p, float *tile, int64_t cols) {
+    const int half = cols <= 8;
 #if defined(DG_INT8_AVX2)
     if (kind_of(type).iscale) {
-        micro8_iscale(w->u + r0, w->isc + r0, w->isd + r0, nb, p, tile);
+        if (half) micro8_iscale(w->u + r0, w->isc + r0, w->isd + r0, nb, p, tile, 1);
+        else micro8_iscale(w->u + r0, w->isc + r0, w->isd + r0, nb, p, tile, 2);
         return;
     }
 #endif
     const uint8_t *const *u = (const uint8_t *const *)w->u + r0;
     const float *const *s = (const float *const *)w->s + r0, *const *o = (const float *const *)w->o + r0;
-    switch (type) { /* each kind compiled with its constants */
+    switch (type) { /* each kind compiled with its constants, for a whole panel and for half of one */
 #define KIND8_MICRO(type, split, chain, ratio, umax, iscale)                                                         \
-    case type: micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0); break;
+    case type:                                                                                                       \
+        if (half) micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, 1);                                   \
+        else micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, 2);                                        \
+        break;
         KINDS8(KIND8_MICRO)
     default: break;
     }
@@ -750,10 +752,10 @@ static void micro8(int type, const rows8 *w, int r0, int64_t nb, panel8 p, float
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
 static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
-/* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against token panel p: tile[r * TP + t]
- * for r < rows rounded up to R8. */
-static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, panel8 p, float *tile) {
-    for (int q = 0; q * R8 < rows; q++) micro8(type, w, q * R8, nb, p, tile + q * R8 * TP);
+/* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against the `cols` tokens of panel p:
+ * tile[r * TP + t] for r < rows rounded up to R8, t < cols. */
+static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, panel8 p, int64_t cols, float *tile) {
+    for (int q = 0; q * R8 < rows; q++) micro8(type, w, q * R8, nb, p, tile + q * R8 * TP, cols);
 }
 
 static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, int64_t row_bytes, float ts,
@@ -781,7 +783,7 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
             rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
             for (int64_t p = 0; p < mp; p++) {
                 const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
-                micro8_block(type, &wr, rows, nb, panel_at(act + p * panel_bytes(nb), nb), tile);
+                micro8_block(type, &wr, rows, nb, panel_at(act + p * panel_bytes(nb), nb), cols, tile);
                 for (int64_t i = 0; i < cols; i++)
                     for (int64_t r = 0; r < rows; r++) c[(i0 + i) * n + j0 + r] = tile[r * TP + i];
             }
@@ -801,11 +803,12 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
  * WB8 rows, as in linear, so each token's row of h or `out` is written WB8 values at a time.
  * ------------------------------------------------------------------------------------------------------------- */
 
-/* tile = gelu_tanh(tile) * up over micro8_block's tiles of `rows` rows, with the float kernels' vector tanh:
- * libm's scalar tanhf took a sixth of a decoder pass on the bench model. */
-static void gelu_mul_tile(float *tile, const float *up, int64_t rows) {
-    const int64_t n = (rows + R8 - 1) / R8 * R8 * TP; /* R8 * TP is a multiple of VL */
-    for (int64_t i = 0; i < n; i += VL) st(tile + i, vgelu_mul(ld(tile + i), ld(up + i)));
+/* tile = gelu_tanh(tile) * up over micro8_block's tiles of `rows` rows and `cols` tokens, with the float kernels'
+ * vector tanh: libm's scalar tanhf took a sixth of a decoder pass on the bench model. */
+static void gelu_mul_tile(float *tile, const float *up, int64_t rows, int64_t cols) {
+    const int64_t lanes = cols <= 8 ? 8 : TP; /* what micro8 wrote (a multiple of VL) */
+    for (int64_t r = 0; r < (rows + R8 - 1) / R8 * R8; r++)
+        for (int64_t i = r * TP; i < r * TP + lanes; i += VL) st(tile + i, vgelu_mul(ld(tile + i), ld(up + i)));
 }
 
 static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, const int64_t *index,
@@ -856,9 +859,9 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
             rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
             for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                 const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                micro8_block(gt, &wg, rows, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), tg);
-                micro8_block(ut, &wu, rows, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), tu);
-                gelu_mul_tile(tg, tu, rows);
+                micro8_block(gt, &wg, rows, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), cols, tg);
+                micro8_block(ut, &wu, rows, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), cols, tu);
+                gelu_mul_tile(tg, tu, rows, cols);
                 for (int64_t c = 0; c < cols; c++)
                     for (int64_t r = 0; r < rows; r++) h[(grp.start[e] + c0 + c) * inter + j0 + r] = tg[r * TP + c];
             }
@@ -885,7 +888,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
                 rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
                 for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                     const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                    micro8_block(dt, &wd, rows, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), td);
+                    micro8_block(dt, &wd, rows, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), cols, td);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
                         const float wc = grp.wt[grp.start[e] + c0 + c];
