@@ -23,13 +23,13 @@
  *                AVX2 (micro8_iscale) applies its integer sub-block scales in integer arithmetic and rounds once
  *                per block: the same sum, in another float32 order.
  *
- * The microkernel keeps R8 weight rows x 16 tokens of int32 sums in registers: tokens are the vector lanes (8
- * per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one token, and one instruction multiplies
- * them by 4 bytes of a weight row broadcast to every lane (u8 x s8, summed into the int32 lane): VNNI's
- * vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while the int16 sums fit: codes to 129 at most, so
- * Q8_0's and IQ4_NL's / IQ4_XS's need VNNI; see KINDS8); on arm64 (4 tokens per vector) USDOT, or SDOT, which
- * takes the codes as signed bytes (so again not those three). The float flush happens once per block, or per
- * 16-value half for types with two scales per block.
+ * The microkernel keeps R8 weight rows x 16 tokens (or 8, for a panel that holds no more) of int32 sums in
+ * registers: tokens are the vector lanes (8 per 256-bit vector), each lane's 4 bytes are 4 consecutive k of one
+ * token, and one instruction multiplies them by 4 bytes of a weight row broadcast to every lane (u8 x s8,
+ * summed into the int32 lane): VNNI's vpdpbusd, or on plain AVX2 vpmaddubsw + vpmaddwd (exact while the int16
+ * sums fit: codes to 129 at most, so Q8_0's and IQ4_NL's / IQ4_XS's need VNNI; see KINDS8); on arm64 (4 tokens
+ * per vector) USDOT, or SDOT, which takes the codes as signed bytes (so again not those three). The float flush
+ * happens once per block, or per 16-value half for types with two scales per block.
  */
 #include <math.h>
 #include <stdint.h>
