@@ -120,6 +120,7 @@ class Scheduler:
         self._running: list[Handle] = []
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()  # for the worker, between steps
         self._closed = False
+        self._steps = 0
         self._worker = threading.Thread(target=self._work, name="dgrun-scheduler", daemon=True)
         self._worker.start()
 
@@ -132,6 +133,12 @@ class Scheduler:
     def queued(self) -> int:
         """Elements waiting for a place in the batch."""
         return len(self._queued)
+
+    @property
+    def steps(self) -> int:
+        """Denoising steps run so far, one per element per decoder pass: counted as the worker delivers them, so
+        once `running` and `queued` read 0 it stands still."""
+        return self._steps
 
     def submit(self, request: Request) -> Handle:
         """Queue a request (from `Model.request`, `infill_request` or `edit_request`); it joins at the next step
@@ -245,6 +252,8 @@ class Scheduler:
                             handle._end(error=outcome)
                             continue
                         for event in outcome:
+                            if isinstance(event, Draft):
+                                self._steps += 1
                             handle._deliver(event)
                         if handle.generation is not None and handle.generation.finished:
                             self._running.remove(handle)

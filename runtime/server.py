@@ -351,7 +351,6 @@ class ServerState:
         self.model: Model | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: BaseException | None = None
-        self.steps = 0  # denoising steps run for all elements so far (one per element per decoder pass)
         self.closing = False  # shutting down: elements cancelled from now on answer 503
         self.created = 0  # the model file's time, for /v1/models
         self._load = load
@@ -405,9 +404,10 @@ class ServerState:
         except RuntimeError:  # closed: the server is shutting down
             raise APIError(503, "the server is shutting down") from None
 
-    def count_step(self) -> None:
-        with self._lock:
-            self.steps += 1
+    @property
+    def steps(self) -> int:
+        """Denoising steps run for all elements so far (one per element per decoder pass)."""
+        return self.scheduler.steps if self.scheduler is not None else 0
 
     def element_took(self, seconds: float) -> None:
         with self._lock:
@@ -457,7 +457,6 @@ class Job:
         try:
             for event in handle:
                 if isinstance(event, Draft):
-                    self._state.count_step()
                     if self.first_step[index] is None:
                         self.first_step[index] = time.perf_counter()
                     if not self._drafts:
