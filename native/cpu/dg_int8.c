@@ -313,8 +313,6 @@ static inline void signed_codes8(uint64_t mag, unsigned signs, unsigned bias, ui
     memcpy(u, &codes, 8);
 }
 
-/* For iscale kinds (and isc, isd non-NULL) also each half's integer scale isc[k / 16] and the float isd[k / 256]
- * they multiply: s = isd * isc exactly. */
 /* 32 codes from 16 bytes of nibbles (byte j: values j and j + 16) with bit j of `fifth` as their bit 4 (Q5_0 /
  * Q5_1; 0 for Q4_0). With AVX2: byte j of a 32-byte vector holds byte j / 8 of `fifth`, tested against bit j % 8. */
 static inline void nibble_codes(const uint8_t *q, uint32_t fifth, uint8_t *u) {
@@ -335,6 +333,8 @@ static inline void nibble_codes(const uint8_t *q, uint32_t fifth, uint8_t *u) {
 #endif
 }
 
+/* For iscale kinds (and isc, isd non-NULL) also each half's integer scale isc[k / 16] and the float isd[k / 256]
+ * they multiply: s = isd * isc exactly. */
 static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o,
                          int16_t *isc, float *isd) {
     switch (type) {
