@@ -27,9 +27,9 @@ What makes it fast, and what it keeps from the reference:
   AVX2's vpmaddubsw, float32 only for the per-block scales. `int8=False` or $DGRUN_CPU_INT8=0 turns it off,
   `int8="avx2"` (etc.) picks a kernel set (also process-wide). Why on: users of a quantized file came for
   speed, and the activations' rounding (~0.5% per matmul) is small next to the weights' own quantization error
-  (tools/quant_quality.py publishes both). AVX2 (and arm64's dotprod) has no exact int8 product for the codes
-  of Q8_0, IQ4_NL and IQ4_XS (up to 255 and 241): there, and for adapters' float halves, the float32 kernels
-  run, the same bits as with int8 off. Row-independent like the float
+  (tools/quant_quality.py publishes both). Every kernel set takes every quantized type (AVX2 and arm64's
+  dotprod multiply Q8_0's, IQ4_NL's and IQ4_XS's codes as signed bytes); adapters' float halves run the float32
+  kernels. Row-independent like the float
   kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.
 
 Accuracy against the numpy backend with int8 off, and for float files always: float32 throughout, only

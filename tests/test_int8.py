@@ -11,7 +11,8 @@ What is exact and what is not:
   rounding, where gguf-py multiplies (d * value) * ts): within 1 ulp of the larger of |o| and |value| there.
 - linear: the integer sums are exact in both; what differs is float32 accumulation of one product per block
   half, or per block for Q6_K on avx2 (FMA in the kernel, float64 in the model), so the outputs agree to 1e-6
-  relative.
+  relative. (Q8_0, IQ4_NL and IQ4_XS on avx2 / dotprod sum (u - 128) q in integers: the model's
+  s (d I) - 128 s (d S) is the same number, which the kernel rounds once where VNNI's rounds twice.)
 - ffn: the hidden activations come from the kernels' vector tanh (dg_vmath.h, within 2 ulp) and numpy's tanh,
   which can move one of their int8 codes by one step now and then: 1e-4 relative.
 Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul
@@ -114,8 +115,6 @@ def test_activation_quantization_is_bit_exact(cpu):
 
 @pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
 def test_weight_codes_reproduce_the_decoded_values(cpu, qt):
-    if not cpu.lib.dg_int8_supports(qt.ggml_type):
-        pytest.skip(f"{cpu.int8_isa} takes {qt.ggml_type.name} in float32")
     rng = np.random.default_rng(int(qt.ggml_type))
     w = _weight(rng.normal(0, 1, (5, 512)) * rng.uniform(0.01, 10, (5, 1)), qt)
     dense = w.dense()
@@ -138,9 +137,6 @@ def test_linear_matches_the_integer_model(cpu, qt, m, n):
     w = _weight(rng.normal(0, 0.1, (n, 512)), qt)
     a = rng.normal(0, 1, (m, 512)).astype(np.float32)
     out = cpu.linear(a, w)
-    if not cpu.lib.dg_int8_supports(qt.ggml_type):
-        assert_close(out, REF.linear(a, w), 2e-6, "float32 fallback")
-        return
     assert_close(out, linear_model(cpu, a, w), 1e-6, f"int8 linear {qt.ggml_type.name} ({cpu.int8_isa})")
     assert_close(out, REF.linear(a, w), 3e-2, "int8 vs float32")
 
@@ -159,8 +155,6 @@ def test_a_row_is_the_same_bits_alone_and_among_others(cpu, qt):
 
 @pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
 def test_ffn_matches_the_integer_model(cpu, qt):
-    if not cpu.lib.dg_int8_supports(qt.ggml_type):
-        pytest.skip(f"{cpu.int8_isa} takes {qt.ggml_type.name} in float32")
     rng = np.random.default_rng(7)
     hidden, inter, n, experts, top_k = 256, 256, 40, 5, 2
     x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
@@ -189,24 +183,21 @@ def test_float_files_never_take_the_int8_path():
         assert_close(CpuBackend(int8=True).linear(a, w), REF.linear(a, w), 2e-6, qt.ggml_type.name)
 
 
-def test_types_without_int8_codes_take_the_float_path_bit_for_bit():
-    """The quantized types a kernel set has no exact int8 product for (codes above 129 with AVX2's int16 pair
-    sums, above 127 with dotprod's signed bytes: Q8_0, IQ4_NL and IQ4_XS there) fall back to the float32
-    kernels: the same bits as int8 off."""
+def test_every_kernel_set_takes_every_quantized_type():
+    """Every quantized type has int8 codes on every kernel set (Q8_0's and the IQ4 types', up to 255 and 241, as
+    the signed bytes u - 128 on AVX2 and dotprod: dg_int8.c's sgn kinds), and a linear of each does take them
+    (its result is not the float32 kernels')."""
+    floats = (quants.F32, quants.F16, quants.BF16)
+    assert {qt for qt in quants.QUANT_TYPES.values() if qt not in floats} == set(INT8_TYPES)
     rng = np.random.default_rng(5)
     a = rng.normal(0, 1, (9, 512)).astype(np.float32)
     for name in INT8_SETS:
         on, off = CpuBackend(threads=2, int8=name), CpuBackend(threads=2, int8=False)
-        for ggml_type, qt in quants.QUANT_TYPES.items():
-            if qt in (quants.F32, quants.F16, quants.BF16):
-                continue
+        for qt in INT8_TYPES:
             w = _weight(rng.normal(0, 0.1, (7, 512)), qt)
             on._activate()  # the library's int8 set is process-wide: ask about `on`'s, not the last one made
-            if not on.lib.dg_int8_supports(ggml_type):
-                assert qt not in INT8_TYPES or name in ("avx2", "dotprod"), f"{name} takes no {ggml_type.name}"
-                assert np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {ggml_type.name}"
-        w = _weight(rng.normal(0, 0.1, (7, 512)), quants.Q4_0)  # and a type it has codes for does take it
-        assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: Q4_0 did not take int8"
+            assert on.lib.dg_int8_supports(qt.ggml_type), f"{name} takes no {qt.ggml_type.name}"
+            assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {qt.ggml_type.name} in float32"
 
 
 def test_switch_from_argument_and_environment(monkeypatch, checkpoints):

@@ -1,5 +1,6 @@
-/* The arm64 int8 kernel sets (i8mm, dotprod) against the portable one on random blocks of every type they take:
- * the same integer sums and the same float32 operations, so the outputs must agree to 1e-6 (measured: equal).
+/* The arm64 int8 kernel sets (i8mm, dotprod) against the portable one on random blocks of every type (each set
+ * takes them all): the same integer sums and the same float32 operations, so the outputs must agree to 1e-6
+ * (measured: equal; dotprod's Q8_0 / IQ4_NL / IQ4_XS within 1e-7: it sums (u - 128) q, one rounding fewer).
  * Built and run by tools/check_arm64.sh (a cross compiler, and qemu-aarch64 to run it on x86-64). */
 #include <math.h>
 #include <stdio.h>
@@ -43,7 +44,11 @@ int main(void) {
         const dg_int8_set *sets[] = {&dg_int8_dotprod, &dg_int8_i8mm};
         int rg = dg_int8_generic.linear(a, m, k, type, w, rb, 1.0f, n, c0);
         for (int s = 0; s < 2; s++) {
-            if (!sets[s]->supports(type)) { printf("%-8s type %2d: not taken (float32)\n", sets[s]->name, type); continue; }
+            if (!sets[s]->supports(type)) {
+                printf("%-8s type %2d: not taken\n", sets[s]->name, type);
+                bad = 1;
+                continue;
+            }
             int rc = sets[s]->linear(a, m, k, type, w, rb, 1.0f, n, c1);
             double num = 0, den = 0;
             for (int64_t i = 0; i < m * n; i++) num += (c1[i] - c0[i]) * (double)(c1[i] - c0[i]), den += (double)c0[i] * c0[i];

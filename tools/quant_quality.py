@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             rows = measure(files, f32["f32"], int8=kernels is not None)
     if kernels is not None:
-        print(f"# int8 columns: the cpu backend's integer arithmetic, kernel set {kernels} (types it does not take "
-              "multiply in float32)")
+        print(f"# int8 columns: the cpu backend's integer arithmetic, kernel set {kernels}")
     print(format_table(rows))
     return 0
 

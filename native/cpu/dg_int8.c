@@ -171,40 +171,43 @@ static panel8 panel_at(uint8_t *base, int64_t nb) {
     return p;
 }
 
-/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax, iscale) with
+/* How each weight type enters the microkernel (see there): X(type, split, chain, ratio, umax, iscale, sgn) with
  *   split   its two 16-value halves have scales of their own;
  *   chain   how many vpmaddubsw results (AVX2) are added in int16 before widening;
  *   ratio   o = ratio * s, or 0: o is its own (Q4_K, Q5_K, Q5_1);
  *   umax    its largest code (decode_codes);
  *   iscale  on AVX2, the halves' scales are small integers times one float per 256 values, applied in integer
- *           arithmetic (micro8_iscale).
+ *           arithmetic (micro8_iscale);
+ *   sgn     on AVX2 and dotprod, the codes enter as the signed values u - 128 (ratio 128), so the integer sum is
+ *           sum (u - 128) q and the offset is never subtracted in float.
  * AVX2's vpmaddubsw sums a pair of u8 x s8 products into int16 (|q| <= 127), and `chain` of those are added in
- * int16: exact while chain * 2 * umax * 127 < 2^15. Types whose single pair can reach 2^15 (2 * umax * 127, so
- * umax > 129: Q8_0 to 255, IQ4_NL / IQ4_XS to 241) have no exact AVX2 product and stay float32 there; SDOT
- * (dotprod) takes the codes as signed bytes, so it takes only umax < 128. Each chain is the largest the bound
- * allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4). An iscale kind
- * subtracts the offset ratio * S in int16 before widening, so what must fit is the sum of (u - ratio) q, not of
- * u q (int16 addition wraps: the raw sums may overflow on the way, the true one is exact):
- * chain * 2 * max|u - ratio| * 127 < 2^15. Both bounds are checked at compile time below. */
+ * int16: exact while chain * 2 * umax * 127 < 2^15. A single pair of Q8_0's codes (to 255) or IQ4_NL's / IQ4_XS's
+ * (to 241) could reach 2^15, so those are sgn kinds: AVX2 multiplies |u - 128| (<= 128, unsigned) by q carrying
+ * the sign of u - 128 (vpsignb), as ggml does, 2 * 128 * 127 < 2^15 for one pair; SDOT (dotprod) takes signed
+ * bytes as they are, and takes the other kinds' codes as signed bytes too (all < 128). Each chain is the largest
+ * the bound allows (MXFP4's / NVFP4's 4, where 5 would fit, divide a block's 8 groups and a half's 4). An iscale
+ * kind subtracts the offset ratio * S in int16 before widening, so what must fit is the sum of (u - ratio) q, not
+ * of u q (int16 addition wraps: the raw sums may overflow on the way, the true one is exact):
+ * chain * 2 * max|u - ratio| * 127 < 2^15. The bounds are checked at compile time below. */
 #define KINDS8(X)                                                                                                      \
-    X(T_Q4_0, 0, 8, 8.0f, 15, 0)      /* 8 * 2 * 15 * 127 = 30480 */                                                   \
-    X(T_Q5_0, 0, 4, 16.0f, 31, 0)     /* 4 * 2 * 31 * 127 = 31496 */                                                   \
-    X(T_Q5_1, 0, 4, 0.0f, 31, 0)      /* o = -m: value = d u + m */                                                    \
-    X(T_Q8_0, 0, 1, 128.0f, 255, 0)   /* VNNI / i8mm / generic only */                                                 \
-    X(T_MXFP4, 0, 4, 12.0f, 24, 0)    /* 4 * 2 * 24 * 127 = 24384 */                                                   \
-    X(T_NVFP4, 1, 4, 12.0f, 24, 0)                                                                                     \
-    X(T_Q4_K, 0, 8, 0.0f, 15, 0)                                                                                       \
-    X(T_Q5_K, 0, 4, 0.0f, 31, 0)                                                                                       \
-    X(T_Q6_K, 1, 4, 32.0f, 63, 1)     /* u - 32 in -32..31: 4 * 2 * 32 * 127 = 32512 */                                \
-    X(T_IQ4_NL, 0, 1, 128.0f, 241, 0) /* VNNI / i8mm / generic only */                                                 \
-    X(T_IQ4_XS, 0, 1, 128.0f, 241, 0)                                                                                  \
-    X(T_IQ3_S, 0, 4, 16.0f, 31, 0)    /* 16 +- 1..15 */                                                                \
-    X(T_IQ2_S, 1, 1, 43.0f, 86, 0)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
+    X(T_Q4_0, 0, 8, 8.0f, 15, 0, 0)      /* 8 * 2 * 15 * 127 = 30480 */                                                \
+    X(T_Q5_0, 0, 4, 16.0f, 31, 0, 0)     /* 4 * 2 * 31 * 127 = 31496 */                                                \
+    X(T_Q5_1, 0, 4, 0.0f, 31, 0, 0)      /* o = -m: value = d u + m */                                                 \
+    X(T_Q8_0, 0, 1, 128.0f, 255, 0, 1)   /* u - 128 = q in -128..127: 2 * 128 * 127 = 32512 */                         \
+    X(T_MXFP4, 0, 4, 12.0f, 24, 0, 0)    /* 4 * 2 * 24 * 127 = 24384 */                                                \
+    X(T_NVFP4, 1, 4, 12.0f, 24, 0, 0)                                                                                  \
+    X(T_Q4_K, 0, 8, 0.0f, 15, 0, 0)                                                                                    \
+    X(T_Q5_K, 0, 4, 0.0f, 31, 0, 0)                                                                                    \
+    X(T_Q6_K, 1, 4, 32.0f, 63, 1, 0)     /* u - 32 in -32..31: 4 * 2 * 32 * 127 = 32512 */                             \
+    X(T_IQ4_NL, 0, 1, 128.0f, 241, 0, 1) /* u - 128 = kvalues in -127..113 */                                          \
+    X(T_IQ4_XS, 0, 1, 128.0f, 241, 0, 1)                                                                               \
+    X(T_IQ3_S, 0, 4, 16.0f, 31, 0, 0)    /* 16 +- 1..15 */                                                             \
+    X(T_IQ2_S, 1, 1, 43.0f, 86, 0, 0)    /* 43 +- {8, 25, 43}: 1 * 2 * 86 * 127 = 21844 */
 
 #define KIND8_MAG(ratio, umax) ((int)(ratio) > (umax) - (int)(ratio) ? (int)(ratio) : (umax) - (int)(ratio))
-#define KIND8_EXACT(type, split, chain, ratio, umax, iscale)                                                         \
-    _Static_assert(iscale ? (chain) == 4 && (chain) * 2 * KIND8_MAG(ratio, umax) * 127 < 1 << 15                 \
-                          : 2 * (umax) * 127 >= 1 << 15 || (chain) * 2 * (umax) * 127 < 1 << 15,                   \
+#define KIND8_EXACT(type, split, chain, ratio, umax, iscale, sgn)                                                    \
+    _Static_assert(iscale || sgn ? (chain) == (sgn ? 1 : 4) && (chain) * 2 * KIND8_MAG(ratio, umax) * 127 < 1 << 15 \
+                                 : (chain) * 2 * (umax) * 127 < 1 << 15,                                            \
                    #type ": chain overflows int16");
 KINDS8(KIND8_EXACT)
 
@@ -212,26 +215,32 @@ typedef struct {
     int split, chain;
     float ratio;
     int umax; /* 0: no int8 codes */
-    int iscale;
+    int iscale, sgn;
 } kind8;
 
-/* The kind as this kernel set uses it: iscale is AVX2's (VNNI sums u q in int32 directly). */
+/* The kind as this kernel set uses it: iscale is AVX2's (VNNI sums u q in int32 directly), sgn AVX2's and
+ * dotprod's (VNNI and i8mm multiply unsigned codes). */
 static kind8 kind_of(int type) {
 #if defined(DG_INT8_AVX2)
 #define ISCALE8(iscale) iscale
 #else
 #define ISCALE8(iscale) 0
 #endif
+#if defined(DG_INT8_AVX2) || defined(DG_INT8_DOTPROD)
+#define SGN8(sgn) sgn
+#else
+#define SGN8(sgn) 0
+#endif
     switch (type) {
-#define KIND8_CASE(type, split, chain, ratio, umax, iscale)                                                          \
-    case type: return (kind8){split, chain, ratio, umax, ISCALE8(iscale)};
+#define KIND8_CASE(type, split, chain, ratio, umax, iscale, sgn)                                                     \
+    case type: return (kind8){split, chain, ratio, umax, ISCALE8(iscale), SGN8(sgn)};
         KINDS8(KIND8_CASE)
-    default: return (kind8){0, 1, 0.0f, 0, 0};
+    default: return (kind8){0, 1, 0.0f, 0, 0, 0};
     }
 }
 
 /* Rows rows[0..count) of x (row stride k) into panel p for weights of kind `kind` (see the microkernel): lo / hi
- * hold ratio * d * S per half, or (halves sharing a scale) lo the block's; for iscale kinds off holds ratio times
+ * hold ratio * d * S per half (0 for sgn kinds), or (halves sharing a scale) lo the block's; for iscale kinds off holds ratio times
  * each token's int16 lane sums per half (lane j: values 4g + 2j and 4g + 2j + 1 of the half's groups g, what
  * vpmaddubsw pairs into that lane); missing tokens are zeros. */
 static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t first, int64_t count, kind8 kind,
@@ -246,7 +255,8 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
             if (src) q8_block(src + b * QB, q, &d, &lo, &hi); else memset(q, 0, QB);
             int8_t *dst = p.q + b * QB * TP;
             for (int g = 0; g < 8; g++) memcpy(dst + (g * TP + t) * 4, q + 4 * g, 4);
-            const float ratio = kind.ratio != 0.0f ? kind.ratio : 1.0f;
+            /* sgn kinds: the offset is inside the integer sum already */
+            const float ratio = kind.sgn ? 0.0f : kind.ratio != 0.0f ? kind.ratio : 1.0f;
             p.d[b * TP + t] = d;
             p.lo[b * TP + t] = ratio * (d * (float)(kind.split ? lo : lo + hi));
             p.hi[b * TP + t] = ratio * (d * (float)hi);
@@ -268,14 +278,7 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                          int16_t *isc, float *isd);
 
 static int SFX8(supports)(int type) {
-    const int umax = kind_of(type).umax;
-#if defined(DG_INT8_AVX2)
-    return umax && 2 * umax * 127 < 1 << 15; /* vpmaddubsw's int16 pair sum (see KINDS8) */
-#elif defined(DG_INT8_DOTPROD)
-    return umax && umax < 128; /* SDOT: codes as signed bytes */
-#else
-    return umax != 0;
-#endif
+    return kind_of(type).umax != 0;
 }
 
 /* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
@@ -523,8 +526,9 @@ static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_by
  *     I = sum_{j in half} u[r][32b + j] * q[b][t][j],   S = the half's sum of q (stored as d * S in lo / hi).
  * Types whose two halves share a scale (all but Q6_K, NVFP4 and IQ2_S) take both halves as one sum; types whose
  * offset is a fixed multiple of the scale (all but Q4_K, Q5_K and Q5_1) have that multiple folded into lo / hi by
- * pack_q8, so their flush is s * (d * I - lo). On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time
- * in int16 before widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code: KINDS8).
+ * pack_q8, so their flush is s * (d * I - lo). sgn kinds (on AVX2 and dotprod) sum (u - 128) q instead, the
+ * exact integer I - 128 S, with lo = 0. On AVX2, vpmaddubsw's int16 pair sums are added `chain` at a time in int16
+ * before widening (chain * 2 * umax * 127 < 2^15, umax the type's largest code: KINDS8).
  * ------------------------------------------------------------------------------------------------------------- */
 
 #ifdef SIMD8
@@ -538,7 +542,8 @@ static inline __m256i bcast4(const uint8_t *p) {
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
                                                               const float *const *o, int64_t nb, panel8 p,
                                                               float *tile, const int split, const int chain,
-                                                              const int ratio, const int nv) {
+                                                              const int ratio, const int sgn, const int nv) {
+    (void)sgn; /* VNNI multiplies the unsigned codes: no sgn kinds there (kind_of) */
     __m256 f[R8][2];
     for (int r = 0; r < R8; r++)
         for (int v = 0; v < nv; v++) f[r][v] = _mm256_setzero_ps();
@@ -560,13 +565,19 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
                     for (int v = 0; v < nv; v++) a[v] = _mm256_loadu_si256((const __m256i *)(qa + g * TP * 4 + 32 * v));
                     for (int r = 0; r < R8; r++) {
                         const __m256i w = bcast4(u[r] + b * QB + 4 * g);
-                        for (int v = 0; v < nv; v++)
 #if defined(DG_INT8_AVX512VNNI)
-                            acc[r][v] = _mm256_dpbusd_epi32(acc[r][v], w, a[v]);
+                        for (int v = 0; v < nv; v++) acc[r][v] = _mm256_dpbusd_epi32(acc[r][v], w, a[v]);
 #elif defined(DG_INT8_AVXVNNI)
-                            acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], w, a[v]);
+                        for (int v = 0; v < nv; v++) acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], w, a[v]);
 #else
-                            a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(w, a[v]));
+                        if (sgn) { /* (u - 128) q as |u - 128| times q with the sign of u - 128 */
+                            const __m256i w8 = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), mag = _mm256_abs_epi8(w8);
+                            for (int v = 0; v < nv; v++)
+                                a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a[v], w8)));
+                        } else {
+                            for (int v = 0; v < nv; v++)
+                                a16[r][v] = _mm256_add_epi16(a16[r][v], _mm256_maddubs_epi16(w, a[v]));
+                        }
 #endif
                     }
                 }
@@ -648,7 +659,7 @@ static inline __attribute__((always_inline)) void micro8_iscale(uint8_t *const *
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
                                                               const float *const *o, int64_t nb, panel8 p,
                                                               float *tile, const int split, const int chain,
-                                                              const int ratio, const int nv) {
+                                                              const int ratio, const int sgn, const int nv) {
     (void)chain;
     const int nq = 2 * nv; /* vectors of 4 tokens */
     float32x4_t f[R8][4];
@@ -666,6 +677,7 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
                 for (int r = 0; r < R8; r++) {
                     uint32_t w4;
                     memcpy(&w4, u[r] + b * QB + 4 * g, 4);
+                    if (sgn) w4 ^= 0x80808080u; /* u - 128 as signed bytes (dotprod only: see kind_of) */
                     for (int v = 0; v < nq; v++)
 #if defined(DG_INT8_I8MM)
                         acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), a[v]);
@@ -694,8 +706,9 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
 }
 #else
 static inline void micro8_kind(const uint8_t *const *u, const float *const *s, const float *const *o, int64_t nb,
-                               panel8 p, float *tile, const int split, const int chain, const int ratio, const int nv) {
-    (void)chain;
+                               panel8 p, float *tile, const int split, const int chain, const int ratio, const int sgn,
+                               const int nv) {
+    (void)chain, (void)sgn; /* no sgn kinds here (kind_of) */
     for (int r = 0; r < R8; r++)
         for (int t = 0; t < 8 * nv; t++) {
             float f = 0;
@@ -731,10 +744,10 @@ static void micro8(int type, const rows8 *w, int r0, int64_t nb, panel8 p, float
     const uint8_t *const *u = (const uint8_t *const *)w->u + r0;
     const float *const *s = (const float *const *)w->s + r0, *const *o = (const float *const *)w->o + r0;
     switch (type) { /* each kind compiled with its constants, for a whole panel and for half of one */
-#define KIND8_MICRO(type, split, chain, ratio, umax, iscale)                                                         \
+#define KIND8_MICRO(type, split, chain, ratio, umax, iscale, sgn)                                                    \
     case type:                                                                                                       \
-        if (half) micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, 1);                                   \
-        else micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, 2);                                        \
+        if (half) micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, SGN8(sgn), 1);                        \
+        else micro8_kind(u, s, o, nb, p, tile, split, chain, ratio != 0, SGN8(sgn), 2);                             \
         break;
         KINDS8(KIND8_MICRO)
     default: break;
