@@ -47,6 +47,7 @@ constructor raises RuntimeError saying how to fix it.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import weakref
@@ -218,7 +219,8 @@ class CpuBackend(NumpyBackend):
             _ACTIVE[0] = self
 
     def _p(self, array: np.ndarray, ctype: str = "float *") -> Any:
-        return self.ffi.cast(ctype, array.__array_interface__["data"][0])
+        # from_buffer: ~0.5 us against ~3.5 us for a cast of __array_interface__'s address, ~400 times a pass
+        return self.ffi.from_buffer(ctype.replace("*", "[]"), array)
 
     def _w(self, w: CpuWeight, offset: int = 0) -> Any:
         return self.ffi.cast("const uint8_t *", w.address + offset)
@@ -236,7 +238,7 @@ class CpuBackend(NumpyBackend):
         """An uninitialised float32 output array. Big ones (canvas x vocab logits, probabilities) are recycled:
         a fresh 32 MiB array costs ~5 ms of page faults, several times per pass. An array is reused only once
         nothing but the pool references it (no variable, no view), so no caller ever sees its data change."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         if size < _POOL_MIN_FLOATS:
             return np.empty(shape, dtype=np.float32)
         for array in self._pool:
