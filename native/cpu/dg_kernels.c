@@ -753,21 +753,71 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
  * Elementwise and row kernels.
  * ------------------------------------------------------------------------------------------------------------- */
 
-/* rms_norm — out = x * (mean(x^2) + eps)^-0.5 [* w] (the sum of squares in double, then one float32 rounding) */
+/* rms_norm — out = x * (mean(x^2) + eps)^-0.5 [* w] (the sum of squares in double, then one float32 rounding):
+ * per row, ss = the sum over its vectors v, in order, of double(hsum(v * v)) (hsum adds the lanes in order), then
+ * of its tail elements' squares. */
+static double sum_squares(const float *xr, int64_t width) {
+    double ss = 0;
+    int64_t j = 0;
+    for (; j + VL <= width; j += VL) {
+        vf a = ld(xr + j);
+        ss += (double)hsum(a * a);
+    }
+    for (; j < width; j++) ss += (double)xr[j] * xr[j];
+    return ss;
+}
+
+#if VL == 8 && defined(__AVX2__)
+/* sum_squares of 8 rows (row stride width) at once, the same additions in the same order: the 8 rows' v * v
+ * transposed, lane r holding row r's, so hsum's lane-by-lane sum is seven vector additions and the double sums
+ * run 8 rows wide. hsum's chain of dependent scalar additions made rms_norm ~70 us per 256 x 512 call. */
+static void sum_squares8(const float *x, int64_t width, double *ss) {
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    int64_t j = 0;
+    for (; j + 8 <= width; j += 8) {
+        __m256 v[8], t[8];
+        for (int r = 0; r < 8; r++) v[r] = _mm256_mul_ps(_mm256_loadu_ps(x + r * width + j), _mm256_loadu_ps(x + r * width + j));
+        for (int r = 0; r < 8; r += 2) t[r] = _mm256_unpacklo_ps(v[r], v[r + 1]), t[r + 1] = _mm256_unpackhi_ps(v[r], v[r + 1]);
+        for (int r = 0; r < 8; r += 4) {
+            v[r] = _mm256_shuffle_ps(t[r], t[r + 2], 0x44), v[r + 1] = _mm256_shuffle_ps(t[r], t[r + 2], 0xEE);
+            v[r + 2] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0x44), v[r + 3] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0xEE);
+        }
+        /* v[l] now holds lanes l (first 128 bits: rows 0-3) and l + 4 (rows 0-3 again, last 128 bits) of rows 0-3
+         * and of rows 4-7: lane l of every row is the 128-bit halves recombined */
+        __m256 s = _mm256_setzero_ps();
+        for (int l = 0; l < 8; l++) {
+            const __m256 lane = l < 4 ? _mm256_permute2f128_ps(v[l], v[l + 4], 0x20)
+                                      : _mm256_permute2f128_ps(v[l - 4], v[l], 0x31);
+            s = _mm256_add_ps(s, lane);
+        }
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(s)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1)));
+    }
+    _mm256_storeu_pd(ss, lo), _mm256_storeu_pd(ss + 4, hi);
+    for (int r = 0; r < 8; r++)
+        for (int64_t jj = j; jj < width; jj++) ss[r] += (double)x[r * width + jj] * x[r * width + jj];
+}
+#endif
+
 static int SFX(rms_norm)(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out) {
 #pragma omp parallel for num_threads(NT) schedule(static) if (rows * width > SMALL)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *xr = x + i * width;
-        float *o = out + i * width;
-        double ss = 0;
-        int64_t j = 0;
-        for (; j + VL <= width; j += VL) { vf a = ld(xr + j); ss += (double)hsum(a * a); }
-        for (; j < width; j++) ss += (double)xr[j] * xr[j];
-        const float scale = 1.0f / sqrtf((float)(ss / (double)width) + eps);
-        if (w)
-            for (j = 0; j < width; j++) o[j] = xr[j] * scale * w[j];
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+        double ss[8];
+        const int64_t n = rows - i0 < 8 ? rows - i0 : 8;
+#if VL == 8 && defined(__AVX2__)
+        if (n == 8) sum_squares8(x + i0 * width, width, ss);
         else
-            for (j = 0; j < width; j++) o[j] = xr[j] * scale;
+#endif
+            for (int64_t r = 0; r < n; r++) ss[r] = sum_squares(x + (i0 + r) * width, width);
+        for (int64_t r = 0; r < n; r++) {
+            const float *xr = x + (i0 + r) * width;
+            float *o = out + (i0 + r) * width;
+            const float scale = 1.0f / sqrtf((float)(ss[r] / (double)width) + eps);
+            if (w)
+                for (int64_t j = 0; j < width; j++) o[j] = xr[j] * scale * w[j];
+            else
+                for (int64_t j = 0; j < width; j++) o[j] = xr[j] * scale;
+        }
     }
     return 0;
 }
