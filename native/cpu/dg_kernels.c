@@ -881,18 +881,6 @@ static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const 
 }
 
 /* The largest value of a row and the first index holding it (numpy's argmax). */
-static float row_max(const float *restrict x, int64_t cols, int64_t *arg) {
-    vf vm = splat(-INFINITY);
-    int64_t j = 0;
-    for (; j + VL <= cols; j += VL) vm = vmax(vm, ld(x + j));
-    float m = hmax(vm);
-    for (; j < cols; j++) m = x[j] > m ? x[j] : m;
-    int64_t a = 0;
-    while (a < cols && x[a] != m) a++;
-    *arg = a;
-    return m;
-}
-
 /* How many lanes of a compare mask are set. */
 static inline int lanes_set(vi mask) {
 #if VL == 16
@@ -904,6 +892,19 @@ static inline int lanes_set(vi mask) {
     for (int i = 0; i < VL; i++) n -= mask[i];
     return n;
 #endif
+}
+
+static float row_max(const float *restrict x, int64_t cols, int64_t *arg) {
+    vf vm = splat(-INFINITY);
+    int64_t j = 0;
+    for (; j + VL <= cols; j += VL) vm = vmax(vm, ld(x + j));
+    float m = hmax(vm);
+    for (; j < cols; j++) m = x[j] > m ? x[j] : m;
+    int64_t a = 0; /* the first index holding the maximum, a vector at a time up to the one that holds it */
+    while (a + VL <= cols && !lanes_set(ld(x + a) == splat(m))) a += VL;
+    while (a < cols && x[a] != m) a++;
+    *arg = a;
+    return m;
 }
 
 /* What one pass over a row (its maximum m known) yields: S = sum exp(x - m) and D = sum exp(x - m) (x - m),
