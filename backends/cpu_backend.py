@@ -386,6 +386,20 @@ class CpuBackend(NumpyBackend):
 
     # -- mixture of experts ---------------------------------------------------------------------------------
 
+    def route(self, x: np.ndarray, proj: CpuWeight, scale: np.ndarray, per_expert_scale: np.ndarray, top_k: int,
+              eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """NumpyBackend.route in one native call: the same norm, scores and expert choice; the softmax's exp is
+        the kernels' (within float32 rounding of numpy's)."""
+        self._activate()
+        x = self._f32(x)
+        n, hidden = x.size // x.shape[-1], x.shape[-1]
+        weights, index = np.empty((n, top_k), np.float32), np.empty((n, top_k), np.int64)
+        self._check(self.lib.dg_route(self._p(x), n, hidden, proj.ggml_type, self._w(proj), proj.row_bytes,
+                                      proj.scale, proj.shape[0], self._p(self._f32(scale)), hidden ** -0.5,
+                                      self._p(self._f32(per_expert_scale)), top_k, eps, self._p(weights),
+                                      self._p(index, "int64_t *")), "route")
+        return weights, index
+
     def experts(
         self, x: np.ndarray, weights: np.ndarray, index: np.ndarray, gate_up: CpuWeight, down: CpuWeight
     ) -> np.ndarray:

@@ -9,6 +9,8 @@ Tolerances, and why:
   float32 values and differ only in summation order (the kernels accumulate in registers, in tiles, with FMA);
   each output is a K-term dot product whose rounding differences grow like sqrt(K) * 2^-24 — measured 1e-7 to
   8e-7 for K = 64..1024; the MLPs add GELU's tanh (a few ulp, see below).
+- route: the same experts (a tie goes to the lower index, as numpy's stable argsort); weights 1e-6 relative, the
+  softmax's exp being the kernels' and numpy's (a few ulp each).
 - Elementwise kernels: ulp bounds against numpy's own float32 results. exp/tanh are Cephes' single-precision
   algorithms (<= 2 ulp from correctly rounded, numpy's are within ~1-2 ulp too): softcap <= 4 ulp, rms_norm
   <= 8 ulp (the sum of squares accumulates in double here, pairwise float32 there), softmax <= 16 ulp relative
@@ -174,6 +176,24 @@ def test_gated_mlp_and_experts(cpu, ggml_type):
     weights = rng.uniform(0.2, 1.5, (n, top_k)).astype(np.float32)
     assert_close(cpu.experts(x, weights, index, gate_up, down_e), REF.experts(x, weights, index, gate_up, down_e),
                  MATMUL_RTOL, f"experts {ggml_type.name}")
+
+
+@pytest.mark.parametrize("experts,top_k,proj_type", [(6, 2, quants.F32.ggml_type), (16, 4, quants.F32.ggml_type),
+                                                     (128, 8, quants.F32.ggml_type), (20, 3, quants.F16.ggml_type)])
+def test_route_chooses_the_reference_experts(cpu, experts, top_k, proj_type):
+    """The same experts in the same order (ties to the lower index), weights within the softmax's exp rounding."""
+    rng = np.random.default_rng(experts)
+    hidden, n = 256, 37
+    x = rng.normal(0, 2, (n, hidden)).astype(np.float32)
+    proj_rows = rng.normal(0, 0.2, (experts, hidden)).astype(np.float32)
+    proj_rows[2] = proj_rows[1]  # experts 1 and 2 always tie
+    proj = _weight(proj_rows, proj_type)
+    scale = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    per_expert = rng.uniform(0.5, 2, experts).astype(np.float32)
+    weights, index = cpu.route(x, proj, scale, per_expert, top_k, 1e-6)
+    ref_weights, ref_index = REF.route(x, proj, scale, per_expert, top_k, 1e-6)
+    np.testing.assert_array_equal(index, ref_index)
+    assert_close(weights, ref_weights, 1e-6, f"route weights ({experts} experts, top {top_k})")
 
 
 @pytest.mark.parametrize("case", [

@@ -211,6 +211,12 @@ int dg_rms_norm(const float *x, int64_t rows, int64_t width, const float *w, flo
     return K->rms_norm(x, rows, width, w, eps, out);
 }
 
+int dg_route(const float *x, int64_t n, int64_t hidden, int type, const uint8_t *proj, int64_t row_bytes,
+             float tensor_scale, int64_t experts, const float *scale, float c, const float *per_expert, int64_t top_k,
+             float eps, float *weights, int64_t *index) {
+    return K->route(x, n, hidden, type, proj, row_bytes, tensor_scale, experts, scale, c, per_expert, top_k, eps,
+                    weights, index);
+}
 int dg_softcap(const float *x, int64_t n, float cap, float *out) { return K->softcap(x, n, cap, out); }
 
 int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out) { return K->gelu_mul(gate, up, n, out); }

@@ -79,6 +79,12 @@ int dg_attention(const float *q, int64_t n, int64_t hq, int64_t d, const float *
 
 /* out = x * (mean(x^2) + eps)^-0.5 [* w] over rows of `width`. */
 int dg_rms_norm(const float *x, int64_t rows, int64_t width, const float *w, float eps, float *out);
+/* The mixture of experts' router, per token t of x [n, hidden] (numpy_backend.route): h = rms_norm(x_t) * scale
+ * * c (no norm weight; multiplied in that order), p = softmax(proj @ h) over the experts, the top_k of them by p
+ * (ties to the lower index) in index[t] and p / (their sum) * per_expert in weights[t]. proj [experts, hidden]. */
+int dg_route(const float *x, int64_t n, int64_t hidden, int type, const uint8_t *proj, int64_t row_bytes,
+             float tensor_scale, int64_t experts, const float *scale, float c, const float *per_expert, int64_t top_k,
+             float eps, float *weights, int64_t *index);
 /* out = tanh(x / cap) * cap. */
 int dg_softcap(const float *x, int64_t n, float cap, float *out);
 /* out = gelu_tanh(gate) * up, elementwise. */

@@ -33,6 +33,8 @@ typedef struct {
     int (*attention)(const float *, int64_t, int64_t, int64_t, const float *, const float *, int64_t, int64_t,
                      int64_t, const int64_t *, const int64_t *, int, int64_t, float *);
     int (*rms_norm)(const float *, int64_t, int64_t, const float *, float, float *);
+    int (*route)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, const float *, float,
+                 const float *, int64_t, float, float *, int64_t *);
     int (*softcap)(const float *, int64_t, float, float *);
     int (*gelu_mul)(const float *, const float *, int64_t, float *);
     int (*rope)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, float *);
