@@ -786,20 +786,10 @@ static void tile_by_token(const float *tile, int64_t rows, int64_t cols, float *
     for (int64_t r0 = 0; r0 < rows; r0 += 8)
         for (int64_t t0 = 0; t0 < cols; t0 += 8) {
 #ifdef SIMD8
-            __m256 x[8], y[8];
+            __m256 x[8];
             for (int i = 0; i < 8; i++) x[i] = _mm256_loadu_ps(tile + (r0 + i) * TP + t0);
-            for (int i = 0; i < 8; i += 2)
-                y[i] = _mm256_unpacklo_ps(x[i], x[i + 1]), y[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
-            for (int i = 0; i < 8; i += 4) {
-                x[i] = _mm256_shuffle_ps(y[i], y[i + 2], 0x44);
-                x[i + 1] = _mm256_shuffle_ps(y[i], y[i + 2], 0xEE);
-                x[i + 2] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0x44);
-                x[i + 3] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0xEE);
-            }
-            for (int i = 0; i < 4; i++) {
-                _mm256_storeu_ps(by_token + (t0 + i) * WB8 + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
-                _mm256_storeu_ps(by_token + (t0 + i + 4) * WB8 + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
-            }
+            transpose8(x);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(by_token + (t0 + i) * WB8 + r0, x[i]);
 #else
             for (int64_t t = t0; t < t0 + 8; t++)
                 for (int64_t r = r0; r < r0 + 8; r++) by_token[t * WB8 + r] = tile[r * TP + t];

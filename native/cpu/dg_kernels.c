@@ -717,8 +717,10 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
             }
             for (int64_t j0 = j_lo; j0 < j_hi; j0 += TW) {
                 micro_cols(s, ls, kt + kvh * d * mpad + j0, mpad, d, tile, m - j0);
-                for (int64_t r = 0; r < R; r++)
-                    st(scores + r * mpad + j0, ld(tile + r * TW)), st(scores + r * mpad + j0 + VL, ld(tile + r * TW + VL));
+                for (int64_t r = 0; r < R; r++) {
+                    float *dst = scores + r * mpad + j0;
+                    st(dst, ld(tile + r * TW)), st(dst + VL, ld(tile + r * TW + VL));
+                }
             }
             for (int64_t r = 0; r < rows; r++) { /* mask, softmax; padded keys get probability 0 */
                 float *sr = scores + r * mpad, mx = -INFINITY;
@@ -786,21 +788,13 @@ static void sum_squares8(const float *x, int64_t width, double *ss) {
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
     int64_t j = 0;
     for (; j + 8 <= width; j += 8) {
-        __m256 v[8], t[8];
-        for (int r = 0; r < 8; r++) v[r] = _mm256_mul_ps(_mm256_loadu_ps(x + r * width + j), _mm256_loadu_ps(x + r * width + j));
-        for (int r = 0; r < 8; r += 2) t[r] = _mm256_unpacklo_ps(v[r], v[r + 1]), t[r + 1] = _mm256_unpackhi_ps(v[r], v[r + 1]);
-        for (int r = 0; r < 8; r += 4) {
-            v[r] = _mm256_shuffle_ps(t[r], t[r + 2], 0x44), v[r + 1] = _mm256_shuffle_ps(t[r], t[r + 2], 0xEE);
-            v[r + 2] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0x44), v[r + 3] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0xEE);
+        __m256 v[8], s = _mm256_setzero_ps();
+        for (int r = 0; r < 8; r++) {
+            const __m256 a = _mm256_loadu_ps(x + r * width + j);
+            v[r] = _mm256_mul_ps(a, a);
         }
-        /* v[l] now holds lanes l (first 128 bits: rows 0-3) and l + 4 (rows 0-3 again, last 128 bits) of rows 0-3
-         * and of rows 4-7: lane l of every row is the 128-bit halves recombined */
-        __m256 s = _mm256_setzero_ps();
-        for (int l = 0; l < 8; l++) {
-            const __m256 lane = l < 4 ? _mm256_permute2f128_ps(v[l], v[l + 4], 0x20)
-                                      : _mm256_permute2f128_ps(v[l - 4], v[l], 0x31);
-            s = _mm256_add_ps(s, lane);
-        }
+        transpose8(v); /* v[l]: lane l of the 8 rows */
+        for (int l = 0; l < 8; l++) s = _mm256_add_ps(s, v[l]);
         lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(s)));
         hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1)));
     }
@@ -951,7 +945,6 @@ static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const 
     return 0;
 }
 
-/* The largest value of a row and the first index holding it (numpy's argmax). */
 /* How many lanes of a compare mask are set. */
 static inline int lanes_set(vi mask) {
 #if VL == 16
@@ -965,6 +958,7 @@ static inline int lanes_set(vi mask) {
 #endif
 }
 
+/* The largest value of a row and the first index holding it (numpy's argmax). */
 static float row_max(const float *restrict x, int64_t cols, int64_t *arg) {
     vf vm = splat(-INFINITY);
     int64_t j = 0;

@@ -1,6 +1,6 @@
-/* dg_vmath.h — float vectors of VL lanes (GCC / clang vector extensions) and the math on them: exp, tanh and
- * the gated GELU, shared by the float kernels (dg_kernels.c) and the int8 ones (dg_int8.c), so both compute the
- * same function. The includer defines VL (lanes per vector) first.
+/* dg_vmath.h — float vectors of VL lanes (GCC / clang vector extensions) and the math on them: exp, tanh, the
+ * gated GELU and (AVX2) an 8 x 8 transpose, shared by the float kernels (dg_kernels.c) and the int8 ones
+ * (dg_int8.c), so both compute the same function. The includer defines VL (lanes per vector) first.
  */
 #ifndef DG_VMATH_H
 #define DG_VMATH_H
@@ -61,5 +61,23 @@ static inline vf vgelu_mul(vf g, vf u) {
     vf inner = 0.7978845608028654f * (g + 0.044715f * (g * g * g));
     return 0.5f * g * (1.0f + vtanh(inner)) * u;
 }
+
+#if VL == 8 && defined(__AVX2__)
+#include <immintrin.h>
+/* An 8 x 8 transpose in registers: x[i] holds row i on entry and column i on return. */
+static inline void transpose8(__m256 x[8]) {
+    __m256 y[8];
+    for (int i = 0; i < 8; i += 2)
+        y[i] = _mm256_unpacklo_ps(x[i], x[i + 1]), y[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        x[i] = _mm256_shuffle_ps(y[i], y[i + 2], 0x44), x[i + 1] = _mm256_shuffle_ps(y[i], y[i + 2], 0xEE);
+        x[i + 2] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0x44), x[i + 3] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) { /* the 128-bit halves: rows 0-3 and 4-7 of each column */
+        y[i] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x20), y[i + 4] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) x[i] = y[i];
+}
+#endif
 
 #endif
