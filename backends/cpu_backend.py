@@ -6,10 +6,11 @@ What makes it fast, and what it keeps from the reference:
   no decoded copy of a tensor is ever kept, so memory stays at the file size plus activations. F32 weights are
   read straight from the mapping.
 - The MoE groups tokens per expert (one GEMM per expert, gate/up → GELU → down fused, weighted scatter-add in
-  expert order); the dense MLP is the same kernel with one expert. Attention is fused (scores, mask, softmax,
-  values) per head and block of queries, over only the keys that block can see (a sliding layer costs its
-  window, a causal one half the square). The sampler's vocabulary-wide work (temperature, softmax, entropy,
-  argmax, the inverse-CDF draw) is one visit per row.
+  expert order); the dense MLP is the same kernel with one expert. Its router is one native call (the
+  reference's norm, scores and choice of experts; the softmax's exp is the kernels'). Attention is fused
+  (scores, mask, softmax, values) per head and block of queries, over only the keys that block can see (a
+  sliding layer costs its window, a causal one half the square). The sampler's vocabulary-wide work
+  (temperature, softmax, entropy, argmax, the inverse-CDF draw) is one visit per row.
 - Big outputs (canvas x vocab logits and probabilities) are recycled once nobody references them, which
   saves their page faults; no decode pass allocates a fresh one after the first.
 - The self-conditioning soft embedding gathers the few embedding rows of a row whose mass sits on a few tokens
