@@ -192,6 +192,7 @@ def test_route_chooses_the_reference_experts(cpu, experts, top_k, proj_type):
     per_expert = rng.uniform(0.5, 2, experts).astype(np.float32)
     weights, index = cpu.route(x, proj, scale, per_expert, top_k, 1e-6)
     ref_weights, ref_index = REF.route(x, proj, scale, per_expert, top_k, 1e-6)
+    assert any(1 in row and 2 in row for row in ref_index), "the tied experts are never both chosen"
     np.testing.assert_array_equal(index, ref_index)
     assert_close(weights, ref_weights, 1e-6, f"route weights ({experts} experts, top {top_k})")
 

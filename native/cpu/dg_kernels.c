@@ -726,8 +726,8 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
                 float *sr = scores + r * mpad, mx = -INFINITY;
                 const int64_t qp = qpos[i0 + r];
                 /* the keys this query sees are one range [a, b) (key positions ascend); the rest of the block's
-                 * range masked, then the maximum a vector at a time (a scalar chain of compares was a sixth of
-                 * the decoder's attention; the maximum is the same in any order) */
+                 * range masked, then the maximum a vector at a time (a scalar chain of compares was an eighth
+                 * of the decoder's attention in perf; the maximum is the same in any order) */
                 const int64_t a = window > 0 ? upper_bound(kpos, m, qp - window) : 0;
                 const int64_t b = causal ? upper_bound(kpos, m, qp) : m;
                 for (int64_t j = j_lo; j < j_hi; j++)
@@ -750,7 +750,7 @@ static int SFX(attention)(const float *q, int64_t n, int64_t hq, int64_t d, cons
                 micro_cols(scores + j_lo, mpad, vp + (kvh * m + j_lo) * dvp + c0, dvp, j_end - j_lo, tile, cols);
                 for (int64_t r = 0; r < rows; r++) {
                     float *o = out + ((i0 + r) * hq + h) * dv + c0;
-                    if (cols == TW) /* whole panels inline: a variable-size copy became rep movsq, 12% of the op */
+                    if (cols == TW) /* whole panels inline: a variable-size copy became rep movsq, 4% of the op */
                         st(o, ld(tile + r * TW)), st(o + VL, ld(tile + r * TW + VL));
                     else
                         memcpy(o, tile + r * TW, (size_t)cols * sizeof(float));
@@ -783,7 +783,7 @@ static double sum_squares(const float *xr, int64_t width) {
 #if VL == 8 && defined(__AVX2__)
 /* sum_squares of 8 rows (row stride width) at once, the same additions in the same order: the 8 rows' v * v
  * transposed, lane r holding row r's, so hsum's lane-by-lane sum is seven vector additions and the double sums
- * run 8 rows wide. hsum's chain of dependent scalar additions made rms_norm ~70 us per 256 x 512 call. */
+ * run 8 rows wide. With hsum's chain of dependent scalar additions a 256 x 512 call took 93 us, 50 now. */
 static void sum_squares8(const float *x, int64_t width, double *ss) {
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
     int64_t j = 0;
@@ -829,56 +829,44 @@ static int SFX(rms_norm)(const float *x, int64_t rows, int64_t width, const floa
 
 /* route — the mixture of experts' router (numpy_backend.route, in this file's arithmetic), per token t:
  *     h = x_t * r_t * scale * c     (r_t as rms_norm's, no norm weight; c = hidden^-0.5; in that order)
- *     z_e = proj_e . h              (a float32 chain of FMAs over the hidden values in order, as linear's sums)
+ *     z = proj @ h                  (linear's arithmetic: its panels, weight rows and microkernel)
  *     p = softmax(z);  the top_k experts by p, ties to the lower index (numpy's stable descending argsort);
  *     weights = p_top / (p_top summed in order) * per_expert_top
- * proj is decoded and transposed once ([hidden][experts], padded to whole vectors), so each token's scores are a
- * few vectors of experts; RT tokens at a time keep RT x 2 independent FMA chains in flight. In Python the same
- * took ~0.6 ms per layer on the bench model (a dozen small numpy calls and an F32 linear of 16 rows). */
-#define RT 4
+ * Threads take panels of TW tokens. In Python the same took ~0.6 ms per layer on the bench model (a dozen small
+ * numpy calls around a linear of 16 rows). */
 static int SFX(route)(const float *x, int64_t n, int64_t hidden, int type, const uint8_t *proj, int64_t row_bytes,
                       float ts, int64_t experts, const float *scale, float c, const float *per_expert, int64_t top_k,
                       float eps, float *weights, int64_t *index) {
     if (!type_ok(type, hidden, row_bytes)) return DG_E_TYPE;
     if (experts <= 0 || top_k <= 0 || top_k > experts) return DG_E_ARG;
-    const int64_t ep = (experts + TW - 1) / TW * TW;
-    float *pt = alloc_floats((size_t)(hidden * ep)), *rows = alloc_floats((size_t)(experts * hidden));
-    if (!pt || !rows) {
-        free(pt), free(rows);
-        return DG_E_NOMEM;
-    }
-    for (int64_t e = 0; e < experts; e++) decode_row(type, proj + e * row_bytes, hidden, ts, rows + e * hidden);
-    for (int64_t j = 0; j < hidden; j++)
-        for (int64_t e = 0; e < ep; e++) pt[j * ep + e] = e < experts ? rows[e * hidden + j] : 0.0f;
-    free(rows);
+    const int64_t np_ = (n + TW - 1) / TW;
     int failed = 0;
 #pragma omp parallel num_threads(NT) if (n * hidden * experts > SMALL)
     {
-        float *h = scratch(S_PAD, (size_t)(RT * hidden)), *z = scratch(S_SCORES, (size_t)(RT * ep));
-        if (!h || !z) failed = 1;
+        float *h = scratch(S_W1, (size_t)(TW * hidden)), *panel = scratch(S_PAD, (size_t)(hidden * TW));
+        float *buf = scratch(S_W0, (size_t)(R * hidden)), *tile = scratch(S_TILE, R * TW);
+        float *z = scratch(S_SCORES, (size_t)(TW * experts));
+        if (!h || !panel || !buf || !tile || !z) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t t0 = 0; t0 < n; t0 += RT) {
+        for (int64_t p = 0; p < np_; p++) {
             if (failed) continue;
-            const int64_t nt = n - t0 < RT ? n - t0 : RT;
-            for (int64_t t = 0; t < RT; t++) { /* a short last group repeats its first token */
-                const float *xr = x + (t0 + (t < nt ? t : 0)) * hidden;
+            const int64_t t0 = p * TW, cols = n - t0 < TW ? n - t0 : TW;
+            for (int64_t t = 0; t < cols; t++) {
+                const float *xr = x + (t0 + t) * hidden;
                 const float r = 1.0f / sqrtf((float)(sum_squares(xr, hidden) / (double)hidden) + eps);
                 for (int64_t j = 0; j < hidden; j++) h[t * hidden + j] = xr[j] * r * scale[j] * c;
             }
-            for (int64_t e0 = 0; e0 < ep; e0 += TW) {
-                vf acc[RT][2];
-                for (int t = 0; t < RT; t++) acc[t][0] = acc[t][1] = (vf){0};
-                for (int64_t j = 0; j < hidden; j++) {
-                    const vf w0 = ld(pt + j * ep + e0), w1 = ld(pt + j * ep + e0 + VL);
-                    for (int t = 0; t < RT; t++) {
-                        const vf a = splat(h[t * hidden + j]);
-                        acc[t][0] += a * w0, acc[t][1] += a * w1;
-                    }
-                }
-                for (int t = 0; t < RT; t++) st(z + t * ep + e0, acc[t][0]), st(z + t * ep + e0 + VL, acc[t][1]);
+            pack_panel(h, cols, hidden, 0, panel);
+            for (int64_t e0 = 0; e0 < experts; e0 += R) {
+                const int64_t rows = experts - e0 < R ? experts - e0 : R;
+                int64_t ls;
+                const float *s = weight_rows(type, proj, row_bytes, hidden, ts, e0, rows, buf, &ls);
+                micro_cols(s, ls, panel, TW, hidden, tile, cols);
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t t = 0; t < cols; t++) z[t * experts + e0 + r] = tile[r * TW + t];
             }
-            for (int64_t t = 0; t < nt; t++) {
-                float *zt = z + t * ep, mx = -INFINITY, total = 0.0f, picked = 0.0f;
+            for (int64_t t = 0; t < cols; t++) {
+                float *zt = z + t * experts, mx = -INFINITY, total = 0.0f, picked = 0.0f;
                 for (int64_t e = 0; e < experts; e++) mx = zt[e] > mx ? zt[e] : mx;
                 for (int64_t e = 0; e < experts; e++) total += zt[e] = vexp(splat(zt[e] - mx))[0];
                 for (int64_t e = 0; e < experts; e++) zt[e] = zt[e] / total;
@@ -894,7 +882,6 @@ static int SFX(route)(const float *x, int64_t n, int64_t hidden, int type, const
             }
         }
     }
-    free(pt);
     return failed ? DG_E_NOMEM : 0;
 }
 
