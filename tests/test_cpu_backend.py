@@ -28,6 +28,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -389,6 +390,25 @@ def test_thread_count_changes_nothing_but_summation_order():
     # The soft embedding splits the vocabulary over threads: repeatable per count, close across counts.
     np.testing.assert_array_equal(three.soft_embed(p, w, 1.0), three.soft_embed(p, w, 1.0))
     assert_close(one.soft_embed(p, w, 1.0), three.soft_embed(p, w, 1.0), MATMUL_RTOL, "soft_embed threads")
+
+
+def test_fewer_threads_than_asked_for_are_enough():
+    """OpenMP may give a region fewer threads than asked (OMP_THREAD_LIMIT, a caller's own parallel region): the
+    soft embedding's per-thread partial sums are then those of the team it got (it read missing ones: a crash)."""
+    script = (
+        "import numpy as np\n"
+        "from dgrun.backends.cpu_backend import CpuBackend\n"
+        "rng = np.random.default_rng(12)\n"
+        "table = rng.normal(0, 1, (5000, 64)).astype(np.float32)\n"
+        "p = rng.normal(0, 0.01, (9, 5000)).astype(np.float32)  # flat rows: the dense product\n"
+        "two, one = CpuBackend(threads=2), CpuBackend(threads=1)\n"
+        "out = two.soft_embed(p, two.weight(table.view(np.uint8), 0, table.shape), 1.0)\n"
+        "assert (two.soft_embed_paths < 0).all()\n"
+        "assert np.array_equal(out, one.soft_embed(p, one.weight(table.view(np.uint8), 0, table.shape), 1.0))\n"
+        "print('ok')\n")
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
 def test_recycled_output_arrays_never_change_under_a_holder():

@@ -62,9 +62,11 @@ static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VL; i++) m 
 #ifdef _OPENMP
 #define NT (dg_nthreads > 0 ? dg_nthreads : 1)
 #define TID omp_get_thread_num()
+#define TEAM omp_get_num_threads() /* may be fewer than NT asked: OMP_THREAD_LIMIT, nested regions */
 #else
 #define NT 1
 #define TID 0
+#define TEAM 1
 #endif
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -457,6 +459,7 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
         return 0;
     }
     const int nt = NT;
+    int team = 1; /* the threads OpenMP gave the region: each has a partial, and only those are summed */
     const int64_t k = vocab, nkc = (k + KC - 1) / KC;
     float **parts = calloc((size_t)nt, sizeof(float *)); /* each thread's partial, in its scratch */
     if (!parts) {
@@ -465,6 +468,7 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
     }
 #pragma omp parallel num_threads(nt)
     {
+        if (TID == 0) team = TEAM;
         float *part = parts[TID] = scratch(S_W2, (size_t)(m * n));
         if (part) memset(part, 0, (size_t)(m * n) * sizeof(float));
         const int64_t npan = (n + TW - 1) / TW, mpad = (m + R - 1) / R * R;
@@ -517,7 +521,7 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
             float *out = c + dense[i] * n;
             for (int64_t j = 0; j < n; j++) {
                 float sum = 0;
-                for (int p = 0; p < nt; p++) sum += parts[p][i * n + j];
+                for (int p = 0; p < team; p++) sum += parts[p][i * n + j];
                 out[j] = sum * scale;
             }
         }
