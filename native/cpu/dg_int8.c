@@ -899,13 +899,13 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         if (!ok_g || !ok_u) failed = 1;
         /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t e = 0; e < ne; e++)
-            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
-                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(gt), panel_at(xg + p * panel_bytes(nbh), nbh));
-                if (!same)
-                    pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
-            }
+        for (int64_t p = 0; p < np_; p++) {
+            const int64_t e = dg_panel_expert(&grp, ne, p), c0 = (p - grp.panel0[e]) * TP;
+            const int64_t cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+            pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(gt), panel_at(xg + p * panel_bytes(nbh), nbh));
+            if (!same)
+                pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
+        }
         /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and block of WB8 hidden units */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < ne * ib; item++) {
@@ -925,11 +925,11 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         }
         /* h quantized per grouped token, for the down projection's kind */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t e = 0; e < ne; e++)
-            for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
-                const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                pack_q8(h, inter, NULL, grp.start[e] + c0, cols, kind_of(dt), panel_at(hq + p * panel_bytes(nbi), nbi));
-            }
+        for (int64_t p = 0; p < np_; p++) {
+            const int64_t e = dg_panel_expert(&grp, ne, p), c0 = (p - grp.panel0[e]) * TP;
+            const int64_t cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
+            pack_q8(h, inter, NULL, grp.start[e] + c0, cols, kind_of(dt), panel_at(hq + p * panel_bytes(nbi), nbi));
+        }
         rows8_free(&wg), rows8_free(&wu);
         rows8 wd;
         float td[WB8 * TP] = {0};

@@ -87,6 +87,19 @@ static inline int dg_group_experts(const int64_t *index, const float *weights, i
     return 0;
 }
 
+/* The expert whose panels include panel p < panel0[ne]: the last e with panel0[e] <= p (experts without tokens
+ * have no panels). Lets a loop run over panels rather than experts: a dense MLP is one expert, whose panels a
+ * loop over experts gives to one thread while the others wait (the int8 MLP's quantization: 3-4% of its time). */
+static inline int64_t dg_panel_expert(const dg_groups *g, int64_t ne, int64_t p) {
+    int64_t lo = 0, hi = ne - 1;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (g->panel0[mid] <= p) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* One int8 kernel set (dg_int8.c, compiled once per instruction set): matmuls of quantized weights on int8
  * activations. supports(type): whether it takes that weight type; the others return DG_E_TYPE for it. */
 typedef struct {
