@@ -284,6 +284,23 @@ def test_rope(cpu):
     assert np.all(np.abs(out - ref) <= 8 * EPS32 * scale)
 
 
+def test_rope_angle_tables_are_reused_and_bounded():
+    """The angles' cos / sin are kept per (positions, frequencies): a kept table turns rows exactly as a fresh
+    one, other positions or frequencies get their own, and only the most recently used few are kept."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 1, (40, 2, 16)).astype(np.float32)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    cpu = CpuBackend(threads=2)
+    first = cpu.rope(x, np.arange(40), inv_freq)
+    np.testing.assert_array_equal(cpu.rope(x, np.arange(40), inv_freq), first)
+    np.testing.assert_array_equal(CpuBackend(threads=2).rope(x, np.arange(40), inv_freq), first)
+    assert not np.array_equal(cpu.rope(x, np.arange(1, 41), inv_freq), first)
+    assert not np.array_equal(cpu.rope(x, np.arange(40), inv_freq * 2), first)
+    for start in range(3 * cpu_backend._ROPE_TABLES):
+        cpu.rope(x, np.arange(start, start + 40), inv_freq)
+    assert len(cpu._rope_cache) == cpu_backend._ROPE_TABLES
+
+
 def test_softmax_within_16_ulp(cpu):
     rng = np.random.default_rng(8)
     x = rng.normal(0, 5, (33, 3001)).astype(np.float32)

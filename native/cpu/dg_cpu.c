@@ -221,9 +221,12 @@ int dg_softcap(const float *x, int64_t n, float cap, float *out) { return K->sof
 
 int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out) { return K->gelu_mul(gate, up, n, out); }
 
-int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
-            float *out) {
-    return K->rope(x, n, heads, d, pos, inv_freq, out);
+int dg_rope_table(const int64_t *pos, int64_t n, const float *inv_freq, int64_t half, float *cos_a, float *sin_a) {
+    return K->rope_table(pos, n, inv_freq, half, cos_a, sin_a);
+}
+
+int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const float *cos_a, const float *sin_a, float *out) {
+    return K->rope(x, n, heads, d, cos_a, sin_a, out);
 }
 
 int dg_softmax(const float *x, int64_t rows, int64_t cols, float *out) { return K->softmax(x, rows, cols, out); }

@@ -89,9 +89,10 @@ int dg_route(const float *x, int64_t n, int64_t hidden, int type, const uint8_t 
 int dg_softcap(const float *x, int64_t n, float cap, float *out);
 /* out = gelu_tanh(gate) * up, elementwise. */
 int dg_gelu_mul(const float *gate, const float *up, int64_t n, float *out);
-/* Rotate-half RoPE on x [n, heads, d] with angle pos[i] * inv_freq[f] (float32 product, as numpy). */
-int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
-            float *out);
+/* RoPE's angles a = pos[i] * inv_freq[f] (float32 product, as numpy) as cos_a, sin_a [n, half]. */
+int dg_rope_table(const int64_t *pos, int64_t n, const float *inv_freq, int64_t half, float *cos_a, float *sin_a);
+/* Rotate-half RoPE on x [n, heads, d], row i by the angles of row i of cos_a, sin_a [n, d / 2] (dg_rope_table). */
+int dg_rope(const float *x, int64_t n, int64_t heads, int64_t d, const float *cos_a, const float *sin_a, float *out);
 /* Row softmax: exp(x - max) / row_total, the probabilities every kernel below uses. */
 int dg_softmax(const float *x, int64_t rows, int64_t cols, float *out);
 /* Per row of x [rows, vocab]: row_max, row_total = float32(sum exp(x - max)); the sparse soft embedding's split:

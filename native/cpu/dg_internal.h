@@ -37,7 +37,8 @@ typedef struct {
                  const float *, int64_t, float, float *, int64_t *);
     int (*softcap)(const float *, int64_t, float, float *);
     int (*gelu_mul)(const float *, const float *, int64_t, float *);
-    int (*rope)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, float *);
+    int (*rope_table)(const int64_t *, int64_t, const float *, int64_t, float *, float *);
+    int (*rope)(const float *, int64_t, int64_t, int64_t, const float *, const float *, float *);
     int (*softmax)(const float *, int64_t, int64_t, float *);
     int (*row_stats)(const float *, int64_t, int64_t, float, int64_t, float *, float *, double *, int64_t *, int32_t *);
     int (*sampler)(float *, int64_t, int64_t, float, int64_t *, float *, const double *, int64_t *, float, int64_t,

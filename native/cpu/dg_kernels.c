@@ -909,28 +909,34 @@ static int SFX(gelu_mul)(const float *g, const float *u, int64_t n, float *out) 
     return 0;
 }
 
-/* rope — out[..., f] = x[f] cos - x[f + d/2] sin, out[..., f + d/2] = x[f + d/2] cos + x[f] sin */
-static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const int64_t *pos, const float *inv_freq,
+/* rope_table — cs[i, f] = cos(a), sn[i, f] = sin(a), a = pos[i] * inv_freq[f] (the float32 product, as numpy):
+ * the angles rope turns row i by. The backend keeps a table while its positions recur (every layer's q and k, and
+ * every step of a canvas turn by the same angles), so libm's cosf / sinf, the cost of the op, run once a canvas. */
+static int SFX(rope_table)(const int64_t *pos, int64_t n, const float *inv_freq, int64_t half, float *cs, float *sn) {
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * half * 32 > SMALL) /* ~30x an add each */
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t f = 0; f < half; f++) {
+            const float ang = (float)pos[i] * inv_freq[f];
+            cs[i * half + f] = cosf(ang), sn[i * half + f] = sinf(ang);
+        }
+    return 0;
+}
+
+/* rope — out[..., f] = x[f] cos - x[f + d/2] sin, out[..., f + d/2] = x[f + d/2] cos + x[f] sin, row i's cos and
+ * sin of its angles in cs / sn [n, d/2] (rope_table) */
+static int SFX(rope)(const float *x, int64_t n, int64_t heads, int64_t d, const float *cs, const float *sn,
                      float *out) {
     const int64_t half = d / 2;
 #pragma omp parallel for num_threads(NT) schedule(static) if (n * heads * d > SMALL)
     for (int64_t i = 0; i < n; i++) {
-        float cs[512], sn[512];
-        for (int64_t f0 = 0; f0 < half; f0 += 512) {
-            const int64_t nf = half - f0 < 512 ? half - f0 : 512;
-            for (int64_t f = 0; f < nf; f++) {
-                const float ang = (float)pos[i] * inv_freq[f0 + f];
-                cs[f] = cosf(ang);
-                sn[f] = sinf(ang);
-            }
-            for (int64_t h = 0; h < heads; h++) {
-                const float *xr = x + (i * heads + h) * d;
-                float *o = out + (i * heads + h) * d;
-                for (int64_t f = 0; f < nf; f++) {
-                    const float a = xr[f0 + f], b = xr[f0 + f + half];
-                    o[f0 + f] = a * cs[f] - b * sn[f];
-                    o[f0 + f + half] = b * cs[f] + a * sn[f];
-                }
+        const float *c = cs + i * half, *s = sn + i * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xr = x + (i * heads + h) * d;
+            float *o = out + (i * heads + h) * d;
+            for (int64_t f = 0; f < half; f++) {
+                const float a = xr[f], b = xr[f + half];
+                o[f] = a * c[f] - b * s[f];
+                o[f + half] = b * c[f] + a * s[f];
             }
         }
     }
@@ -1154,5 +1160,5 @@ const dg_kernel_set SFX(dg_kernels) = {
     "generic",
 #endif
     SFX(dequant_rows), SFX(linear), SFX(soft_embed), SFX(max_row_norm), SFX(ffn), SFX(attention), SFX(rms_norm),
-    SFX(route), SFX(softcap), SFX(gelu_mul), SFX(rope), SFX(softmax), SFX(row_stats), SFX(sampler),
+    SFX(route), SFX(softcap), SFX(gelu_mul), SFX(rope_table), SFX(rope), SFX(softmax), SFX(row_stats), SFX(sampler),
 };
