@@ -913,7 +913,7 @@ static int SFX(gelu_mul)(const float *g, const float *u, int64_t n, float *out) 
  * the angles rope turns row i by. The backend keeps a table while its positions recur (every layer's q and k, and
  * every step of a canvas turn by the same angles), so libm's cosf / sinf, the cost of the op, run once a canvas. */
 static int SFX(rope_table)(const int64_t *pos, int64_t n, const float *inv_freq, int64_t half, float *cs, float *sn) {
-#pragma omp parallel for num_threads(NT) schedule(static) if (n * half * 32 > SMALL) /* ~30x an add each */
+#pragma omp parallel for num_threads(NT) schedule(static) if (n * half * 32 > SMALL) /* a cosf + sinf: ~30 adds */
     for (int64_t i = 0; i < n; i++)
         for (int64_t f = 0; f < half; f++) {
             const float ang = (float)pos[i] * inv_freq[f];
