@@ -83,6 +83,7 @@
 #define PB8 16 /* R8-row panels per weight block of linear and the ffn (see linear). Against 8, in-process A/B on the
                 * bench model: the output projection 4-6% faster, the MLPs the same; 32 slower (3-10%) */
 #define WB8 (R8 * PB8)
+_Static_assert(WB8 % 8 == 0, "tile_by_token moves whole 8 x 8 blocks of a block's rows");
 #define ALIGN8 64
 
 #ifdef _OPENMP
