@@ -93,15 +93,20 @@ _LIBRARY: tuple[Any, Any, Path] | None = None
 _ACTIVE: list[Any] = [None]  # the backend whose threads/ISA the library is currently set to
 
 
+def build_library(native_dir: Path, module_name: str = "_dgrun_cpu_build") -> tuple[Any, Any, Path]:
+    """(ffi, lib, path) of the kernels in `native_dir`, built by its build.py (cached on disk by its sources)."""
+    spec = importlib.util.spec_from_file_location(module_name, native_dir / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.load()  # BuildError is a RuntimeError with the fix in its message
+
+
 def load_library() -> tuple[Any, Any, Path]:
     """(ffi, lib, path) of the native kernels, built on first use and cached per process."""
     global _LIBRARY
     if _LIBRARY is None:
-        spec = importlib.util.spec_from_file_location("_dgrun_cpu_build", _native_dir() / "build.py")
-        assert spec is not None and spec.loader is not None
-        build = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(build)
-        _LIBRARY = build.load()  # BuildError is a RuntimeError with the fix in its message
+        _LIBRARY = build_library(_native_dir())
     return _LIBRARY
 
 

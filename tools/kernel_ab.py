@@ -13,7 +13,6 @@ On a shared 2-core VM whose whole-generation runs vary by +-10%, this resolves 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -23,16 +22,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load_native(native_dir: Path, name: str) -> tuple[Any, Any]:
-    """(ffi, lib) of the kernels built from `native_dir` (its build.py, cached by its sources' hash)."""
-    spec = importlib.util.spec_from_file_location(name, native_dir / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    ffi, lib, _ = module.load()
-    return ffi, lib
 
 
 def cases(model: Any, ops: Any) -> dict[str, Any]:
@@ -74,12 +63,12 @@ def main() -> None:
     if not (args.base / "build.py").is_file():
         sys.exit(f"error: {args.base} holds no build.py: pass another checkout's native/cpu folder")
     import dgrun
-    from dgrun.backends.cpu_backend import CpuBackend
+    from dgrun.backends.cpu_backend import CpuBackend, build_library
 
     model = dgrun.load(args.model, backend="cpu")
     ours, base = CpuBackend(), CpuBackend()
-    ours.ffi, ours.lib = load_native(REPO / "native" / "cpu", "_kernel_ab_ours")
-    base.ffi, base.lib = load_native(args.base, "_kernel_ab_base")
+    ours.ffi, ours.lib, _ = build_library(REPO / "native" / "cpu", "_kernel_ab_ours")
+    base.ffi, base.lib, _ = build_library(args.base, "_kernel_ab_base")
     for backend in (base, ours):  # each library its own thread count and kernel sets
         backend._activate(force=True)
     table = cases(model, ours)

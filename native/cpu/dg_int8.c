@@ -80,8 +80,8 @@
 #define QB 32 /* values per activation block */
 #define TP 16 /* tokens per panel: two vectors of 8 lanes */
 #define R8 3  /* weight rows per microkernel call: 3 x 2 int32 + 3 x 2 float accumulators of 16 registers */
-#define PB8 16 /* R8-row panels per weight block of linear and the ffn (see linear). Against 8, in-process A/B on the
-                * bench model: the output projection 4-6% faster, the MLPs the same; 32 slower (3-10%) */
+#define PB8 16 /* R8-row panels per weight block of linear and the ffn (see linear). Against 8, tools/kernel_ab.py on
+                * the bench model: the output projection 3.5-6% faster, the MLPs the same; 32 slower (3-10%) */
 #define WB8 (R8 * PB8)
 _Static_assert(WB8 % 8 == 0, "tile_by_token moves whole 8 x 8 blocks of a block's rows");
 #define ALIGN8 64
