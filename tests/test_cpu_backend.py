@@ -411,17 +411,20 @@ def test_thread_count_changes_nothing_but_summation_order():
 
 def test_fewer_threads_than_asked_for_are_enough():
     """OpenMP may give a region fewer threads than asked (OMP_THREAD_LIMIT, a caller's own parallel region): the
-    soft embedding's per-thread partial sums are then those of the team it got (it read missing ones: a crash)."""
+    soft embedding's per-thread partial sums are then those of the team it got (it read missing ones: a crash),
+    in float32 (an f32 table) and in integers (a Q8_0 one)."""
     script = (
         "import numpy as np\n"
+        "from dgrun import quants\n"
         "from dgrun.backends.cpu_backend import CpuBackend\n"
         "rng = np.random.default_rng(12)\n"
         "table = rng.normal(0, 1, (5000, 64)).astype(np.float32)\n"
         "p = rng.normal(0, 0.01, (9, 5000)).astype(np.float32)  # flat rows: the dense product\n"
         "two, one = CpuBackend(threads=2), CpuBackend(threads=1)\n"
-        "out = two.soft_embed(p, two.weight(table.view(np.uint8), 0, table.shape), 1.0)\n"
-        "assert (two.soft_embed_paths < 0).all()\n"
-        "assert np.array_equal(out, one.soft_embed(p, one.weight(table.view(np.uint8), 0, table.shape), 1.0))\n"
+        "for raw, t in ((table.view(np.uint8), 0), (quants.quantize_tensor(table, 8)[0], 8)):\n"
+        "    out = two.soft_embed(p, two.weight(raw, t, table.shape), 1.0)\n"
+        "    assert (two.soft_embed_paths < 0).all()\n"
+        "    assert np.array_equal(out, one.soft_embed(p, one.weight(raw, t, table.shape), 1.0))\n"
         "print('ok')\n")
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)

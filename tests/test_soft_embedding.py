@@ -154,8 +154,8 @@ def test_trained_model_rows_go_sparse():
 @pytest.fixture(scope="module")
 def cpu():
     cpu_backend = pytest.importorskip("dgrun.backends.cpu_backend")
-    try:
-        return cpu_backend.CpuBackend(threads=2)
+    try:  # the float32 kernels: tests/test_int8.py checks the integer soft embedding of quantized tables
+        return cpu_backend.CpuBackend(threads=2, int8=False)
     except RuntimeError as e:
         pytest.skip(f"cpu backend unavailable: {e}")
 

@@ -176,8 +176,11 @@ int dg_soft_embed(const float *x, int64_t rows, int64_t vocab, const float *row_
                   const double *mass, const int64_t *kept_n, const int32_t *kept, int64_t max_kept, int type,
                   const uint8_t *t, int64_t row_bytes, float tensor_scale, int64_t n, float scale, double norm_bound,
                   double rel_tol, float *out, int64_t *path) {
-    return K->soft_embed(x, rows, vocab, row_max, row_total, mass, kept_n, kept, max_kept, type, t, row_bytes,
-                         tensor_scale, n, scale, norm_bound, rel_tol, out, path);
+    const int int8 = int8_on && K8->supports(type) && n % 32 == 0;
+    int rc = K->soft_embed(x, rows, vocab, row_max, row_total, mass, kept_n, kept, max_kept, type, t, row_bytes,
+                           tensor_scale, n, scale, norm_bound, rel_tol, !int8, out, path);
+    if (rc || !int8) return rc;
+    return K8->soft_embed(x, rows, vocab, row_max, row_total, path, type, t, row_bytes, tensor_scale, n, scale, out);
 }
 
 int dg_max_row_norm(int type, const uint8_t *w, int64_t row_bytes, int64_t cols, float tensor_scale, int64_t rows,

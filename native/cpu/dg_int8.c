@@ -76,6 +76,13 @@
 #define VL 4
 #endif
 #include "dg_vmath.h"
+static inline vf vmax8(vf a, vf b) { return sel(a > b, a, b); }
+static inline vf vmin8(vf a, vf b) { return sel(a < b, a, b); }
+static inline vi iota_lanes(void) {
+    vi i;
+    for (int l = 0; l < VL; l++) i[l] = l;
+    return i;
+}
 
 #define QB 32 /* values per activation block */
 #define TP 16 /* tokens per panel: two vectors of 8 lanes */
@@ -88,8 +95,12 @@ _Static_assert(WB8 % 8 == 0, "tile_by_token moves whole 8 x 8 blocks of a block'
 
 #ifdef _OPENMP
 #define NT8 (dg_nthreads > 0 ? dg_nthreads : 1)
+#define TID8 omp_get_thread_num()
+#define TEAM8 omp_get_num_threads() /* may be fewer than NT8 asked (OMP_THREAD_LIMIT) */
 #else
 #define NT8 1
+#define TID8 0
+#define TEAM8 1
 #endif
 
 static void *alloc8(size_t bytes) { return aligned_alloc(ALIGN8, (bytes + ALIGN8 - 1) / ALIGN8 * ALIGN8 + ALIGN8); }
@@ -966,4 +977,309 @@ done:
     return rc;
 }
 
-const dg_int8_set SFX8(dg_int8) = {NAME8, SFX8(supports), SFX8(q8_quantize), SFX8(codes), SFX8(linear), SFX8(ffn)};
+/* ---------------------------------------------------------------------------------------------------------------
+ * soft_embed — the dense rows (path[i] < 0) of dg_soft_embed, c[i, :] = scale * softmax(x[i]) @ T, in integer
+ * arithmetic; the float kernels have taken the sparse rows already. The contraction runs over the vocabulary, across
+ * T's rows, whose ggml blocks run along them: so T is re-quantized along the vocabulary, a chunk of KC8 rows at a
+ * time as it is needed (no copy of it is kept). Plain definition, per 32-value block b of the vocabulary:
+ *   probabilities  e_j = exp(x[i, j] - row_max[i]) (the float kernels' vexp): dp = max e / PMAX,
+ *                  p_j = rint(e_j / dp) in 0..PMAX
+ *   table          t[j, c] decoded (decode_codes: s u - o), per column c: dt = max|t| / 127,
+ *                  q_jc = rint(t[j, c] / dt) in -127..127
+ *   c[i, c] = (scale / row_total[i]) * sum over b of (dt_bc * dp_ib) * I,   I = sum_{j in b} p_j q_jc (exact int32)
+ * The probabilities are the unsigned operand (vpmaddubsw / vpdpbusd; SDOT takes them as signed, all < 128).
+ * PMAX 31 lets AVX2 add 4 vpmaddubsw results in int16 (4 * 2 * 31 * 127 < 2^15) and widen once per 16 values:
+ * against PMAX 127, which must widen every result, the microkernel runs at 88 against 46 GMAC/s on a Zen 3 core
+ * (the float one: ~43). What the coarser codes cost: on the bench model's q4_k_m file the soft embedding moves
+ * from the f32 file's by 0.86% against the float path's 0.71% (PMAX 127: 0.75%). Every kernel set uses the same
+ * codes, so they all compute the same sums. Threads take chunks of the vocabulary in order and
+ * keep private partials, summed in thread order (as the float kernel: the same bits for a given thread count).
+ * The microkernel keeps RS rows x 16 columns: columns are the vector lanes, each lane's 4 bytes the codes of 4
+ * consecutive vocabulary rows of its column, times 4 probabilities of one row broadcast to every lane.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+#define KC8 1024 /* vocabulary rows re-quantized at once: a thread's chunk is n * KC8 bytes of codes */
+#define PMAX 31  /* the probabilities' largest code */
+#define CHAIN 4  /* AVX2: vpmaddubsw pair sums added in int16 before widening, a block's 8 groups in two chains */
+#define RS 4     /* probability rows per microkernel call */
+#define CS 16    /* columns per microkernel call: two vectors of 8 (four of 4 on arm64) */
+_Static_assert(CHAIN * 2 * PMAX * 127 < 1 << 15, "soft_embed: the int16 chain overflows");
+
+/* Rows t[0..32) ([32][n] floats, decoded) as codes tq[g][c][4] (group g: rows 4g..4g+3; g stride 4 n) and
+ * scales dt[c], per column. */
+static void table_block8(const float *t, int64_t n, int8_t *tq, float *dt) {
+    int64_t c0 = 0;
+#ifdef SIMD8
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    /* packs leave each 128-bit lane's 16 bytes as [row j][column]: byte (4 c + j) comes from byte (4 j + c) */
+    const __m256i to_columns = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (; c0 + 8 <= n; c0 += 8) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int r = 0; r < 32; r++) amax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(t + r * n + c0), magnitude), amax);
+        const __m256 d = _mm256_div_ps(amax, _mm256_set1_ps(127.0f));
+        const __m256 id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d),
+                                        _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_NEQ_OQ));
+        _mm256_storeu_ps(dt + c0, d);
+        for (int g = 0; g < 8; g++) {
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) {
+                const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(t + (4 * g + j) * n + c0), id);
+                const __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[j] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+            }
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(tq + g * 4 * n + 4 * c0), _mm256_shuffle_epi8(bytes, to_columns));
+        }
+    }
+#endif
+    for (int64_t c = c0; c < n; c++) { /* the loop above, a column at a time (the same operations, so the same bits) */
+        float amax = 0;
+        for (int r = 0; r < 32; r++) amax = fabsf(t[r * n + c]) > amax ? fabsf(t[r * n + c]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        dt[c] = d;
+        for (int r = 0; r < 32; r++) {
+            float v = rintf(t[r * n + c] * id);
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            tq[(r / 4) * 4 * n + 4 * c + r % 4] = (int8_t)v;
+        }
+    }
+}
+
+/* rint for 0 <= x < 2^22 in the default rounding mode (to nearest, ties to even): adding 1.5 * 2^23 leaves no
+ * fraction bits, so the addition rounds x to an integer, and the subtraction is exact. */
+static inline vf round_small(vf x) { return (x + 12582912.0f) - 12582912.0f; }
+
+/* A row's probabilities over vocabulary rows [k0, k0 + kn) (kn <= KC8; zeros past kn, up to whole blocks) as
+ * codes p[KC8] and scales dp[KC8 / 32]. */
+static void prob_chunk8(const float *x, float mx, int64_t kn, uint8_t *p, float *dp) {
+    for (int64_t j0 = 0; j0 < kn; j0 += 32) {
+        vf e[32 / VL], amax = (vf){0};
+        for (int v = 0; v < 32 / VL; v++) {
+            const int64_t j = j0 + v * VL;
+            if (j + VL <= kn) {
+                e[v] = vexp(ld(x + j) - mx);
+            } else { /* the vocabulary's end: its last values, then zeros */
+                float tail[VL] = {0};
+                for (int l = 0; j + l < kn && l < VL; l++) tail[l] = x[j + l] - mx;
+                e[v] = sel((vi)(iota_lanes() < (int32_t)(kn - j)), vexp(ld(tail)), (vf){0});
+            }
+            amax = vmax8(amax, e[v]);
+        }
+        float d = 0;
+        for (int l = 0; l < VL; l++) d = amax[l] > d ? amax[l] : d;
+        d /= (float)PMAX;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        dp[j0 / 32] = d;
+        vi q[32 / VL]; /* e * id <= PMAX (rounding aside: the min keeps it there) */
+        for (int v = 0; v < 32 / VL; v++) q[v] = __builtin_convertvector(vmin8(round_small(e[v] * id), splat((float)PMAX)), vi);
+#ifdef SIMD8 /* int32 -> uint8 with packs, which interleave 128-bit lanes: undone by the permutation */
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32((__m256i)q[0], (__m256i)q[1]),
+                                                  _mm256_packs_epi32((__m256i)q[2], (__m256i)q[3]));
+        _mm256_storeu_si256((__m256i *)(p + j0), _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+        for (int v = 0; v < 32 / VL; v++)
+            for (int l = 0; l < VL; l++) p[j0 + v * VL + l] = (uint8_t)q[v][l];
+#endif
+    }
+}
+
+/* tile[r][c] (r < RS, c < CS) = sum over blocks b < nb of (dt[b][c] * dp[r][b]) * I over rows p + r * KC8 (codes)
+ * and columns tq + 4 c (group stride 4 n), dt at column 0 with block stride n. */
+static void micro_soft8(const uint8_t *p, const float *dp, const int8_t *tq, const float *dt, int64_t n, int64_t nb,
+                        float *tile) {
+#ifdef SIMD8
+    enum { NV = CS / 8 };
+    __m256 f[RS][NV];
+    for (int r = 0; r < RS; r++)
+        for (int v = 0; v < NV; v++) f[r][v] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i acc[RS][NV];
+        for (int r = 0; r < RS; r++)
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm256_setzero_si256();
+#if defined(DG_INT8_AVX2)
+        for (int g0 = 0; g0 < 8; g0 += CHAIN) { /* CHAIN vpmaddubsw pair sums added in int16, then widened */
+            __m256i a16[RS][NV];
+#pragma GCC unroll 8
+            for (int g = g0; g < g0 + CHAIN; g++) {
+                const int8_t *col = tq + (b * 8 + g) * 4 * n;
+                __m256i tv[NV];
+                for (int v = 0; v < NV; v++) tv[v] = _mm256_loadu_si256((const __m256i *)(col + 32 * v));
+                for (int r = 0; r < RS; r++) {
+                    const __m256i w = bcast4(p + r * KC8 + b * 32 + 4 * g);
+                    for (int v = 0; v < NV; v++) {
+                        const __m256i m = _mm256_maddubs_epi16(w, tv[v]);
+                        a16[r][v] = in_order(g == g0 ? m : _mm256_add_epi16(a16[r][v], m));
+                    }
+                }
+            }
+            for (int r = 0; r < RS; r++)
+                for (int v = 0; v < NV; v++)
+                    acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(a16[r][v], _mm256_set1_epi16(1)));
+        }
+#else
+        for (int g = 0; g < 8; g++) {
+            const int8_t *col = tq + (b * 8 + g) * 4 * n;
+            __m256i tv[NV];
+            for (int v = 0; v < NV; v++) tv[v] = _mm256_loadu_si256((const __m256i *)(col + 32 * v));
+            for (int r = 0; r < RS; r++) {
+                const __m256i w = bcast4(p + r * KC8 + b * 32 + 4 * g);
+                for (int v = 0; v < NV; v++)
+#if defined(DG_INT8_AVX512VNNI)
+                    acc[r][v] = _mm256_dpbusd_epi32(acc[r][v], w, tv[v]);
+#else
+                    acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], w, tv[v]);
+#endif
+            }
+        }
+#endif
+        for (int v = 0; v < NV; v++) {
+            const __m256 d = _mm256_loadu_ps(dt + b * n + 8 * v);
+            for (int r = 0; r < RS; r++)
+                f[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][v]),
+                                          _mm256_mul_ps(d, _mm256_set1_ps(dp[r * (KC8 / 32) + b])), f[r][v]);
+        }
+    }
+    for (int r = 0; r < RS; r++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(tile + r * CS + 8 * v, f[r][v]);
+#elif defined(NEON8)
+    enum { NV = CS / 4 };
+    float32x4_t f[RS][NV];
+    for (int r = 0; r < RS; r++)
+        for (int v = 0; v < NV; v++) f[r][v] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; b++) {
+        int32x4_t acc[RS][NV];
+        for (int r = 0; r < RS; r++)
+            for (int v = 0; v < NV; v++) acc[r][v] = vdupq_n_s32(0);
+        for (int g = 0; g < 8; g++) {
+            const int8_t *col = tq + (b * 8 + g) * 4 * n;
+            int8x16_t tv[NV];
+            for (int v = 0; v < NV; v++) tv[v] = vld1q_s8(col + 16 * v);
+            for (int r = 0; r < RS; r++) {
+                uint32_t w4;
+                memcpy(&w4, p + r * KC8 + b * 32 + 4 * g, 4);
+                for (int v = 0; v < NV; v++)
+#if defined(DG_INT8_I8MM)
+                    acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), tv[v]);
+#else
+                    acc[r][v] = vdotq_s32(acc[r][v], vreinterpretq_s8_u32(vdupq_n_u32(w4)), tv[v]);
+#endif
+            }
+        }
+        for (int v = 0; v < NV; v++) {
+            const float32x4_t d = vld1q_f32(dt + b * n + 4 * v);
+            for (int r = 0; r < RS; r++)
+                f[r][v] = vfmaq_f32(f[r][v], vcvtq_f32_s32(acc[r][v]), vmulq_f32(d, vdupq_n_f32(dp[r * (KC8 / 32) + b])));
+        }
+    }
+    for (int r = 0; r < RS; r++)
+        for (int v = 0; v < NV; v++) vst1q_f32(tile + r * CS + 4 * v, f[r][v]);
+#else
+    for (int r = 0; r < RS; r++)
+        for (int c = 0; c < CS; c++) {
+            float f = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t acc = 0;
+                for (int j = 0; j < 32; j++) acc += (int32_t)p[r * KC8 + b * 32 + j] * tq[(b * 8 + j / 4) * 4 * n + 4 * c + j % 4];
+                f = fmaf((float)acc, dt[b * n + c] * dp[r * (KC8 / 32) + b], f);
+            }
+            tile[r * CS + c] = f;
+        }
+#endif
+}
+
+/* decode_codes' values as floats, per 16: s u - o, or s (u - ratio) where o = ratio s. Either has one rounding
+ * at most, so contraction into FMA cannot change it: s u is exact where o is free (Q4_K, Q5_K, Q5_1: a float16
+ * times small integers), and u - ratio is exact (NVFP4's s, its tensor scale folded in, makes s u inexact). */
+static void codes_to_floats(const uint8_t *u, const float *s, const float *o, float ratio, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j += VL) {
+#ifdef SIMD8 /* (GCC makes a lane-by-lane conversion of the vector extension's byte-to-float conversion) */
+        const vf uf = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(u + j))));
+#else
+        vf uf;
+        for (int l = 0; l < VL; l++) uf[l] = (float)u[j + l];
+#endif
+        st(y + j, ratio != 0.0f ? splat(s[j / 16]) * (uf - ratio) : splat(s[j / 16]) * uf - splat(o[j / 16]));
+    }
+}
+
+static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
+                            const int64_t *path, int type, const uint8_t *t, int64_t row_bytes, float ts, int64_t n,
+                            float scale, float *c) {
+    if (!SFX8(supports)(type) || n % 32) return DG_E_TYPE;
+    int64_t m = 0;
+    int64_t *dense = malloc((size_t)(rows + 1) * sizeof(int64_t));
+    if (!dense) return DG_E_NOMEM;
+    for (int64_t i = 0; i < rows; i++)
+        if (path[i] < 0) dense[m++] = i;
+    if (m == 0) {
+        free(dense);
+        return 0;
+    }
+    const int nt = NT8;
+    const int64_t nkc = (vocab + KC8 - 1) / KC8, mpad = (m + RS - 1) / RS * RS;
+    float **parts = calloc((size_t)nt, sizeof(float *));
+    int team = 1, failed = !parts;
+#pragma omp parallel num_threads(nt) if (!failed)
+    {
+        const int tid = TID8;
+        if (tid == 0) team = TEAM8;
+        float *part = parts ? parts[tid] = calloc((size_t)(m * n), sizeof(float)) : NULL;
+        int8_t *tq = alloc8((size_t)(n * KC8));
+        float *dt = alloc8((size_t)(n * (KC8 / 32)) * sizeof(float)), *tb = alloc8((size_t)(32 * n) * sizeof(float));
+        uint8_t *pq = alloc8((size_t)(mpad * KC8)), *u = alloc8((size_t)n);
+        float *dp = alloc8((size_t)(mpad * (KC8 / 32)) * sizeof(float));
+        float *s = alloc8((size_t)(n / 16) * sizeof(float)), *o = alloc8((size_t)(n / 16) * sizeof(float));
+        if (!part || !tq || !dt || !tb || !pq || !u || !dp || !s || !o) failed = 1;
+        else memset(pq, 0, (size_t)(mpad * KC8)), memset(dp, 0, (size_t)(mpad * (KC8 / 32)) * sizeof(float));
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t kc = 0; kc < nkc; kc++) {
+            if (failed) continue;
+            const int64_t k0 = kc * KC8, kn = vocab - k0 < KC8 ? vocab - k0 : KC8, nb = (kn + 31) / 32;
+            for (int64_t b = 0; b < nb; b++) { /* the table's rows, decoded 32 at a time (zeros past the vocabulary) */
+                for (int64_t r = 0; r < 32; r++) {
+                    float *y = tb + r * n;
+                    if (b * 32 + r >= kn) {
+                        memset(y, 0, (size_t)n * sizeof(float));
+                        continue;
+                    }
+                    decode_codes(type, t + (k0 + b * 32 + r) * row_bytes, n, ts, u, s, o, NULL, NULL);
+                    codes_to_floats(u, s, o, kind_of(type).ratio, n, y);
+                }
+                table_block8(tb, n, tq + b * 8 * 4 * n, dt + b * n);
+            }
+            for (int64_t i = 0; i < m; i++)
+                prob_chunk8(x + dense[i] * vocab + k0, row_max[dense[i]], kn, pq + i * KC8, dp + i * (KC8 / 32));
+            for (int64_t c0 = 0; c0 < n; c0 += CS)
+                for (int64_t i0 = 0; i0 < m; i0 += RS) {
+                    float tile[RS * CS];
+                    micro_soft8(pq + i0 * KC8, dp + i0 * (KC8 / 32), tq + 4 * c0, dt + c0, n, nb, tile);
+                    for (int64_t r = 0; r < RS && i0 + r < m; r++) {
+                        float *dst = part + (i0 + r) * n + c0;
+                        for (int j = 0; j < CS; j++) dst[j] += tile[r * CS + j];
+                    }
+                }
+        }
+        free(tq), free(dt), free(tb), free(pq), free(u), free(dp), free(s), free(o);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; i++) {
+            if (failed) continue;
+            const float f = scale / row_total[dense[i]];
+            float *out = c + dense[i] * n;
+            for (int64_t j = 0; j < n; j++) {
+                float sum = 0;
+                for (int q = 0; q < team; q++) sum += parts[q][i * n + j];
+                out[j] = sum * f;
+            }
+        }
+    }
+    if (parts)
+        for (int q = 0; q < nt; q++) free(parts[q]);
+    free(parts), free(dense);
+    return failed ? DG_E_NOMEM : 0;
+}
+
+const dg_int8_set SFX8(dg_int8) = {NAME8, SFX8(supports), SFX8(q8_quantize), SFX8(codes), SFX8(linear), SFX8(ffn),
+                                   SFX8(soft_embed)};

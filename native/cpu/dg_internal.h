@@ -25,7 +25,7 @@ typedef struct {
     int (*linear)(const float *, int64_t, int64_t, int, const uint8_t *, int64_t, float, int64_t, float *);
     int (*soft_embed)(const float *, int64_t, int64_t, const float *, const float *, const double *, const int64_t *,
                       const int32_t *, int64_t, int, const uint8_t *, int64_t, float, int64_t, float, double, double,
-                      float *, int64_t *);
+                      int, float *, int64_t *);
     int (*max_row_norm)(int, const uint8_t *, int64_t, int64_t, float, int64_t, double *);
     int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
                const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
@@ -112,6 +112,8 @@ typedef struct {
     int (*ffn)(const float *, int64_t, int64_t, int64_t, const int64_t *, const float *, int64_t, int64_t, int,
                const uint8_t *, int64_t, int64_t, float, int, const uint8_t *, int64_t, int64_t, float, int,
                const uint8_t *, int64_t, int64_t, float, float *);
+    int (*soft_embed)(const float *, int64_t, int64_t, const float *, const float *, const int64_t *, int,
+                      const uint8_t *, int64_t, float, int64_t, float, float *);
 } dg_int8_set;
 
 /* -- scalar decoding helpers, exact (shared by every ISA) ------------------------------------------------------ */

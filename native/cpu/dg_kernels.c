@@ -431,7 +431,7 @@ static int sparse_row(const float *x, float mx, float total, const int32_t *kept
 static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
                            const double *mass, const int64_t *kept_n, const int32_t *kept, int64_t max_kept, int type,
                            const uint8_t *t, int64_t row_bytes, float ts, int64_t n, float scale, double norm_bound,
-                           double rel_tol, float *c, int64_t *path) {
+                           double rel_tol, int dense_rows, float *c, int64_t *path) {
     if (!type_ok(type, n, row_bytes)) return DG_E_TYPE;
     if (rows <= 0 || n <= 0) return 0;
     int failed = 0;
@@ -450,6 +450,7 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
             path[i] = kept_n[i];
     }
     if (failed) return DG_E_NOMEM;
+    if (!dense_rows) return 0; /* the int8 kernels take them */
     int64_t m = 0;
     int64_t *dense = malloc((size_t)rows * sizeof(int64_t));
     if (!dense) return DG_E_NOMEM;
