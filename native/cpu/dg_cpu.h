@@ -24,7 +24,8 @@ const char *dg_source_hash(void);
 int dg_select_int8(const char *isa);
 const char *dg_int8_isa(void);
 /* On (1): dg_linear and dg_ffn multiply weights of the types dg_int8_supports (dg_ffn: all three of its
- * matrices) on activations quantized to int8 per 32 values; off (0, the default): every matmul in float32. */
+ * matrices) on activations quantized to int8 per 32 values, and dg_soft_embed's dense rows of such a table are
+ * integer products too (dg_int8.c soft_embed); off (0, the default): every matmul in float32. */
 void dg_set_int8(int on);
 int dg_int8_supports(int type);
 /* The activation quantization of the int8 kernels: per 32 values d = amax / 127, q = rint(x / d). n % 32 == 0. */
@@ -48,7 +49,8 @@ int dg_linear(const float *a, int64_t m, int64_t k, int type, const uint8_t *w, 
 /* The self-conditioning soft embedding: out[i, :] = scale * softmax(x[i]) @ T for T [vocab, n] of any type, from
  * x's row statistics (dg_row_stats, or the sampler's). A row with kept_n[i] <= max_kept sums just its kept
  * tokens' rows when mass[i] * norm_bound <= rel_tol * ||that sum|| (the sparse path: path[i] = kept_n[i]);
- * the others take the dense product (path[i] = -1). See numpy_backend.sparse_soft_embed_row for the bound. */
+ * the others take the dense product (path[i] = -1), in float32, or with int8 on and a quantized T (n % 32 == 0)
+ * in integers. See numpy_backend.sparse_soft_embed_row for the bound. */
 int dg_soft_embed(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
                   const double *mass, const int64_t *kept_n, const int32_t *kept, int64_t max_kept, int type,
                   const uint8_t *t, int64_t row_bytes, float tensor_scale, int64_t n, float scale, double norm_bound,
