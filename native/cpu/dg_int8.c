@@ -683,6 +683,16 @@ static inline __attribute__((always_inline)) void micro8_iscale(uint8_t *const *
 }
 #endif
 #elif defined(NEON8)
+/* acc + the dot products of 4 bytes w4, in every lane, with each lane's 4 bytes of a: USDOT (w4 unsigned, i8mm) or
+ * SDOT (w4 signed: bytes below 128 read the same either way). */
+static inline int32x4_t dot4(int32x4_t acc, uint32_t w4, int8x16_t a) {
+#if defined(DG_INT8_I8MM)
+    return vusdotq_s32(acc, vreinterpretq_u8_u32(vdupq_n_u32(w4)), a);
+#else
+    return vdotq_s32(acc, vreinterpretq_s8_u32(vdupq_n_u32(w4)), a);
+#endif
+}
+
 /* arm64: 4 tokens per 128-bit vector; USDOT (u8 codes x s8 activations) or SDOT (codes < 128 as signed). */
 static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *const *u, const float *const *s,
                                                               const float *const *o, int64_t nb, panel8 p,
@@ -706,12 +716,7 @@ static inline __attribute__((always_inline)) void micro8_kind(const uint8_t *con
                     uint32_t w4;
                     memcpy(&w4, u[r] + b * QB + 4 * g, 4);
                     if (sgn) w4 ^= 0x80808080u; /* u - 128 as signed bytes (dotprod only: see kind_of) */
-                    for (int v = 0; v < nq; v++)
-#if defined(DG_INT8_I8MM)
-                        acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), a[v]);
-#else
-                        acc[r][v] = vdotq_s32(acc[r][v], vreinterpretq_s8_u32(vdupq_n_u32(w4)), a[v]);
-#endif
+                    for (int v = 0; v < nq; v++) acc[r][v] = dot4(acc[r][v], w4, a[v]);
                 }
             }
             const float *lo = split && h ? p.hi : p.lo;
@@ -1158,12 +1163,7 @@ static void micro_soft8(const uint8_t *p, const float *dp, const int8_t *tq, con
             for (int r = 0; r < RS; r++) {
                 uint32_t w4;
                 memcpy(&w4, p + r * KC8 + b * 32 + 4 * g, 4);
-                for (int v = 0; v < NV; v++)
-#if defined(DG_INT8_I8MM)
-                    acc[r][v] = vusdotq_s32(acc[r][v], vreinterpretq_u8_u32(vdupq_n_u32(w4)), tv[v]);
-#else
-                    acc[r][v] = vdotq_s32(acc[r][v], vreinterpretq_s8_u32(vdupq_n_u32(w4)), tv[v]);
-#endif
+                for (int v = 0; v < NV; v++) acc[r][v] = dot4(acc[r][v], w4, tv[v]);
             }
         }
         for (int v = 0; v < NV; v++) {
@@ -1207,15 +1207,9 @@ static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const f
                             const int64_t *path, int type, const uint8_t *t, int64_t row_bytes, float ts, int64_t n,
                             float scale, float *c) {
     if (!SFX8(supports)(type) || n % 32) return DG_E_TYPE;
-    int64_t m = 0;
-    int64_t *dense = malloc((size_t)(rows + 1) * sizeof(int64_t));
-    if (!dense) return DG_E_NOMEM;
-    for (int64_t i = 0; i < rows; i++)
-        if (path[i] < 0) dense[m++] = i;
-    if (m == 0) {
-        free(dense);
-        return 0;
-    }
+    int64_t *dense;
+    const int64_t m = dg_dense_rows(path, rows, &dense);
+    if (m <= 0) return m < 0 ? DG_E_NOMEM : 0;
     const int nt = NT8;
     const int64_t nkc = (vocab + KC8 - 1) / KC8, mpad = (m + RS - 1) / RS * RS;
     float **parts = calloc((size_t)nt, sizeof(float *));

@@ -101,6 +101,18 @@ static inline int64_t dg_panel_expert(const dg_groups *g, int64_t ne, int64_t p)
     return lo;
 }
 
+/* The rows of a soft embedding left to the dense product (path[i] < 0), in order, into *dense (the caller frees
+ * it): how many, or -1 when out of memory; none allocates nothing. */
+static inline int64_t dg_dense_rows(const int64_t *path, int64_t rows, int64_t **dense) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < rows; i++) m += path[i] < 0;
+    *dense = m ? malloc((size_t)m * sizeof(int64_t)) : NULL;
+    if (m && !*dense) return -1;
+    for (int64_t i = 0, j = 0; i < rows && m; i++)
+        if (path[i] < 0) (*dense)[j++] = i;
+    return m;
+}
+
 /* One int8 kernel set (dg_int8.c, compiled once per instruction set): matmuls of quantized weights on int8
  * activations. supports(type): whether it takes that weight type; the others return DG_E_TYPE for it. */
 typedef struct {

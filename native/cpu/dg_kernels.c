@@ -451,15 +451,9 @@ static int SFX(soft_embed)(const float *x, int64_t rows, int64_t vocab, const fl
     }
     if (failed) return DG_E_NOMEM;
     if (!dense_rows) return 0; /* the int8 kernels take them */
-    int64_t m = 0;
-    int64_t *dense = malloc((size_t)rows * sizeof(int64_t));
-    if (!dense) return DG_E_NOMEM;
-    for (int64_t i = 0; i < rows; i++)
-        if (path[i] < 0) dense[m++] = i;
-    if (m == 0) {
-        free(dense);
-        return 0;
-    }
+    int64_t *dense;
+    const int64_t m = dg_dense_rows(path, rows, &dense);
+    if (m <= 0) return m < 0 ? DG_E_NOMEM : 0;
     const int nt = NT;
     int team = 1; /* the threads OpenMP gave the region: each has a partial, and only those are summed */
     const int64_t k = vocab, nkc = (k + KC - 1) / KC;
