@@ -205,8 +205,9 @@ def soft_embed_model(cpu, logits: np.ndarray, table: CpuWeight, scale: float) ->
 def test_soft_embedding_matches_the_integer_model(cpu, qt):
     """Dense rows in integer arithmetic, over a vocabulary of 2 chunks of the kernel's 1024 rows (the last one
     ending inside a 32-row block); rows whose mass sits on a few tokens take the float kernels' exact sparse
-    path, bit for bit. The model's exp is numpy's, the kernel's within 2 ulp of it: a probability code on a
-    rounding boundary may move by one (1e-5 relative, where no code moves: 1e-7)."""
+    path, bit for bit. Measured against the model: 1.1e-7 to 1.5e-7 for every type and set here (the float32
+    flush); 1e-5 leaves room for the exps: the model's are numpy's, the kernel's within 2 ulp of them, so a
+    probability code on a rounding boundary could move by one."""
     rng = np.random.default_rng(int(qt.ggml_type))
     vocab, width = 1100, 256
     table = _weight(rng.normal(0, 1, (vocab, width)), qt)

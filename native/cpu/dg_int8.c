@@ -76,13 +76,6 @@
 #define VL 4
 #endif
 #include "dg_vmath.h"
-static inline vf vmax8(vf a, vf b) { return sel(a > b, a, b); }
-static inline vf vmin8(vf a, vf b) { return sel(a < b, a, b); }
-static inline vi iota_lanes(void) {
-    vi i;
-    for (int l = 0; l < VL; l++) i[l] = l;
-    return i;
-}
 
 #define QB 32 /* values per activation block */
 #define TP 16 /* tokens per panel: two vectors of 8 lanes */
@@ -997,8 +990,8 @@ done:
  * against PMAX 127, which must widen every result, the microkernel runs at 88 against 46 GMAC/s on a Zen 3 core
  * (the float one: ~43). What the coarser codes cost: on the bench model's q4_k_m file the soft embedding moves
  * from the f32 file's by 0.86% against the float path's 0.71% (PMAX 127: 0.75%). Every kernel set uses the same
- * codes, so they all compute the same sums. Threads take chunks of the vocabulary in order and
- * keep private partials, summed in thread order (as the float kernel: the same bits for a given thread count).
+ * codes, so they all compute the same sums. Threads take chunks of the vocabulary in order and keep private
+ * partials, summed in thread order (as the float kernel: the same bits for a given thread count).
  * The microkernel keeps RS rows x 16 columns: columns are the vector lanes, each lane's 4 bytes the codes of 4
  * consecutive vocabulary rows of its column, times 4 probabilities of one row broadcast to every lane.
  * ------------------------------------------------------------------------------------------------------------- */
@@ -1011,7 +1004,7 @@ done:
 _Static_assert(CHAIN * 2 * PMAX * 127 < 1 << 15, "soft_embed: the int16 chain overflows");
 
 /* Rows t[0..32) ([32][n] floats, decoded) as codes tq[g][c][4] (group g: rows 4g..4g+3; g stride 4 n) and
- * scales dt[c], per column. */
+ * scales dt[c]: each column's 32 values quantized as q8_block quantizes activations (amax / 127, rint, clamp). */
 static void table_block8(const float *t, int64_t n, int8_t *tq, float *dt) {
     int64_t c0 = 0;
 #ifdef SIMD8
@@ -1038,16 +1031,13 @@ static void table_block8(const float *t, int64_t n, int8_t *tq, float *dt) {
         }
     }
 #endif
-    for (int64_t c = c0; c < n; c++) { /* the loop above, a column at a time (the same operations, so the same bits) */
-        float amax = 0;
-        for (int r = 0; r < 32; r++) amax = fabsf(t[r * n + c]) > amax ? fabsf(t[r * n + c]) : amax;
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        dt[c] = d;
-        for (int r = 0; r < 32; r++) {
-            float v = rintf(t[r * n + c] * id);
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-            tq[(r / 4) * 4 * n + 4 * c + r % 4] = (int8_t)v;
-        }
+    for (int64_t c = c0; c < n; c++) { /* a column at a time: the activations' q8_block, which the loop above is */
+        float column[32];
+        int8_t q[32];
+        int32_t lo, hi;
+        for (int r = 0; r < 32; r++) column[r] = t[r * n + c];
+        q8_block(column, q, dt + c, &lo, &hi);
+        for (int r = 0; r < 32; r++) tq[(r / 4) * 4 * n + 4 * c + r % 4] = q[r];
     }
 }
 
@@ -1064,20 +1054,17 @@ static void prob_chunk8(const float *x, float mx, int64_t kn, uint8_t *p, float 
             const int64_t j = j0 + v * VL;
             if (j + VL <= kn) {
                 e[v] = vexp(ld(x + j) - mx);
-            } else { /* the vocabulary's end: its last values, then zeros */
-                float tail[VL] = {0};
-                for (int l = 0; j + l < kn && l < VL; l++) tail[l] = x[j + l] - mx;
-                e[v] = sel((vi)(iota_lanes() < (int32_t)(kn - j)), vexp(ld(tail)), (vf){0});
+            } else { /* the vocabulary's end: its last values, then -inf, whose exp is 0 */
+                float tail[VL];
+                for (int l = 0; l < VL; l++) tail[l] = j + l < kn ? x[j + l] - mx : -INFINITY;
+                e[v] = vexp(ld(tail));
             }
-            amax = vmax8(amax, e[v]);
+            amax = vmax(amax, e[v]);
         }
-        float d = 0;
-        for (int l = 0; l < VL; l++) d = amax[l] > d ? amax[l] : d;
-        d /= (float)PMAX;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = hmax(amax) / (float)PMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
         dp[j0 / 32] = d;
         vi q[32 / VL]; /* e * id <= PMAX (rounding aside: the min keeps it there) */
-        for (int v = 0; v < 32 / VL; v++) q[v] = __builtin_convertvector(vmin8(round_small(e[v] * id), splat((float)PMAX)), vi);
+        for (int v = 0; v < 32 / VL; v++) q[v] = __builtin_convertvector(vmin(round_small(e[v] * id), splat((float)PMAX)), vi);
 #ifdef SIMD8 /* int32 -> uint8 with packs, which interleave 128-bit lanes: undone by the permutation */
         const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32((__m256i)q[0], (__m256i)q[1]),
                                                   _mm256_packs_epi32((__m256i)q[2], (__m256i)q[3]));

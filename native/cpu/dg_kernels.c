@@ -56,9 +56,7 @@
 
 #include "dg_vmath.h"
 
-static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline float hsum(vf x) { float s = 0; for (int i = 0; i < VL; i++) s += x[i]; return s; }
-static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m; return m; }
 
 #ifdef _OPENMP
 #define NT (dg_nthreads > 0 ? dg_nthreads : 1)

@@ -14,6 +14,9 @@ static inline vf ld(const float *p) { return *(const vfu *)p; }
 static inline void st(float *p, vf x) { *(vfu *)p = x; }
 static inline vf splat(float x) { return x - (vf){0}; } /* broadcast (x - 0 is x, even for -0) */
 static inline vf sel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
+static inline float hmax(vf x) { float m = x[0]; for (int i = 1; i < VL; i++) m = x[i] > m ? x[i] : m; return m; }
 
 /* ---------------------------------------------------------------------------------------------------------------
  * Math: exp and tanh on vectors (Cephes' single-precision algorithms, within 2 ulp of the correctly rounded
