@@ -33,6 +33,9 @@ What makes it fast, and what it keeps from the reference:
   kernels. The soft embedding's dense rows over a quantized table are integer products too (5-bit probability
   codes per 32 tokens times the table re-quantized along the vocabulary, a chunk at a time: on the bench model's
   q4_k_m file 0.86% from the f32 file's result, against 0.71% in float32); its sparse rows stay exact.
+  BF16 files on CPUs with AVX512-BF16 (the `avx512bf16` set) multiply their weights as stored by
+  activations rounded to bfloat16 under the same switch (VDPBF16PS: 2^-9 relative per activation at most);
+  elsewhere they stay float32 (`int8="generic"` computes the same bfloat16 products portably, for tests).
   Row-independent like the float
   kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.
 
@@ -202,7 +205,7 @@ class CpuBackend(NumpyBackend):
         self.int8, int8_set = _int8_setting(int8)
         if self.lib.dg_select_int8(int8_set.encode()) != 0:
             raise RuntimeError(f"int8 kernel set {int8_set!r} is not available on this CPU or build "
-                               "(choose auto, avx512vnni, avxvnni, avx2 or generic)")
+                               "(choose auto, avx512bf16, avx512vnni, avxvnni, avx2, i8mm, dotprod or generic)")
         self.int8_isa = self.ffi.string(self.lib.dg_int8_isa()).decode()
         if not self.lib.dg_has_openmp():
             self.threads = 1

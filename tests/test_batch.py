@@ -43,13 +43,13 @@ def _op_backends() -> list[Any]:
 
 
 def _int8_backends() -> list[str]:
-    """The cpu backend's integer arithmetic, once per int8 kernel set this CPU runs (quantized files only)."""
+    """The cpu backend's integer arithmetic, once per int8 kernel set this CPU runs (quantized and BF16 files)."""
     if "cpu" not in GENERATION_BACKENDS:
         return []
     from dgrun.backends.cpu_backend import CpuBackend
 
     out = []
-    for name in ("avx512vnni", "avxvnni", "avx2", "generic"):
+    for name in ("avx512bf16", "avx512vnni", "avxvnni", "avx2", "generic"):
         try:
             CpuBackend(int8=name)
             out.append(f"cpu-int8={name}")
@@ -79,7 +79,10 @@ def _bits(x: Any, ops: Any) -> np.ndarray:
     return a.view(np.uint32) if a.dtype == np.float32 else a.astype(np.int64)
 
 
-OP_CASES = [(b, t) for b in _op_backends() for t in ("f32", "q4_k_m")] + [(b, "q4_k_m") for b in _int8_backends()]
+# the int8 sets on a quantized file, and those with bfloat16 products (dg_int8.c's BF16_SET) on a BF16 file
+INT8_CASES = [(b, "q4_k_m") for b in _int8_backends()] + [
+    (b, "bf16") for b in _int8_backends() if b.endswith(("=avx512bf16", "=generic"))]
+OP_CASES = [(b, t) for b in _op_backends() for t in ("f32", "q4_k_m")] + INT8_CASES
 
 
 @pytest.mark.parametrize("loaded", OP_CASES, ids=[f"{b}-{t}" for b, t in OP_CASES], indirect=True)
@@ -132,7 +135,7 @@ def test_every_batched_op_computes_a_row_the_same_in_calls_of_any_size(loaded):
 
 
 MODEL_CASES = ([(b, "f32") for b in _op_backends()] + [("cpu", "q4_k_m")] * ("cpu" in GENERATION_BACKENDS)
-               + [(b, "q4_k_m") for b in _int8_backends()])
+               + INT8_CASES)
 
 
 def _decode_batch_matches_decode_alone(model: Any) -> None:

@@ -31,7 +31,7 @@ INT8_SLACK = 1.5
 
 def test_quantized_presets_stay_within_their_bands(checkpoints):
     ckpt = checkpoints["quant"]
-    int8 = quant_quality.int8_kernels() is not None  # the cpu backend's integer arithmetic, where it runs
+    int8 = quant_quality.int8_kernels()  # the cpu backend's integer arithmetic, where it runs
     rows = quant_quality.measure({t: ckpt.dgf(t) for t in BOUNDS}, ckpt.dgf("f32"), int8=int8)
     print("\n" + quant_quality.format_table(rows))
     for row in rows:

@@ -1,10 +1,12 @@
 """How much each quantization preset moves the decoder's output: relative L2 error of the logits, KL divergence
 and top-1 agreement against the float32 file of the same checkpoint, on the numpy reference backend (float32
 arithmetic) and, where the cpu backend runs, with its integer arithmetic on (activations quantized to int8 per 32
-values, as ggml does: the "int8" columns, on by default there).
+values, as ggml does; BF16 files' activations rounded to bfloat16 on the kernel sets that take them: the "int8"
+columns, on by default there).
 
     python tools/quant_quality.py CHECKPOINT_DIR            # converts to every preset in a temp folder
     python tools/quant_quality.py --f32 a.dgf b.dgf c.dgf   # compare given files against a float32 file
+    python tools/quant_quality.py --int8-kernels generic …  # the int8 columns from a given kernel set
 """
 
 from __future__ import annotations
@@ -51,21 +53,23 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def int8_kernels() -> str | None:
-    """The cpu backend's int8 kernel set, or None where the cpu backend does not run."""
+def int8_kernels(name: str = "auto") -> str | None:
+    """The cpu backend's int8 kernel set `name` ("auto": the best this CPU runs) as it names itself, or None where
+    the cpu backend does not run or has no such set."""
     try:
         from dgrun.backends.cpu_backend import CpuBackend
 
-        return CpuBackend(int8=True).int8_isa
+        return CpuBackend(int8=name).int8_isa
     except (ImportError, RuntimeError):
         return None
 
 
-def decoder_logits(path: Path, prompt: np.ndarray, canvas: np.ndarray, backend: str = "numpy") -> np.ndarray:
+def decoder_logits(path: Path, prompt: np.ndarray, canvas: np.ndarray, backend: str = "numpy",
+                   int8: str = "auto") -> np.ndarray:
     """Logits of the second decoder step (self-conditioned on the first), so both decoder paths are covered;
-    backend "cpu-int8" is the cpu backend with its integer arithmetic on."""
+    backend "cpu-int8" is the cpu backend with its integer arithmetic on, from kernel set `int8`."""
     if backend == "cpu-int8":
-        with _environment(DGRUN_CPU_INT8="1"):
+        with _environment(DGRUN_CPU_INT8=int8):
             return decoder_logits(path, prompt, canvas, "cpu")
     with dgrun.load(path, backend=backend) as model:
         cache = model.graph.new_cache()
@@ -83,9 +87,9 @@ def compare(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float, fl
     return rel, kl, top1
 
 
-def measure(files: dict[str, Path], f32: Path, seed: int = 0, int8: bool = False) -> list[Quality]:
-    """Quality of each file against the float32 file, on a seeded prompt and canvas; with `int8` (and the cpu
-    backend here) also with the cpu backend's integer arithmetic."""
+def measure(files: dict[str, Path], f32: Path, seed: int = 0, int8: str | None = None) -> list[Quality]:
+    """Quality of each file against the float32 file, on a seeded prompt and canvas; with `int8`, a kernel set of
+    the cpu backend ("auto": the best here), also with its integer arithmetic."""
     with dgrun.load(f32, backend="numpy") as model:
         vocab, canvas_length = model.config.vocab_size, model.config.canvas_length
     rng = np.random.default_rng(seed)
@@ -98,7 +102,7 @@ def measure(files: dict[str, Path], f32: Path, seed: int = 0, int8: bool = False
             bits = 8 * sum(t.nbytes for t in weights) / sum(t.n_elements for t in weights)
         quality = Quality(outtype, bits, *compare(reference, decoder_logits(path, prompt, canvas)))
         if int8:
-            quality.int8 = compare(reference, decoder_logits(path, prompt, canvas, "cpu-int8"))
+            quality.int8 = compare(reference, decoder_logits(path, prompt, canvas, "cpu-int8", int8))
         out.append(quality)
     return out
 
@@ -135,20 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--f32", type=Path, help="the float32 .dgf to compare the given files against")
     parser.add_argument("--outtypes", default=",".join(PRESETS), help="presets to convert a checkpoint to")
     parser.add_argument("--no-int8", action="store_true", help="leave out the cpu backend's int8 columns")
+    parser.add_argument("--int8-kernels", default="auto", metavar="SET",
+                        help="the int8 columns' kernel set (default: the best this CPU runs); generic computes "
+                             "BF16 files' bfloat16 products on any CPU")
     args = parser.parse_args(argv)
-    kernels = None if args.no_int8 else int8_kernels()
+    kernels = None if args.no_int8 else int8_kernels(args.int8_kernels)
+    if kernels is None and not args.no_int8 and args.int8_kernels != "auto":
+        parser.error(f"the cpu backend has no int8 kernel set {args.int8_kernels!r} on this CPU or build")
     unknown = set(args.outtypes.split(",")) - set(PRESETS)
     if unknown:
         parser.error(f"unknown preset(s) {', '.join(sorted(unknown))}; choose from {', '.join(PRESETS)}")
     if args.f32:
-        rows = measure({p.stem: p for p in args.inputs}, args.f32, int8=kernels is not None)
+        rows = measure({p.stem: p for p in args.inputs}, args.f32, int8=kernels)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             files = convert_all(args.inputs[0], Path(tmp), args.outtypes.split(","))
             f32 = convert_all(args.inputs[0], Path(tmp), ["f32"])
             if "f32" not in f32:
                 return 2
-            rows = measure(files, f32["f32"], int8=kernels is not None)
+            rows = measure(files, f32["f32"], int8=kernels)
     if kernels is not None:
         print(f"# int8 columns: the cpu backend's integer arithmetic, kernel set {kernels}")
     print(format_table(rows))

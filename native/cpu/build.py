@@ -37,8 +37,11 @@ X86_KERNEL_SETS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
 }
-# dg_int8.c's sets (integer dot products): VNNI in 256-bit registers, or AVX2's vpmaddubsw.
+# dg_int8.c's sets (integer dot products): VNNI in 256-bit registers, or AVX2's vpmaddubsw; avx512bf16 is the
+# avx512vnni set plus BF16 weights' bfloat16 dot products (512-bit VDPBF16PS).
 X86_INT8_SETS = {
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2", "-mfma",
+                   "-mf16c"],
     "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
     "avxvnni": ["-mavxvnni", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],

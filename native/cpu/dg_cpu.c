@@ -31,6 +31,9 @@ extern const dg_int8_set dg_int8_avx2;
 #ifdef DG_HAVE_INT8_AVXVNNI
 extern const dg_int8_set dg_int8_avxvnni;
 #endif
+#ifdef DG_HAVE_INT8_AVX512BF16
+extern const dg_int8_set dg_int8_avx512bf16;
+#endif
 #ifdef DG_HAVE_INT8_AVX512VNNI
 extern const dg_int8_set dg_int8_avx512vnni;
 #endif
@@ -57,6 +60,7 @@ static int cpu_has(const char *isa) {
     if (!strcmp(isa, "avxvnni")) return cpu_has("avx2") && __builtin_cpu_supports("avxvnni");
     if (!strcmp(isa, "avx512vnni"))
         return cpu_has("avx2") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+    if (!strcmp(isa, "avx512bf16")) return cpu_has("avx512vnni") && __builtin_cpu_supports("avx512bf16");
 #endif
 #if defined(__aarch64__) && defined(__linux__)
     if (!strcmp(isa, "dotprod")) return (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  /* HWCAP_ASIMDDP */
@@ -80,6 +84,9 @@ int dg_select_int8(const char *isa) {
 #endif
 #ifdef DG_HAVE_INT8_DOTPROD
         &dg_int8_dotprod,
+#endif
+#ifdef DG_HAVE_INT8_AVX512BF16
+        &dg_int8_avx512bf16,
 #endif
 #ifdef DG_HAVE_INT8_AVX512VNNI
         &dg_int8_avx512vnni,

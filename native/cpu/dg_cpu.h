@@ -20,12 +20,13 @@ const char *dg_isa(void);
 /* Hash of the sources this library was built from (build.py's source_hash). */
 const char *dg_source_hash(void);
 /* Integer arithmetic for quantized weights (dg_int8.c): the int8 kernel set, "auto" (the best this CPU runs),
- * "avx512vnni", "avxvnni", "avx2" (x86-64), "i8mm", "dotprod" (arm64) or "generic"; 0 or DG_E_ISA. */
+ * "avx512bf16", "avx512vnni", "avxvnni", "avx2" (x86-64), "i8mm", "dotprod" (arm64) or "generic"; 0 or DG_E_ISA. */
 int dg_select_int8(const char *isa);
 const char *dg_int8_isa(void);
 /* On (1): dg_linear and dg_ffn multiply weights of the types dg_int8_supports (dg_ffn: all three of its
  * matrices) on activations quantized to int8 per 32 values, and dg_soft_embed's dense rows of such a table are
- * integer products too (dg_int8.c soft_embed); off (0, the default): every matmul in float32. */
+ * integer products too (dg_int8.c soft_embed); BF16 weights, on the sets that take them (avx512bf16, generic),
+ * multiply activations rounded to bfloat16 instead; off (0, the default): every matmul in float32. */
 void dg_set_int8(int on);
 int dg_int8_supports(int type);
 /* The activation quantization of the int8 kernels: per 32 values d = amax / 127, q = rint(x / d). n % 32 == 0. */

@@ -1,7 +1,8 @@
 /* dgrun CPU int8 kernels: matmuls of quantized weights in integer arithmetic, as ggml does.
  *
- * build.py compiles this file once per int8 kernel set (x86-64: avx512vnni, avxvnni, avx2; arm64: i8mm, dotprod;
- * every machine: generic) and dg_cpu.c picks the best one the CPU runs. What they compute, for C[m, n] = A[m, k] @ W[n, k]^T:
+ * build.py compiles this file once per int8 kernel set (x86-64: avx512bf16, avx512vnni, avxvnni, avx2; arm64: i8mm,
+ * dotprod; every machine: generic) and dg_cpu.c picks the best one the CPU runs. avx512bf16 and generic also take
+ * BF16 weights, in bfloat16 products ("BF16 weights" below). What they compute, for C[m, n] = A[m, k] @ W[n, k]^T:
  *
  *   activations  each row of A in blocks of 32 values: d = amax / 127, q = rint(x * (1 / d)) (nearest, ties to
  *                even), |q| <= 127 (Q8_0-style, with a float32 scale). q8_quantize below is the definition.
@@ -31,6 +32,7 @@
  * per vector) USDOT, or SDOT, which takes the codes as signed bytes (so again not those three). The float flush
  * happens once per block, or per 16-value half for types with two scales per block.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,7 +45,11 @@
 #include <immintrin.h>
 #endif
 
-#if defined(DG_INT8_AVX512VNNI)
+#if defined(DG_INT8_AVX512BF16) /* the avx512vnni set, plus BF16 weights (every CPU with AVX512-BF16 has VNNI) */
+#define DG_INT8_AVX512VNNI 1
+#define SFX8(x) x##_avx512bf16
+#define NAME8 "avx512bf16"
+#elif defined(DG_INT8_AVX512VNNI)
 #define SFX8(x) x##_avx512vnni
 #define NAME8 "avx512vnni"
 #elif defined(DG_INT8_AVXVNNI)
@@ -67,6 +73,13 @@
 #elif defined(DG_INT8_I8MM) || defined(DG_INT8_DOTPROD)
 #define NEON8 1
 #include <arm_neon.h>
+#endif
+/* Sets that take BF16 weights (bf16 products, see "BF16 weights" below): avx512bf16, and generic, which defines
+ * its arithmetic. */
+#if defined(DG_INT8_AVX512BF16) || !(defined(SIMD8) || defined(NEON8))
+#define BF16_SET 1
+#else
+#define BF16_SET 0
 #endif
 
 /* float vectors for the elementwise work (dg_vmath.h): 8 lanes where AVX2 is there (every x86 int8 set) */
@@ -163,7 +176,9 @@ typedef struct {
     int16_t *off; /* [nb][2][TP][2]: iscale kinds only (micro8_iscale) */
 } panel8;
 
-static size_t panel_bytes(int64_t nb) {
+/* A panel of nb blocks of 32 values for weights of `type`: int8 codes and their scales, or BF16's bf16 pairs. */
+static size_t panel_bytes(int type, int64_t nb) {
+    if (BF16_SET && type == T_BF16) return (size_t)nb * QB * TP * sizeof(uint16_t);
     return (size_t)nb * (QB * TP + 3 * TP * sizeof(float) + 2 * TP * 2 * sizeof(int16_t));
 }
 
@@ -277,6 +292,92 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+ * BF16 weights (the sets with BF16_SET): activations rounded to bfloat16, products summed in float32 the way
+ * AVX512-BF16's VDPBF16PS sums them. Plain definition, for C[m, n] = A[m, k] @ W[n, k]^T:
+ *   activations  a = bf16_round(x): to nearest, ties to even, as ggml_compute_fp32_to_bf16 and gguf-py round;
+ *                float32 subnormals become zeros (the instruction reads bf16 subnormals as zeros anyway)
+ *   weights      the file's bfloat16 values as they are (subnormals read as zeros: the instruction's DAZ)
+ *   dot product  per pair j of k, in order: c += a[2j+1] w[2j+1], then c += a[2j] w[2j] (Intel's pseudo-code for
+ *                VDPBF16PS). A product of two bf16 values (8 significant bits each) is exact in float32, so each
+ *                step rounds once, to nearest even; a subnormal sum is flushed to zero (its FTZ).
+ * The activations' rounding (2^-9 relative at most) is the one lossy step: like the int8 codes it follows the int8
+ * switch, and int8 off keeps BF16 files on the exact float32 path. Why: VDPBF16PS does 32 multiply-adds where
+ * VFMADD231PS does 16, and the weights are read as stored, never widened. A panel holds per pair j the TP tokens'
+ * bf16 pairs (4 bytes a token, as the int8 panels' 4 codes), so one 512-bit vector is a pair of all 16 tokens.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+/* (Every set compiles these; those without BF16_SET never call them: static inline, so no code is emitted.) */
+#define RB16 12 /* weight rows per BF16 microkernel call: 12 independent sums hide VDPBF16PS's latency */
+_Static_assert(WB8 % RB16 == 0, "a block of weight rows splits into BF16 microkernel calls");
+
+static inline uint16_t bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays a (quiet) NaN */
+    if (!(u & 0x7F800000u)) return (uint16_t)((u >> 16) & 0x8000);             /* zero or subnormal: signed zero */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+
+/* Tokens rows[first .. first + count) of x (row stride k; rows NULL: consecutive) as a panel of bf16 pairs
+ * p[k / 2][TP][2]; missing tokens are zeros. */
+static inline void pack_bf16(const float *x, int64_t k, const int64_t *rows, int64_t first, int64_t count,
+                             uint16_t *p) {
+    for (int64_t t = 0; t < TP; t++) {
+        const float *src = t < count ? x + (rows ? rows[first + t] : first + t) * k : NULL;
+        for (int64_t j = 0; j < k; j++) p[(j / 2 * TP + t) * 2 + j % 2] = src ? bf16_round(src[j]) : 0;
+    }
+}
+
+#if defined(DG_INT8_AVX512BF16)
+/* out[r][l] (r < rows) = sum over pairs j < np of a[j][l] . w[r][j], lane l of 16, as the definition above:
+ * a[j] at a + j * a_stride (16 lanes x 2 bf16), w[r][j] the 4 bytes at w[r] + 4 j. */
+static inline __attribute__((always_inline)) void dot_bf16(const uint8_t *const *w, const int rows, int64_t np,
+                                                           const uint8_t *a, int64_t a_stride, float *out) {
+    __m512 f[RB16];
+    for (int r = 0; r < rows; r++) f[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < np; j++) {
+        const __m512bh av = (__m512bh)_mm512_loadu_si512(a + j * a_stride);
+        for (int r = 0; r < rows; r++) {
+            int32_t w2;
+            memcpy(&w2, w[r] + 4 * j, 4);
+            f[r] = _mm512_dpbf16_ps(f[r], (__m512bh)_mm512_set1_epi32(w2), av);
+        }
+    }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + 16 * r, f[r]);
+}
+#else
+static inline float bf16_value(uint16_t h) {
+    return dg_bits_f32((uint32_t)(h & 0x7F80 ? h : h & 0x8000) << 16); /* exponent 0: a signed zero (DAZ) */
+}
+
+static inline float bf16_step(float c, uint16_t a, uint16_t w) {
+    c += bf16_value(a) * bf16_value(w); /* exact product, one rounding */
+    return fabsf(c) < FLT_MIN ? copysignf(0.0f, c) : c; /* FTZ */
+}
+
+static inline void dot_bf16(const uint8_t *const *w, const int rows, int64_t np, const uint8_t *a, int64_t a_stride,
+                            float *out) {
+    for (int r = 0; r < rows; r++)
+        for (int l = 0; l < 16; l++) {
+            const uint16_t *wr = (const uint16_t *)w[r];
+            float c = 0;
+            for (int64_t j = 0; j < np; j++) {
+                const uint16_t *al = (const uint16_t *)(a + j * a_stride) + 2 * l;
+                c = bf16_step(bf16_step(c, al[1], wr[2 * j + 1]), al[0], wr[2 * j]);
+            }
+            out[16 * r + l] = c;
+        }
+}
+#endif
+
+/* Tokens rows[first .. first + count) of x into the panel at `base`, for weights of `type`. */
+static void pack_panel(int type, const float *x, int64_t k, const int64_t *rows, int64_t first, int64_t count,
+                       uint8_t *base) {
+    if (BF16_SET && type == T_BF16) pack_bf16(x, k, rows, first, count, (uint16_t *)base);
+    else pack_q8(x, k, rows, first, count, kind_of(type), panel_at(base, k / QB));
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
  * Weights: decode_codes is the definition of the codes, scales and offsets (see the top of the file).
  * ------------------------------------------------------------------------------------------------------------- */
 
@@ -284,12 +385,12 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
                          int16_t *isc, float *isd);
 
 static int SFX8(supports)(int type) {
-    return kind_of(type).umax != 0;
+    return kind_of(type).umax != 0 || (BF16_SET && type == T_BF16);
 }
 
 /* One row of k values as codes u[k] and per 16-value half scale s[k / 16] and offset o[k / 16]. */
 static int SFX8(codes)(int type, const uint8_t *row, int64_t k, float ts, uint8_t *u, float *s, float *o) {
-    if (!SFX8(supports)(type) || k % 256) return DG_E_TYPE;
+    if (!kind_of(type).umax || k % 256) return DG_E_TYPE;
     decode_codes(type, row, k, ts, u, s, o, NULL, NULL);
     return 0;
 }
@@ -488,7 +589,7 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
     }
 }
 
-/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer. */
+/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer; BF16 rows as stored. */
 typedef struct {
     int n;
     uint8_t *u[WB8];
@@ -497,11 +598,11 @@ typedef struct {
     float *isd[WB8];
 } rows8;
 
-static int rows8_alloc(rows8 *w, int64_t k, int n) {
+static int rows8_alloc(rows8 *w, int type, int64_t k, int n) {
     memset(w, 0, sizeof(*w));
     w->n = n;
     for (int r = 0; r < n; r++) {
-        w->u[r] = alloc8((size_t)k);
+        w->u[r] = alloc8((size_t)k * (type == T_BF16 ? 2 : 1));
         w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->isc[r] = alloc8((size_t)k / 16 * sizeof(int16_t));
@@ -515,10 +616,15 @@ static void rows8_free(rows8 *w) {
     for (int r = 0; r < w->n; r++) free(w->u[r]), free(w->s[r]), free(w->o[r]), free(w->isc[r]), free(w->isd[r]);
 }
 
-/* Rows [r0, r0 + count) of W into w, and up to the next multiple of R8 rows past them the first again (their
- * results are not stored). */
+/* Rows [r0, r0 + count) of W into w, and up to the next multiple of the microkernel's rows past them the first
+ * again (their results are not stored). */
 static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_bytes, int64_t k, float ts, int64_t r0,
                          int64_t count) {
+    if (BF16_SET && type == T_BF16) {
+        for (int64_t r = 0; r < (count + RB16 - 1) / RB16 * RB16 && r < w->n; r++)
+            memcpy(w->u[r], base + (r0 + (r < count ? r : 0)) * row_bytes, (size_t)k * 2);
+        return;
+    }
     const int64_t padded = (count + R8 - 1) / R8 * R8;
     const int iscale = kind_of(type).iscale;
     for (int64_t r = 0; r < padded && r < w->n; r++)
@@ -818,9 +924,16 @@ static inline void copy_rows(float *dst, const float *src, int64_t rows) {
 /* Whether rows of k values split into this type's blocks and the activations' 32-value blocks. */
 static int k_fits(int type, int64_t k) { return k % QB == 0 && k % dg_block_size(type) == 0; }
 
-/* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against the `cols` tokens of panel p:
- * tile[r * TP + t] for r < rows rounded up to R8, t < cols. */
-static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, panel8 p, int64_t cols, float *tile) {
+/* micro8 on the first `rows` rows of w (as many R8-row panels as they need) against the `cols` tokens of the
+ * panel at `base`: tile[r * TP + t] for r < rows rounded up to R8, t < cols. BF16: RB16 rows and every token. */
+static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, const uint8_t *base, int64_t cols,
+                         float *tile) {
+    if (BF16_SET && type == T_BF16) {
+        for (int q = 0; q * RB16 < rows; q++)
+            dot_bf16((const uint8_t *const *)w->u + q * RB16, RB16, nb * QB / 2, base, TP * 4, tile + q * RB16 * TP);
+        return;
+    }
+    const panel8 p = panel_at((uint8_t *)base, nb);
     for (int q = 0; q * R8 < rows; q++) micro8(type, w, q * R8, nb, p, tile + q * R8 * TP, cols);
 }
 
@@ -829,18 +942,18 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
     if (!SFX8(supports)(type) || !k_fits(type, k)) return DG_E_TYPE;
     if (m <= 0 || n <= 0) return 0;
     const int64_t nb = k / QB, mp = (m + TP - 1) / TP, nwb = (n + WB8 - 1) / WB8;
-    uint8_t *act = alloc8(panel_bytes(nb) * (size_t)mp);
+    const size_t pb = panel_bytes(type, nb);
+    uint8_t *act = alloc8(pb * (size_t)mp);
     if (!act) return DG_E_NOMEM;
     int failed = 0;
 #pragma omp parallel num_threads(NT8)
     {
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < mp; p++)
-            pack_q8(a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, kind_of(type),
-                    panel_at(act + p * panel_bytes(nb), nb));
+            pack_panel(type, a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, act + p * pb);
         rows8 wr;
         float tile[WB8 * TP] = {0}, by_token[TP * WB8]; /* zeros: tile_by_token moves whole 8 x 8 blocks */
-        if (!rows8_alloc(&wr, k, WB8)) failed = 1;
+        if (!rows8_alloc(&wr, type, k, WB8)) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jb = 0; jb < nwb; jb++) {
@@ -849,7 +962,7 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
             rows8_decode(&wr, type, w, row_bytes, k, ts, j0, rows);
             for (int64_t p = 0; p < mp; p++) {
                 const int64_t i0 = p * TP, cols = m - i0 < TP ? m - i0 : TP;
-                micro8_block(type, &wr, rows, nb, panel_at(act + p * panel_bytes(nb), nb), cols, tile);
+                micro8_block(type, &wr, rows, nb, act + p * pb, cols, tile);
                 tile_by_token(tile, rows, cols, by_token);
                 for (int64_t i = 0; i < cols; i++)
                     copy_rows(c + (i0 + i) * n + j0, by_token + i * WB8, rows);
@@ -893,8 +1006,8 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
     if (rc) return rc;
     const int64_t np_ = grp.panel0[ne], nbh = hidden / QB, nbi = inter / QB;
     const int same = gt == ut;
-    uint8_t *xg = alloc8(panel_bytes(nbh) * (size_t)np_), *xu = same ? xg : alloc8(panel_bytes(nbh) * (size_t)np_);
-    uint8_t *hq = alloc8(panel_bytes(nbi) * (size_t)np_);
+    const size_t pg = panel_bytes(gt, nbh), pu = panel_bytes(ut, nbh), pd = panel_bytes(dt, nbi);
+    uint8_t *xg = alloc8(pg * (size_t)np_), *xu = same ? xg : alloc8(pu * (size_t)np_), *hq = alloc8(pd * (size_t)np_);
     float *h = alloc8((size_t)(grp.start[ne] + 1) * (size_t)inter * sizeof(float));
     if (!xg || !xu || !hq || !h) {
         rc = DG_E_NOMEM;
@@ -906,16 +1019,16 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
     {
         rows8 wg, wu;
         float tg[WB8 * TP] = {0}, tu[WB8 * TP], by_token[TP * WB8];
-        const int ok_g = rows8_alloc(&wg, hidden, WB8), ok_u = rows8_alloc(&wu, hidden, WB8); /* both: both get freed */
+        /* both, so that both get freed */
+        const int ok_g = rows8_alloc(&wg, gt, hidden, WB8), ok_u = rows8_alloc(&wu, ut, hidden, WB8);
         if (!ok_g || !ok_u) failed = 1;
         /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < np_; p++) {
             const int64_t e = dg_panel_expert(&grp, ne, p), c0 = (p - grp.panel0[e]) * TP;
             const int64_t cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-            pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(gt), panel_at(xg + p * panel_bytes(nbh), nbh));
-            if (!same)
-                pack_q8(x, hidden, grp.tok, grp.start[e] + c0, cols, kind_of(ut), panel_at(xu + p * panel_bytes(nbh), nbh));
+            pack_panel(gt, x, hidden, grp.tok, grp.start[e] + c0, cols, xg + p * pg);
+            if (!same) pack_panel(ut, x, hidden, grp.tok, grp.start[e] + c0, cols, xu + p * pu);
         }
         /* phase 1: h = gelu(gate @ x) * (up @ x) per expert and block of WB8 hidden units */
 #pragma omp for schedule(dynamic, 1)
@@ -926,8 +1039,8 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
             rows8_decode(&wu, ut, uw + e * ustride, urb, hidden, uts, j0, rows);
             for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                 const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                micro8_block(gt, &wg, rows, nbh, panel_at(xg + p * panel_bytes(nbh), nbh), cols, tg);
-                micro8_block(ut, &wu, rows, nbh, panel_at(xu + p * panel_bytes(nbh), nbh), cols, tu);
+                micro8_block(gt, &wg, rows, nbh, xg + p * pg, cols, tg);
+                micro8_block(ut, &wu, rows, nbh, xu + p * pu, cols, tu);
                 gelu_mul_tile(tg, tu, rows, cols);
                 tile_by_token(tg, rows, cols, by_token);
                 for (int64_t c = 0; c < cols; c++)
@@ -939,12 +1052,12 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         for (int64_t p = 0; p < np_; p++) {
             const int64_t e = dg_panel_expert(&grp, ne, p), c0 = (p - grp.panel0[e]) * TP;
             const int64_t cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-            pack_q8(h, inter, NULL, grp.start[e] + c0, cols, kind_of(dt), panel_at(hq + p * panel_bytes(nbi), nbi));
+            pack_panel(dt, h, inter, NULL, grp.start[e] + c0, cols, hq + p * pd);
         }
         rows8_free(&wg), rows8_free(&wu);
         rows8 wd;
         float td[WB8 * TP] = {0};
-        if (!rows8_alloc(&wd, inter, WB8)) failed = 1;
+        if (!rows8_alloc(&wd, dt, inter, WB8)) failed = 1;
 #pragma omp barrier
         /* phase 2: out[t, j0:j0+WB8] += w * (down @ h), experts in ascending order */
 #pragma omp for schedule(dynamic, 1)
@@ -956,7 +1069,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
                 rows8_decode(&wd, dt, dw + e * dstride, drb, inter, dts, j0, rows);
                 for (int64_t p = grp.panel0[e]; p < grp.panel0[e + 1]; p++) {
                     const int64_t c0 = (p - grp.panel0[e]) * TP, cols = grp.count[e] - c0 < TP ? grp.count[e] - c0 : TP;
-                    micro8_block(dt, &wd, rows, nbi, panel_at(hq + p * panel_bytes(nbi), nbi), cols, td);
+                    micro8_block(dt, &wd, rows, nbi, hq + p * pd, cols, td);
                     tile_by_token(td, rows, cols, by_token);
                     for (int64_t c = 0; c < cols; c++) {
                         float *dst = out + grp.tok[grp.start[e] + c0 + c] * hidden + j0;
@@ -1001,6 +1114,7 @@ done:
 #define CHAIN 4  /* AVX2: vpmaddubsw pair sums added in int16 before widening, a block's 8 groups in two chains */
 #define RS 4     /* probability rows per microkernel call */
 #define CS 16    /* columns per microkernel call: two vectors of 8 (four of 4 on arm64) */
+_Static_assert(CS == 16, "a BF16 table's columns are dot_bf16's 16 lanes");
 _Static_assert(CHAIN * 2 * PMAX * 127 < 1 << 15, "soft_embed: the int16 chain overflows");
 
 /* Rows t[0..32) ([32][n] floats, decoded) as codes tq[g][c][4] (group g: rows 4g..4g+3; g stride 4 n) and
@@ -1045,20 +1159,21 @@ static void table_block8(const float *t, int64_t n, int8_t *tq, float *dt) {
  * fraction bits, so the addition rounds x to an integer, and the subtraction is exact. */
 static inline vf round_small(vf x) { return (x + 12582912.0f) - 12582912.0f; }
 
+/* exp(x[j + l] - mx) for the VL lanes l, 0 past kn (the vocabulary's end: -inf, whose exp is 0). */
+static inline vf exp_lanes(const float *x, float mx, int64_t j, int64_t kn) {
+    if (j + VL <= kn) return vexp(ld(x + j) - mx);
+    float tail[VL];
+    for (int l = 0; l < VL; l++) tail[l] = j + l < kn ? x[j + l] - mx : -INFINITY;
+    return vexp(ld(tail));
+}
+
 /* A row's probabilities over vocabulary rows [k0, k0 + kn) (kn <= KC8; zeros past kn, up to whole blocks) as
  * codes p[KC8] and scales dp[KC8 / 32]. */
 static void prob_chunk8(const float *x, float mx, int64_t kn, uint8_t *p, float *dp) {
     for (int64_t j0 = 0; j0 < kn; j0 += 32) {
         vf e[32 / VL], amax = (vf){0};
         for (int v = 0; v < 32 / VL; v++) {
-            const int64_t j = j0 + v * VL;
-            if (j + VL <= kn) {
-                e[v] = vexp(ld(x + j) - mx);
-            } else { /* the vocabulary's end: its last values, then -inf, whose exp is 0 */
-                float tail[VL];
-                for (int l = 0; l < VL; l++) tail[l] = j + l < kn ? x[j + l] - mx : -INFINITY;
-                e[v] = vexp(ld(tail));
-            }
+            e[v] = exp_lanes(x, mx, j0 + v * VL, kn);
             amax = vmax(amax, e[v]);
         }
         const float d = hmax(amax) / (float)PMAX, id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -1190,6 +1305,25 @@ static void codes_to_floats(const uint8_t *u, const float *s, const float *o, fl
     }
 }
 
+/* A BF16 table's rows [k0, k0 + kn) as pairs per column, tp[g][c][2] = rows 2g and 2g + 1 of column c, for g <
+ * np (zeros past kn); and a row's probabilities exp(x - mx) over them rounded to bf16, pb[2 np] (zeros past kn).
+ * The soft embedding of a BF16 table is then dot_bf16 with the columns as lanes: bf16 probabilities (the
+ * activations' rounding), products summed in float32 per pair of rows, in order. */
+static inline void table_pairs_bf16(const uint8_t *t, int64_t row_bytes, int64_t kn, int64_t n, int64_t np,
+                                    uint16_t *tp) {
+    for (int64_t j = 0; j < 2 * np; j++) {
+        const uint16_t *row = j < kn ? (const uint16_t *)(t + j * row_bytes) : NULL;
+        for (int64_t c = 0; c < n; c++) tp[(j / 2 * n + c) * 2 + j % 2] = row ? row[c] : 0;
+    }
+}
+
+static inline void prob_bf16(const float *x, float mx, int64_t kn, int64_t np, uint16_t *pb) {
+    for (int64_t j = 0; j < 2 * np; j += VL) {
+        const vf e = exp_lanes(x, mx, j, kn);
+        for (int l = 0; l < VL; l++) pb[j + l] = bf16_round(e[l]);
+    }
+}
+
 static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const float *row_max, const float *row_total,
                             const int64_t *path, int type, const uint8_t *t, int64_t row_bytes, float ts, int64_t n,
                             float scale, float *c) {
@@ -1197,7 +1331,7 @@ static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const f
     int64_t *dense;
     const int64_t m = dg_dense_rows(path, rows, &dense);
     if (m <= 0) return m < 0 ? DG_E_NOMEM : 0;
-    const int nt = NT8;
+    const int nt = NT8, bf16 = BF16_SET && type == T_BF16, wide = bf16 ? 2 : 1; /* bytes a table or row value */
     const int64_t nkc = (vocab + KC8 - 1) / KC8, mpad = (m + RS - 1) / RS * RS;
     float **parts = calloc((size_t)nt, sizeof(float *));
     int team = 1, failed = !parts;
@@ -1206,36 +1340,49 @@ static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const f
         const int tid = TID8;
         if (tid == 0) team = TEAM8;
         float *part = parts ? parts[tid] = calloc((size_t)(m * n), sizeof(float)) : NULL;
-        int8_t *tq = alloc8((size_t)(n * KC8));
+        int8_t *tq = alloc8((size_t)(n * KC8 * wide));
         float *dt = alloc8((size_t)(n * (KC8 / 32)) * sizeof(float)), *tb = alloc8((size_t)(32 * n) * sizeof(float));
-        uint8_t *pq = alloc8((size_t)(mpad * KC8)), *u = alloc8((size_t)n);
+        uint8_t *pq = alloc8((size_t)(mpad * KC8 * wide)), *u = alloc8((size_t)n);
         float *dp = alloc8((size_t)(mpad * (KC8 / 32)) * sizeof(float));
         float *s = alloc8((size_t)(n / 16) * sizeof(float)), *o = alloc8((size_t)(n / 16) * sizeof(float));
         if (!part || !tq || !dt || !tb || !pq || !u || !dp || !s || !o) failed = 1;
-        else memset(pq, 0, (size_t)(mpad * KC8)), memset(dp, 0, (size_t)(mpad * (KC8 / 32)) * sizeof(float));
+        else memset(pq, 0, (size_t)(mpad * KC8 * wide)), memset(dp, 0, (size_t)(mpad * (KC8 / 32)) * sizeof(float));
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < nkc; kc++) {
             if (failed) continue;
             const int64_t k0 = kc * KC8, kn = vocab - k0 < KC8 ? vocab - k0 : KC8, nb = (kn + 31) / 32;
-            for (int64_t b = 0; b < nb; b++) { /* the table's rows, decoded 32 at a time (zeros past the vocabulary) */
-                for (int64_t r = 0; r < 32; r++) {
-                    float *y = tb + r * n;
-                    if (b * 32 + r >= kn) {
-                        memset(y, 0, (size_t)n * sizeof(float));
-                        continue;
+            if (bf16) {
+                table_pairs_bf16(t + k0 * row_bytes, row_bytes, kn, n, nb * 16, (uint16_t *)tq);
+                for (int64_t i = 0; i < m; i++)
+                    prob_bf16(x + dense[i] * vocab + k0, row_max[dense[i]], kn, nb * 16, (uint16_t *)pq + i * KC8);
+            } else {
+                /* the table's rows, decoded 32 at a time (zeros past the vocabulary) */
+                for (int64_t b = 0; b < nb; b++) {
+                    for (int64_t r = 0; r < 32; r++) {
+                        float *y = tb + r * n;
+                        if (b * 32 + r >= kn) {
+                            memset(y, 0, (size_t)n * sizeof(float));
+                            continue;
+                        }
+                        decode_codes(type, t + (k0 + b * 32 + r) * row_bytes, n, ts, u, s, o, NULL, NULL);
+                        codes_to_floats(u, s, o, kind_of(type).ratio, n, y);
                     }
-                    decode_codes(type, t + (k0 + b * 32 + r) * row_bytes, n, ts, u, s, o, NULL, NULL);
-                    codes_to_floats(u, s, o, kind_of(type).ratio, n, y);
+                    table_block8(tb, n, tq + b * 8 * 4 * n, dt + b * n);
                 }
-                table_block8(tb, n, tq + b * 8 * 4 * n, dt + b * n);
+                for (int64_t i = 0; i < m; i++)
+                    prob_chunk8(x + dense[i] * vocab + k0, row_max[dense[i]], kn, pq + i * KC8, dp + i * (KC8 / 32));
             }
-            for (int64_t i = 0; i < m; i++)
-                prob_chunk8(x + dense[i] * vocab + k0, row_max[dense[i]], kn, pq + i * KC8, dp + i * (KC8 / 32));
             for (int64_t c0 = 0; c0 < n; c0 += CS)
                 for (int64_t i0 = 0; i0 < m; i0 += RS) {
                     float tile[RS * CS];
-                    micro_soft8(pq + i0 * KC8, dp + i0 * (KC8 / 32), tq + 4 * c0, dt + c0, n, nb, tile);
+                    if (bf16) {
+                        const uint8_t *prow[RS];
+                        for (int r = 0; r < RS; r++) prow[r] = pq + (i0 + r) * KC8 * 2;
+                        dot_bf16(prow, RS, nb * 16, (const uint8_t *)tq + c0 * 4, n * 4, tile);
+                    } else {
+                        micro_soft8(pq + i0 * KC8, dp + i0 * (KC8 / 32), tq + 4 * c0, dt + c0, n, nb, tile);
+                    }
                     for (int64_t r = 0; r < RS && i0 + r < m; r++) {
                         float *dst = part + (i0 + r) * n + c0;
                         for (int j = 0; j < CS; j++) dst[j] += tile[r * CS + j];
