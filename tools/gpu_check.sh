@@ -2,6 +2,8 @@
 # One-shot check of the CUDA backend on a machine with an NVIDIA GPU (about 6-8 minutes on an H100):
 #   1. builds libdgcuda.so for this GPU only (DGRUN_CUDA_ARCH=native) and the host test library;
 #   2. runs tests/test_native_host.py and tests/test_cuda.py (kernels vs numpy, generation parity);
+#   2b. runs the cpu backend's int8 / bfloat16 kernel tests on the host's CPU: a GPU host's Xeon or EPYC has the
+#      AVX512-VNNI, AVX-VNNI and AVX512-BF16 sets that no development machine here can execute;
 #   3. writes a released-shape random q4_k_m model and runs tools/bench_gpu.py on it (with transformers);
 #   4. prints a short summary table last.
 # Logs go to $OUT when it is set (else a temporary folder). Python packages missing on the machine can be
@@ -57,6 +59,17 @@ tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40
 tests=$(tail -n 1 "$OUT/tests.log")
 
+phase "host CPU: the int8 and bfloat16 kernel sets it runs"
+grep -m 1 "model name" /proc/cpuinfo
+grep -o -w -E "avx512_bf16|avx512_vnni|avx_vnni|avx512f|avx2" /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_int8.py tests/test_batch.py -k "int8 or bf16" \
+    >"$OUT/cpu_sets.log" 2>&1
+cpu_rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/cpu_sets.log" | head -n 40
+"$PY" -c "from dgrun.backends.cpu_backend import CpuBackend; print('int8 kernel set:', CpuBackend(int8=True).int8_isa)" \
+    2>&1 | tee -a "$OUT/cpu_sets.log"
+cpu_sets=$(grep -E "passed|failed|error" "$OUT/cpu_sets.log" | tail -n 1)
+
 bench="skipped"
 if [ -z "${SKIP_BENCH:-}" ]; then
     phase "random released-shape model"
@@ -78,10 +91,11 @@ phase "summary"
     echo "gpu:    $(cat "$OUT/gpu.txt")"
     echo "build:  $build"
     echo "tests:  $tests"
+    echo "cpu:    $cpu_sets (int8 / bf16 sets on the host CPU)"
     echo "bench:  $bench"
     if [ -f "$OUT/bench.log" ]; then
         sed -n '/^device /,$p' "$OUT/bench.log"
     fi
     echo "logs:   $OUT ($((SECONDS - started))s in all)"
 } | tee "$OUT/summary.txt"
-[ "$tests_rc" -eq 0 ] && [[ $build == ok* ]]
+[ "$tests_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ] && [[ $build == ok* ]]
