@@ -160,26 +160,39 @@ def test_a_row_is_the_same_bits_alone_and_among_others(cpu, qt):
         assert np.array_equal(cpu.linear(a[i:i + 1], w)[0], together[i]), f"{qt.ggml_type.name} row {i}"
 
 
-@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
-def test_ffn_matches_the_integer_model(cpu, qt):
-    rng = np.random.default_rng(7)
+def experts_case(qt, seed: int) -> tuple:
+    """(x, weights, index, gate_up, down) of an experts call in type `qt`: 40 tokens, hidden and inter 256, top 2
+    of 5 experts, one of them never chosen."""
+    rng = np.random.default_rng(seed)
     hidden, inter, n, experts, top_k = 256, 256, 40, 5, 2
     x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
     gate_up = _weight(rng.normal(0, 0.1, (experts, 2 * inter, hidden)), qt)
     down = _weight(rng.normal(0, 0.1, (experts, hidden, inter)), qt)
     index = np.argsort(-rng.random((n, experts)) * np.array([3, 1, 1, 1, 0]), axis=-1, kind="stable")[:, :top_k]
     weights = rng.uniform(0.2, 1.5, (n, top_k)).astype(np.float32)
-    out = cpu.experts(x, weights, index, gate_up, down)
-    model = np.zeros((n, hidden))
+    return x, weights, index, gate_up, down
+
+
+def experts_model(linear, x, weights, index, gate_up, down) -> np.ndarray:
+    """The experts with `linear(a, w)`, a model of the kernels' products, for each matmul; gelu_tanh in float32."""
+    inter, model = down.shape[2], np.zeros(x.shape)
     for e in np.unique(index):
         tokens, slots = np.nonzero(index == e)
-        gu = CpuWeight(gate_up.raw[e], qt.ggml_type, gate_up.shape[1:], gate_up.tensor_scale)
-        dn = CpuWeight(down.raw[e], qt.ggml_type, down.shape[1:], down.tensor_scale)
-        both = linear_model(cpu, x[tokens], gu).astype(np.float32)
+        gu = CpuWeight(gate_up.raw[e], gate_up.ggml_type, gate_up.shape[1:], gate_up.tensor_scale)
+        dn = CpuWeight(down.raw[e], down.ggml_type, down.shape[1:], down.tensor_scale)
+        both = np.asarray(linear(x[tokens], gu), np.float32)
         h = gelu_tanh(both[:, :inter]) * both[:, inter:]
-        model[tokens] += linear_model(cpu, h, dn) * weights[tokens, slots][:, None]
+        model[tokens] += linear(h, dn) * weights[tokens, slots][:, None]
+    return model
+
+
+@pytest.mark.parametrize("qt", INT8_TYPES, ids=lambda t: t.ggml_type.name)
+def test_ffn_matches_the_integer_model(cpu, qt):
+    case = experts_case(qt, 7)
+    out = cpu.experts(*case)
+    model = experts_model(lambda a, w: linear_model(cpu, a, w), *case)
     assert_close(out, model, 1e-4, f"int8 experts {qt.ggml_type.name} ({cpu.int8_isa})")
-    assert_close(out, REF.experts(x, weights, index, gate_up, down), 3e-2, "int8 vs float32")
+    assert_close(out, REF.experts(*case), 3e-2, "int8 vs float32")
 
 
 def soft_embed_model(cpu, logits: np.ndarray, table: CpuWeight, scale: float) -> np.ndarray:
@@ -359,24 +372,10 @@ def test_bf16_ffn_matches_the_model(bf16_cpu):
     """The experts in bf16 products; the hidden activations are rounded to bf16 again before the down
     projection, from the kernels' vector tanh (within 2 ulp of numpy's), which can move one of them by a bf16
     step now and then: 1e-4 relative (measured on generic: 7e-8, the float64 sum over experts and numpy's tanh)."""
-    rng = np.random.default_rng(8)
-    hidden, inter, n, experts, top_k = 256, 256, 40, 5, 2
-    x = rng.normal(0, 1, (n, hidden)).astype(np.float32)
-    gate_up = _weight(rng.normal(0, 0.1, (experts, 2 * inter, hidden)), quants.BF16)
-    down = _weight(rng.normal(0, 0.1, (experts, hidden, inter)), quants.BF16)
-    index = np.argsort(-rng.random((n, experts)) * np.array([3, 1, 1, 1, 0]), axis=-1, kind="stable")[:, :top_k]
-    weights = rng.uniform(0.2, 1.5, (n, top_k)).astype(np.float32)
-    out = bf16_cpu.experts(x, weights, index, gate_up, down)
-    model = np.zeros((n, hidden))
-    for e in np.unique(index):
-        tokens, slots = np.nonzero(index == e)
-        gu = CpuWeight(gate_up.raw[e], quants.BF16.ggml_type, gate_up.shape[1:], gate_up.tensor_scale)
-        dn = CpuWeight(down.raw[e], quants.BF16.ggml_type, down.shape[1:], down.tensor_scale)
-        both = bf16_dot_model(x[tokens], gu)
-        h = gelu_tanh(both[:, :inter]) * both[:, inter:]
-        model[tokens] += bf16_dot_model(h, dn) * weights[tokens, slots][:, None]
-    assert_close(out, model, 1e-4, f"bf16 experts ({bf16_cpu.int8_isa})")
-    assert_close(out, REF.experts(x, weights, index, gate_up, down), 1e-2, "bf16 vs float32")
+    case = experts_case(quants.BF16, 8)
+    out = bf16_cpu.experts(*case)
+    assert_close(out, experts_model(bf16_dot_model, *case), 1e-4, f"bf16 experts ({bf16_cpu.int8_isa})")
+    assert_close(out, REF.experts(*case), 1e-2, "bf16 vs float32")
 
 
 def test_bf16_soft_embedding_matches_the_model(bf16_cpu):
