@@ -28,6 +28,11 @@ does to whole-model logits.
 
 from __future__ import annotations
 
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -44,6 +49,7 @@ except RuntimeError as e:
     pytest.skip(f"cpu backend unavailable: {e}", allow_module_level=True)
 
 CpuBackend, CpuWeight = cpu_backend.CpuBackend, cpu_backend.CpuWeight
+REPO = Path(__file__).resolve().parents[1]
 REF = NumpyBackend()
 INT8_TYPES = [quants.Q4_0, quants.Q5_0, quants.Q5_1, quants.Q8_0, quants.Q4_K, quants.Q5_K, quants.Q6_K, quants.MXFP4,
               quants.NVFP4, quants.IQ4_NL, quants.IQ4_XS, quants.IQ3_S, quants.IQ2_S]
@@ -281,6 +287,22 @@ def test_every_kernel_set_takes_every_quantized_type():
             on._activate()  # the library's int8 set is process-wide: ask about `on`'s, not the last one made
             assert on.lib.dg_int8_supports(qt.ggml_type), f"{name} takes no {qt.ggml_type.name}"
             assert not np.array_equal(on.linear(a, w), off.linear(a, w)), f"{name}: {qt.ggml_type.name} in float32"
+
+
+def _avx2_linux() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return platform.machine() == "x86_64" and cpuinfo.is_file() and {"avx2", "fma"} <= set(cpuinfo.read_text().split())
+
+
+@pytest.mark.skipif(not _avx2_linux() or not shutil.which("bash") or not shutil.which("cc")
+                    or not Path("/usr/include/simde/x86/avx512.h").is_file(),
+                    reason="needs Linux on an AVX2 + FMA CPU, cc and SIMDe's headers (apt install libsimde-dev)")
+def test_the_x86_sets_this_cpu_lacks_through_simde():
+    """avx512bf16, avx512vnni and avxvnni, which no CPU here executes, compiled with SIMDe's portable versions of
+    their intrinsics and run against the portable kernels on every type (tools/check_x86_simde.sh)."""
+    run = subprocess.run(["bash", str(REPO / "tools" / "check_x86_simde.sh")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.rstrip().endswith("OK"), run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_switch_from_argument_and_environment(monkeypatch, checkpoints):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cross-compile the cpu kernels for arm64 (every kernel set: generic floats, int8 generic / dotprod / i8mm) with
-# warnings as errors, then, where qemu-aarch64 is installed, run tools/arm64_int8_check.c: the dotprod and
+# warnings as errors, then, where qemu-aarch64 is installed, run tools/int8_sets_check.c: the dotprod and
 # i8mm int8 kernels against the portable int8 kernels on every type they take.
 #
 #   apt install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user    # Debian / Ubuntu
@@ -26,7 +26,7 @@ if command -v qemu-aarch64 >/dev/null; then
         # shellcheck disable=SC2086
         "$CC" "${FLAGS[@]}" -fno-openmp ${set#*:} -c "$SRC/dg_int8.c" -o "$OUT/check_${set%%:*}.o"
     done
-    "$CC" "${FLAGS[@]}" -fno-openmp -c tools/arm64_int8_check.c -o "$OUT/check.o"
+    "$CC" "${FLAGS[@]}" -fno-openmp "-DSETS=X(dotprod) X(i8mm)" -c tools/int8_sets_check.c -o "$OUT/check.o"
     "$CC" -static "$OUT"/check*.o -lm -o "$OUT/check"
     qemu-aarch64 -cpu max "$OUT/check"
 else
