@@ -20,7 +20,8 @@ What is exact and what is not:
   values are exact in float32, and the model adds them in float32 in VDPBF16PS's order (per pair of k: the odd
   product, then the even one), so generic, which defines that arithmetic, equals the model bit for bit. The
   avx512bf16 set, whose instruction is the hardware's, is held to 1e-6 (Intel documents that order; whether
-  every CPU rounds each step is not checked on one here: no machine here has AVX512-BF16).
+  every CPU rounds each step is unchecked: no machine here has AVX512-BF16; its code runs here through SIMDe in
+  test_the_x86_sets_this_cpu_lacks_through_simde, with SIMDe's own order).
 Against the float32 path (int8 off), the int8 path's error is the activations' rounding, ~0.5% per matmul
 on random data (single outputs up to a few %: checked as < 3% here); tools/quant_quality.py publishes what it
 does to whole-model logits.
