@@ -34,7 +34,7 @@ What makes it fast, and what it keeps from the reference:
   codes per 32 tokens times the table re-quantized along the vocabulary, a chunk at a time: on the bench model's
   q4_k_m file 0.86% from the f32 file's result, against 0.71% in float32); its sparse rows stay exact.
   BF16 files on CPUs with AVX512-BF16 (the `avx512bf16` set) multiply their weights as stored by
-  activations rounded to bfloat16 under the same switch (VDPBF16PS: 2^-9 relative per activation at most);
+  activations rounded to bfloat16 under the same switch (VDPBF16PS: 2^-8 relative per activation at most);
   elsewhere they stay float32 (`int8="generic"` computes the same bfloat16 products portably, for tests).
   Row-independent like the float
   kernels: each token's activations are quantized on their own, and its sums never depend on its neighbours.

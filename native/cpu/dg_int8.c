@@ -300,10 +300,11 @@ static void pack_q8(const float *x, int64_t k, const int64_t *rows, int64_t firs
  *   dot product  per pair j of k, in order: c += a[2j+1] w[2j+1], then c += a[2j] w[2j] (Intel's pseudo-code for
  *                VDPBF16PS). A product of two bf16 values (8 significant bits each) is exact in float32, so each
  *                step rounds once, to nearest even; a subnormal sum is flushed to zero (its FTZ).
- * The activations' rounding (2^-9 relative at most) is the one lossy step: like the int8 codes it follows the int8
- * switch, and int8 off keeps BF16 files on the exact float32 path. Why: VDPBF16PS does 32 multiply-adds where
- * VFMADD231PS does 16, and the weights are read as stored, never widened. A panel holds per pair j the TP tokens'
- * bf16 pairs (4 bytes a token, as the int8 panels' 4 codes), so one 512-bit vector is a pair of all 16 tokens.
+ * The activations' rounding (2^-8 relative at most: 8 significant bits) is the one lossy step: like the int8 codes
+ * it follows the int8 switch, and int8 off keeps BF16 files on the exact float32 path. Why: VDPBF16PS does 32
+ * multiply-adds where VFMADD231PS does 16, and the weights are read as stored, never widened. A panel holds per
+ * pair j the TP tokens' bf16 pairs (4 bytes a token, as the int8 panels' 4 codes), so one 512-bit vector is a
+ * pair of all 16 tokens.
  * ------------------------------------------------------------------------------------------------------------- */
 
 /* (Every set compiles these; those without BF16_SET never call them: static inline, so no code is emitted.) */
