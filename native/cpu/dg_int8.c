@@ -590,20 +590,22 @@ static void decode_codes(int type, const uint8_t *row, int64_t k, float ts, uint
     }
 }
 
-/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer; BF16 rows as stored. */
+/* The codes, scales and offsets of up to WB8 weight rows (`n` of them), a row per pointer; BF16 rows where they
+ * are stored (raw: the weights themselves, no copy). */
 typedef struct {
     int n;
     uint8_t *u[WB8];
+    const uint8_t *raw[WB8];
     float *s[WB8], *o[WB8];
     int16_t *isc[WB8]; /* iscale kinds: decode_codes' isc and isd */
     float *isd[WB8];
 } rows8;
 
-static int rows8_alloc(rows8 *w, int type, int64_t k, int n) {
+static int rows8_alloc(rows8 *w, int64_t k, int n) {
     memset(w, 0, sizeof(*w));
     w->n = n;
     for (int r = 0; r < n; r++) {
-        w->u[r] = alloc8((size_t)k * (type == T_BF16 ? 2 : 1));
+        w->u[r] = alloc8((size_t)k);
         w->s[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->o[r] = alloc8((size_t)k / 16 * sizeof(float));
         w->isc[r] = alloc8((size_t)k / 16 * sizeof(int16_t));
@@ -623,7 +625,7 @@ static void rows8_decode(rows8 *w, int type, const uint8_t *base, int64_t row_by
                          int64_t count) {
     if (BF16_SET && type == T_BF16) {
         for (int64_t r = 0; r < (count + RB16 - 1) / RB16 * RB16 && r < w->n; r++)
-            memcpy(w->u[r], base + (r0 + (r < count ? r : 0)) * row_bytes, (size_t)k * 2);
+            w->raw[r] = base + (r0 + (r < count ? r : 0)) * row_bytes;
         return;
     }
     const int64_t padded = (count + R8 - 1) / R8 * R8;
@@ -931,7 +933,7 @@ static void micro8_block(int type, const rows8 *w, int64_t rows, int64_t nb, con
                          float *tile) {
     if (BF16_SET && type == T_BF16) {
         for (int q = 0; q * RB16 < rows; q++)
-            dot_bf16((const uint8_t *const *)w->u + q * RB16, RB16, nb * QB / 2, base, TP * 4, tile + q * RB16 * TP);
+            dot_bf16(w->raw + q * RB16, RB16, nb * QB / 2, base, TP * 4, tile + q * RB16 * TP);
         return;
     }
     const panel8 p = panel_at((uint8_t *)base, nb);
@@ -954,7 +956,7 @@ static int SFX8(linear)(const float *a, int64_t m, int64_t k, int type, const ui
             pack_panel(type, a, k, NULL, p * TP, m - p * TP < TP ? m - p * TP : TP, act + p * pb);
         rows8 wr;
         float tile[WB8 * TP] = {0}, by_token[TP * WB8]; /* zeros: tile_by_token moves whole 8 x 8 blocks */
-        if (!rows8_alloc(&wr, type, k, WB8)) failed = 1;
+        if (!rows8_alloc(&wr, k, WB8)) failed = 1;
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
         for (int64_t jb = 0; jb < nwb; jb++) {
@@ -1021,7 +1023,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         rows8 wg, wu;
         float tg[WB8 * TP] = {0}, tu[WB8 * TP], by_token[TP * WB8];
         /* both, so that both get freed */
-        const int ok_g = rows8_alloc(&wg, gt, hidden, WB8), ok_u = rows8_alloc(&wu, ut, hidden, WB8);
+        const int ok_g = rows8_alloc(&wg, hidden, WB8), ok_u = rows8_alloc(&wu, hidden, WB8);
         if (!ok_g || !ok_u) failed = 1;
         /* every expert panel's inputs, quantized for the gate's (and the up's) kind */
 #pragma omp for schedule(dynamic, 1)
@@ -1058,7 +1060,7 @@ static int SFX8(ffn)(const float *x, int64_t n, int64_t hidden, int64_t inter, c
         rows8_free(&wg), rows8_free(&wu);
         rows8 wd;
         float td[WB8 * TP] = {0};
-        if (!rows8_alloc(&wd, dt, inter, WB8)) failed = 1;
+        if (!rows8_alloc(&wd, inter, WB8)) failed = 1;
 #pragma omp barrier
         /* phase 2: out[t, j0:j0+WB8] += w * (down @ h), experts in ascending order */
 #pragma omp for schedule(dynamic, 1)
@@ -1341,13 +1343,15 @@ static int SFX8(soft_embed)(const float *x, int64_t rows, int64_t vocab, const f
         const int tid = TID8;
         if (tid == 0) team = TEAM8;
         float *part = parts ? parts[tid] = calloc((size_t)(m * n), sizeof(float)) : NULL;
+        const size_t i8 = !bf16; /* the int8 path's own buffers: none for BF16 */
         int8_t *tq = alloc8((size_t)(n * KC8 * wide));
-        float *dt = alloc8((size_t)(n * (KC8 / 32)) * sizeof(float)), *tb = alloc8((size_t)(32 * n) * sizeof(float));
-        uint8_t *pq = alloc8((size_t)(mpad * KC8 * wide)), *u = alloc8((size_t)n);
-        float *dp = alloc8((size_t)(mpad * (KC8 / 32)) * sizeof(float));
-        float *s = alloc8((size_t)(n / 16) * sizeof(float)), *o = alloc8((size_t)(n / 16) * sizeof(float));
+        float *dt = alloc8(i8 * (size_t)(n * (KC8 / 32)) * sizeof(float));
+        float *tb = alloc8(i8 * (size_t)(32 * n) * sizeof(float));
+        uint8_t *pq = alloc8((size_t)(mpad * KC8 * wide)), *u = alloc8(i8 * (size_t)n);
+        float *dp = alloc8(i8 * (size_t)(mpad * (KC8 / 32)) * sizeof(float));
+        float *s = alloc8(i8 * (size_t)(n / 16) * sizeof(float)), *o = alloc8(i8 * (size_t)(n / 16) * sizeof(float));
         if (!part || !tq || !dt || !tb || !pq || !u || !dp || !s || !o) failed = 1;
-        else memset(pq, 0, (size_t)(mpad * KC8 * wide)), memset(dp, 0, (size_t)(mpad * (KC8 / 32)) * sizeof(float));
+        else memset(pq, 0, (size_t)(mpad * KC8 * wide)), memset(dp, 0, i8 * (size_t)(mpad * (KC8 / 32)) * 4);
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t kc = 0; kc < nkc; kc++) {
